@@ -1,0 +1,1 @@
+"""The reasoning of hybrid-serve: routing, confidence, prompts, citations. No Ray imports here."""

@@ -1,0 +1,125 @@
+"""Citation markers: parse `[n]`, drop dangling ones, attribute uncited claims, renumber.
+
+A small model often forgets markers or invents numbers; the contract is that every number in the
+answer points at an entry of `citations`, so the text is repaired here rather than trusted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from agents.schemas import Citation, Passage
+
+_MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+_WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset(
+    "a an and are as at be been by for from has have in is it its of on or that the this to was "
+    "were which who with what when where why how did does do not no yes i you he she they we "
+    "his her their our your there than then so such these those can could would should may "
+    "might will shall also into about over under after before".split()
+)
+
+SNIPPET_CHARS = 240
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS}
+
+
+def support(claim: str, evidence: str) -> float:
+    """Share of the claim's content words found in the evidence (0-1): cheap lexical entailment."""
+    words = content_words(_MARKER.sub(" ", claim))
+    if not words:
+        return 0.0
+    return len(words & content_words(evidence)) / len(words)
+
+
+def markers(text: str) -> list[int]:
+    """Citation numbers in order of appearance, `[1, 3]` counted as 1 then 3."""
+    out: list[int] = []
+    for m in _MARKER.finditer(text):
+        out.extend(int(n) for n in re.split(r"\s*,\s*", m.group(1)))
+    return out
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE.split(text.strip()) if s.strip()]
+
+
+def _snippet(passage: Passage, claim: str) -> str:
+    """The passage sentence that best supports the claim, else its opening."""
+    sentences = split_sentences(passage.text)
+    best = max(sentences, key=lambda s: support(claim, s), default=passage.text) if claim else ""
+    text = best if best and support(claim, best) > 0 else passage.text
+    text = " ".join(text.split())
+    return text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1].rstrip() + "…"
+
+
+def attribute(text: str, passages: Sequence[Passage], min_support: float = 0.5) -> str:
+    """Add a marker to each uncited sentence that one passage clearly supports."""
+    if not passages:
+        return text
+    out: list[str] = []
+    for sentence in split_sentences(text):
+        if markers(sentence):
+            out.append(sentence)
+            continue
+        scores = [support(sentence, p.text) for p in passages]
+        best = max(range(len(passages)), key=scores.__getitem__)
+        if scores[best] >= min_support:
+            stripped = sentence.rstrip()
+            tail = ""
+            if stripped and stripped[-1] in ".!?":
+                stripped, tail = stripped[:-1], stripped[-1]
+            sentence = f"{stripped} [{best + 1}]{tail}"
+        out.append(sentence)
+    return " ".join(out)
+
+
+def finalize(
+    text: str, passages: Sequence[Passage], attribute_uncited: bool = True
+) -> tuple[str, list[Citation]]:
+    """Answer text with markers renumbered 1..m in order of first use, and the m citations.
+
+    `passages[i]` is the passage the model saw as `[i+1]`. Markers outside that range are removed.
+    Two passages of the same document chunk are distinct citations; the same chunk is one.
+    """
+    text = text.strip()
+    if attribute_uncited:
+        text = attribute(text, passages)
+
+    number_of_chunk: dict[str, int] = {}
+    cited: list[tuple[Passage, str]] = []
+
+    def renumber(match: re.Match[str]) -> str:
+        sentence_start = text.rfind(".", 0, match.start()) + 1
+        claim = text[sentence_start : match.start()]
+        new: list[int] = []
+        for raw in re.split(r"\s*,\s*", match.group(1)):
+            n = int(raw)
+            if not 1 <= n <= len(passages):
+                continue
+            passage = passages[n - 1]
+            if passage.chunk_id not in number_of_chunk:
+                number_of_chunk[passage.chunk_id] = len(cited) + 1
+                cited.append((passage, claim))
+            k = number_of_chunk[passage.chunk_id]
+            if k not in new:
+                new.append(k)
+        return "".join(f"[{k}]" for k in new)
+
+    text = _MARKER.sub(renumber, text)
+    text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+    citations = [
+        Citation(
+            number=i + 1,
+            doc_id=p.doc_id,
+            title=p.title,
+            snippet=_snippet(p, claim),
+            score=round(float(p.score), 6),
+        )
+        for i, (p, claim) in enumerate(cited)
+    ]
+    return text, citations

@@ -1,0 +1,138 @@
+"""Wire types shared by the orchestrator, agents and clients. Field names are the contract."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are a client bug worth reporting, not silently dropping.
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnswerRequest(_Strict):
+    query: StrictStr = Field(..., description="The question, in natural language.")
+    top_k: StrictInt = Field(5, ge=1, le=50, description="Passages retrieved for the answer.")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query must not be empty or whitespace")
+        return v
+
+
+class Passage(BaseModel):
+    """A retrieved chunk of a document, with the scores that ranked it."""
+
+    chunk_id: str
+    doc_id: str
+    title: str
+    text: str
+    score: float = 0.0
+    dense_score: float | None = None
+    bm25_score: float | None = None
+
+
+class Citation(BaseModel):
+    number: int
+    doc_id: str
+    title: str
+    snippet: str
+    score: float
+
+
+class Escalation(BaseModel):
+    escalated: bool = False
+    reasons: list[str] = Field(default_factory=list)
+
+
+class Verification(BaseModel):
+    score: float = Field(..., ge=0.0, le=1.0)
+    passed: bool
+    attempts: int = 1
+    notes: str = ""
+
+
+class Subtask(BaseModel):
+    id: str
+    question: str
+    answer: str = ""
+    citations: list[Citation] = Field(default_factory=list)
+    latency_ms: float = 0.0
+    status: Literal["ok", "failed", "timeout", "cancelled"] = "ok"
+
+
+class Usage(BaseModel):
+    slm_prompt_tokens: int = 0
+    slm_completion_tokens: int = 0
+    claude_input_tokens: int = 0
+    claude_output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    citations: list[Citation]
+    route: Route
+    confidence: float = Field(..., ge=0.0, le=1.0)
+    escalation: Escalation = Field(default_factory=Escalation)
+    verification: Verification | None = None
+    subtasks: list[Subtask] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    degraded: list[str] = Field(default_factory=list)
+    trace_id: str
+
+
+class GenerationRequest(BaseModel):
+    """What the orchestrator asks of an SLM engine; the same for every engine."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int = 160
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    logprobs: bool = True
+
+
+class GenerationResult(BaseModel):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    # Log-probability of each generated token: a cheap confidence signal.
+    token_logprobs: list[float] = Field(default_factory=list)
+    model: str = ""
+    seconds: float = 0.0
+
+
+class DocumentIn(_Strict):
+    id: StrictStr | None = Field(None, min_length=1, max_length=256)
+    title: StrictStr = Field("", max_length=1000)
+    text: StrictStr = Field(..., min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text must not be empty or whitespace")
+        return v
+
+
+class DocumentBatch(_Strict):
+    documents: list[DocumentIn] = Field(..., min_length=1, max_length=1000)
+
+
+class DocumentInfo(BaseModel):
+    id: str
+    title: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    chunks: int
+    index_version: int
+    text: str | None = None

@@ -1,0 +1,1 @@
+"""Load, capacity, quality and micro-benchmarks; each writes JSON, Markdown and PNG."""

@@ -1,0 +1,73 @@
+"""Shared by every benchmark: percentiles, a progress line, and JSON + Markdown + PNG output."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in 0..100."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class Progress:
+    """One self-overwriting line on a terminal; plain lines when output is a file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def say(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        line = f"[{self.name} {elapsed:6.1f}s] {text}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def step(self, done: int, total: int, what: str) -> None:
+        self.say(f"{what}: {done}/{total}")
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+        self.say("done")
+
+
+def write_report(
+    out: Path,
+    report: dict[str, Any],
+    markdown: str,
+    plots: dict[str, Callable[[Any], None]],
+) -> Path:
+    """report.json, report.md and one PNG per plot function (given a matplotlib Axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    images = []
+    for name, draw in plots.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        images.append(f"![{name}]({name})")
+    (out / "report.md").write_text(markdown.rstrip() + "\n\n" + "\n".join(images) + "\n")
+    return out

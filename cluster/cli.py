@@ -1,0 +1,306 @@
+"""`hybrid-serve`: start the cluster, ask it questions, feed it documents."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cluster import __version__
+from cluster.config import HybridServeConfig
+
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
+BATCH_BYTES = 1_000_000
+
+
+def default_url() -> str:
+    if os.environ.get("HYBRID_SERVE_URL"):
+        return os.environ["HYBRID_SERVE_URL"].rstrip("/")
+    try:
+        port = HybridServeConfig.load().http.port
+    except Exception:
+        port = 8000
+    return f"http://127.0.0.1:{port}"
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        return r.json()["error"]["message"]
+    except Exception:
+        return r.text[:300] or r.reason_phrase
+
+
+# -- up ------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster import local
+
+    try:
+        cfg = HybridServeConfig.load(
+            args.config,
+            overrides={"http.port": args.port, "data_dir": args.data_dir, "http.host": args.host},
+        )
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        return 2
+    started = time.monotonic()
+    try:
+        local.check_port_free(cfg.http.host, cfg.http.port)
+    except local.StartupError as exc:
+        err.print(f"[red]{escape(str(exc))}[/]")
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    console.print(f"hybrid-serve {__version__} — data in {cfg.data_dir}")
+    try:
+        with console.status("starting Ray…") as status:
+            note = local.init_ray(cfg)
+            console.print(f"  {note}")
+            status.update("deploying…")
+            url = local.deploy(cfg, on_status=lambda line: status.update(escape(line)))
+        console.print(
+            f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
+        )
+        console.print(f'  try: hybrid-serve ask "How do I add documents?" --url {url}')
+        console.print("  Ctrl-C to stop")
+        sys.stdout.flush()
+        while not stop.is_set():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except local.StartupError as exc:
+        err.print(f"[red]start-up failed:[/] {escape(str(exc))}")
+        local.shutdown()
+        return 1
+    console.print("shutting down…")
+    local.shutdown()
+    console.print("stopped")
+    return 0
+
+
+# -- ask -----------------------------------------------------------------------------------------
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    url = (args.url or default_url()).rstrip("/")
+    try:
+        r = httpx.post(
+            f"{url}/v1/answer", json={"query": args.question, "top_k": args.top_k}, timeout=300
+        )
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot reach {url}:[/] {escape(str(exc))} — is `hybrid-serve up` running?")
+        return 1
+    if r.status_code != 200:
+        err.print(f"[red]{r.status_code}:[/] {escape(_error_message(r))}")
+        return 1
+    body = r.json()
+    if args.json:
+        console.print_json(data=body)
+        return 0
+    console.print(escape(body["answer"]) or "[dim](empty answer)[/]")
+    if body["citations"]:
+        console.print()
+        for c in body["citations"]:
+            console.print(
+                f"  [bold][{c['number']}][/] {escape(c['title'] or c['doc_id'])} "
+                f"[dim]({escape(c['doc_id'])}, score {c['score']:.3f})[/]"
+            )
+            console.print(f"      [dim]{escape(c['snippet'])}[/]")
+    u = body["usage"]
+    console.print()
+    line = (
+        f"[dim]route {body['route']} · confidence {body['confidence']:.2f} · "
+        f"SLM {u['slm_prompt_tokens']}+{u['slm_completion_tokens']} tokens · "
+        f"Claude {u['claude_input_tokens']}+{u['claude_output_tokens']} tokens · "
+        f"${u['cost_usd']:.4f}"
+    )
+    if body["degraded"]:
+        line += " · degraded: " + ", ".join(body["degraded"])
+    console.print(line + f" · trace {body['trace_id']}[/]")
+    return 0
+
+
+# -- index add -----------------------------------------------------------------------------------
+
+
+def _files(paths: Sequence[str]) -> Iterator[tuple[Path, str | None]]:
+    """(file, problem) for every candidate; folders recursively, hidden entries skipped."""
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p).parts
+                if f.is_file() and not any(x.startswith(".") for x in rel):
+                    if f.suffix.lower() in TEXT_SUFFIXES or f.suffix.lower() == ".pdf":
+                        yield f, None
+        elif p.is_file():
+            yield p, None
+        else:
+            yield p, "no such file or folder"
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """JSON document for /v1/documents. The id comes from the absolute path: re-adding replaces."""
+    import hashlib
+
+    suffix = path.suffix.lower()
+    if suffix == ".pdf":
+        try:
+            from pypdf import PdfReader
+        except ImportError as exc:
+            raise ValueError("PDF needs the pdf extra: pip install 'hybrid-serve[pdf]'") from exc
+        text = "\n\n".join(page.extract_text() or "" for page in PdfReader(str(path)).pages)
+    elif suffix in TEXT_SUFFIXES:
+        text = path.read_text(encoding="utf-8")
+    else:
+        raise ValueError(f"unsupported file type {suffix or '(none)'}; use .txt, .md or .pdf")
+    if not text.strip():
+        raise ValueError("file has no text")
+    title = path.stem
+    if suffix in (".md", ".markdown"):
+        title = next(
+            (ln.lstrip("#").strip() for ln in text.splitlines() if ln.startswith("# ")), title
+        )
+    source = str(path.resolve())
+    return {
+        "id": "file-" + hashlib.sha256(source.encode()).hexdigest()[:20],
+        "title": title,
+        "text": text,
+        "metadata": {"source": source},
+    }
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    url = (args.url or default_url()).rstrip("/")
+    failures: list[tuple[Path, str]] = []
+    ready: list[tuple[Path, dict[str, Any]]] = []
+    for path, problem in _files(args.paths):
+        if problem:
+            failures.append((path, problem))
+            continue
+        try:
+            ready.append((path, read_document(path)))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            failures.append(
+                (
+                    path,
+                    str(exc)
+                    if isinstance(exc, ValueError)
+                    else type(exc).__name__ + ": " + str(exc),
+                )
+            )
+    added = 0
+    version = None
+    with Progress(
+        TextColumn("indexing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("files", total=len(ready))
+        batch: list[tuple[Path, dict[str, Any]]] = []
+
+        def flush() -> None:
+            nonlocal added, version
+            if not batch:
+                return
+            try:
+                r = httpx.post(
+                    f"{url}/v1/documents",
+                    json={"documents": [d for _, d in batch]},
+                    timeout=600,
+                )
+            except httpx.HTTPError as exc:
+                for p, _ in batch:
+                    failures.append((p, f"cannot reach {url}: {exc}"))
+            else:
+                if r.status_code in (200, 201):
+                    added += len(batch)
+                    version = r.json().get("index_version")
+                else:
+                    for p, _ in batch:
+                        failures.append((p, f"{r.status_code}: {_error_message(r)}"))
+            progress.advance(task, len(batch))
+            batch.clear()
+
+        size = 0
+        for path, doc in ready:
+            doc_size = len(doc["text"].encode())
+            if batch and size + doc_size > BATCH_BYTES:
+                flush()
+                size = 0
+            batch.append((path, doc))
+            size += doc_size
+        flush()
+    console.print(f"added {added} file(s)" + (f"; index version {version}" if version else ""))
+    for path, problem in failures:
+        err.print(f"[red]failed:[/] {escape(str(path))}: {escape(problem)}")
+    return 1 if failures else 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybrid-serve",
+        description="Small models answer with citations; Claude helps when it adds value.",
+    )
+    parser.add_argument("--version", action="version", version=f"hybrid-serve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start (or join RAY_ADDRESS) a cluster and serve until Ctrl-C")
+    up.add_argument("--config", help="YAML configuration file")
+    up.add_argument("--port", type=int, help="HTTP port (config http.port)")
+    up.add_argument("--host", help="HTTP bind address (config http.host)")
+    up.add_argument("--data-dir", help="where the index lives (config data_dir)")
+    up.set_defaults(func=cmd_up)
+
+    ask = sub.add_parser("ask", help="ask a running server a question")
+    ask.add_argument("question")
+    ask.add_argument(
+        "--url", help="server URL (default: $HYBRID_SERVE_URL or http://127.0.0.1:PORT)"
+    )
+    ask.add_argument("--top-k", type=int, default=5)
+    ask.add_argument("--json", action="store_true", help="print the raw JSON response")
+    ask.set_defaults(func=cmd_ask)
+
+    index = sub.add_parser("index", help="manage the document index")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    add = index_sub.add_parser("add", help="ingest .txt/.md files (and .pdf with the pdf extra)")
+    add.add_argument("paths", nargs="+", metavar="PATH")
+    add.add_argument("--url", help="server URL")
+    add.set_defaults(func=cmd_index_add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

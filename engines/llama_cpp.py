@@ -1,0 +1,227 @@
+"""llama.cpp engine: a pool of contexts, each used by one request at a time, on worker threads.
+
+llama.cpp contexts are not thread-safe, so a request owns a context for its whole generation; the
+pool size (`contexts_per_replica`) is the replica's real concurrency. Generation runs on a thread so
+the replica's event loop keeps serving other calls and health checks; tokens cross back through
+`loop.call_soon_threadsafe`. Token log-probabilities come from the last-position logits that
+llama.cpp computes anyway, so confidence costs one log-sum-exp per token instead of `logits_all`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.schemas import GenerationRequest, GenerationResult
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class LlamaCppEngine:
+    def __init__(
+        self,
+        model_path: str | Path,
+        model_name: str = "",
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        contexts: int = 1,
+    ) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.model_path = str(model_path)
+        self.model_name = model_name or Path(model_path).stem
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self._contexts = [
+            Llama(
+                model_path=self.model_path,
+                n_ctx=n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                n_batch=n_batch,
+                logits_all=False,
+                verbose=False,
+            )
+            for _ in range(contexts)
+        ]
+        first = self._contexts[0]
+        self.n_ctx = first.n_ctx()
+        self.n_vocab = first.n_vocab()
+        template = first.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.model_path}: GGUF has no chat template")
+        eos = first.detokenize([first.token_eos()], special=True).decode("utf-8", "ignore")
+        bos = first.detokenize([first.token_bos()], special=True).decode("utf-8", "ignore")
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._free: asyncio.Queue[Any] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=contexts, thread_name_prefix="llama"
+        )
+        self.in_flight = 0
+
+    @property
+    def contexts(self) -> int:
+        return len(self._contexts)
+
+    def _pool(self) -> asyncio.Queue[Any]:
+        # Created lazily so that it binds to the loop that serves requests.
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for ctx in self._contexts:
+                self._free.put_nowait(ctx)
+        return self._free
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        llm = self._contexts[0]  # tokenizing only reads the vocabulary: safe to share
+        formatted = self._formatter(messages=messages)
+        return llm.tokenize(
+            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+        )
+
+    # -- generation on a worker thread -------------------------------------------------------
+
+    def _generate_blocking(
+        self,
+        llm: Any,
+        req: GenerationRequest,
+        prompt: list[int],
+        emit: Callable[[str], None] | None,
+        cancelled: threading.Event,
+    ) -> GenerationResult:
+        import llama_cpp
+
+        started = time.perf_counter()
+        budget = self.n_ctx - len(prompt)
+        if budget < 1:
+            raise PromptTooLong(f"prompt is {len(prompt)} tokens; the context holds {self.n_ctx}")
+        max_tokens = min(req.max_tokens, budget)
+        if req.seed is not None:
+            llm.set_seed(req.seed)
+        vocab = llm._model.vocab
+        ctx = llm._ctx.ctx
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = [s for s in req.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        text = ""
+        sent = 0
+        logprobs: list[float] = []
+        completion = 0
+        finish = "length"
+        for token in llm.generate(
+            prompt,
+            temp=req.temperature,
+            top_p=req.top_p,
+            top_k=40 if req.temperature > 0 else 1,
+            min_p=0.05 if req.temperature > 0 else 0.0,
+            repeat_penalty=1.0,
+            reset=True,
+        ):
+            if cancelled.is_set():
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            completion += 1
+            if req.logprobs:
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,)
+                )
+                top = float(logits.max())
+                logprobs.append(
+                    float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
+                )
+            text += decoder.decode(llm.detokenize([token], prev_tokens=None))
+            hit = min(
+                (i for s in stops if (i := text.find(s, max(0, sent - hold))) >= 0), default=-1
+            )
+            if hit >= 0:
+                text = text[:hit]
+                finish = "stop"
+                break
+            if emit is not None and len(text) - hold > sent:
+                emit(text[sent : len(text) - hold])
+                sent = len(text) - hold
+            if completion >= max_tokens:
+                finish = "length"
+                break
+        text += decoder.decode(b"", final=True) if finish != "stop" else ""
+        if emit is not None and len(text) > sent:
+            emit(text[sent:])
+        return GenerationResult(
+            text=text,
+            prompt_tokens=len(prompt),
+            completion_tokens=completion,
+            finish_reason=finish,  # type: ignore[arg-type]
+            token_logprobs=logprobs,
+            model=self.model_name,
+            seconds=time.perf_counter() - started,
+        )
+
+    def generate_blocking(self, req: GenerationRequest) -> GenerationResult:
+        """Synchronous path for benchmarks and scripts (uses the first context)."""
+        return self._generate_blocking(
+            self._contexts[0], req, self.prompt_tokens(req.messages), None, threading.Event()
+        )
+
+    # -- async API -----------------------------------------------------------------------------
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """Yield text deltas, then the GenerationResult. Closing the iterator stops generation."""
+        prompt = self.prompt_tokens(req.messages)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+        pool = self._pool()
+        llm = await pool.get()
+        self.in_flight += 1
+
+        def emit(delta: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
+
+        def run() -> None:
+            try:
+                result = self._generate_blocking(llm, req, prompt, emit, cancelled)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the loop side
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+
+        future = loop.run_in_executor(self._executor, run)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "delta":
+                    yield value
+                elif kind == "done":
+                    yield value
+                    return
+                else:
+                    raise value
+        finally:
+            cancelled.set()
+
+            def release(_: Any) -> None:
+                self.in_flight -= 1
+                pool.put_nowait(llm)
+
+            # The context goes back to the pool only once its thread is done with it, even when
+            # this generator is closed early by a cancelled request.
+            future.add_done_callback(release)
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        async for item in self.stream(req):
+            if isinstance(item, GenerationResult):
+                return item
+        raise RuntimeError("generation ended without a result")

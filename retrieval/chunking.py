@@ -1,0 +1,55 @@
+"""Chunking with overlap: passages small enough to cite precisely, large enough to answer from."""
+
+from __future__ import annotations
+
+import re
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+def _units(text: str) -> list[list[str]]:
+    """Sentences as word lists; paragraph breaks also end a sentence."""
+    units: list[list[str]] = []
+    for para in _PARAGRAPH.split(text):
+        for sentence in _SENTENCE_END.split(para):
+            words = sentence.split()
+            if words:
+                units.append(words)
+    return units
+
+
+def chunk_text(text: str, chunk_words: int = 180, overlap_words: int = 40) -> list[str]:
+    """Split into chunks of at most `chunk_words` words that start on a sentence boundary where
+    possible; consecutive chunks share about `overlap_words` words so that a fact cut by a
+    boundary still appears whole in one chunk."""
+    if chunk_words <= 0 or overlap_words < 0 or overlap_words >= chunk_words:
+        raise ValueError("need chunk_words > overlap_words >= 0")
+    units: list[list[str]] = []
+    for words in _units(text):
+        # A sentence longer than a chunk is cut into windows with the same overlap.
+        step = chunk_words - overlap_words
+        if len(words) <= chunk_words:
+            units.append(words)
+        else:
+            units.extend(
+                words[i : i + chunk_words] for i in range(0, len(words) - overlap_words, step)
+            )
+    chunks: list[str] = []
+    start = 0
+    while start < len(units):
+        size = 0
+        end = start
+        while end < len(units) and (size + len(units[end]) <= chunk_words or end == start):
+            size += len(units[end])
+            end += 1
+        chunks.append(" ".join(w for u in units[start:end] for w in u))
+        if end >= len(units):
+            break
+        # Step back over whole sentences worth at most `overlap_words` words.
+        back, shared = end, 0
+        while back - 1 > start and shared + len(units[back - 1]) <= overlap_words:
+            back -= 1
+            shared += len(units[back])
+        start = back
+    return chunks

@@ -1,0 +1,89 @@
+"""Shared fixtures: one real local Ray cluster with the application deployed, for the session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from cluster.config import HybridServeConfig
+
+APP = "hybrid-serve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=5)
+            last = r.text
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready: {last}")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that start their own cluster (`hybrid-serve up`) run before the shared one exists,
+    # so two clusters never compete for the two cores.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("own_cluster") else 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_claude_key() -> None:
+    # Claude is unreachable here; tests that need it start a Messages-API server of their own.
+    os.environ.pop("ANTHROPIC_API_KEY", None)
+    os.environ.pop("ANTHROPIC_BASE_URL", None)
+
+
+@dataclass
+class App:
+    url: str
+    cfg: HybridServeConfig
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory) -> Iterator[App]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build
+
+    port = free_port()
+    cfg = HybridServeConfig.load(
+        overrides={
+            "data_dir": str(tmp_path_factory.mktemp("data")),
+            "http.port": port,
+            "http.max_query_chars": 500,
+            "http.max_body_bytes": 64 * 1024,
+            "slm.max_tokens": 48,
+        }
+    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg), name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    yield App(url=url, cfg=cfg)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(app: App) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=app.url, timeout=120) as c:
+        yield c

@@ -1,0 +1,131 @@
+"""`hybrid-serve up`, `ask` and `index add` as a user runs them, in subprocesses.
+
+These start their own cluster, so they run before the shared one (see conftest).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_ready
+
+pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
+
+CLI = [sys.executable, "-m", "cluster.cli"]
+
+
+class Up:
+    def __init__(self, data_dir: Path, port: int) -> None:
+        env = {**os.environ, "HYBRID_SERVE_SLM__MAX_TOKENS": "32", "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        self.log = data_dir.parent / f"up-{port}-{time.time_ns()}.log"
+        self.out = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [*CLI, "up", "--port", str(port), "--data-dir", str(data_dir)],
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_for(self, needle: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if needle in text:
+                return text
+            if self.proc.poll() is not None:
+                pytest.fail(f"`up` exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.5)
+        pytest.fail(f"{needle!r} not printed in {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.out.close()
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_up_ask_index_add_restart(tmp_path):
+    data = tmp_path / "data"
+    port = free_port()
+    up = Up(data, port)
+    try:
+        out = up.wait_for("serving on")
+        assert f"http://127.0.0.1:{port}" in out and "ready in" in out
+        first = wait_ready(up.url)["components"]["retriever"]
+        assert first["documents"] == 8  # the bundled sample corpus, indexed on first start
+
+        asked = run("ask", "How do I add documents?", "--url", up.url)
+        assert asked.returncode == 0, asked.stderr
+        assert "route slm" in asked.stdout and "confidence" in asked.stdout
+
+        docs = tmp_path / "docs"
+        (docs / "sub").mkdir(parents=True)
+        (docs / "owls.md").write_text("# Owls\n\nOwls hunt at night and swallow prey whole.\n")
+        (docs / "sub" / "bats.txt").write_text("Bats navigate by echolocation.\n")
+        (docs / "ignored.bin").write_bytes(b"\x00\x01")
+        missing = tmp_path / "missing.md"
+        added = run("index", "add", str(docs), str(missing), "--url", up.url)
+        assert added.returncode == 1  # one path failed ...
+        assert str(missing) in added.stderr and "no such file" in added.stderr
+        assert "added 2 file(s)" in added.stdout  # ... and the others were still ingested
+        again = run("index", "add", str(docs / "owls.md"), "--url", up.url)
+        assert again.returncode == 0
+        status = httpx.get(f"{up.url}/readyz").json()["components"]["retriever"]
+        assert status["documents"] == 10  # re-adding replaced, did not duplicate
+        version = status["version"]
+    finally:
+        code = up.stop()
+    assert code == 0
+    assert "stopped" in up.log.read_text()
+
+    # Restart on the same data: same index version, nothing re-indexed.
+    up2 = Up(data, port)
+    try:
+        up2.wait_for("serving on")
+        status = wait_ready(up2.url)["components"]["retriever"]
+        assert status["version"] == version and status["documents"] == 10
+        assert status["progress"] == {}  # the sample corpus was not indexed again
+        r = httpx.post(
+            f"{up2.url}/v1/answer", json={"query": "How do owls eat their prey?"}, timeout=120
+        )
+        assert r.status_code == 200
+    finally:
+        assert up2.stop() == 0
+
+
+def test_up_refuses_a_busy_port(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("up", "--port", str(port), "--data-dir", str(tmp_path), timeout=60)
+    assert r.returncode == 1 and f"port {port}" in r.stderr and "in use" in r.stderr
+
+
+def test_ask_without_server_says_so():
+    r = run("ask", "anything", "--url", f"http://127.0.0.1:{free_port()}", timeout=60)
+    assert r.returncode == 1 and "cannot reach" in r.stderr

@@ -1,0 +1,106 @@
+"""The persistent index with the real embedder and real FAISS/BM25 (no Ray)."""
+
+import json
+
+import pytest
+
+from retrieval.embedder import Embedder
+from retrieval.store import IndexStore, NewDocument
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+def make(root, embedder, **kw):
+    return IndexStore(
+        root, embedder.encode, embedder.dim, "minilm", chunk_words=40, chunk_overlap_words=10, **kw
+    )
+
+
+DOCS = [
+    NewDocument(id="paris", title="Paris", text="Paris is the capital and largest city of France."),
+    NewDocument(id="nile", title="Nile", text="The Nile is a major north-flowing river in Africa."),
+    NewDocument(id="python", title="Python", text="Python is a programming language by Guido."),
+]
+
+
+def test_search_finds_the_right_document(tmp_path, embedder):
+    store = make(tmp_path, embedder)
+    version, ids = store.upsert(DOCS)
+    assert version == 1 and ids == ["paris", "nile", "python"]
+    hits = store.search("Which river flows north through Africa?", top_k=2)
+    assert hits[0].doc_id == "nile"
+    assert hits[0].dense_score > 0.3 and hits[0].bm25_score > 0
+    # BM25 alone finds an exact rare token
+    assert store.search("Guido", top_k=1)[0].doc_id == "python"
+
+
+def test_restart_loads_without_reembedding(tmp_path, embedder):
+    make(tmp_path, embedder).upsert(DOCS)
+    calls = []
+
+    def counting(texts):
+        calls.append(len(texts))
+        return embedder.encode(texts)
+
+    again = IndexStore(tmp_path, counting, embedder.dim)
+    assert again.refresh() and again.version == 1
+    assert again.stats()["documents"] == 3
+    calls.clear()
+    again.search("capital of France", 1)
+    assert calls == [1]  # only the query was embedded: the index came from disk
+
+
+def test_upsert_replaces_and_unchanged_is_a_noop(tmp_path, embedder):
+    store = make(tmp_path, embedder)
+    store.upsert(DOCS)
+    v_same, _ = store.upsert([DOCS[0]])
+    assert v_same == 1  # identical content: no new version
+    v2, _ = store.upsert([NewDocument(id="paris", title="Paris", text="Paris hosts the Louvre.")])
+    assert v2 == 2 and store.stats()["documents"] == 3
+    assert store.get("paris").text == "Paris hosts the Louvre."
+    assert all("capital" not in c.text for c in store.snapshot.chunks if c.doc_id == "paris")
+
+
+def test_delete_removes_from_dense_and_bm25(tmp_path, embedder):
+    store = make(tmp_path, embedder)
+    store.upsert(DOCS)
+    version, deleted = store.delete(["python", "missing"])
+    assert deleted == ["python"] and version == 2
+    assert all(h.doc_id != "python" for h in store.search("Guido programming language", 3))
+    assert store.snapshot.bm25.scores["num_docs"] == 2
+
+
+def test_content_ids_make_retries_idempotent(tmp_path, embedder):
+    store = make(tmp_path, embedder)
+    doc = NewDocument(title="T", text="Some text about owls.")
+    _, first = store.upsert([doc])
+    version, second = store.upsert([doc])
+    assert first == second and version == 1
+
+
+def test_other_replica_sees_new_version(tmp_path, embedder):
+    a, b = make(tmp_path, embedder), make(tmp_path, embedder)
+    a.upsert(DOCS[:1])
+    b.refresh()
+    b.upsert(DOCS[1:])  # b writes on top of a's version, not over it
+    a.refresh()
+    assert a.version == b.version == 2 and a.stats()["documents"] == 3
+
+
+def test_crash_leftovers_are_ignored(tmp_path, embedder):
+    store = make(tmp_path, embedder, keep_snapshots=1)
+    store.upsert(DOCS[:1])
+    # a writer died half-way: a temporary folder and an orphan snapshot never made CURRENT
+    (tmp_path / "snapshots" / ".tmp-dead").mkdir()
+    (tmp_path / "snapshots" / "v00000009").mkdir()
+    again = make(tmp_path, embedder, keep_snapshots=1)
+    again.refresh()
+    assert again.version == 1
+    again.upsert(DOCS[1:2])
+    names = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert names == ["v00000001", "v00000002"]
+    manifest = json.loads((tmp_path / "snapshots" / "v00000002" / "manifest.json").read_text())
+    assert manifest["documents"] == 2
