@@ -1,4 +1,9 @@
-"""Confidence in an SLM answer from cheap signals: no extra model call, no extra forward pass."""
+"""Confidence in an SLM answer from cheap signals: no extra model call, no extra forward pass.
+
+Each signal is in 0-1. The score is their weighted mean, capped by hard failure signs (a refusal,
+nothing retrieved). Every signal that falls below its floor names an escalation reason, so a
+response can say *why* it escalated.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agents.citations import markers, split_sentences, support
+from agents.citations import content_words, markers, split_sentences, support
 from agents.schemas import Citation, Passage
 
 _REFUSAL = re.compile(
@@ -16,16 +21,58 @@ _REFUSAL = re.compile(
     r"unable to|(?:does|do) not (?:say|mention|contain|provide)|unknown)\b",
     re.IGNORECASE,
 )
+_COMPARISON = re.compile(
+    r"\b(compare|comparison|versus|vs\.?|differ(?:ence|ent)?|which (?:is|was|one|of)|"
+    r"more|less|older|younger|larger|smaller|bigger|earlier|later|both|same)\b",
+    re.IGNORECASE,
+)
+_AMBIGUOUS = re.compile(
+    r"^\s*(?:what about|and|how about|it|this|that|they|he|she)\b"
+    r"|\b(?:it|this|that|they)\s*\?$",
+    re.IGNORECASE,
+)
+_WH = re.compile(r"\b(who|what|when|where|which|why|how)\b", re.IGNORECASE)
 
 # Weights of the signals in the combined score; they sum to 1.
-WEIGHTS = {"token": 0.35, "retrieval": 0.25, "support": 0.3, "cited": 0.1}
+WEIGHTS = {"token": 0.30, "retrieval": 0.20, "margin": 0.05, "support": 0.30, "cited": 0.15}
+# Below these, a signal names an escalation reason.
+FLOORS = {"token": 0.55, "retrieval": 0.5, "support": 0.5}
+
+
+@dataclass
+class QueryShape:
+    questions: int
+    comparison: bool
+    ambiguous: bool
+    words: int
+
+    @property
+    def multi_part(self) -> bool:
+        return self.questions > 1
+
+    @property
+    def complex(self) -> bool:
+        return self.multi_part or self.comparison
 
 
 @dataclass
 class Confidence:
     score: float
     signals: dict[str, float] = field(default_factory=dict)
-    flags: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def query_shape(query: str) -> QueryShape:
+    q = query.strip()
+    # "Who X and when Y?" counts as two; so does "A? B?".
+    marks = q.count("?")
+    wh_clauses = len(re.findall(r"\b(?:and|;)\s+(?:who|what|when|where|which|why|how)\b", q, re.I))
+    return QueryShape(
+        questions=max(1, marks, 1 + wh_clauses),
+        comparison=bool(_COMPARISON.search(q)),
+        ambiguous=bool(_AMBIGUOUS.search(q)) or len(content_words(q)) <= 1,
+        words=len(q.split()),
+    )
 
 
 def token_confidence(token_logprobs: Sequence[float]) -> float:
@@ -42,6 +89,14 @@ def retrieval_confidence(passages: Sequence[Passage]) -> float:
     if not dense:
         return 0.0
     return min(1.0, max(0.0, max(dense) / 0.6))
+
+
+def retrieval_margin(passages: Sequence[Passage]) -> float:
+    """How clearly the best passage beats the runner-up (0: a tie, 1: far ahead)."""
+    dense = sorted((p.dense_score for p in passages if p.dense_score is not None), reverse=True)
+    if len(dense) < 2:
+        return 1.0 if dense else 0.0
+    return min(1.0, max(0.0, (dense[0] - dense[1]) / 0.15))
 
 
 def support_confidence(
@@ -66,24 +121,64 @@ def is_refusal(answer: str) -> bool:
     return bool(_REFUSAL.search(answer)) or not answer.strip()
 
 
+def too_short(answer: str, shape: QueryShape) -> bool:
+    """An answer with fewer content words than the question has parts cannot answer it."""
+    words = content_words(re.sub(r"\[\d+\]", " ", answer))
+    return len(words) < max(1, shape.questions) or (shape.comparison and len(words) < 2)
+
+
 def score_answer(
+    query: str,
     answer: str,
     citations: Sequence[Citation],
     passages: Sequence[Passage],
-    token_logprobs: Sequence[float],
+    token_logprobs: Sequence[float] | None,
 ) -> Confidence:
+    """`token_logprobs` None means the answer did not come from the SLM (no token signal)."""
+    shape = query_shape(query)
     signals = {
-        "token": token_confidence(token_logprobs),
         "retrieval": retrieval_confidence(passages),
+        "margin": retrieval_margin(passages),
         "support": support_confidence(answer, citations, passages),
         "cited": 1.0 if citations else 0.0,
     }
-    score = sum(WEIGHTS[k] * v for k, v in signals.items())
-    flags = []
-    if is_refusal(answer):
-        flags.append("refusal")
-        score = min(score, 0.2)
+    weights = dict(WEIGHTS)
+    if token_logprobs is None:
+        del weights["token"]
+    else:
+        signals["token"] = token_confidence(token_logprobs)
+    score = sum(weights[k] * signals[k] for k in weights) / sum(weights.values())
+
+    reasons = []
+    if "token" in signals and signals["token"] < FLOORS["token"]:
+        reasons.append("low_token_confidence")
     if not passages:
-        flags.append("empty_retrieval")
+        reasons.append("empty_retrieval")
         score = min(score, 0.1)
-    return Confidence(score=round(min(1.0, max(0.0, score)), 4), signals=signals, flags=flags)
+    elif signals["retrieval"] < FLOORS["retrieval"]:
+        reasons.append("weak_retrieval")
+    if not citations:
+        reasons.append("no_citation")
+    elif signals["support"] < FLOORS["support"]:
+        reasons.append("unsupported_claims")
+    if is_refusal(answer):
+        reasons.append("refusal")
+        score = min(score, 0.2)
+    elif too_short(answer, shape):
+        reasons.append("short_answer")
+        score = min(score, 0.4)
+    # The query's shape lowers the score: a small model fails these more often.
+    if shape.multi_part:
+        reasons.append("multi_part_query")
+        score *= 0.7
+    if shape.comparison:
+        reasons.append("comparison_query")
+        score *= 0.85
+    if shape.ambiguous:
+        reasons.append("ambiguous_query")
+        score *= 0.8
+    if shape.words > 40:
+        reasons.append("long_query")
+        score *= 0.9
+    signals = {k: round(v, 4) for k, v in signals.items()}
+    return Confidence(score=round(min(1.0, max(0.0, score)), 4), signals=signals, reasons=reasons)

@@ -1,61 +1,381 @@
 """The lead agent: one request from query to cited answer. Pure asyncio; the orchestrator deployment
-gives it Ray handles as plain async callables, so tests give it local ones."""
+gives it Ray handles as plain async callables, so tests give it local ones.
+
+    retrieve → SLM answers → confidence ≥ threshold?  yes → (verify?) → answer
+                                   │ no (and not sensitive, mode auto)
+                                   ▼
+                  Claude rewrites/plans → retrieve again → SLM answers  ("slm+rewrite")
+                                   │ still below the threshold
+                                   ▼
+                  Claude answers from the evidence                      ("claude")
+
+Policies are code here, not prompt text: nothing a passage says can change them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
+from agents import prompts
 from agents.citations import finalize
-from agents.confidence import score_answer
-from agents.prompts import answer_messages
+from agents.claude import ClaudeResult, ClaudeUnavailable, Grade, RewritePlan, estimate_tokens
+from agents.confidence import Confidence, score_answer
 from agents.schemas import (
     AnswerRequest,
     AnswerResponse,
+    Citation,
+    Escalation,
     GenerationRequest,
     GenerationResult,
     Passage,
+    Route,
     Usage,
+    Verification,
 )
+from retrieval.fusion import reciprocal_rank_fusion
 
 Retrieve = Callable[[str, int], Awaitable[list[Passage]]]
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
+
+
+class ClaudePort(Protocol):
+    """What the lead needs of ClaudeProxy; raises ClaudeUnavailable when Claude can't be used."""
+
+    async def rewrite(
+        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
+    ) -> ClaudeResult: ...
+
+    async def verify(
+        self, request_id: str, query: str, answer: str, passages: Sequence[Passage], pii: str
+    ) -> ClaudeResult: ...
+
+    async def answer(
+        self, request_id: str, query: str, passages: Sequence[Passage], pii: str, notes: str = ""
+    ) -> ClaudeResult: ...
+
+    async def finish_request(
+        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+    ) -> None: ...
 
 
 @dataclass
 class LeadSettings:
     max_tokens: int = 160
     temperature: float = 0.0
+    threshold: float = 0.5
+    verify: str = "auto"
+    verify_min_score: float = 0.7
+    pii: str = "redact"
+    sensitive_patterns: list[str] = field(default_factory=list)
+    sensitive_tags: list[str] = field(default_factory=list)
+    claude_input_usd_per_mtok: float = 3.0
+    claude_output_usd_per_mtok: float = 15.0
+    slm_usd_per_hour: float = 0.0
+
+
+@dataclass
+class Attempt:
+    text: str
+    citations: list[Citation]
+    passages: list[Passage]
+    confidence: Confidence
+    route: Route
+
+
+@dataclass
+class _Ledger:
+    """What one request used, summed over every call it made."""
+
+    usage: Usage = field(default_factory=Usage)
+    slm_seconds: float = 0.0
+
+    def slm(self, gen: GenerationResult) -> None:
+        self.usage.slm_prompt_tokens += gen.prompt_tokens
+        self.usage.slm_completion_tokens += gen.completion_tokens
+        self.slm_seconds += gen.seconds
+
+    def claude(self, result: ClaudeResult) -> None:
+        u = self.usage
+        cu = result.usage
+        u.claude_input_tokens += cu.input_tokens
+        u.claude_output_tokens += cu.output_tokens
+        u.claude_cache_read_tokens += cu.cache_read_tokens
+        u.claude_cache_write_tokens += cu.cache_write_tokens
+        u.claude_calls += cu.attempts
+        u.cost_usd = round(u.cost_usd + cu.cost_usd, 8)
 
 
 class Lead:
-    def __init__(self, retrieve: Retrieve, generate: Generate, settings: LeadSettings) -> None:
+    def __init__(
+        self,
+        retrieve: Retrieve,
+        generate: Generate,
+        settings: LeadSettings,
+        claude: ClaudePort | None = None,
+    ) -> None:
         self.retrieve = retrieve
         self.generate = generate
         self.settings = settings
+        self.claude = claude
+        self._sensitive = [re.compile(p, re.IGNORECASE) for p in settings.sensitive_patterns]
+
+    # -- policy ----------------------------------------------------------------------------
+
+    def is_sensitive(self, req: AnswerRequest, passages: Sequence[Passage]) -> bool:
+        if req.sensitive:
+            return True
+        if any(p.search(req.query) for p in self._sensitive):
+            return True
+        tags = set(self.settings.sensitive_tags)
+        return any(tags.intersection(p.tags) for p in passages)
+
+    def wants_verification(self, req: AnswerRequest, attempt: Attempt) -> bool:
+        policy = req.verify or self.settings.verify
+        if policy == "always":
+            return True
+        if policy == "never":
+            return False
+        return attempt.route != "slm"
+
+    # -- the request -----------------------------------------------------------------------
 
     async def answer(
-        self, req: AnswerRequest, trace_id: str, degraded: list[str] | None = None
+        self, req: AnswerRequest, trace_id: str, claude_down: str | None = None
     ) -> AnswerResponse:
+        """`claude_down`: a reason Claude is known to be unusable (e.g. no API key)."""
+        degraded = [claude_down] if claude_down else []
+        ledger = _Ledger()
         passages = await self.retrieve(req.query, req.top_k)
+        sensitive = self.is_sensitive(req, passages)
+        pii = req.pii or self.settings.pii
+        claude = None if sensitive or claude_down else self.claude
+        escalation = Escalation()
+
+        if req.mode == "claude":
+            escalation.escalated = True
+            escalation.reasons = ["mode_claude"]
+            attempt = await self._claude_or_slm(
+                claude, trace_id, req.query, passages, pii, ledger, degraded, sensitive
+            )
+        else:
+            attempt = await self._slm_attempt(req.query, req.query, passages, ledger)
+            low = attempt.confidence.score < self.settings.threshold
+            if req.mode == "auto" and low:
+                escalation.reasons = attempt.confidence.reasons or ["low_confidence"]
+                if sensitive:
+                    escalation.reasons.append("sensitive_kept_local")
+                    _add(degraded, "sensitive_local_only")
+                elif claude is None:
+                    _add(degraded, "claude_unavailable")
+                else:
+                    escalation.escalated = True
+                    attempt = await self._escalate(
+                        claude, trace_id, req, attempt, pii, ledger, degraded
+                    )
+
+        verification = None
+        if self.wants_verification(req, attempt):
+            if claude is None:
+                _add(degraded, "sensitive_local_only" if sensitive else "claude_unavailable")
+            else:
+                try:
+                    attempt, verification = await self._verify(
+                        claude, trace_id, req.query, attempt, pii, ledger
+                    )
+                except ClaudeUnavailable as exc:
+                    _add(degraded, exc.reason)
+
+        usage = ledger.usage
+        usage.slm_cost_usd = round(ledger.slm_seconds * self.settings.slm_usd_per_hour / 3600, 8)
+        usage.all_claude_cost_usd_estimate = self.all_claude_estimate(
+            req.query, passages, attempt.text
+        )
+        if self.claude is not None and not claude_down:
+            try:
+                await self.claude.finish_request(
+                    trace_id, usage.slm_cost_usd, usage.all_claude_cost_usd_estimate
+                )
+            except Exception:  # the ledger's totals are best effort; the answer is not
+                _add(degraded, "ledger_unavailable")
+        return AnswerResponse(
+            answer=attempt.text,
+            citations=attempt.citations,
+            route=attempt.route,
+            confidence=attempt.confidence.score,
+            escalation=escalation,
+            verification=verification,
+            usage=usage,
+            degraded=degraded,
+            trace_id=trace_id,
+        )
+
+    def all_claude_estimate(self, query: str, passages: Sequence[Passage], answer: str) -> float:
+        """Claude alone: its answer prompt with the same evidence, and an answer this long."""
+        s = self.settings
+        tokens_in = estimate_tokens(
+            prompts.CLAUDE_ANSWER_SYSTEM + prompts.claude_answer_user(query, passages)
+        )
+        tokens_out = max(estimate_tokens(answer), 20)
+        cost = tokens_in * s.claude_input_usd_per_mtok + tokens_out * s.claude_output_usd_per_mtok
+        return round(cost / 1e6, 8)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    async def _slm_attempt(
+        self,
+        query: str,
+        asked: str,
+        passages: list[Passage],
+        ledger: _Ledger,
+        messages: list[dict[str, str]] | None = None,
+        route: Route = "slm",
+    ) -> Attempt:
         gen = await self.generate(
             GenerationRequest(
-                messages=answer_messages(req.query, passages),
+                messages=messages or prompts.answer_messages(asked, passages),
                 max_tokens=self.settings.max_tokens,
                 temperature=self.settings.temperature,
             )
         )
+        ledger.slm(gen)
         text, citations = finalize(gen.text, passages)
-        confidence = score_answer(text, citations, passages, gen.token_logprobs)
-        return AnswerResponse(
-            answer=text,
-            citations=citations,
-            route="slm",
-            confidence=confidence.score,
-            usage=Usage(
-                slm_prompt_tokens=gen.prompt_tokens,
-                slm_completion_tokens=gen.completion_tokens,
-            ),
-            degraded=list(degraded or []),
-            trace_id=trace_id,
+        confidence = score_answer(query, text, citations, passages, gen.token_logprobs)
+        return Attempt(text, citations, passages, confidence, route)
+
+    async def _claude_attempt(
+        self,
+        claude: ClaudePort,
+        trace_id: str,
+        query: str,
+        passages: list[Passage],
+        pii: str,
+        ledger: _Ledger,
+        notes: str = "",
+    ) -> Attempt:
+        result = await claude.answer(trace_id, query, passages, pii, notes)
+        ledger.claude(result)
+        text, citations = finalize(str(result.output), passages)
+        confidence = score_answer(query, text, citations, passages, None)
+        return Attempt(text, citations, passages, confidence, "claude")
+
+    async def _claude_or_slm(
+        self,
+        claude: ClaudePort | None,
+        trace_id: str,
+        query: str,
+        passages: list[Passage],
+        pii: str,
+        ledger: _Ledger,
+        degraded: list[str],
+        sensitive: bool,
+    ) -> Attempt:
+        if claude is not None:
+            try:
+                return await self._claude_attempt(claude, trace_id, query, passages, pii, ledger)
+            except ClaudeUnavailable as exc:
+                _add(degraded, exc.reason)
+        else:
+            _add(degraded, "sensitive_local_only" if sensitive else "claude_unavailable")
+        return await self._slm_attempt(query, query, passages, ledger)
+
+    async def _escalate(
+        self,
+        claude: ClaudePort,
+        trace_id: str,
+        req: AnswerRequest,
+        first: Attempt,
+        pii: str,
+        ledger: _Ledger,
+        degraded: list[str],
+    ) -> Attempt:
+        try:
+            result = await claude.rewrite(trace_id, req.query, first.passages, pii)
+        except ClaudeUnavailable as exc:
+            _add(degraded, exc.reason)
+            return first
+        ledger.claude(result)
+        plan: RewritePlan = result.output
+        queries = [plan.rewritten_query, *plan.search_queries[:3]]
+        passages = await self._retrieve_many(queries, req.top_k)
+        second = await self._slm_attempt(
+            req.query, plan.rewritten_query, passages, ledger, route="slm+rewrite"
         )
+        if second.confidence.score >= self.settings.threshold:
+            return second
+        try:
+            return await self._claude_attempt(claude, trace_id, req.query, passages, pii, ledger)
+        except ClaudeUnavailable as exc:
+            _add(degraded, exc.reason)
+            return max(first, second, key=lambda a: a.confidence.score)
+
+    async def _retrieve_many(self, queries: Sequence[str], top_k: int) -> list[Passage]:
+        """Every query's hits fused by reciprocal rank, de-duplicated by chunk."""
+        unique = list(dict.fromkeys(q.strip() for q in queries if q.strip()))
+        lists = [await self.retrieve(q, top_k) for q in unique]
+        by_id = {p.chunk_id: p for hits in lists for p in hits}
+        fused = reciprocal_rank_fusion([[p.chunk_id for p in hits] for hits in lists])
+        return [by_id[cid] for cid, _ in fused[:top_k]]
+
+    async def _verify(
+        self,
+        claude: ClaudePort,
+        trace_id: str,
+        query: str,
+        attempt: Attempt,
+        pii: str,
+        ledger: _Ledger,
+    ) -> tuple[Attempt, Verification]:
+        """Grade; below the bar, retry once with the grader's notes and keep the better one."""
+        bar = self.settings.verify_min_score
+        grade = await self._grade(claude, trace_id, query, attempt, pii, ledger)
+        if grade.score >= bar:
+            return attempt, Verification(
+                score=grade.score, passed=True, attempts=1, notes=grade.notes
+            )
+        try:
+            if attempt.route == "claude":
+                retry = await self._claude_attempt(
+                    claude, trace_id, query, attempt.passages, pii, ledger, notes=grade.notes
+                )
+            else:
+                messages = prompts.slm_retry_messages(
+                    query, attempt.passages, attempt.text, grade.notes
+                )
+                retry = await self._slm_attempt(
+                    query, query, attempt.passages, ledger, messages=messages, route=attempt.route
+                )
+            second = await self._grade(claude, trace_id, query, retry, pii, ledger)
+        except ClaudeUnavailable:
+            return attempt, Verification(
+                score=grade.score, passed=False, attempts=1, notes=grade.notes
+            )
+        best, best_grade = (retry, second) if second.score > grade.score else (attempt, grade)
+        return best, Verification(
+            score=best_grade.score,
+            passed=best_grade.score >= bar,
+            attempts=2,
+            notes=best_grade.notes,
+        )
+
+    async def _grade(
+        self,
+        claude: ClaudePort,
+        trace_id: str,
+        query: str,
+        attempt: Attempt,
+        pii: str,
+        ledger: _Ledger,
+    ) -> Grade:
+        result = await claude.verify(trace_id, query, attempt.text, attempt.passages, pii)
+        ledger.claude(result)
+        grade: Grade = result.output
+        clamp = min(1.0, max(0.0, float(grade.score)))
+        return grade.model_copy(update={"score": round(clamp, 4)})
+
+
+def _add(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)

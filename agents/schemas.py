@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
 
@@ -14,9 +22,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Mode = Literal["auto", "slm", "claude"]
+VerifyPolicy = Literal["auto", "always", "never"]
+PIIPolicy = Literal["block", "redact"]
+
+
 class AnswerRequest(_Strict):
     query: StrictStr = Field(..., description="The question, in natural language.")
     top_k: StrictInt = Field(5, ge=1, le=50, description="Passages retrieved for the answer.")
+    mode: Mode = Field(
+        "auto",
+        description="auto: SLM first, escalate when unsure; slm: never call Claude; "
+        "claude: Claude answers from the retrieved evidence.",
+    )
+    verify: VerifyPolicy | None = Field(
+        None, description="Verification by Claude; default from config (auto: escalated answers)."
+    )
+    sensitive: StrictBool = Field(
+        False, description="Keep this query inside the cluster: nothing about it reaches Claude."
+    )
+    pii: PIIPolicy | None = Field(
+        None, description="PII in what would leave the cluster: block or redact (default: config)."
+    )
 
     @field_validator("query")
     @classmethod
@@ -36,6 +63,7 @@ class Passage(BaseModel):
     score: float = 0.0
     dense_score: float | None = None
     bm25_score: float | None = None
+    tags: list[str] = Field(default_factory=list)
 
 
 class Citation(BaseModel):
@@ -72,7 +100,14 @@ class Usage(BaseModel):
     slm_completion_tokens: int = 0
     claude_input_tokens: int = 0
     claude_output_tokens: int = 0
-    cost_usd: float = 0.0
+    claude_cache_read_tokens: int = 0
+    claude_cache_write_tokens: int = 0
+    claude_calls: int = 0
+    cost_usd: float = Field(0.0, description="Claude spend for this request, USD.")
+    slm_cost_usd: float = Field(0.0, description="SLM replica time at the configured price.")
+    all_claude_cost_usd_estimate: float = Field(
+        0.0, description="What Claude alone would have cost with the same evidence."
+    )
 
 
 class AnswerResponse(BaseModel):

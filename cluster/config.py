@@ -87,12 +87,99 @@ class RetrieverConfig(_Section):
         return v
 
 
+class ModelPrice(_Section):
+    """USD per million tokens."""
+
+    input: float = Field(..., ge=0)
+    output: float = Field(..., ge=0)
+    cache_read: float = Field(..., ge=0)
+    cache_write: float = Field(..., ge=0)
+
+
+# Sonnet-class list prices (USD / million tokens); set your contract's prices in config.
+SONNET_PRICE = {"input": 3.0, "output": 15.0, "cache_read": 0.30, "cache_write": 3.75}
+
+
 class ClaudeConfig(_Section):
-    model: str = Field("claude-sonnet-4-5", description="Anthropic model id.")
-    max_tokens: int = Field(1024, ge=1)
-    timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(2, ge=0)
+    model: str = Field(
+        "claude-sonnet-5-5",
+        description="Anthropic model id (a current Sonnet-class model by default).",
+    )
+    max_tokens: int = Field(1024, ge=1, description="Output ceiling of one call.")
+    timeout_s: float = Field(30.0, gt=0, description="Per attempt.")
+    max_retries: int = Field(3, ge=0, description="Retries on 429/500/529/timeouts.")
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(8.0, gt=0)
+    max_retry_after_s: float = Field(
+        20.0, gt=0, description="A longer retry-after fails the call instead of waiting."
+    )
+    max_concurrency: int = Field(8, ge=1, description="Calls in flight at once.")
+    requests_per_minute: float = Field(50.0, gt=0)
+    tokens_per_minute: float = Field(200_000.0, gt=0, description="Input + output tokens.")
+    rate_limit_wait_s: float = Field(
+        10.0, ge=0, description="Longest wait for the local rate limiter before degrading."
+    )
+    circuit_failures: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    circuit_cooldown_s: float = Field(30.0, gt=0, description="Open time before a trial call.")
+    daily_budget_usd: float = Field(20.0, ge=0, description="Claude spend per UTC day.")
+    request_budget_usd: float = Field(0.10, ge=0, description="Claude spend per request.")
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: {"default": ModelPrice(**SONNET_PRICE)},
+        description="Per model id; 'default' applies to ids not listed.",
+    )
     num_cpus: float = Field(0.1, ge=0.0)
+
+    def price(self, model: str | None = None) -> ModelPrice:
+        return self.prices.get(model or self.model) or self.prices["default"]
+
+    @field_validator("prices")
+    @classmethod
+    def _has_default(cls, v: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        if "default" not in v:
+            v = {**v, "default": ModelPrice(**SONNET_PRICE)}
+        return v
+
+
+class EscalationConfig(_Section):
+    threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="SLM answers below this confidence escalate."
+    )
+    verify: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: verify escalated and decomposed answers."
+    )
+    verify_min_score: float = Field(0.7, ge=0.0, le=1.0, description="Verification bar.")
+
+
+class PolicyConfig(_Section):
+    pii: Literal["block", "redact"] = Field(
+        "redact", description="PII in what would leave the cluster: block the call or redact it."
+    )
+    sensitive_patterns: list[str] = Field(
+        default_factory=list, description="Regexes; a matching query never leaves the cluster."
+    )
+    sensitive_tags: list[str] = Field(
+        default_factory=lambda: ["sensitive", "confidential"],
+        description="Document metadata tags; a query that retrieves such a document stays local.",
+    )
+    pii_names: list[str] = Field(default_factory=list, description="Names redacted like other PII.")
+
+    @field_validator("sensitive_patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        import re
+
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"sensitive_patterns: {p!r} is not a valid regex: {exc}") from exc
+        return v
+
+
+class CostConfig(_Section):
+    slm_gpu_hour_usd: float = Field(
+        1.20, ge=0, description="Price of one SLM replica-hour (GPU or CPU node share)."
+    )
 
 
 class HTTPConfig(_Section):
@@ -135,6 +222,9 @@ class HybridServeConfig(BaseSettings):
     claude: ClaudeConfig = Field(default_factory=ClaudeConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+    escalation: EscalationConfig = Field(default_factory=EscalationConfig)
+    policies: PolicyConfig = Field(default_factory=PolicyConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from agents.claude import ClaudeResult, ClaudeUnavailable
 from agents.lead import Lead, LeadSettings
 from agents.schemas import (
     AnswerRequest,
@@ -56,6 +57,39 @@ def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
+class ClaudeViaHandle:
+    """The lead's ClaudePort over the ClaudeProxy handle: errors come back as ClaudeUnavailable."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as exc:
+            cause = _cause(exc)
+            if isinstance(cause, ClaudeUnavailable):
+                raise ClaudeUnavailable(cause.reason, cause.detail) from None
+            # The proxy itself is gone or broken: the request goes on without Claude.
+            raise ClaudeUnavailable("claude_unavailable", type(cause).__name__) from None
+
+    async def rewrite(self, request_id: str, query: str, passages: Any, pii: str) -> ClaudeResult:
+        return await self._call("rewrite", request_id, query, passages, pii)
+
+    async def verify(
+        self, request_id: str, query: str, answer: str, passages: Any, pii: str
+    ) -> ClaudeResult:
+        return await self._call("verify", request_id, query, answer, passages, pii)
+
+    async def answer(
+        self, request_id: str, query: str, passages: Any, pii: str, notes: str = ""
+    ) -> ClaudeResult:
+        return await self._call("answer", request_id, query, passages, pii, notes)
+
+    async def finish_request(self, request_id: str, slm_cost: float, estimate: float) -> None:
+        await self._call("finish_request", request_id, slm_cost, estimate)
+
+
 @serve.deployment(name="Orchestrator")
 @serve.ingress(app)
 class Orchestrator:
@@ -70,11 +104,24 @@ class Orchestrator:
         self.retriever = retriever
         self.slm = slm
         self.claude = claude
+        cfg = self.cfg
+        price = cfg.claude.price()
         self.lead = Lead(
             retrieve=self._retrieve,
             generate=self._generate,
+            claude=ClaudeViaHandle(claude),
             settings=LeadSettings(
-                max_tokens=self.cfg.slm.max_tokens, temperature=self.cfg.slm.temperature
+                max_tokens=cfg.slm.max_tokens,
+                temperature=cfg.slm.temperature,
+                threshold=cfg.escalation.threshold,
+                verify=cfg.escalation.verify,
+                verify_min_score=cfg.escalation.verify_min_score,
+                pii=cfg.policies.pii,
+                sensitive_patterns=cfg.policies.sensitive_patterns,
+                sensitive_tags=cfg.policies.sensitive_tags,
+                claude_input_usd_per_mtok=price.input,
+                claude_output_usd_per_mtok=price.output,
+                slm_usd_per_hour=cfg.cost.slm_gpu_hour_usd,
             ),
         )
         self._claude_status: tuple[float, dict[str, Any]] | None = None
@@ -130,10 +177,14 @@ class Orchestrator:
                 f"query is {len(body.query)} characters; the limit is {limit}",
                 "query_too_long",
             )
-        degraded = []
-        if not (await self._claude()).get("available"):
-            degraded.append("claude_unavailable")
-        return await self.lead.answer(body, trace_id, degraded)
+        status = await self._claude()
+        # Only a missing key is known ahead; a circuit or budget is checked call by call.
+        down = (
+            "claude_unavailable"
+            if status.get("reason") in ("no_api_key",) or not status.get("ready", True)
+            else None
+        )
+        return await self.lead.answer(body, trace_id, claude_down=down)
 
     @app.post("/v1/documents", status_code=201, summary="Add or replace documents (durable on 2xx)")
     async def add_documents(
@@ -165,6 +216,19 @@ class Orchestrator:
         if not result["deleted"]:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         return {"id": doc_id, "deleted": True, "index_version": result["index_version"]}
+
+    @app.get("/v1/usage", summary="Totals of the cost ledger: Claude spend, SLM cost, savings")
+    async def usage(self) -> dict[str, Any]:
+        status = await self._call(self.claude.status.remote())
+        totals = status.get("totals", {})
+        estimate = totals.get("all_claude_cost_usd_estimate", 0.0)
+        spent = totals.get("cost_usd", 0.0) + totals.get("slm_cost_usd", 0.0)
+        return {
+            "totals": totals,
+            "budget_remaining_usd": status.get("budget_remaining_usd"),
+            "circuit": status.get("circuit"),
+            "saving_ratio": round(estimate / spent, 3) if spent > 0 else None,
+        }
 
     @app.get("/healthz", summary="Liveness")
     async def healthz(self) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import concurrent.futures
 import os
 import threading
@@ -65,7 +66,13 @@ class LlamaCppEngine:
         eos = first.detokenize([first.token_eos()], special=True).decode("utf-8", "ignore")
         bos = first.detokenize([first.token_bos()], special=True).decode("utf-8", "ignore")
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        self._free: asyncio.Queue[Any] | None = None
+        # Free contexts and the requests waiting for one. Thread-safe and not bound to one event
+        # loop: a context is handed back by the worker thread the moment generation ends.
+        self._free: collections.deque[Any] = collections.deque(self._contexts)
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._pool_lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=contexts, thread_name_prefix="llama"
         )
@@ -75,13 +82,40 @@ class LlamaCppEngine:
     def contexts(self) -> int:
         return len(self._contexts)
 
-    def _pool(self) -> asyncio.Queue[Any]:
-        # Created lazily so that it binds to the loop that serves requests.
-        if self._free is None:
-            self._free = asyncio.Queue()
-            for ctx in self._contexts:
-                self._free.put_nowait(ctx)
-        return self._free
+    async def _acquire(self) -> Any:
+        loop = asyncio.get_running_loop()
+        with self._pool_lock:
+            if self._free:
+                return self._free.popleft()
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._waiters.append((loop, fut))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            with self._pool_lock:
+                try:
+                    self._waiters.remove((loop, fut))
+                except ValueError:
+                    pass
+            if fut.done() and not fut.cancelled():
+                self._release(fut.result())  # handed over just as we were cancelled
+            raise
+
+    def _release(self, ctx: Any) -> None:
+        """Give a context to the oldest live waiter, or back to the pool. Any thread."""
+        with self._pool_lock:
+            while self._waiters:
+                loop, fut = self._waiters.popleft()
+                if not loop.is_closed() and not fut.done():
+                    loop.call_soon_threadsafe(self._hand_over, fut, ctx)
+                    return
+            self._free.append(ctx)
+
+    def _hand_over(self, fut: asyncio.Future[Any], ctx: Any) -> None:
+        if fut.done():  # the waiter was cancelled meanwhile: next one
+            self._release(ctx)
+        else:
+            fut.set_result(ctx)
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         llm = self._contexts[0]  # tokenizing only reads the vocabulary: safe to share
@@ -184,8 +218,7 @@ class LlamaCppEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
-        pool = self._pool()
-        llm = await pool.get()
+        llm = await self._acquire()
         self.in_flight += 1
 
         def emit(delta: str) -> None:
@@ -194,11 +227,21 @@ class LlamaCppEngine:
         def run() -> None:
             try:
                 result = self._generate_blocking(llm, req, prompt, emit, cancelled)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+                outcome: tuple[str, Any] = ("done", result)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the loop side
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+                outcome = ("error", exc)
+            # The context is free before anyone hears the result.
+            self.in_flight -= 1
+            self._release(llm)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, outcome)
 
-        future = loop.run_in_executor(self._executor, run)
+        try:
+            loop.run_in_executor(self._executor, run)
+        except BaseException:
+            self.in_flight -= 1
+            self._release(llm)
+            raise
         try:
             while True:
                 kind, value = await queue.get()
@@ -210,15 +253,8 @@ class LlamaCppEngine:
                 else:
                     raise value
         finally:
+            # Closed early (client gone, request cancelled): stop generating at the next token.
             cancelled.set()
-
-            def release(_: Any) -> None:
-                self.in_flight -= 1
-                pool.put_nowait(llm)
-
-            # The context goes back to the pool only once its thread is done with it, even when
-            # this generator is closed early by a cancelled request.
-            future.add_done_callback(release)
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         async for item in self.stream(req):

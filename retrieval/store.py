@@ -317,6 +317,7 @@ class IndexStore:
                     score=float(score),
                     dense_score=float(cosine[pos]),
                     bm25_score=bm25_score.get(row),
+                    tags=_tags(snap.docs.get(c.doc_id)),
                 )
             )
         return out
@@ -477,6 +478,15 @@ class IndexStore:
                     shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.glob(".CURRENT.*"):
             entry.unlink(missing_ok=True)
+
+
+def _tags(doc: DocRecord | None) -> list[str]:
+    raw = doc.metadata.get("tags") if doc else None
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list):
+        return [str(t) for t in raw]
+    return []
 
 
 def _doc_key(d: DocRecord) -> tuple[str, str, str]:

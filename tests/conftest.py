@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from cluster.config import HybridServeConfig
+from tests.support.messages_api import MessagesAPIServer
 
 APP = "hybrid-serve"
 
@@ -54,10 +55,18 @@ def _no_claude_key() -> None:
 class App:
     url: str
     cfg: HybridServeConfig
+    claude: MessagesAPIServer
 
 
 @pytest.fixture(scope="session")
-def app(tmp_path_factory) -> Iterator[App]:
+def claude_server() -> Iterator[MessagesAPIServer]:
+    server = MessagesAPIServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory, claude_server) -> Iterator[App]:
     import ray
     from ray import serve
 
@@ -73,12 +82,16 @@ def app(tmp_path_factory) -> Iterator[App]:
             "slm.max_tokens": 48,
         }
     )
+    # Replicas inherit the environment of the cluster this process starts: ClaudeProxy's SDK
+    # calls the local Messages-API server.
+    os.environ["ANTHROPIC_API_KEY"] = "sk-test-local-only"
+    os.environ["ANTHROPIC_BASE_URL"] = claude_server.url
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
-    yield App(url=url, cfg=cfg)
+    yield App(url=url, cfg=cfg, claude=claude_server)
     serve.shutdown()
     ray.shutdown()
 

@@ -1,24 +1,40 @@
 import math
 
+import pytest
+
 from agents.citations import finalize
-from agents.confidence import is_refusal, score_answer, token_confidence
+from agents.confidence import (
+    is_refusal,
+    query_shape,
+    retrieval_confidence,
+    retrieval_margin,
+    score_answer,
+    token_confidence,
+)
 from agents.schemas import Passage
 
-P = [
-    Passage(
-        chunk_id="a#0",
-        doc_id="a",
-        title="A",
-        text="Paris is the capital of France.",
-        score=0.03,
-        dense_score=0.7,
+
+def P(text="Paris is the capital of France.", dense=0.7, doc="a"):
+    return Passage(
+        chunk_id=f"{doc}#0", doc_id=doc, title=doc.upper(), text=text, score=0.03, dense_score=dense
     )
-]
+
+
+GOOD_LP = [math.log(0.95)] * 8
+Q = "What is the capital of France?"
 
 
 def test_token_confidence_is_geometric_mean():
-    assert token_confidence([math.log(0.5), math.log(0.5)]) == 0.5
+    assert token_confidence([math.log(0.5), math.log(0.5)]) == pytest.approx(0.5)
     assert token_confidence([]) == 0.0
+
+
+def test_retrieval_signals():
+    assert retrieval_confidence([P(dense=0.9)]) == 1.0
+    assert retrieval_confidence([P(dense=0.15)]) == pytest.approx(0.25)
+    assert retrieval_confidence([]) == 0.0
+    assert retrieval_margin([P(dense=0.8, doc="a"), P(dense=0.2, doc="b")]) == 1.0
+    assert retrieval_margin([P(dense=0.5, doc="a"), P(dense=0.5, doc="b")]) == 0.0
 
 
 def test_refusal_detection():
@@ -27,20 +43,50 @@ def test_refusal_detection():
     assert not is_refusal("Paris is the capital [1].")
 
 
-def test_confident_supported_answer_scores_high():
-    text, cites = finalize("Paris is the capital of France [1].", P)
-    c = score_answer(text, cites, P, [math.log(0.95)] * 8)
-    assert c.score > 0.8 and not c.flags
+def test_confident_supported_answer_scores_high_with_no_reasons():
+    text, cites = finalize("Paris is the capital of France [1].", [P()])
+    c = score_answer(Q, text, cites, [P()], GOOD_LP)
+    assert c.score > 0.8 and c.reasons == []
 
 
-def test_refusal_and_empty_retrieval_cap_the_score():
-    text, cites = finalize("I don't know.", P)
-    assert score_answer(text, cites, P, [0.0] * 3).score <= 0.2
-    assert score_answer("Paris.", [], [], [0.0]).score <= 0.1
+def test_each_failure_sign_names_its_reason():
+    text, cites = finalize("Paris is the capital of France [1].", [P()])
+    low_tokens = score_answer(Q, text, cites, [P()], [math.log(0.2)] * 8)
+    assert "low_token_confidence" in low_tokens.reasons
+    weak = score_answer(Q, text, cites, [P(dense=0.1)], GOOD_LP)
+    assert "weak_retrieval" in weak.reasons
+    bad_text, bad = finalize("Lyon hosts the annual parliament [1].", [P()])
+    unsupported = score_answer(Q, bad_text, bad, [P()], GOOD_LP)
+    assert "unsupported_claims" in unsupported.reasons
+    refusal = score_answer(Q, "I don't know.", [], [P()], GOOD_LP)
+    assert {"refusal", "no_citation"} <= set(refusal.reasons) and refusal.score <= 0.2
+    empty = score_answer(Q, "Paris.", [], [], GOOD_LP)
+    assert "empty_retrieval" in empty.reasons and empty.score <= 0.1
+    short = score_answer("Who wrote Hamlet and when was it written?", "Yes.", [], [P()], GOOD_LP)
+    assert "short_answer" in short.reasons
 
 
-def test_unsupported_answer_scores_lower_than_supported():
-    good_text, good = finalize("Paris is the capital of France [1].", P)
-    bad_text, bad = finalize("Lyon hosts the annual parliament [1].", P)
-    lp = [math.log(0.9)] * 6
-    assert score_answer(bad_text, bad, P, lp).score < score_answer(good_text, good, P, lp).score
+def test_query_shape_reasons_lower_the_score():
+    text, cites = finalize("Paris is the capital of France [1].", [P()])
+    base = score_answer(Q, text, cites, [P()], GOOD_LP).score
+    multi = score_answer(
+        "What is the capital of France? And of Spain?", text, cites, [P()], GOOD_LP
+    )
+    assert "multi_part_query" in multi.reasons and multi.score < base
+    comp = score_answer("Which is larger, Paris or Lyon?", text, cites, [P()], GOOD_LP)
+    assert "comparison_query" in comp.reasons and comp.score < base
+    amb = score_answer("What about it?", text, cites, [P()], GOOD_LP)
+    assert "ambiguous_query" in amb.reasons
+
+
+def test_query_shape():
+    assert query_shape("Who wrote it and when was it published?").questions == 2
+    assert query_shape("A? B? C?").questions == 3
+    assert query_shape("Which is older, X or Y?").comparison
+    assert not query_shape("Where is the Eiffel Tower?").complex
+
+
+def test_answer_without_token_signal_uses_the_others():
+    text, cites = finalize("Paris is the capital of France [1].", [P()])
+    c = score_answer(Q, text, cites, [P()], None)
+    assert "token" not in c.signals and c.score > 0.8

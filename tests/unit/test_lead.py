@@ -1,0 +1,183 @@
+"""The lead agent end to end without Ray: the real llama.cpp SLM, fixed passages, and Claude
+through the real SDK against the local Messages-API server."""
+
+import asyncio
+
+import pytest
+from anthropic import AsyncAnthropic
+
+from agents.claude import ClaudeGateway
+from agents.lead import Lead, LeadSettings
+from agents.schemas import AnswerRequest, Passage
+from cluster.config import ClaudeConfig, PolicyConfig
+from engines.llama_cpp import LlamaCppEngine
+from retrieval.models import bundled_gguf
+from tests.support.messages_api import Fault, MessagesAPIServer
+
+PASSAGES = [
+    Passage(
+        chunk_id="eiffel#0",
+        doc_id="eiffel",
+        title="Eiffel Tower",
+        score=0.03,
+        dense_score=0.72,
+        text="The Eiffel Tower is a wrought-iron tower in Paris. "
+        "It was completed in 1889 and is 330 metres tall.",
+    ),
+    Passage(
+        chunk_id="louvre#0",
+        doc_id="louvre",
+        title="Louvre",
+        score=0.02,
+        dense_score=0.4,
+        text="The Louvre is the world's most-visited art museum, in Paris.",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LlamaCppEngine(bundled_gguf(), n_threads=2)
+
+
+@pytest.fixture()
+def server():
+    s = MessagesAPIServer(answer_text="The Eiffel Tower was completed in 1889 [1].").start()
+    yield s
+    s.stop()
+
+
+def make_lead(engine, server, **settings) -> Lead:
+    async def retrieve(query, top_k):
+        return PASSAGES[:top_k]
+
+    client = AsyncAnthropic(api_key="sk-test", base_url=server.url, max_retries=0)
+    gateway = ClaudeGateway(ClaudeConfig(backoff_base_s=0.01), PolicyConfig(), client)
+
+    class Port:  # the same shape the orchestrator gives the lead over the Ray handle
+        rewrite = gateway.rewrite
+        verify = gateway.verify
+        answer = gateway.answer
+
+        async def finish_request(self, *args):
+            gateway.finish_request(*args)
+
+    lead = Lead(retrieve, engine.generate, LeadSettings(max_tokens=40, **settings), Port())
+    lead.gateway = gateway
+    return lead
+
+
+def ask(lead, **req):
+    return asyncio.run(lead.answer(AnswerRequest(**req), "trace-1"))
+
+
+def test_confident_answer_stays_on_the_slm(engine, server):
+    r = ask(make_lead(engine, server, threshold=0.0), query="When was the Eiffel Tower completed?")
+    assert r.route == "slm" and not r.escalation.escalated and server.calls() == []
+    assert r.usage.slm_completion_tokens > 0 and r.usage.cost_usd == 0
+    assert r.usage.all_claude_cost_usd_estimate > 0
+
+
+def test_low_confidence_escalates_to_rewrite_then_claude(engine, server):
+    lead = make_lead(engine, server, threshold=1.0, verify="never")
+    r = ask(lead, query="When was the Eiffel Tower completed?")
+    assert r.escalation.escalated and r.escalation.reasons
+    assert r.route == "claude"  # a threshold of 1.0 is never met by the SLM's second try
+    assert len(server.calls("rewrite_query")) == 1
+    assert r.answer == "The Eiffel Tower was completed in 1889 [1]."
+    assert r.citations[0].doc_id == "eiffel"
+    assert r.usage.claude_input_tokens > 0 and r.usage.cost_usd > 0
+
+
+def test_rewrite_that_helps_stays_on_the_slm(engine, server):
+    lead = make_lead(engine, server, threshold=0.01, verify="never")
+    r = ask(lead, query="it?")  # ambiguous: still escalates below the floor? no: tiny threshold
+    assert r.route == "slm"
+    lead = make_lead(engine, server, threshold=0.5, verify="never")
+    server.queue_tool_input(
+        "rewrite_query",
+        {
+            "rewritten_query": "In which year was the Eiffel Tower completed?",
+            "search_queries": ["Eiffel Tower completed year"],
+            "steps": [],
+        },
+    )
+    r = ask(lead, query="what about it? eiffel when")
+    if r.escalation.escalated:
+        assert r.route in ("slm+rewrite", "claude")
+        assert len(server.calls("rewrite_query")) == 1
+
+
+def test_sensitive_query_never_reaches_claude(engine, server):
+    lead = make_lead(engine, server, threshold=1.0, verify="always")
+    r = ask(lead, query="When was the Eiffel Tower completed?", sensitive=True)
+    assert server.calls() == []
+    assert r.route == "slm" and "sensitive_local_only" in r.degraded
+    assert "sensitive_kept_local" in r.escalation.reasons and not r.escalation.escalated
+    lead = make_lead(engine, server, threshold=1.0, sensitive_patterns=[r"\bproject\s+x\b"])
+    ask(lead, query="What is the budget of Project X?")
+    assert server.calls() == []
+
+
+def test_sensitive_document_tag_keeps_the_query_local(engine, server):
+    lead = make_lead(engine, server, threshold=1.0, sensitive_tags=["hr"])
+    tagged = PASSAGES[0].model_copy(update={"tags": ["hr"]})
+
+    async def retrieve(query, top_k):
+        return [tagged]
+
+    lead.retrieve = retrieve
+    ask(lead, query="When was the Eiffel Tower completed?")
+    assert server.calls() == []
+
+
+def test_pii_block_and_redact(engine, server):
+    q = "Email bob@corp.example when the Eiffel Tower was completed"
+    lead = make_lead(engine, server, threshold=1.0, verify="never")
+    r = ask(lead, query=q, pii="block")
+    assert server.calls() == [] and "pii_blocked" in r.degraded
+    server.answer_text = "Send it to [EMAIL_1]: 1889 [1]."
+    r = ask(lead, query=q, pii="redact")
+    assert server.calls() and all("bob@corp.example" not in c.text for c in server.calls())
+    assert all("[EMAIL_1]" in c.text for c in server.calls())
+    assert r.answer == "Send it to bob@corp.example: 1889 [1]."
+
+
+def test_verification_below_the_bar_retries_once_with_the_notes(engine, server):
+    lead = make_lead(engine, server, threshold=1.0, verify="auto", verify_min_score=0.7)
+    low = {
+        "factual_support": 0.2,
+        "citation_match": 0.3,
+        "completeness": 0.3,
+        "score": 0.3,
+        "notes": "Cite the passage that gives the year.",
+    }
+    server.queue_tool_input("grade_answer", low, {**low, "score": 0.5, "notes": "still weak"})
+    r = ask(lead, query="When was the Eiffel Tower completed?")
+    assert len(server.calls("grade_answer")) == 2  # exactly one retry
+    answers = [c for c in server.calls() if "tool_choice" not in c.body]
+    assert "Cite the passage that gives the year." in answers[-1].text  # the notes were used
+    assert r.verification.attempts == 2 and r.verification.passed is False
+    assert r.verification.score == 0.5
+
+
+def test_verification_passes_first_time(engine, server):
+    lead = make_lead(engine, server, threshold=0.0, verify="always")
+    r = ask(lead, query="When was the Eiffel Tower completed?")
+    assert r.verification.passed and r.verification.attempts == 1 and r.verification.score == 0.9
+    assert r.route == "slm"
+
+
+def test_claude_down_degrades_but_answers(engine, server):
+    server.inject(*[Fault(status=529)] * 20)
+    lead = make_lead(engine, server, threshold=1.0, verify="auto")
+    r = ask(lead, query="When was the Eiffel Tower completed?")
+    assert r.answer and r.route == "slm" and "claude_error" in r.degraded
+
+
+def test_mode_slm_and_mode_claude(engine, server):
+    lead = make_lead(engine, server, threshold=1.0, verify="never")
+    assert ask(lead, query="When was the Eiffel Tower completed?", mode="slm").route == "slm"
+    assert server.calls() == []
+    r = ask(lead, query="When was the Eiffel Tower completed?", mode="claude")
+    assert r.route == "claude" and r.escalation.reasons == ["mode_claude"]
