@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from agents import prompts
 from agents.citations import finalize
@@ -91,6 +91,9 @@ class _Ledger:
 
     usage: Usage = field(default_factory=Usage)
     slm_seconds: float = 0.0
+    # Per-request generation settings, carried with the request's accounting.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, str]] = field(default_factory=list)
 
     def slm(self, gen: GenerationResult) -> None:
         self.usage.slm_prompt_tokens += gen.prompt_tokens
@@ -143,11 +146,18 @@ class Lead:
     # -- the request -----------------------------------------------------------------------
 
     async def answer(
-        self, req: AnswerRequest, trace_id: str, claude_down: str | None = None
+        self,
+        req: AnswerRequest,
+        trace_id: str,
+        claude_down: str | None = None,
+        sampling: dict[str, Any] | None = None,
+        history: Sequence[dict[str, str]] = (),
     ) -> AnswerResponse:
-        """`claude_down`: a reason Claude is known to be unusable (e.g. no API key)."""
+        """`claude_down`: a reason Claude is known to be unusable (e.g. no API key).
+        `sampling`: GenerationRequest fields a client set (max_tokens, temperature, ...).
+        `history`: earlier chat turns, context for the SLM's prompt."""
         degraded = [claude_down] if claude_down else []
-        ledger = _Ledger()
+        ledger = _Ledger(sampling=dict(sampling or {}), history=list(history))
         passages = await self.retrieve(req.query, req.top_k)
         sensitive = self.is_sensitive(req, passages)
         pii = req.pii or self.settings.pii
@@ -233,11 +243,15 @@ class Lead:
         messages: list[dict[str, str]] | None = None,
         route: Route = "slm",
     ) -> Attempt:
+        params = {
+            "max_tokens": self.settings.max_tokens,
+            "temperature": self.settings.temperature,
+            **ledger.sampling,
+        }
         gen = await self.generate(
             GenerationRequest(
-                messages=messages or prompts.answer_messages(asked, passages),
-                max_tokens=self.settings.max_tokens,
-                temperature=self.settings.temperature,
+                messages=messages or prompts.answer_messages(asked, passages, ledger.history),
+                **params,
             )
         )
         ledger.slm(gen)

@@ -28,7 +28,13 @@ def format_passages(passages: Sequence[Passage], max_chars: int = PASSAGE_CHARS)
     return "\n\n".join(blocks)
 
 
-def answer_messages(query: str, passages: Sequence[Passage]) -> list[dict[str, str]]:
+# Earlier chat turns kept as context: a small model loses the thread in long histories.
+HISTORY_TURNS = 4
+
+
+def answer_messages(
+    query: str, passages: Sequence[Passage], history: Sequence[dict[str, str]] = ()
+) -> list[dict[str, str]]:
     """Chat messages asking the SLM for a short answer citing passage numbers."""
     if passages:
         user = (
@@ -40,7 +46,12 @@ def answer_messages(query: str, passages: Sequence[Passage]) -> list[dict[str, s
         )
     else:
         user = f"No passages were found.\n\nQuestion: {query.strip()}\nSay that you don't know."
-    return [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
+    turns = [
+        {"role": m["role"], "content": m["content"]}
+        for m in list(history)[-HISTORY_TURNS:]
+        if m.get("role") in ("user", "assistant")
+    ]
+    return [{"role": "system", "content": ANSWER_SYSTEM}, *turns, {"role": "user", "content": user}]
 
 
 # -- Claude ----------------------------------------------------------------------------------

@@ -83,6 +83,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
         )
         console.print(f'  try: hybrid-serve ask "How do I add documents?" --url {url}')
+        if not cfg.http.api_keys:
+            console.print(
+                f"  [yellow]no API keys configured: anyone who can reach {cfg.http.host}:"
+                f"{cfg.http.port} can use the API[/] (set http.api_keys)"
+            )
         console.print("  Ctrl-C to stop")
         sys.stdout.flush()
         while not stop.is_set():

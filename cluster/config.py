@@ -187,6 +187,16 @@ class HTTPConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest request body accepted.")
     max_query_chars: int = Field(4000, ge=1, description="Longest query accepted.")
+    max_tokens_ceiling: int = Field(1024, ge=1, description="Largest max_tokens a client may ask.")
+    max_messages: int = Field(64, ge=1, description="Most chat messages in one request.")
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="Requests in progress per ingress replica before 503 + Retry-After."
+    )
+    retry_after_s: int = Field(2, ge=0, description="Retry-After sent with 503 when overloaded.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted bearer keys, plain or 'sha256:<hex>'; empty: the API is open.",
+    )
     request_timeout_s: float = Field(120.0, gt=0)
 
 

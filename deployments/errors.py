@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ray.serve")
 
@@ -30,6 +29,30 @@ _TYPES = {
     429: "rate_limit_error",
     503: "overloaded_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response, on every route."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the error statuses a route can return."""
+    words = {
+        401: "Missing or invalid API key",
+        404: "Not found",
+        413: "Body too large",
+        422: "Invalid input",
+        503: "Overloaded or not ready (see Retry-After)",
+    }
+    return {s: {"model": ErrorBody, "description": words.get(s, "Error")} for s in statuses}
 
 
 class APIError(Exception):
@@ -115,62 +138,3 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             500, f"internal error; quote trace id {trace_id} when reporting it", "internal_error"
         )
-
-
-class _TooLarge(StarletteHTTPException):
-    # An HTTPException, so that FastAPI's body parsing passes it through instead of turning it
-    # into "There was an error parsing the body".
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked."""
-
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
-        self.app = app
-        self.max_bytes = max_bytes  # read per request: the limit is configuration
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_bytes()
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    announced = int(value)
-                except ValueError:
-                    announced = -1
-                if announced > limit:
-                    await self._reject(scope, receive, send, limit)
-                    return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(limit)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(scope, receive, send, limit)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        response = error_response(
-            413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
-        )
-        await response(scope, receive, send)

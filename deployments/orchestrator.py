@@ -1,19 +1,25 @@
 """Orchestrator: the HTTP ingress. Validates, hands the request to the lead agent, shapes errors."""
 
 import asyncio
+import json
+import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from agents.citations import finalize, markers
 from agents.claude import ClaudeResult, ClaudeUnavailable
+from agents.confidence import score_answer
 from agents.lead import Lead, LeadSettings
+from agents.prompts import answer_messages
 from agents.schemas import (
     AnswerRequest,
     AnswerResponse,
@@ -23,10 +29,13 @@ from agents.schemas import (
     GenerationRequest,
     GenerationResult,
     Passage,
+    Usage,
 )
 from cluster import __version__
 from cluster.config import HTTPConfig, HybridServeConfig
-from deployments.errors import APIError, BodyLimitMiddleware, install_error_handlers
+from deployments import openai_api as oai
+from deployments.errors import APIError, error_body, error_responses, install_error_handlers
+from deployments.middleware import AdmissionMiddleware, APIKeyMiddleware, BodyLimitMiddleware
 from deployments.retriever import IndexNotReady
 from retrieval.store import DocRecord, NewDocument
 
@@ -36,9 +45,17 @@ app = FastAPI(
     description="Retrieval-grounded answers from a small model, with Claude when it adds value.",
 )
 install_error_handlers(app)
-app.state.max_body_bytes = HTTPConfig().max_body_bytes
-app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.max_body_bytes)
+# Limits are configuration, read per request from app.state (set by the replica's constructor).
+app.state.http = HTTPConfig()
+app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.http.max_body_bytes)
+app.add_middleware(
+    AdmissionMiddleware,
+    limit=lambda: app.state.http.max_concurrent_requests,
+    retry_after_s=lambda: app.state.http.retry_after_s,
+)
+app.add_middleware(APIKeyMiddleware, keys=lambda: app.state.http.api_keys)
 
+log = logging.getLogger("ray.serve")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 STATUS_TIMEOUT_S = 5.0
 CLAUDE_STATUS_TTL_S = 10.0
@@ -125,7 +142,7 @@ class Orchestrator:
             ),
         )
         self._claude_status: tuple[float, dict[str, Any]] | None = None
-        app.state.max_body_bytes = self.cfg.http.max_body_bytes
+        app.state.http = self.cfg.http
 
     # -- calls to other deployments, with their failures mapped to HTTP ---------------------
 
@@ -160,13 +177,21 @@ class Orchestrator:
         self._claude_status = (now, status)
         return status
 
+    async def _claude_down(self) -> str | None:
+        """Only a missing key (or a dead proxy) is known ahead; circuit and budget are checked
+        call by call inside the proxy."""
+        status = await self._claude()
+        if status.get("reason") == "no_api_key" or not status.get("ready", True):
+            return "claude_unavailable"
+        return None
+
     # -- routes --------------------------------------------------------------------------------
 
     @app.post(
         "/v1/answer",
         response_model=AnswerResponse,
         summary="Answer a question with citations",
-        responses={413: {}, 422: {}, 503: {}},
+        responses=error_responses(401, 413, 422, 503),
     )
     async def answer(self, body: AnswerRequest, request: Request) -> AnswerResponse:
         request.state.trace_id = trace_id = _trace_id(request)
@@ -186,7 +211,213 @@ class Orchestrator:
         )
         return await self.lead.answer(body, trace_id, claude_down=down)
 
-    @app.post("/v1/documents", status_code=201, summary="Add or replace documents (durable on 2xx)")
+    # -- OpenAI-compatible ------------------------------------------------------------------
+
+    @app.get("/v1/models", summary="Models (OpenAI-compatible)")
+    async def models(self) -> dict[str, Any]:
+        return oai.models_list()
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="Chat completions (OpenAI-compatible; `hybrid` extension field)",
+        responses=error_responses(401, 404, 413, 422, 503),
+    )
+    async def chat_completions(self, body: oai.ChatCompletionRequest, request: Request) -> Any:
+        request.state.trace_id = trace_id = _trace_id(request)
+        if body.model not in oai.MODELS:
+            raise APIError(
+                404,
+                f"The model '{body.model}' does not exist; available: {', '.join(oai.MODELS)}",
+                "model_not_found",
+            )
+        http = self.cfg.http
+        if len(body.messages) > http.max_messages:
+            raise APIError(
+                422,
+                f"{len(body.messages)} messages; the limit is {http.max_messages}",
+                "too_many_messages",
+            )
+        if (body.limit_tokens or 0) > http.max_tokens_ceiling:
+            raise APIError(
+                422,
+                f"max_tokens is {body.limit_tokens}; the limit is {http.max_tokens_ceiling}",
+                "max_tokens_too_large",
+            )
+        if body.messages[-1].role != "user":
+            raise APIError(422, "the last message must have role 'user'", "no_user_message")
+        query = body.messages[-1].text()
+        if not query.strip():
+            raise APIError(422, "the last user message is empty", "empty_query")
+        if len(query) > http.max_query_chars:
+            raise APIError(
+                422,
+                f"query is {len(query)} characters; the limit is {http.max_query_chars}",
+                "query_too_long",
+            )
+        history = [{"role": m.role, "content": m.text()} for m in body.messages[:-1]]
+        cid = oai.completion_id()
+        if body.model == "slm" and body.stream:
+            return self._sse(self._stream_slm(cid, body, query, history, trace_id))
+        if body.model == "slm":
+            answer, finish = await self._slm_only(body, query, history, trace_id)
+        else:
+            answer = await self._hybrid(body, query, history, trace_id)
+            finish = "stop"
+        if body.stream:
+            return self._sse(self._stream_done(cid, body, answer))
+        return oai.completion(cid, body.model, answer.answer, finish, answer)
+
+    async def _hybrid(
+        self,
+        body: oai.ChatCompletionRequest,
+        query: str,
+        history: list[dict[str, str]],
+        trace_id: str,
+    ) -> AnswerResponse:
+        h = body.hybrid
+        req = AnswerRequest(
+            query=query,
+            top_k=h.top_k,
+            mode=h.mode,
+            verify=h.verify,
+            sensitive=h.sensitive,
+            pii=h.pii,
+        )
+        return await self.lead.answer(
+            req,
+            trace_id,
+            claude_down=await self._claude_down(),
+            sampling=body.sampling(),
+            history=history,
+        )
+
+    async def _slm_inputs(
+        self, body: oai.ChatCompletionRequest, query: str, history: list[dict[str, str]]
+    ) -> tuple[list[Passage], GenerationRequest]:
+        passages: list[Passage] = []
+        if body.hybrid.retrieval:
+            passages = await self._retrieve(query, body.hybrid.top_k)
+            messages = answer_messages(query, passages, history)
+        else:
+            messages = [*history, {"role": "user", "content": query}]
+        params = {
+            "max_tokens": self.cfg.slm.max_tokens,
+            "temperature": self.cfg.slm.temperature,
+            **body.sampling(),
+        }
+        return passages, GenerationRequest(messages=messages, **params)
+
+    def _slm_answer(
+        self,
+        query: str,
+        passages: list[Passage],
+        gen: GenerationResult,
+        trace_id: str,
+        renumber: bool = True,
+    ) -> AnswerResponse:
+        if passages and renumber:
+            text, citations = finalize(gen.text, passages)
+        elif passages:  # streamed text can no longer change: keep the model's numbers
+            text = gen.text
+            _, renumbered = finalize(gen.text, passages, attribute_uncited=False)
+            by_doc = {(c.doc_id, c.title): c for c in renumbered}
+            citations = []
+            for n in dict.fromkeys(markers(text)):
+                if 1 <= n <= len(passages):
+                    p = passages[n - 1]
+                    c = by_doc.get((p.doc_id, p.title))
+                    if c is not None:
+                        citations.append(c.model_copy(update={"number": n}))
+        else:
+            text, citations = gen.text, []
+        conf = score_answer(query, text, citations, passages, gen.token_logprobs)
+        return AnswerResponse(
+            answer=text,
+            citations=citations,
+            route="slm",
+            confidence=conf.score,
+            usage=Usage(
+                slm_prompt_tokens=gen.prompt_tokens, slm_completion_tokens=gen.completion_tokens
+            ),
+            trace_id=trace_id,
+        )
+
+    async def _slm_only(
+        self,
+        body: oai.ChatCompletionRequest,
+        query: str,
+        history: list[dict[str, str]],
+        trace_id: str,
+    ) -> tuple[AnswerResponse, str]:
+        passages, gen_req = await self._slm_inputs(body, query, history)
+        gen = await self._generate(gen_req)
+        finish = "length" if gen.finish_reason == "length" else "stop"
+        return self._slm_answer(query, passages, gen, trace_id), finish
+
+    async def _stream_slm(
+        self,
+        cid: str,
+        body: oai.ChatCompletionRequest,
+        query: str,
+        history: list[dict[str, str]],
+        trace_id: str,
+    ) -> AsyncIterator[str]:
+        passages, gen_req = await self._slm_inputs(body, query, history)
+        yield oai.chunk(cid, body.model, {"role": "assistant", "content": ""})
+        result: GenerationResult | None = None
+        stream = self.slm.options(stream=True).generate_stream.remote(gen_req)
+        async for item in stream:
+            if isinstance(item, GenerationResult):
+                result = item
+            elif item:
+                yield oai.chunk(cid, body.model, {"content": item})
+        if result is None:
+            raise APIError(503, "the SLM stream ended early; retry", "slm_stream_ended")
+        answer = self._slm_answer(query, passages, result, trace_id, renumber=False)
+        finish = "length" if result.finish_reason == "length" else "stop"
+        yield oai.chunk(cid, body.model, {}, finish, {"hybrid": oai.hybrid_extension(answer)})
+        if body.stream_options and body.stream_options.include_usage:
+            yield oai.usage_chunk(cid, body.model, answer)
+        yield oai.DONE
+
+    async def _stream_done(
+        self, cid: str, body: oai.ChatCompletionRequest, answer: AnswerResponse
+    ) -> AsyncIterator[str]:
+        """The hybrid pipeline settles its text (citations, verification) before it streams."""
+        yield oai.chunk(cid, body.model, {"role": "assistant", "content": ""})
+        for piece in re.findall(r"\S+\s*|\s+", answer.answer):
+            yield oai.chunk(cid, body.model, {"content": piece})
+        yield oai.chunk(cid, body.model, {}, "stop", {"hybrid": oai.hybrid_extension(answer)})
+        if body.stream_options and body.stream_options.include_usage:
+            yield oai.usage_chunk(cid, body.model, answer)
+        yield oai.DONE
+
+    @staticmethod
+    def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+        async def guarded() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            except APIError as exc:  # headers are sent: report in-band, as OpenAI does
+                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.code))}\n\n"
+            except Exception:
+                log.exception("stream failed")
+                yield f"data: {json.dumps(error_body(500, 'stream failed', 'internal_error'))}\n\n"
+
+        return StreamingResponse(
+            guarded(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # -- documents ---------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/documents",
+        status_code=201,
+        summary="Add or replace documents (durable on 2xx)",
+        responses=error_responses(401, 413, 422, 503),
+    )
     async def add_documents(
         self, body: Annotated[DocumentIn | DocumentBatch, Body()]
     ) -> dict[str, Any]:
@@ -195,7 +426,11 @@ class Orchestrator:
         result = await self._call(self.retriever.upsert.remote(new))
         return {"ids": result["ids"], "index_version": result["index_version"]}
 
-    @app.get("/v1/documents/{doc_id:path}", response_model=DocumentInfo)
+    @app.get(
+        "/v1/documents/{doc_id:path}",
+        response_model=DocumentInfo,
+        responses=error_responses(401, 404, 503),
+    )
     async def get_document(self, doc_id: str) -> DocumentInfo:
         record: DocRecord | None = await self._call(self.retriever.get.remote(doc_id))
         if record is None:
@@ -210,7 +445,7 @@ class Orchestrator:
             text=record.text,
         )
 
-    @app.delete("/v1/documents/{doc_id:path}")
+    @app.delete("/v1/documents/{doc_id:path}", responses=error_responses(401, 404, 503))
     async def delete_document(self, doc_id: str) -> dict[str, Any]:
         result = await self._call(self.retriever.delete.remote([doc_id]))
         if not result["deleted"]:

@@ -78,6 +78,7 @@ def test_up_ask_index_add_restart(tmp_path):
     try:
         out = up.wait_for("serving on")
         assert f"http://127.0.0.1:{port}" in out and "ready in" in out
+        assert out.count("no API keys configured") == 1
         first = wait_ready(up.url)["components"]["retriever"]
         assert first["documents"] == 8  # the bundled sample corpus, indexed on first start
 

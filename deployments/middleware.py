@@ -1,0 +1,167 @@
+"""ASGI middleware in front of every route: API keys, admission control, body size.
+
+Order, outermost first: keys (a stranger learns nothing, not even a limit), admission (shed load
+before reading bodies), body size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments.errors import error_response
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _digests(keys: Sequence[str]) -> list[bytes]:
+    """Every configured key as a sha256 digest: plain keys are hashed here, never kept."""
+    out = []
+    for k in keys:
+        if k.startswith("sha256:"):
+            out.append(bytes.fromhex(k.removeprefix("sha256:")))
+        else:
+            out.append(hashlib.sha256(k.encode()).digest())
+    return out
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer KEY` on every route but health; 401 that names no key."""
+
+    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[str]]) -> None:
+        self.app = app
+        self.keys = keys
+        self._cache: tuple[tuple[str, ...], list[bytes]] = ((), [])
+
+    def _configured(self) -> list[bytes]:
+        keys = tuple(self.keys())
+        if keys != self._cache[0]:
+            self._cache = (keys, _digests(keys))
+        return self._cache[1]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        digests = self._configured() if scope["type"] == "http" else []
+        if not digests or _path(scope) in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+        digest = hashlib.sha256(presented).digest()
+        # Constant time, and no early exit: every configured key is compared.
+        ok = False
+        for d in digests:
+            ok |= hmac.compare_digest(digest, d)
+        if presented and ok:
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401,
+            "missing or invalid API key; send Authorization: Bearer <key>",
+            "invalid_api_key",
+            {"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+class AdmissionMiddleware:
+    """503 + Retry-After once `limit` requests are in progress, instead of queueing without end."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], int], retry_after_s: Callable[[], int]):
+        self.app = app
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _path(scope) in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit():
+            response = error_response(
+                503,
+                f"the server is at capacity ({self.limit()} requests in progress); retry shortly",
+                "overloaded",
+                {"Retry-After": str(self.retry_after_s())},
+            )
+            await response(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
+def _path(scope: Scope) -> str:
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so that FastAPI's body parsing passes it through instead of turning it
+    # into "There was an error parsing the body".
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes  # read per request: the limit is configuration
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    announced = int(value)
+                except ValueError:
+                    announced = -1
+                if announced > limit:
+                    await self._reject(scope, receive, send, limit)
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, receive, send, limit)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error_response(
+            413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+        )
+        await response(scope, receive, send)
