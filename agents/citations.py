@@ -78,6 +78,33 @@ def attribute(text: str, passages: Sequence[Passage], min_support: float = 0.5) 
     return " ".join(out)
 
 
+def _claim_before(text: str, pos: int) -> str:
+    """The sentence a marker at `pos` closes: the text since the previous full stop."""
+    return text[text.rfind(".", 0, pos) + 1 : pos]
+
+
+def _citation(number: int, passage: Passage, claim: str) -> Citation:
+    return Citation(
+        number=number,
+        doc_id=passage.doc_id,
+        title=passage.title,
+        snippet=_snippet(passage, claim),
+        score=round(float(passage.score), 6),
+    )
+
+
+def as_numbered(text: str, passages: Sequence[Passage]) -> list[Citation]:
+    """Citations for the markers already in `text`, keeping the model's own numbers (for text
+    already streamed, which can no longer be renumbered); numbers with no passage are left out."""
+    out: dict[int, Citation] = {}
+    for m in _MARKER.finditer(text):
+        for raw in re.split(r"\s*,\s*", m.group(1)):
+            n = int(raw)
+            if 1 <= n <= len(passages) and n not in out:
+                out[n] = _citation(n, passages[n - 1], _claim_before(text, m.start()))
+    return list(out.values())
+
+
 def finalize(
     text: str, passages: Sequence[Passage], attribute_uncited: bool = True
 ) -> tuple[str, list[Citation]]:
@@ -94,8 +121,7 @@ def finalize(
     cited: list[tuple[Passage, str]] = []
 
     def renumber(match: re.Match[str]) -> str:
-        sentence_start = text.rfind(".", 0, match.start()) + 1
-        claim = text[sentence_start : match.start()]
+        claim = _claim_before(text, match.start())
         new: list[int] = []
         for raw in re.split(r"\s*,\s*", match.group(1)):
             n = int(raw)
@@ -112,14 +138,5 @@ def finalize(
 
     text = _MARKER.sub(renumber, text)
     text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
-    citations = [
-        Citation(
-            number=i + 1,
-            doc_id=p.doc_id,
-            title=p.title,
-            snippet=_snippet(p, claim),
-            score=round(float(p.score), 6),
-        )
-        for i, (p, claim) in enumerate(cited)
-    ]
+    citations = [_citation(i + 1, p, claim) for i, (p, claim) in enumerate(cited)]
     return text, citations

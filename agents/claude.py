@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from agents import prompts
 from agents.limits import (
@@ -28,7 +28,7 @@ from agents.limits import (
     RateLimiter,
 )
 from agents.pii import Redactor
-from agents.schemas import Passage
+from agents.schemas import Passage, StrictModel
 from cluster.config import ClaudeConfig, PolicyConfig
 
 T = TypeVar("T", bound=BaseModel)
@@ -54,11 +54,7 @@ class ClaudeUnavailable(Exception):
 # -- structured outputs ---------------------------------------------------------------------
 
 
-class _Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RewritePlan(_Tool):
+class RewritePlan(StrictModel):
     """The question restated for a retrieval-augmented small model, and what to search for."""
 
     rewritten_query: str = Field(description="The question, self-contained and unambiguous.")
@@ -68,7 +64,7 @@ class RewritePlan(_Tool):
     steps: list[str] = Field(description="Short plan steps; empty when the question is simple.")
 
 
-class Grade(_Tool):
+class Grade(StrictModel):
     """A 0-1 grade of a candidate answer against the passages it cites."""
 
     factual_support: float = Field(description="0-1: claims supported by the cited passages.")
@@ -86,14 +82,6 @@ class CallUsage:
     cache_write_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 0
-
-    def add(self, other: CallUsage) -> None:
-        self.input_tokens += other.input_tokens
-        self.output_tokens += other.output_tokens
-        self.cache_read_tokens += other.cache_read_tokens
-        self.cache_write_tokens += other.cache_write_tokens
-        self.cost_usd += other.cost_usd
-        self.attempts += other.attempts
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pydantic import (
 Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     # Unknown fields are a client bug worth reporting, not silently dropping.
     model_config = ConfigDict(extra="forbid")
 
@@ -27,7 +27,7 @@ VerifyPolicy = Literal["auto", "always", "never"]
 PIIPolicy = Literal["block", "redact"]
 
 
-class AnswerRequest(_Strict):
+class AnswerRequest(StrictModel):
     query: StrictStr = Field(..., description="The question, in natural language.")
     top_k: StrictInt = Field(5, ge=1, le=50, description="Passages retrieved for the answer.")
     mode: Mode = Field(
@@ -146,7 +146,7 @@ class GenerationResult(BaseModel):
     seconds: float = 0.0
 
 
-class DocumentIn(_Strict):
+class DocumentIn(StrictModel):
     id: StrictStr | None = Field(None, min_length=1, max_length=256)
     title: StrictStr = Field("", max_length=1000)
     text: StrictStr = Field(..., min_length=1)
@@ -160,7 +160,7 @@ class DocumentIn(_Strict):
         return v
 
 
-class DocumentBatch(_Strict):
+class DocumentBatch(StrictModel):
     documents: list[DocumentIn] = Field(..., min_length=1, max_length=1000)
 
 

@@ -13,9 +13,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import Field, StrictBool, StrictStr, field_validator
 
-from agents.schemas import AnswerResponse, Mode, PIIPolicy, VerifyPolicy
+from agents.schemas import AnswerResponse, Mode, PIIPolicy, StrictModel, VerifyPolicy
 
 MODELS = {
     "hybrid": "The whole pipeline: retrieval, SLM, escalation to Claude when it adds value.",
@@ -24,16 +24,12 @@ MODELS = {
 CREATED = 1_735_689_600  # a fixed timestamp: models do not change at run time
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: StrictStr
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart]
     name: StrictStr | None = None
@@ -44,11 +40,11 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: StrictBool = False
 
 
-class HybridOptions(_Strict):
+class HybridOptions(StrictModel):
     """hybrid-serve's own parameters, in an extension field the OpenAI SDK passes via extra_body."""
 
     top_k: int = Field(5, ge=1, le=50)
@@ -59,7 +55,7 @@ class HybridOptions(_Strict):
     pii: PIIPolicy | None = None
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(StrictModel):
     model: StrictStr
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)

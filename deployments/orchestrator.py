@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from agents.citations import finalize, markers
+from agents.citations import as_numbered, finalize
 from agents.claude import ClaudeResult, ClaudeUnavailable
 from agents.confidence import score_answer
 from agents.lead import Lead, LeadSettings
@@ -318,16 +318,7 @@ class Orchestrator:
         if passages and renumber:
             text, citations = finalize(gen.text, passages)
         elif passages:  # streamed text can no longer change: keep the model's numbers
-            text = gen.text
-            _, renumbered = finalize(gen.text, passages, attribute_uncited=False)
-            by_doc = {(c.doc_id, c.title): c for c in renumbered}
-            citations = []
-            for n in dict.fromkeys(markers(text)):
-                if 1 <= n <= len(passages):
-                    p = passages[n - 1]
-                    c = by_doc.get((p.doc_id, p.title))
-                    if c is not None:
-                        citations.append(c.model_copy(update={"number": n}))
+            text, citations = gen.text, as_numbered(gen.text, passages)
         else:
             text, citations = gen.text, []
         conf = score_answer(query, text, citations, passages, gen.token_logprobs)

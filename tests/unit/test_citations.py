@@ -71,3 +71,11 @@ def test_support():
     assert support("Paris capital France", "Paris is the capital of France.") == 1.0
     assert support("Berlin", "Paris") == 0.0
     assert support("the of", "anything") == 0.0
+
+
+def test_as_numbered_keeps_the_models_numbers():
+    from agents.citations import as_numbered
+
+    cites = as_numbered("Berlin is German [3]. Paris [1, 9]. Again [3].", PASSAGES)
+    assert [(c.number, c.doc_id) for c in cites] == [(3, "d3"), (1, "d1")]
+    assert cites[0].snippet == "Berlin is the capital of Germany."
