@@ -113,6 +113,14 @@ def finalize(
     `passages[i]` is the passage the model saw as `[i+1]`. Markers outside that range are removed.
     Two passages of the same document chunk are distinct citations; the same chunk is one.
     """
+    text, citations, _ = finalize_sources(text, passages, attribute_uncited)
+    return text, citations
+
+
+def finalize_sources(
+    text: str, passages: Sequence[Passage], attribute_uncited: bool = True
+) -> tuple[str, list[Citation], list[Passage]]:
+    """`finalize`, plus the passage behind each citation (for merging answers by chunk)."""
     text = text.strip()
     if attribute_uncited:
         text = attribute(text, passages)
@@ -139,4 +147,4 @@ def finalize(
     text = _MARKER.sub(renumber, text)
     text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
     citations = [_citation(i + 1, p, claim) for i, (p, claim) in enumerate(cited)]
-    return text, citations
+    return text, citations, [p for p, _ in cited]

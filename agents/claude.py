@@ -168,6 +168,21 @@ class ClaudeGateway:
             max_tokens=512,
         )
 
+    async def plan(
+        self, request_id: str, query: str, passages: Sequence[Passage], pii: PIIMode
+    ) -> ClaudeResult:
+        from agents.planner import Plan
+
+        user = prompts.claude_rewrite_user(query, passages)
+        return await self._call(
+            request_id,
+            prompts.PLAN_SYSTEM,
+            user,
+            pii,
+            tool=("plan_subtasks", Plan),
+            max_tokens=800,
+        )
+
     async def verify(
         self, request_id: str, query: str, answer: str, passages: Sequence[Passage], pii: PIIMode
     ) -> ClaudeResult:

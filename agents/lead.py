@@ -9,20 +9,27 @@ gives it Ray handles as plain async callables, so tests give it local ones.
                                    ▼
                   Claude answers from the evidence                      ("claude")
 
+A complex query (several questions, a comparison; or `mode: decompose`) goes another way: Claude
+(or the local planner) writes a plan, SLM sub-agents answer its sub-tasks in parallel, each from its
+own retrieval, and their cited answers are merged ("decomposed") and then verified.
+
 Policies are code here, not prompt text: nothing a passage says can change them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agents import prompts
-from agents.citations import finalize
+from agents.citations import finalize_sources
 from agents.claude import ClaudeResult, ClaudeUnavailable, Grade, RewritePlan, estimate_tokens
-from agents.confidence import Confidence, score_answer
+from agents.confidence import Confidence, query_shape, score_answer
+from agents.merge import PartialAnswer, merge
+from agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
 from agents.schemas import (
     AnswerRequest,
     AnswerResponse,
@@ -32,19 +39,28 @@ from agents.schemas import (
     GenerationResult,
     Passage,
     Route,
+    Subtask,
     Usage,
     Verification,
 )
+from agents.subagent import run_plan
 from retrieval.fusion import reciprocal_rank_fusion
 
 Retrieve = Callable[[str, int], Awaitable[list[Passage]]]
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
+# Progress for a streaming client: (event name, JSON-able data). Names: plan, subtask, answer,
+# verification; the caller sends `done` with the response.
+Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class ClaudePort(Protocol):
     """What the lead needs of ClaudeProxy; raises ClaudeUnavailable when Claude can't be used."""
 
     async def rewrite(
+        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
+    ) -> ClaudeResult: ...
+
+    async def plan(
         self, request_id: str, query: str, passages: Sequence[Passage], pii: str
     ) -> ClaudeResult: ...
 
@@ -74,6 +90,7 @@ class LeadSettings:
     claude_input_usd_per_mtok: float = 3.0
     claude_output_usd_per_mtok: float = 15.0
     slm_usd_per_hour: float = 0.0
+    subtask_timeout_s: float = 60.0
 
 
 @dataclass
@@ -83,6 +100,9 @@ class Attempt:
     passages: list[Passage]
     confidence: Confidence
     route: Route
+    # The passage behind each citation number, for merging answers by chunk.
+    sources: list[Passage] = field(default_factory=list)
+    subtasks: list[Subtask] = field(default_factory=list)
 
 
 @dataclass
@@ -152,10 +172,12 @@ class Lead:
         claude_down: str | None = None,
         sampling: dict[str, Any] | None = None,
         history: Sequence[dict[str, str]] = (),
+        emit: Emit | None = None,
     ) -> AnswerResponse:
         """`claude_down`: a reason Claude is known to be unusable (e.g. no API key).
         `sampling`: GenerationRequest fields a client set (max_tokens, temperature, ...).
-        `history`: earlier chat turns, context for the SLM's prompt."""
+        `history`: earlier chat turns, context for the SLM's prompt.
+        `emit`: progress events for a streaming client."""
         degraded = [claude_down] if claude_down else []
         ledger = _Ledger(sampling=dict(sampling or {}), history=list(history))
         passages = await self.retrieve(req.query, req.top_k)
@@ -163,8 +185,17 @@ class Lead:
         pii = req.pii or self.settings.pii
         claude = None if sensitive or claude_down else self.claude
         escalation = Escalation()
+        attempt: Attempt | None = None
 
-        if req.mode == "claude":
+        if req.mode == "decompose" or (req.mode == "auto" and query_shape(req.query).complex):
+            attempt = await self._decompose(
+                claude, trace_id, req, passages, pii, ledger, degraded, escalation, sensitive, emit
+            )
+            if attempt is not None and self.is_sensitive(req, attempt.passages):
+                sensitive, claude = True, None  # a sub-agent found sensitive evidence
+        if attempt is not None:
+            pass
+        elif req.mode == "claude":
             escalation.escalated = True
             escalation.reasons = ["mode_claude"]
             attempt = await self._claude_or_slm(
@@ -186,17 +217,25 @@ class Lead:
                         claude, trace_id, req, attempt, pii, ledger, degraded
                     )
 
+        subtasks = attempt.subtasks
+        await _emit_text(emit, attempt.text)
         verification = None
         if self.wants_verification(req, attempt):
             if claude is None:
                 _add(degraded, "sensitive_local_only" if sensitive else "claude_unavailable")
             else:
                 try:
-                    attempt, verification = await self._verify(
+                    verified, verification = await self._verify(
                         claude, trace_id, req.query, attempt, pii, ledger
                     )
                 except ClaudeUnavailable as exc:
                     _add(degraded, exc.reason)
+                else:
+                    if verified is not attempt:  # the retry was better: the text changed
+                        await _emit_text(emit, verified.text, reset=True)
+                    attempt = verified
+                    if emit is not None:
+                        await emit("verification", verification.model_dump())
 
         usage = ledger.usage
         usage.slm_cost_usd = round(ledger.slm_seconds * self.settings.slm_usd_per_hour / 3600, 8)
@@ -217,6 +256,7 @@ class Lead:
             confidence=attempt.confidence.score,
             escalation=escalation,
             verification=verification,
+            subtasks=subtasks,
             usage=usage,
             degraded=degraded,
             trace_id=trace_id,
@@ -246,6 +286,7 @@ class Lead:
         params = {
             "max_tokens": self.settings.max_tokens,
             "temperature": self.settings.temperature,
+            "stop": prompts.ANSWER_STOP,
             **ledger.sampling,
         }
         gen = await self.generate(
@@ -255,9 +296,9 @@ class Lead:
             )
         )
         ledger.slm(gen)
-        text, citations = finalize(gen.text, passages)
+        text, citations, sources = finalize_sources(gen.text, passages)
         confidence = score_answer(query, text, citations, passages, gen.token_logprobs)
-        return Attempt(text, citations, passages, confidence, route)
+        return Attempt(text, citations, passages, confidence, route, sources)
 
     async def _claude_attempt(
         self,
@@ -271,9 +312,9 @@ class Lead:
     ) -> Attempt:
         result = await claude.answer(trace_id, query, passages, pii, notes)
         ledger.claude(result)
-        text, citations = finalize(str(result.output), passages)
+        text, citations, sources = finalize_sources(str(result.output), passages)
         confidence = score_answer(query, text, citations, passages, None)
-        return Attempt(text, citations, passages, confidence, "claude")
+        return Attempt(text, citations, passages, confidence, "claude", sources)
 
     async def _claude_or_slm(
         self,
@@ -325,10 +366,96 @@ class Lead:
             _add(degraded, exc.reason)
             return max(first, second, key=lambda a: a.confidence.score)
 
+    async def _decompose(
+        self,
+        claude: ClaudePort | None,
+        trace_id: str,
+        req: AnswerRequest,
+        passages: list[Passage],
+        pii: str,
+        ledger: _Ledger,
+        degraded: list[str],
+        escalation: Escalation,
+        sensitive: bool,
+        emit: Emit | None,
+    ) -> Attempt | None:
+        """Plan, run the sub-agents, merge. None when `auto` finds nothing to split."""
+        plan: Plan | None = None
+        planner_down = "sensitive_local_only" if sensitive else "claude_unavailable"
+        if claude is not None:
+            try:
+                result = await claude.plan(trace_id, req.query, passages, pii)
+                ledger.claude(result)
+                plan = validate_plan(result.output)
+            except ClaudeUnavailable as exc:
+                planner_down = exc.reason
+        planner = "claude" if plan is not None and plan.subtasks else "local"
+        if planner == "local":
+            plan = local_plan(req.query)
+        assert plan is not None
+        if req.mode == "auto" and len(plan.subtasks) < 2:
+            return None
+
+        escalation.escalated = planner == "claude"
+        escalation.reasons = ["mode_decompose" if req.mode == "decompose" else "complex_query"]
+        if planner == "local":
+            escalation.reasons.append("local_planner")
+            if sensitive:
+                escalation.reasons.append("sensitive_kept_local")
+            _add(degraded, planner_down)
+        if emit is not None:
+            steps = [st.model_dump() for st in plan.subtasks]
+            await emit("plan", {"planner": planner, "subtasks": steps})
+
+        async def run(st: SubtaskPlan, question: str, queries: list[str]) -> PartialAnswer:
+            found = await self._retrieve_many([*queries, question], req.top_k)
+            a = await self._slm_attempt(question, question, found, ledger)
+            return PartialAnswer(
+                st.id,
+                question,
+                a.text,
+                a.citations,
+                a.sources,
+                passages=found,
+                confidence=a.confidence.score,
+            )
+
+        async def done(part: PartialAnswer) -> None:
+            if emit is not None:
+                await emit("subtask", _subtask(part).model_dump())
+
+        parts = await run_plan(plan, run, self.settings.subtask_timeout_s, done)
+        ok = [p for p in parts if p.status == "ok"]
+        failures = [p.exception for p in parts if p.exception is not None]
+        if not ok and failures:
+            raise failures[0]  # nothing answered and something broke: the caller's error
+        text, citations, sources = merge(parts)
+        seen = {p.chunk_id for p in sources}
+        evidence = list(sources)
+        for p in (p for part in ok for p in part.passages):
+            if p.chunk_id not in seen and len(evidence) < len(sources) + req.top_k:
+                seen.add(p.chunk_id)
+                evidence.append(p)
+        answered = len(ok) / len(parts)
+        confidence = Confidence(
+            score=round(sum(p.confidence for p in ok) / len(parts), 4),
+            signals={"answered": round(answered, 4)},
+            reasons=[] if answered == 1 else ["subtasks_missing"],
+        )
+        return Attempt(
+            text,
+            citations,
+            evidence,
+            confidence,
+            "decomposed",
+            sources,
+            subtasks=[_subtask(p) for p in parts],
+        )
+
     async def _retrieve_many(self, queries: Sequence[str], top_k: int) -> list[Passage]:
         """Every query's hits fused by reciprocal rank, de-duplicated by chunk."""
         unique = list(dict.fromkeys(q.strip() for q in queries if q.strip()))
-        lists = [await self.retrieve(q, top_k) for q in unique]
+        lists = await asyncio.gather(*(self.retrieve(q, top_k) for q in unique))
         by_id = {p.chunk_id: p for hits in lists for p in hits}
         fused = reciprocal_rank_fusion([[p.chunk_id for p in hits] for hits in lists])
         return [by_id[cid] for cid, _ in fused[:top_k]]
@@ -388,6 +515,27 @@ class Lead:
         grade: Grade = result.output
         clamp = min(1.0, max(0.0, float(grade.score)))
         return grade.model_copy(update={"score": round(clamp, 4)})
+
+
+def _subtask(part: PartialAnswer) -> Subtask:
+    return Subtask(
+        id=part.id,
+        question=part.question,
+        answer=part.text,
+        citations=part.citations,
+        latency_ms=part.latency_ms,
+        status=part.status,  # type: ignore[arg-type]
+    )
+
+
+async def _emit_text(emit: Emit | None, text: str, reset: bool = False) -> None:
+    """The settled answer as deltas (word by word); `reset` replaces what was sent before."""
+    if emit is None:
+        return
+    if reset:
+        await emit("answer", {"reset": True, "delta": ""})
+    for piece in re.findall(r"\S+\s*|\s+", text):
+        await emit("answer", {"delta": piece})
 
 
 def _add(items: list[str], item: str) -> None:

@@ -163,7 +163,7 @@ class Ledger:
         self._roll()
 
     def _roll(self) -> None:
-        today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+        today = dt.datetime.now(dt.UTC).date().isoformat()
         if today != self.day:
             self.day = today
             self.spent_today = 0.0

@@ -28,6 +28,9 @@ def format_passages(passages: Sequence[Passage], max_chars: int = PASSAGE_CHARS)
     return "\n\n".join(blocks)
 
 
+# Where a small model's short answer is over: it tends to run on into the prompt's own layout.
+ANSWER_STOP = ["\n\n", "\nPassage", "\nQuestion:"]
+
 # Earlier chat turns kept as context: a small model loses the thread in long histories.
 HISTORY_TURNS = 4
 
@@ -73,6 +76,14 @@ VERIFY_SYSTEM = (
     "factual_support (every claim is supported by the passages), citation_match (each [n] marker "
     "points at a passage that says what the sentence claims), completeness (the answer addresses "
     "the whole question), and an overall score. Notes must be short and concrete. " + _EVIDENCE_RULE
+)
+
+PLAN_SYSTEM = (
+    "Split the question into two to five sub-tasks that a small retrieval-augmented model can "
+    "each answer from a few passages. Give each sub-task a self-contained question and one or "
+    "two short search queries. When a sub-task needs another's answer (a bridge question), list "
+    "that id in depends_on and write {s1} (the id in braces) where the answer goes. Keep "
+    "independent sub-tasks independent so they run in parallel. Do not answer. " + _EVIDENCE_RULE
 )
 
 CLAUDE_ANSWER_SYSTEM = (

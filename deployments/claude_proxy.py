@@ -44,6 +44,11 @@ class ClaudeProxy:
     ) -> ClaudeResult:
         return await self.gateway.rewrite(request_id, query, passages, pii)  # type: ignore[arg-type]
 
+    async def plan(
+        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
+    ) -> ClaudeResult:
+        return await self.gateway.plan(request_id, query, passages, pii)  # type: ignore[arg-type]
+
     async def verify(
         self, request_id: str, query: str, answer: str, passages: Sequence[Passage], pii: str
     ) -> ClaudeResult:

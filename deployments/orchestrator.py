@@ -93,6 +93,9 @@ class ClaudeViaHandle:
     async def rewrite(self, request_id: str, query: str, passages: Any, pii: str) -> ClaudeResult:
         return await self._call("rewrite", request_id, query, passages, pii)
 
+    async def plan(self, request_id: str, query: str, passages: Any, pii: str) -> ClaudeResult:
+        return await self._call("plan", request_id, query, passages, pii)
+
     async def verify(
         self, request_id: str, query: str, answer: str, passages: Any, pii: str
     ) -> ClaudeResult:
@@ -139,6 +142,7 @@ class Orchestrator:
                 claude_input_usd_per_mtok=price.input,
                 claude_output_usd_per_mtok=price.output,
                 slm_usd_per_hour=cfg.cost.slm_gpu_hour_usd,
+                subtask_timeout_s=cfg.escalation.subtask_timeout_s,
             ),
         )
         self._claude_status: tuple[float, dict[str, Any]] | None = None
@@ -191,9 +195,15 @@ class Orchestrator:
         "/v1/answer",
         response_model=AnswerResponse,
         summary="Answer a question with citations",
-        responses=error_responses(401, 413, 422, 503),
+        description="With `stream: true`, Server-Sent Events: `plan` and `subtask` (decomposed "
+        "queries), `answer` (text deltas; `reset: true` restarts the text), `verification`, then "
+        "`done` with this response object, or `error`.",
+        responses={
+            **error_responses(401, 413, 422, 503),
+            200: {"content": {"text/event-stream": {}}},
+        },
     )
-    async def answer(self, body: AnswerRequest, request: Request) -> AnswerResponse:
+    async def answer(self, body: AnswerRequest, request: Request) -> Any:
         request.state.trace_id = trace_id = _trace_id(request)
         limit = self.cfg.http.max_query_chars
         if len(body.query) > limit:
@@ -202,14 +212,53 @@ class Orchestrator:
                 f"query is {len(body.query)} characters; the limit is {limit}",
                 "query_too_long",
             )
-        status = await self._claude()
-        # Only a missing key is known ahead; a circuit or budget is checked call by call.
-        down = (
-            "claude_unavailable"
-            if status.get("reason") in ("no_api_key",) or not status.get("ready", True)
-            else None
-        )
+        down = await self._claude_down()
+        if body.stream:
+            return await self._stream_answer(body, trace_id, down)
         return await self.lead.answer(body, trace_id, claude_down=down)
+
+    async def _stream_answer(
+        self, body: AnswerRequest, trace_id: str, down: str | None
+    ) -> StreamingResponse:
+        """Events as the lead makes progress. Nothing is sent until the first event, so a request
+        that fails early (overload, index not ready) still gets its HTTP status."""
+        queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+
+        async def emit(name: str, data: dict[str, Any]) -> None:
+            await queue.put((name, data))
+
+        async def run() -> None:
+            try:
+                response = await self.lead.answer(body, trace_id, claude_down=down, emit=emit)
+                await queue.put(("done", response.model_dump(mode="json")))
+            finally:
+                await queue.put(None)
+
+        task = asyncio.create_task(run())
+        first = await queue.get()
+        if first is None:  # ended before any event: an error, raised with its status
+            await task
+            raise RuntimeError("the answer ended without a result")
+
+        async def events() -> AsyncIterator[str]:
+            item: tuple[str, dict[str, Any]] | None = first
+            try:
+                while item is not None:
+                    name, data = item
+                    yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+                    item = await queue.get()
+                await task  # re-raises a failure after the first event
+            except APIError as exc:
+                err = error_body(exc.status, exc.message, exc.code)
+                yield f"event: error\ndata: {json.dumps(err)}\n\n"
+            except Exception:
+                log.exception("answer stream failed")
+                err = error_body(500, "the answer failed", "internal_error")
+                yield f"event: error\ndata: {json.dumps(err)}\n\n"
+            finally:
+                task.cancel()  # the client went away: outstanding sub-tasks stop
+
+        return self._sse(events())
 
     # -- OpenAI-compatible ------------------------------------------------------------------
 

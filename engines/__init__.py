@@ -22,4 +22,17 @@ def make_engine(cfg: SLMConfig, replicas_on_node: int = 1) -> Any:
             n_batch=cfg.n_batch,
             contexts=cfg.contexts_per_replica,
         )
+    if cfg.engine == "openai":
+        from engines.openai_compat import OpenAICompatEngine
+
+        o = cfg.openai
+        return OpenAICompatEngine.from_env(
+            o.base_url,
+            o.model or cfg.model_name,
+            o.api_key_env,
+            contexts=cfg.contexts_per_replica,
+            timeout_s=o.timeout_s,
+            max_retries=o.max_retries,
+            logprobs=o.logprobs,
+        )
     raise ValueError(f"unknown SLM engine {cfg.engine!r}")

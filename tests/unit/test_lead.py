@@ -56,6 +56,7 @@ def make_lead(engine, server, **settings) -> Lead:
 
     class Port:  # the same shape the orchestrator gives the lead over the Ray handle
         rewrite = gateway.rewrite
+        plan = gateway.plan
         verify = gateway.verify
         answer = gateway.answer
 
@@ -67,8 +68,8 @@ def make_lead(engine, server, **settings) -> Lead:
     return lead
 
 
-def ask(lead, **req):
-    return asyncio.run(lead.answer(AnswerRequest(**req), "trace-1"))
+def ask(lead, emit=None, **req):
+    return asyncio.run(lead.answer(AnswerRequest(**req), "trace-1", emit=emit))
 
 
 def test_confident_answer_stays_on_the_slm(engine, server):
@@ -181,3 +182,81 @@ def test_mode_slm_and_mode_claude(engine, server):
     assert server.calls() == []
     r = ask(lead, query="When was the Eiffel Tower completed?", mode="claude")
     assert r.route == "claude" and r.escalation.reasons == ["mode_claude"]
+
+
+TWO_PART_PLAN = {
+    "subtasks": [
+        {
+            "id": "s1",
+            "question": "When was the Eiffel Tower completed?",
+            "search_queries": ["Eiffel Tower completed"],
+            "depends_on": [],
+        },
+        {
+            "id": "s2",
+            "question": "What is the Louvre?",
+            "search_queries": ["Louvre museum"],
+            "depends_on": [],
+        },
+    ]
+}
+
+
+def test_decompose_plans_with_claude_and_merges_cited_subanswers(engine, server):
+    lead = make_lead(engine, server, verify="always")
+    server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
+    events = []
+
+    async def emit(name, data):
+        events.append((name, data))
+
+    r = ask(
+        lead,
+        emit,
+        query="When was the Eiffel Tower completed, and what is the Louvre?",
+        mode="decompose",
+    )
+    assert r.route == "decomposed" and r.escalation.escalated
+    assert r.escalation.reasons == ["mode_decompose"]
+    assert [s.id for s in r.subtasks] == ["s1", "s2"]
+    assert all(s.status == "ok" and s.latency_ms > 0 for s in r.subtasks)
+    assert len(server.calls("plan_subtasks")) == 1 and len(server.calls("grade_answer")) == 1
+    numbers = sorted({int(n) for n in __import__("re").findall(r"\[(\d+)\]", r.answer)})
+    assert numbers == [c.number for c in r.citations]  # no number without an entry
+    assert len({c.number for c in r.citations}) == len(r.citations)
+    names = [n for n, _ in events]
+    assert names[0] == "plan" and names.count("subtask") == 2
+    assert names.index("answer") > max(i for i, n in enumerate(names) if n == "subtask")
+    assert names[-1] == "verification"
+    streamed = "".join(d["delta"] for n, d in events if n == "answer")
+    assert streamed == r.answer
+
+
+def test_decompose_without_claude_uses_the_local_planner(engine, server):
+    lead = make_lead(engine, server, verify="always")
+    r = ask(
+        lead,
+        query="Which is older, the Eiffel Tower or the Louvre?",
+        mode="decompose",
+        sensitive=True,
+    )
+    assert server.calls() == []
+    assert r.route == "decomposed" and len(r.subtasks) == 2 and not r.escalation.escalated
+    assert "local_planner" in r.escalation.reasons and "sensitive_local_only" in r.degraded
+
+
+def test_auto_mode_decomposes_a_comparison(engine, server):
+    lead = make_lead(engine, server, verify="never")
+    server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
+    r = ask(lead, query="Which is older, the Eiffel Tower or the Louvre?")
+    assert r.route == "decomposed" and r.escalation.reasons == ["complex_query"]
+
+
+def test_subtask_timeout_gives_a_partial_answer(engine, server):
+    lead = make_lead(engine, server, verify="never", subtask_timeout_s=0.001)
+    server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
+    r = ask(
+        lead, query="When was the Eiffel Tower completed, and what is the Louvre?", mode="decompose"
+    )
+    assert r.route == "decomposed" and {s.status for s in r.subtasks} == {"timeout"}
+    assert "Not answered" in r.answer and r.confidence == 0.0

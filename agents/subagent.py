@@ -1,0 +1,79 @@
+"""Running a plan: every sub-task is a sub-agent with its own retrieval and SLM call. Independent
+sub-tasks run at once; a dependent one waits only for the answers it names, which are written into
+its question. A sub-task that fails or runs past its timeout is reported, not raised: the merge
+works with what succeeded. Cancelling `run_plan` cancels every sub-task still running."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from agents.merge import PartialAnswer
+from agents.planner import REF, Plan, SubtaskPlan
+
+# (the sub-task, its question and search queries with dependencies filled in) -> its answer
+RunSubtask = Callable[[SubtaskPlan, str, list[str]], Awaitable[PartialAnswer]]
+OnDone = Callable[[PartialAnswer], Awaitable[None]]
+
+_MARKERS = re.compile(r"\s*\[\d+(?:\s*,\s*\d+)*\]")
+ANSWER_CHARS = 160
+_PREAMBLE = re.compile(r"^(?:the\s+)?answer(?:\s+is\s*:?|\s*:)\s*", re.IGNORECASE)
+
+
+def short_answer(text: str) -> str:
+    """What a dependent question gets of an earlier answer: its first sentence, no markers."""
+    text = _MARKERS.sub("", text).strip()
+    text = _PREAMBLE.sub("", text.split("\n", 1)[0]).strip()
+    first = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0].rstrip(".!? ")
+    return first if len(first) <= ANSWER_CHARS else first[: ANSWER_CHARS - 1].rstrip() + "…"
+
+
+def fill(text: str, answers: dict[str, str]) -> str:
+    return REF.sub(lambda m: answers.get(m.group(1), m.group(0)), text)
+
+
+async def run_plan(
+    plan: Plan, run: RunSubtask, timeout_s: float, on_done: OnDone | None = None
+) -> list[PartialAnswer]:
+    """Parts in plan order. `timeout_s` bounds each sub-task's own work, not its wait for others."""
+    loop = asyncio.get_running_loop()
+    done: dict[str, asyncio.Future[PartialAnswer]] = {
+        st.id: loop.create_future() for st in plan.subtasks
+    }
+
+    async def one(st: SubtaskPlan) -> PartialAnswer:
+        answers: dict[str, str] = {}
+        missing: list[str] = []
+        for dep in st.depends_on:
+            part = await done[dep]
+            if part.status == "ok" and part.text.strip():
+                answers[dep] = short_answer(part.text)
+            else:
+                missing.append(dep)
+        question = fill(st.question, answers)
+        start = time.perf_counter()
+        if missing:
+            part = PartialAnswer(st.id, question, "", [], [], status="failed")
+            part.error = f"needs {', '.join(missing)}, which did not answer"
+        else:
+            queries = [fill(q, answers) for q in st.search_queries]
+            try:
+                part = await asyncio.wait_for(run(st, question, queries), timeout_s)
+            except TimeoutError:
+                part = PartialAnswer(st.id, question, "", [], [], status="timeout")
+                part.error = f"no answer within {timeout_s:g} s"
+            except Exception as exc:  # one sub-agent's failure is reported, not raised
+                part = PartialAnswer(st.id, question, "", [], [], status="failed")
+                part.error = f"{type(exc).__name__}: {exc}"[:300]
+                part.exception = exc
+        part.latency_ms = round((time.perf_counter() - start) * 1000, 1)
+        done[st.id].set_result(part)
+        if on_done is not None:
+            await on_done(part)
+        return part
+
+    async with asyncio.TaskGroup() as group:  # cancelled as a whole when the caller is
+        tasks = [group.create_task(one(st)) for st in plan.subtasks]
+    return [t.result() for t in tasks]

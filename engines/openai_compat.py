@@ -1,0 +1,142 @@
+"""The `openai` engine: an OpenAI-compatible server the user already runs (vLLM, llama.cpp server,
+Ollama) behind the SLM deployment, with the same interface as the in-process engines.
+
+The replica bounds its own concurrency (`contexts`) so that Serve's routing sees the replica's real
+capacity instead of pushing every request through to the server's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from agents.schemas import GenerationRequest, GenerationResult
+
+
+class OpenAICompatEngine:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        contexts: int = 4,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        logprobs: bool = True,
+    ) -> None:
+        self.base_url = base_url
+        self.model_name = model
+        self.n_threads = 0  # the server's business
+        self.logprobs = logprobs
+        self._api_key = api_key or "unused"  # local servers accept any key; the SDK needs one
+        self._timeout_s = timeout_s
+        self._max_retries = max_retries
+        self._contexts = contexts
+        self.in_flight = 0
+        # Bound to the loop of first use: a replica serves from one loop.
+        self._client: Any = None
+        self._slots: asyncio.Semaphore | None = None
+
+    @classmethod
+    def from_env(cls, base_url: str, model: str, api_key_env: str, **kw: Any) -> OpenAICompatEngine:
+        return cls(base_url, model, api_key=os.environ.get(api_key_env), **kw)
+
+    @property
+    def contexts(self) -> int:
+        return self._contexts
+
+    def _ready(self) -> tuple[Any, asyncio.Semaphore]:
+        if self._client is None:
+            from openai import AsyncOpenAI
+
+            self._client = AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self._api_key,
+                timeout=self._timeout_s,
+                max_retries=self._max_retries,
+            )
+            self._slots = asyncio.Semaphore(self._contexts)
+        assert self._slots is not None
+        return self._client, self._slots
+
+    def _params(self, req: GenerationRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": req.messages,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
+        if req.stop:
+            params["stop"] = req.stop
+        if req.seed is not None:
+            params["seed"] = req.seed
+        if req.logprobs and self.logprobs:
+            params["logprobs"] = True
+        return params
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """Yield text deltas, then the GenerationResult. Closing the iterator closes the HTTP
+        stream, which a vLLM or llama.cpp server takes as the request's cancellation."""
+        client, slots = self._ready()
+        async with slots:
+            self.in_flight += 1
+            start = time.perf_counter()
+            parts: list[str] = []
+            logprobs: list[float] = []
+            finish, prompt_tokens, completion_tokens = "stop", 0, 0
+            try:
+                stream = await client.chat.completions.create(
+                    **self._params(req), stream=True, stream_options={"include_usage": True}
+                )
+                try:
+                    async for chunk in stream:
+                        if chunk.usage is not None:
+                            prompt_tokens = chunk.usage.prompt_tokens
+                            completion_tokens = chunk.usage.completion_tokens
+                        for choice in chunk.choices:
+                            if choice.logprobs is not None and choice.logprobs.content:
+                                logprobs.extend(t.logprob for t in choice.logprobs.content)
+                            if choice.finish_reason == "length":
+                                finish = "length"
+                            if choice.delta and choice.delta.content:
+                                parts.append(choice.delta.content)
+                                yield choice.delta.content
+                finally:
+                    await stream.close()
+            finally:
+                self.in_flight -= 1
+        yield GenerationResult(
+            text="".join(parts),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens or len(logprobs),
+            finish_reason=finish,  # type: ignore[arg-type]
+            token_logprobs=logprobs,
+            model=self.model_name,
+            seconds=time.perf_counter() - start,
+        )
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        client, slots = self._ready()
+        async with slots:
+            self.in_flight += 1
+            start = time.perf_counter()
+            try:
+                response = await client.chat.completions.create(**self._params(req))
+            finally:
+                self.in_flight -= 1
+        choice = response.choices[0]
+        logprobs = [t.logprob for t in (choice.logprobs.content or [])] if choice.logprobs else []
+        usage = response.usage
+        return GenerationResult(
+            text=choice.message.content or "",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else len(logprobs),
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            token_logprobs=logprobs,
+            model=response.model or self.model_name,
+            seconds=time.perf_counter() - start,
+        )

@@ -1,0 +1,132 @@
+"""Decomposition over HTTP on HotpotQA bridge and comparison questions: plans from Claude (the
+local Messages-API server) and from the local planner, sub-agents on the SLM replicas, the merged
+cited answer, and the SSE stream of /v1/answer."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from agents.citations import markers
+
+pytestmark = pytest.mark.e2e
+
+HOTPOT = (
+    Path(__file__).resolve().parents[3] / "shared/data/hotpotqa/hotpotqa-dev-distractor-0-59.json"
+)
+BRIDGE = "hotpot-dev-007"  # the arena where the Lewiston Maineiacs played -> its seats
+COMPARISON = "hotpot-dev-000"  # Scott Derrickson and Ed Wood: same nationality?
+
+
+@pytest.fixture(scope="module")
+def hotpot(client) -> dict[str, dict]:
+    """The questions used here, with all ten paragraphs of each ingested as documents."""
+    rows = {q["id"]: q for q in json.loads(HOTPOT.read_text())}
+    docs = {}
+    for qid in (BRIDGE, COMPARISON):
+        ctx = rows[qid]["context"]
+        for title, sentences in zip(ctx["title"], ctx["sentences"]):
+            docs[title] = {"id": f"hotpot/{title}", "title": title, "text": "".join(sentences)}
+    r = client.post("/v1/documents", json={"documents": list(docs.values())})
+    assert r.status_code == 201, r.text
+    return rows
+
+
+def sse(client, body: dict) -> list[tuple[str, dict]]:
+    events = []
+    with client.stream("POST", "/v1/answer", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: ") :])))
+    return events
+
+
+def check_citations(answer: dict) -> None:
+    numbers = {c["number"] for c in answer["citations"]}
+    assert set(markers(answer["answer"])) <= numbers  # no number without an entry
+    assert sorted(numbers) == list(range(1, len(numbers) + 1))
+
+
+def test_bridge_question_with_a_claude_plan_runs_the_second_hop_after_the_first(
+    client, app, hotpot
+):
+    q = hotpot[BRIDGE]
+    app.claude.reset()
+    app.claude.queue_tool_input(
+        "plan_subtasks",
+        {
+            "subtasks": [
+                {
+                    "id": "s1",
+                    "question": "In which arena did the Lewiston Maineiacs play home games?",
+                    "search_queries": ["Lewiston Maineiacs home arena"],
+                    "depends_on": [],
+                },
+                {
+                    "id": "s2",
+                    "question": "How many people can {s1} seat?",
+                    "search_queries": ["{s1} seating capacity"],
+                    "depends_on": ["s1"],
+                },
+            ]
+        },
+    )
+    events = sse(client, {"query": q["question"], "mode": "decompose", "verify": "always"})
+    names = [n for n, _ in events]
+    assert names[0] == "plan" and names[-1] == "done" and "error" not in names
+    assert events[0][1]["planner"] == "claude"
+    done = events[-1][1]
+    assert done["route"] == "decomposed" and len(done["subtasks"]) == 2
+    s1, s2 = done["subtasks"]
+    assert s1["status"] == "ok" and s2["status"] == "ok"
+    # The second hop ran after the first and asked with its answer in place of {s1}.
+    subtask_events = [d["id"] for n, d in events if n == "subtask"]
+    assert subtask_events == ["s1", "s2"]
+    assert "{s1}" not in s2["question"] and s2["question"].startswith("How many people can")
+    assert len(s2["question"]) > len("How many people can  seat?")
+    check_citations(done)
+    assert len({c["doc_id"] for c in done["citations"]}) >= 2
+    assert done["verification"] is not None and "verification" in names
+    assert names.index("verification") > max(i for i, n in enumerate(names) if n == "answer")
+    streamed = "".join(d["delta"] for n, d in events if n == "answer")
+    assert streamed == done["answer"]
+    planned = app.claude.calls("plan_subtasks")
+    assert len(planned) == 1 and "Lewiston Maineiacs" in planned[0].text
+
+
+def test_comparison_without_claude_is_planned_locally(client, app, hotpot):
+    q = hotpot[COMPARISON]
+    app.claude.reset()
+    r = client.post(
+        "/v1/answer", json={"query": q["question"], "mode": "decompose", "sensitive": True}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert app.claude.calls() == []
+    assert body["route"] == "decomposed" and "local_planner" in body["escalation"]["reasons"]
+    assert "sensitive_local_only" in body["degraded"]
+    questions = [s["question"] for s in body["subtasks"]]
+    assert len(questions) == 2
+    assert "Scott Derrickson" in questions[0] and "Ed Wood" in questions[1]
+    check_citations(body)
+    assert len({c["doc_id"] for c in body["citations"]}) >= 2
+    for s in body["subtasks"]:
+        assert set(s) == {"id", "question", "answer", "citations", "latency_ms", "status"}
+
+
+def test_simple_question_streams_answer_then_done(client):
+    events = sse(client, {"query": "How are documents split into chunks?", "mode": "slm"})
+    names = [n for n, _ in events]
+    assert names[-1] == "done" and set(names[:-1]) == {"answer"}
+    assert "".join(d["delta"] for _, d in events[:-1]) == events[-1][1]["answer"]
+
+
+def test_stream_flag_is_validated(client):
+    r = client.post("/v1/answer", json={"query": "x?", "stream": "yes"})
+    assert r.status_code == 422 and r.json()["error"]["code"]
+    assert re.search("stream", r.text)
