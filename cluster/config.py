@@ -93,8 +93,34 @@ class RetrieverConfig(_Section):
         True, description="Index the bundled sample corpus when the index is empty on first start."
     )
     keep_snapshots: int = Field(2, ge=1, description="Old index versions kept on disk.")
+    index_type: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat",
+        description="Dense index: flat (exact), ivf or hnsw (approximate, for large corpora).",
+    )
+    ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; unset: about 4 sqrt(n).")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF lists searched per query.")
+    hnsw_m: int = Field(32, ge=4, description="HNSW links per vector.")
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(128, ge=8, description="HNSW candidates per query.")
+    faiss_gpu: bool = Field(
+        False, description="Search on the GPU when faiss-gpu sees one (flat and ivf)."
+    )
     num_cpus: float = Field(0.5, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0, description="GPU share per replica (with faiss_gpu).")
     max_ongoing_requests: int = Field(32, ge=1)
+
+    def ann_spec(self) -> Any:
+        from retrieval.ann import ANNSpec
+
+        return ANNSpec(
+            kind=self.index_type,
+            ivf_nlist=self.ivf_nlist,
+            ivf_nprobe=self.ivf_nprobe,
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_construction=self.hnsw_ef_construction,
+            hnsw_ef_search=self.hnsw_ef_search,
+            gpu=self.faiss_gpu,
+        )
 
     @field_validator("chunk_overlap_words")
     @classmethod

@@ -57,6 +57,7 @@ class RetrieverDeployment:
             chunk_words=rc.chunk_words,
             chunk_overlap_words=rc.chunk_overlap_words,
             keep_snapshots=rc.keep_snapshots,
+            ann_spec=rc.ann_spec(),
         )
         self.state = "loading"
         self.progress: dict[str, int] = {}

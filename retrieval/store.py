@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from agents.schemas import Passage
+from retrieval import ann
+from retrieval.ann import ANNSpec
 from retrieval.chunking import chunk_text
 from retrieval.fusion import reciprocal_rank_fusion
 
@@ -92,6 +94,8 @@ class Snapshot:
         bm25: Any | None = None,
         dense: Any | None = None,
         embedding_model: str = "",
+        spec: ANNSpec | None = None,
+        search_index: Any | None = None,
     ) -> None:
         import faiss
 
@@ -111,6 +115,14 @@ class Snapshot:
             bm25 = bm25s.BM25()
             bm25.index(bm25_tokenize([f"{c.title}\n{c.text}" for c in chunks]), show_progress=False)
         self.bm25 = bm25
+        # `dense` (flat) is the record of every vector; `search_index` is what queries use.
+        self.spec = spec or ANNSpec()
+        if search_index is None and self.spec.kind != "flat":
+            search_index = ann.build(self.vectors(), self.spec)
+        self.built_index = search_index  # the CPU form, as saved
+        self.search_index = ann.to_device(
+            ann.tune(search_index, self.spec) if search_index is not None else dense, self.spec
+        )
 
     def vectors(self) -> np.ndarray:
         n = self.dense.ntotal
@@ -136,6 +148,8 @@ class Snapshot:
             for c in self.chunks:
                 f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
         faiss.write_index(self.dense, str(folder / "dense.faiss"))
+        if self.built_index is not None:
+            faiss.write_index(self.built_index, str(folder / f"ann-{self.spec.kind}.faiss"))
         if self.bm25 is not None:
             self.bm25.save(str(folder / "bm25"), show_progress=False)
         manifest = {
@@ -146,12 +160,13 @@ class Snapshot:
             "chunks": len(self.chunks),
             "dim": self.dim,
             "embedding_model": self.embedding_model,
+            "ann": self.spec.key() if self.built_index is not None else None,
         }
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _fsync_tree(folder)
 
     @classmethod
-    def read(cls, folder: Path) -> Snapshot:
+    def read(cls, folder: Path, spec: ANNSpec | None = None) -> Snapshot:
         import bm25s
         import faiss
 
@@ -171,6 +186,15 @@ class Snapshot:
             bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
         if dense.ntotal != len(chunks):
             raise RuntimeError(f"{folder}: {dense.ntotal} vectors for {len(chunks)} chunks")
+        spec = spec or ANNSpec()
+        search_index = None
+        saved = folder / f"ann-{spec.kind}.faiss"
+        if spec.kind != "flat" and manifest.get("ann") == spec.key() and saved.is_file():
+            search_index = faiss.read_index(str(saved))
+        elif spec.kind != "flat":
+            log.info(
+                "%s: building the %s index (not saved with these parameters)", folder, spec.kind
+            )
         return cls(
             version=int(manifest["version"]),
             docs=docs,
@@ -179,6 +203,8 @@ class Snapshot:
             bm25=bm25,
             dense=dense,
             embedding_model=manifest.get("embedding_model", ""),
+            spec=spec,
+            search_index=search_index,
         )
 
 
@@ -194,8 +220,10 @@ class IndexStore:
         chunk_words: int = 180,
         chunk_overlap_words: int = 40,
         keep_snapshots: int = 2,
+        ann_spec: ANNSpec | None = None,
     ) -> None:
         self.root = Path(root)
+        self.ann_spec = ann_spec or ANNSpec()
         self.embed = embed
         self.dim = dim
         self.embedding_model = embedding_model
@@ -243,7 +271,7 @@ class IndexStore:
                 self._current_stamp = stamp
                 return False
             try:
-                snap = Snapshot.read(self.root / "snapshots" / name)
+                snap = Snapshot.read(self.root / "snapshots" / name, self.ann_spec)
             except FileNotFoundError:
                 # A writer garbage-collected it between our reads; CURRENT has moved on.
                 time.sleep(0.05 * (attempt + 1))
@@ -269,6 +297,10 @@ class IndexStore:
             "documents": len(snap.docs) if snap else 0,
             "chunks": len(snap.chunks) if snap else 0,
             "embedding_model": self.embedding_model,
+            "index_type": self.ann_spec.kind,
+            "on_gpu": bool(
+                snap and snap.search_index is not snap.built_index and self.ann_spec.gpu
+            ),
         }
 
     def search(
@@ -286,7 +318,7 @@ class IndexStore:
         n = len(snap.chunks)
         k = min(max(candidates, top_k), n)
         qvec = self.embed([query])
-        dense_scores, dense_ids = snap.dense.search(qvec, k)
+        dense_scores, dense_ids = snap.search_index.search(qvec, k)
         dense_rank = [int(i) for i in dense_ids[0] if i >= 0]
         bm25_rank: list[int] = []
         bm25_score: dict[int, float] = {}
@@ -444,6 +476,7 @@ class IndexStore:
             chunks=chunks,
             vectors=np.ascontiguousarray(vectors, dtype=np.float32),
             embedding_model=self.embedding_model,
+            spec=self.ann_spec,
         )
 
     def _commit(self, snap: Snapshot) -> None:

@@ -104,3 +104,45 @@ def test_crash_leftovers_are_ignored(tmp_path, embedder):
     assert names == ["v00000001", "v00000002"]
     manifest = json.loads((tmp_path / "snapshots" / "v00000002" / "manifest.json").read_text())
     assert manifest["documents"] == 2
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, embedder, kind, caplog):
+    from retrieval.ann import ANNSpec
+
+    spec = ANNSpec(kind=kind, ivf_nlist=2, ivf_nprobe=2)
+    store = make(tmp_path, embedder, ann_spec=spec)
+    store.upsert(DOCS)
+    assert store.stats()["index_type"] == kind
+    assert store.search("Which river flows north through Africa?", top_k=1)[0].doc_id == "nile"
+    folder = tmp_path / "snapshots" / "v00000001"
+    assert (folder / f"ann-{kind}.faiss").is_file()
+    caplog.set_level("INFO", logger="retrieval.store")
+    again = make(tmp_path, embedder, ann_spec=spec)
+    again.refresh()
+    assert not any("building" in r.message for r in caplog.records)
+    assert again.search("capital of France", top_k=1)[0].doc_id == "paris"
+    # Other build parameters: rebuilt in memory from the flat record, same answers.
+    other = make(tmp_path, embedder, ann_spec=ANNSpec(kind=kind, ivf_nlist=1, hnsw_m=8))
+    other.refresh()
+    assert any("building" in r.message for r in caplog.records)
+    assert other.search("Guido programming", top_k=1)[0].doc_id == "python"
+
+
+def test_approximate_indexes_agree_with_exact_search_on_random_vectors():
+    import numpy as np
+
+    from retrieval import ann
+    from retrieval.ann import ANNSpec
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 32)).astype("float32")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:200] + 0.05 * rng.standard_normal((200, 32)).astype("float32")
+    _, exact = ann.build(x, ANNSpec()).search(q, 10)
+    for spec in (ANNSpec(kind="hnsw"), ANNSpec(kind="ivf", ivf_nprobe=32)):
+        _, approx = ann.build(x, spec).search(q, 10)
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+        assert recall > 0.8, (spec.kind, recall)
+    assert ann.ivf_lists(4000, None) == 102 and ann.ivf_lists(10, None) == 1
+    assert ann.to_device("index", ANNSpec(gpu=True)) == "index" or ann.gpu_count() > 0

@@ -1,0 +1,112 @@
+"""The dense search index of a snapshot: exact (flat), IVF or HNSW, on CPU or (flat, IVF) GPU.
+
+The snapshot's flat index stays the record of every vector (it is what a restart, a rebuild or a
+new index type start from); an approximate index is built from it for search when configured, and
+saved beside it so a restart does not rebuild it. Trade-off (inner product on normalised
+MiniLM vectors; `python -m benchmarks.ann`): flat is exact and fine to a few hundred thousand
+chunks on CPU; HNSW keeps recall near 1 at a fraction of the latency for millions but costs memory
+(M links per vector) and build time; IVF is the cheapest to build and shard, with recall set by
+`ivf_nprobe` / `ivf_nlist`. On GPU nodes with `faiss-gpu`, flat and IVF move to the GPU (FAISS has
+no GPU HNSW).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+# FAISS wants about this many training points per IVF list.
+POINTS_PER_LIST = 39
+
+
+@dataclass(frozen=True)
+class ANNSpec:
+    kind: IndexKind = "flat"
+    ivf_nlist: int | None = None  # None: about 4 x sqrt(n), bounded by the training data
+    ivf_nprobe: int = 16
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    gpu: bool = False
+
+    def key(self) -> dict[str, Any]:
+        """What decides the built index (not how it is searched)."""
+        d = asdict(self)
+        for k in ("ivf_nprobe", "hnsw_ef_search", "gpu"):
+            d.pop(k)
+        return d
+
+
+def ivf_lists(n: int, requested: int | None) -> int:
+    if requested:
+        return max(1, min(requested, n))
+    return max(1, min(int(4 * math.sqrt(max(n, 1))), n // POINTS_PER_LIST or 1))
+
+
+def build(vectors: np.ndarray, spec: ANNSpec) -> Any:
+    """A CPU index over `vectors` (rows in the snapshot's order) as the spec asks."""
+    import faiss
+
+    n, dim = vectors.shape
+    if spec.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.hnsw_ef_construction
+    elif spec.kind == "ivf":
+        nlist = ivf_lists(n, spec.ivf_nlist)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if n:
+            index.train(vectors)
+    else:
+        raise ValueError(f"unknown index type {spec.kind!r}")
+    if n:
+        index.add(vectors)
+    return tune(index, spec)
+
+
+def tune(index: Any, spec: ANNSpec) -> Any:
+    """Search-time parameters, which may differ from the ones an index was saved with."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = spec.hnsw_ef_search
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = min(spec.ivf_nprobe, index.nlist)
+    return index
+
+
+def gpu_count() -> int:
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0  # faiss-cpu
+    return int(faiss.get_num_gpus())
+
+
+_gpu_resources: Any = None
+
+
+def to_device(index: Any, spec: ANNSpec) -> Any:
+    """The index on the GPU when asked for and possible; the CPU index otherwise (logged)."""
+    if not spec.gpu:
+        return index
+    import faiss
+
+    if gpu_count() == 0:
+        log.warning("retriever.faiss_gpu is set but FAISS sees no GPU (faiss-gpu not installed?)")
+        return index
+    if isinstance(index, faiss.IndexHNSW):
+        log.warning("FAISS has no GPU HNSW; the HNSW index stays on the CPU")
+        return index
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)
