@@ -111,7 +111,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     url = (args.url or default_url()).rstrip("/")
     try:
         r = httpx.post(
-            f"{url}/v1/answer", json={"query": args.question, "top_k": args.top_k}, timeout=300
+            f"{url}/v1/answer",
+            json={"query": args.question, "top_k": args.top_k, "mode": args.mode},
+            timeout=300,
         )
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach {url}:[/] {escape(str(exc))} — is `hybrid-serve up` running?")
@@ -124,6 +126,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         console.print_json(data=body)
         return 0
     console.print(escape(body["answer"]) or "[dim](empty answer)[/]")
+    for st in body.get("subtasks", []):
+        console.print(
+            f"  [dim]{escape(st['id'])} ({st['status']}, {st['latency_ms']:.0f} ms) "
+            f"{escape(st['question'])}[/]"
+        )
     if body["citations"]:
         console.print()
         for c in body["citations"]:
@@ -143,6 +150,34 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if body["degraded"]:
         line += " · degraded: " + ", ".join(body["degraded"])
     console.print(line + f" · trace {body['trace_id']}[/]")
+    return 0
+
+
+# -- k8s render ----------------------------------------------------------------------------------
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from cluster import k8s
+
+    try:
+        cfg = HybridServeConfig.load(args.config, profile=args.profile)
+        files = k8s.render_all(cfg)
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        return 2
+    if args.out is None:
+        sys.stdout.write(k8s.dump(files["rayservice.yaml"]))
+        return 0
+    out = Path(args.out)
+    if out.suffix in (".yaml", ".yml"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(k8s.dump(files["rayservice.yaml"]))
+        err.print(f"wrote {out}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for name, manifest in files.items():
+        (out / name).write_text(k8s.dump(manifest))
+    err.print(f"wrote {', '.join(files)} to {out}")
     return 0
 
 
@@ -290,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", help="server URL (default: $HYBRID_SERVE_URL or http://127.0.0.1:PORT)"
     )
     ask.add_argument("--top-k", type=int, default=5)
+    ask.add_argument(
+        "--mode", choices=["auto", "slm", "decompose", "claude"], default="auto", help="routing"
+    )
     ask.add_argument("--json", action="store_true", help="print the raw JSON response")
     ask.set_defaults(func=cmd_ask)
 
@@ -299,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("paths", nargs="+", metavar="PATH")
     add.add_argument("--url", help="server URL")
     add.set_defaults(func=cmd_index_add)
+
+    kube = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
+    kube_sub = kube.add_subparsers(dest="k8s_command", required=True)
+    render = kube_sub.add_parser(
+        "render", help="the RayService (and volume, Ingress) from the configuration"
+    )
+    render.add_argument("--profile", choices=["local", "gpu"], default="local")
+    render.add_argument("--config", help="YAML configuration file (over the profile)")
+    render.add_argument(
+        "--out", help="a .yaml file (the RayService) or a folder (all manifests); default: stdout"
+    )
+    render.set_defaults(func=cmd_k8s_render)
     return parser
 
 

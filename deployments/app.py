@@ -17,29 +17,58 @@ from deployments.retriever import RetrieverDeployment
 from deployments.slm import SLMDeployment
 
 
+def cpu_actor_options(cfg: HybridServeConfig, num_cpus: float) -> dict[str, Any]:
+    """CPU-only deployments: no GPU, and pinned to CPU nodes when the cluster marks them."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": 0}
+    if cfg.placement.cpu_resources():
+        options["resources"] = cfg.placement.cpu_resources()
+    return options
+
+
+def slm_options(cfg: HybridServeConfig) -> dict[str, Any]:
+    """Serve options of the SLM deployment for the in-process engines (llama_cpp, openai)."""
+    slm = cfg.slm
+    options: dict[str, Any] = {
+        # Above contexts_per_replica, requests wait inside the replica for a free context; the
+        # margin keeps status calls and short queues from waiting behind a long generation.
+        "max_ongoing_requests": max(slm.max_ongoing_requests, slm.contexts_per_replica),
+        "max_queued_requests": slm.max_queued_requests,
+        "ray_actor_options": {"num_cpus": slm.num_cpus, "num_gpus": slm.num_gpus},
+    }
+    if slm.autoscaling is not None:
+        options["autoscaling_config"] = slm.autoscaling.serve_options()
+    else:
+        options["num_replicas"] = slm.replicas
+    if not slm.num_gpus and cfg.placement.cpu_resources():
+        options["ray_actor_options"]["resources"] = cfg.placement.cpu_resources()
+    return options
+
+
 def build(cfg: HybridServeConfig) -> Application:
     args = cfg.to_args()
     retriever = RetrieverDeployment.options(
         num_replicas=cfg.retriever.replicas,
         max_ongoing_requests=cfg.retriever.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.retriever.num_cpus},
+        ray_actor_options=(
+            {"num_cpus": cfg.retriever.num_cpus, "num_gpus": cfg.retriever.num_gpus}
+            if cfg.retriever.num_gpus  # FAISS on a GPU node
+            else cpu_actor_options(cfg, cfg.retriever.num_cpus)
+        ),
     ).bind(args)
-    slm = SLMDeployment.options(
-        num_replicas=cfg.slm.replicas,
-        # Above contexts_per_replica, requests wait inside the replica for a free context; the
-        # margin keeps status calls and short queues from waiting behind a long generation.
-        max_ongoing_requests=max(cfg.slm.max_ongoing_requests, cfg.slm.contexts_per_replica),
-        max_queued_requests=cfg.slm.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.slm.num_cpus, "num_gpus": cfg.slm.num_gpus},
-    ).bind(args)
+    if cfg.slm.engine == "vllm":
+        from engines.vllm_server import build_vllm_slm  # needs vLLM: GPU images only
+
+        slm = build_vllm_slm(cfg)
+    else:
+        slm = SLMDeployment.options(**slm_options(cfg)).bind(args)
     claude = ClaudeProxy.options(
-        num_replicas=1, ray_actor_options={"num_cpus": cfg.claude.num_cpus}
+        num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.claude.num_cpus)
     ).bind(args)
     return Orchestrator.options(
         num_replicas=cfg.orchestrator.replicas,
         max_ongoing_requests=cfg.orchestrator.max_ongoing_requests,
         max_queued_requests=cfg.orchestrator.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.orchestrator.num_cpus},
+        ray_actor_options=cpu_actor_options(cfg, cfg.orchestrator.num_cpus),
     ).bind(retriever, slm, claude, args)
 
 

@@ -14,6 +14,7 @@ from ray import serve
 from agents.claude import ClaudeGateway, ClaudeResult
 from agents.schemas import Passage
 from cluster.config import HybridServeConfig
+from deployments.placement import placement
 
 
 @serve.deployment(name="ClaudeProxy")
@@ -65,4 +66,4 @@ class ClaudeProxy:
         self.gateway.finish_request(request_id, slm_cost_usd, all_claude_estimate_usd)
 
     async def status(self) -> dict[str, Any]:
-        return self.gateway.status()
+        return {**self.gateway.status(), "placement": placement()}

@@ -36,6 +36,7 @@ from cluster.config import HTTPConfig, HybridServeConfig
 from deployments import openai_api as oai
 from deployments.errors import APIError, error_body, error_responses, install_error_handlers
 from deployments.middleware import AdmissionMiddleware, APIKeyMiddleware, BodyLimitMiddleware
+from deployments.placement import placement
 from deployments.retriever import IndexNotReady
 from retrieval.store import DocRecord, NewDocument
 
@@ -504,6 +505,10 @@ class Orchestrator:
             "circuit": status.get("circuit"),
             "saving_ratio": round(estimate / spent, 3) if spent > 0 else None,
         }
+
+    async def status(self) -> dict[str, Any]:
+        """For the deployment handle (not a route): where this replica runs."""
+        return {"ready": True, "placement": placement()}
 
     @app.get("/healthz", summary="Liveness")
     async def healthz(self) -> dict[str, str]:

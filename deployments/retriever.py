@@ -12,6 +12,7 @@ from ray import serve
 
 from agents.schemas import Passage
 from cluster.config import HybridServeConfig
+from deployments.placement import placement
 from retrieval.embedder import Embedder
 from retrieval.store import DocRecord, IndexStore, NewDocument
 
@@ -127,4 +128,5 @@ class RetrieverDeployment:
             "progress": self.progress,
             "error": self.error,
             **self.store.stats(),
+            "placement": placement(),
         }

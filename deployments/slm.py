@@ -9,6 +9,7 @@ from ray import serve
 
 from agents.schemas import GenerationRequest, GenerationResult
 from cluster.config import HybridServeConfig
+from deployments.placement import placement
 from engines import make_engine
 
 
@@ -31,6 +32,8 @@ class SLMDeployment:
     async def status(self) -> dict[str, Any]:
         return {
             "ready": True,
+            "engine": type(self.engine).__name__,
+            "placement": placement(),
             "model": self.engine.model_name,
             "contexts": self.engine.contexts,
             "in_flight": self.engine.in_flight,

@@ -35,4 +35,9 @@ def make_engine(cfg: SLMConfig, replicas_on_node: int = 1) -> Any:
             max_retries=o.max_retries,
             logprobs=o.logprobs,
         )
+    if cfg.engine == "vllm":
+        raise ValueError(
+            "the vllm engine is its own deployment (engines/vllm_server.py), not an in-process "
+            "engine; deployments.app.build chooses it"
+        )
     raise ValueError(f"unknown SLM engine {cfg.engine!r}")

@@ -86,7 +86,14 @@ def app(tmp_path_factory, claude_server) -> Iterator[App]:
     # calls the local Messages-API server.
     os.environ["ANTHROPIC_API_KEY"] = "sk-test-local-only"
     os.environ["ANTHROPIC_BASE_URL"] = claude_server.url
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # Two logical GPUs: placement of GPU replicas is tested without a GPU (nothing else asks).
+    ray.init(
+        num_cpus=4,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"

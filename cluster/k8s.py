@@ -1,0 +1,332 @@
+"""KubeRay manifests from the same configuration as local start-up.
+
+`render_rayservice` turns a HybridServeConfig into a `ray.io/v1` RayService whose `serveConfigV2`
+runs `deployments.app:build_app` with that configuration as its args; `render_all` adds the index
+volume and the Ingress. Secrets are only ever referenced (`secretKeyRef`), never rendered.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.config import HybridServeConfig, WorkerGroupConfig
+from engines.vllm_options import gpus_per_replica
+
+IMPORT_PATH = "deployments.app:build_app"
+SERVE_PORT = 8000
+DATA_DIR = "/data/hybrid-serve"
+# Read from the pods' environment (a Secret), so never part of the rendered args.
+SECRET_FIELDS = {"http": ["api_keys"]}
+SECRET_ENV = [
+    ("ANTHROPIC_API_KEY", "anthropic-api-key"),
+    ("HYBRID_SERVE_HTTP__API_KEYS", "api-keys"),  # a JSON list; plain keys or sha256:<hex>
+    ("HF_TOKEN", "hf-token"),  # gated model weights for vLLM
+]
+CPU_NODE_RESOURCE_UNITS = 1000
+
+
+def for_kubernetes(cfg: HybridServeConfig) -> HybridServeConfig:
+    """The configuration as it runs in the cluster: listening on every interface, Serve's port,
+    the index on the shared volume."""
+    return cfg.model_copy(
+        update={
+            "data_dir": Path(DATA_DIR),
+            "http": cfg.http.model_copy(update={"host": "0.0.0.0", "port": SERVE_PORT}),
+        }
+    )
+
+
+def serve_args(cfg: HybridServeConfig) -> dict[str, Any]:
+    args = cfg.to_args()
+    args.pop("k8s", None)
+    for section, fields in SECRET_FIELDS.items():
+        for name in fields:
+            args[section].pop(name, None)
+    return args
+
+
+def serve_config(cfg: HybridServeConfig) -> dict[str, Any]:
+    """Ray Serve's config file format (what `serve deploy` takes and `serveConfigV2` holds)."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [
+            {
+                "name": cfg.app_name,
+                "import_path": IMPORT_PATH,
+                "route_prefix": "/",
+                "args": serve_args(cfg),
+            }
+        ],
+    }
+
+
+def _env(secret: str, gpu: bool) -> list[dict[str, Any]]:
+    # Optional: without the Anthropic key the cluster runs and says `claude_unavailable`.
+    env: list[dict[str, Any]] = [
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        for var, key in SECRET_ENV
+    ]
+    if not gpu:  # the bundled embedding model is in the image; never reach for the Hub
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    return env
+
+
+def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+    amount: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        amount["nvidia.com/gpu"] = gpus
+    return {"requests": dict(amount), "limits": dict(amount)}
+
+
+def _readiness() -> dict[str, Any]:
+    # Serve traffic reaches a pod only once the whole application answers /readyz there.
+    return {
+        "httpGet": {"path": "/readyz", "port": SERVE_PORT},
+        "initialDelaySeconds": 10,
+        "periodSeconds": 5,
+        "timeoutSeconds": 4,
+        "failureThreshold": 3,
+    }
+
+
+def _worker_group(
+    name: str,
+    group: WorkerGroupConfig,
+    image: str,
+    secret: str,
+    claim: str,
+    gpus: int,
+    start_params: dict[str, str],
+    replicas: tuple[int, int, int],
+) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "ray-worker",
+                "image": image,
+                "resources": _resources(group.cpu, group.memory, gpus),
+                "env": _env(secret, gpu=gpus > 0),
+                "ports": [{"containerPort": SERVE_PORT, "name": "serve"}],
+                "readinessProbe": _readiness(),
+                "volumeMounts": [
+                    {"name": "index", "mountPath": "/data"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "index", "persistentVolumeClaim": {"claimName": claim}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if group.node_selector:
+        pod["nodeSelector"] = dict(group.node_selector)
+    if group.tolerations:
+        pod["tolerations"] = [dict(t) for t in group.tolerations]
+    initial, low, high = replicas
+    return {
+        "groupName": name,
+        "replicas": initial,
+        "minReplicas": low,
+        "maxReplicas": high,
+        "rayStartParams": dict(start_params),
+        "template": {"metadata": {"labels": _labels(name)}, "spec": pod},
+    }
+
+
+def _labels(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "hybrid-serve", "app.kubernetes.io/component": component}
+
+
+def _gpu_pods(cfg: HybridServeConfig, per_replica: float) -> tuple[int, int, int]:
+    """GPU worker pods for the SLM replicas, from the SLM's own bounds when it autoscales."""
+    group = cfg.k8s.gpu_workers
+    if cfg.slm.autoscaling is None:
+        need = math.ceil(cfg.slm.replicas * per_replica / group.gpus)
+        return need, need, max(need, group.max_replicas)
+    a = cfg.slm.autoscaling
+    low = math.ceil(a.min_replicas * per_replica / group.gpus)
+    high = math.ceil(a.max_replicas * per_replica / group.gpus)
+    return low, low, high
+
+
+def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
+    cfg = for_kubernetes(cfg)
+    k = cfg.k8s
+    claim = f"{k.name}-index"
+    per_replica = gpus_per_replica(cfg)
+    head = {
+        # No work on the head: it runs the GCS, the Serve controller and the autoscaler.
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": {
+            "metadata": {"labels": _labels("head")},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "ray-head",
+                        "image": k.image,
+                        "resources": _resources(k.head_cpu, k.head_memory),
+                        "env": _env(k.secret_name, gpu=False),
+                        "ports": [
+                            {"containerPort": 6379, "name": "gcs-server"},
+                            {"containerPort": 8265, "name": "dashboard"},
+                            {"containerPort": 10001, "name": "client"},
+                            {"containerPort": SERVE_PORT, "name": "serve"},
+                        ],
+                    }
+                ]
+            },
+        },
+    }
+    cpu_params: dict[str, str] = {}
+    if cfg.placement.cpu_node_resource:
+        # KubeRay passes this to `ray start --resources`: a JSON object inside a quoted string.
+        cpu_params["resources"] = (
+            f'"{{\\"{cfg.placement.cpu_node_resource}\\": {CPU_NODE_RESOURCE_UNITS}}}"'
+        )
+    cw = k.cpu_workers
+    groups = [
+        _worker_group(
+            "cpu",
+            cw,
+            k.image,
+            k.secret_name,
+            claim,
+            0,
+            cpu_params,
+            (cw.replicas, cw.min_replicas, max(cw.max_replicas, cw.replicas)),
+        )
+    ]
+    if per_replica > 0:
+        gw = k.gpu_workers
+        if gw.gpus < per_replica:
+            raise ValueError(
+                f"an SLM replica needs {per_replica:g} GPUs but k8s.gpu_workers.gpus is {gw.gpus}"
+            )
+        groups.append(
+            _worker_group(
+                "gpu",
+                gw,
+                k.gpu_image,
+                k.secret_name,
+                claim,
+                gw.gpus,
+                {},
+                _gpu_pods(cfg, per_replica),
+            )
+        )
+    metadata: dict[str, Any] = {"name": k.name, "labels": _labels("rayservice")}
+    if k.namespace:
+        metadata["namespace"] = k.namespace
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": metadata,
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(cfg), sort_keys=False),
+            "excludeHeadPodFromServeSvc": True,
+            "rayClusterConfig": {
+                "rayVersion": k.ray_version,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+                "headGroupSpec": head,
+                "workerGroupSpecs": groups,
+            },
+        },
+    }
+
+
+def render_volume(cfg: HybridServeConfig) -> dict[str, Any]:
+    k = cfg.k8s
+    spec: dict[str, Any] = {
+        # Every retriever replica reads, and any one writes, the same index (flock'ed): RWX.
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": k.storage_size}},
+    }
+    if k.storage_class:
+        spec["storageClassName"] = k.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{k.name}-index", "labels": _labels("index")},
+        "spec": spec,
+    }
+
+
+def render_ingress(cfg: HybridServeConfig) -> dict[str, Any]:
+    k = cfg.k8s
+    rule: dict[str, Any] = {
+        "http": {
+            "paths": [
+                {
+                    "path": "/",
+                    "pathType": "Prefix",
+                    "backend": {
+                        # KubeRay's Service in front of the pods whose Serve proxy is healthy.
+                        "service": {"name": f"{k.name}-serve-svc", "port": {"number": SERVE_PORT}}
+                    },
+                }
+            ]
+        }
+    }
+    if k.ingress_host:
+        rule["host"] = k.ingress_host
+    spec: dict[str, Any] = {"ingressClassName": k.ingress_class, "rules": [rule]}
+    if k.ingress_tls_secret:
+        tls: dict[str, Any] = {"secretName": k.ingress_tls_secret}
+        if k.ingress_host:
+            tls["hosts"] = [k.ingress_host]
+        spec["tls"] = [tls]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            "name": k.name,
+            "labels": _labels("ingress"),
+            "annotations": {
+                # Server-Sent Events: no buffering, long reads.
+                "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+                "nginx.ingress.kubernetes.io/proxy-read-timeout": "300",
+                "nginx.ingress.kubernetes.io/proxy-body-size": f"{cfg.http.max_body_bytes}",
+            },
+        },
+        "spec": spec,
+    }
+
+
+def render_all(cfg: HybridServeConfig) -> dict[str, dict[str, Any]]:
+    """File name -> manifest, plus a kustomization listing them."""
+    files = {
+        "rayservice.yaml": render_rayservice(cfg),
+        "pvc.yaml": render_volume(cfg),
+        "ingress.yaml": render_ingress(cfg),
+    }
+    kustomization: dict[str, Any] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": list(files),
+    }
+    if cfg.k8s.namespace:
+        kustomization["namespace"] = cfg.k8s.namespace
+    return {**files, "kustomization.yaml": kustomization}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2) as literal blocks, readable in a diff."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(manifest: dict[str, Any]) -> str:
+    return yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, width=100)

@@ -1,0 +1,129 @@
+"""The `vllm` engine: `ray.serve.llm`'s LLMServer (vLLM with continuous batching; one GPU per
+replica, or a placement group for tensor parallelism) with the SLM interface the orchestrator uses
+for every engine: `generate`, `generate_stream`, `status`.
+
+Imported only when `slm.engine` is `vllm`: `ray.serve.llm` needs vLLM, which CPU installs lack.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.deployment import LLMServer
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+
+from agents.schemas import GenerationRequest, GenerationResult
+from cluster.config import HybridServeConfig
+from deployments.placement import placement
+from engines.vllm_options import llm_config_kwargs
+
+
+class VLLMEngineError(RuntimeError):
+    pass
+
+
+def _chat_request(model: str, req: GenerationRequest, stream: bool) -> ChatCompletionRequest:
+    params: dict[str, Any] = {
+        "model": model,
+        "messages": req.messages,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "logprobs": req.logprobs,
+        "stream": stream,
+    }
+    if req.stop:
+        params["stop"] = req.stop
+    if req.seed is not None:
+        params["seed"] = req.seed
+    if stream:
+        params["stream_options"] = {"include_usage": True}
+    return ChatCompletionRequest(**params)
+
+
+class HybridLLMServer(LLMServer):
+    """LLMServer plus the engine-neutral SLM methods."""
+
+    @property
+    def _model_id(self) -> str:
+        return self._llm_config.model_loading_config.model_id
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        start = time.perf_counter()
+        response: Any = None
+        async for item in await self.chat(_chat_request(self._model_id, request, stream=False)):
+            response = item
+        if response is None or isinstance(response, ErrorResponse):
+            raise VLLMEngineError(getattr(getattr(response, "error", None), "message", "no output"))
+        choice = response.choices[0]
+        content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+        usage = response.usage
+        return GenerationResult(
+            text=choice.message.content or "",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else len(content),
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            token_logprobs=[float(t.logprob) for t in content],
+            model=self._model_id,
+            seconds=time.perf_counter() - start,
+        )
+
+    async def generate_stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[str | GenerationResult]:
+        """Text deltas, then the GenerationResult (call with `handle.options(stream=True)`)."""
+        start = time.perf_counter()
+        parts: list[str] = []
+        logprobs: list[float] = []
+        finish, prompt_tokens, completion_tokens = "stop", 0, 0
+        stream = await self.chat(_chat_request(self._model_id, request, stream=True))
+        async for batch in stream:
+            for item in batch if isinstance(batch, list) else [batch]:
+                if isinstance(item, ErrorResponse):
+                    raise VLLMEngineError(item.error.message)
+                for line in str(item).splitlines():
+                    if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                        continue
+                    data = json.loads(line[len("data: ") :])
+                    if "error" in data:
+                        raise VLLMEngineError(str(data["error"]))
+                    if data.get("usage"):
+                        prompt_tokens = data["usage"].get("prompt_tokens", 0)
+                        completion_tokens = data["usage"].get("completion_tokens", 0)
+                    for choice in data.get("choices", []):
+                        for t in (choice.get("logprobs") or {}).get("content") or []:
+                            logprobs.append(float(t["logprob"]))
+                        if choice.get("finish_reason") == "length":
+                            finish = "length"
+                        delta = (choice.get("delta") or {}).get("content")
+                        if delta:
+                            parts.append(delta)
+                            yield delta
+        yield GenerationResult(
+            text="".join(parts),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens or len(logprobs),
+            finish_reason=finish,  # type: ignore[arg-type]
+            token_logprobs=logprobs,
+            model=self._model_id,
+            seconds=time.perf_counter() - start,
+        )
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "ready": True,
+            "engine": "vllm",
+            "model": self._model_id,
+            "placement": placement(),
+        }
+
+
+def build_vllm_slm(cfg: HybridServeConfig) -> Application:
+    """The SLM deployment for the `vllm` engine, named `SLM:<model>`."""
+    llm_config = LLMConfig(**llm_config_kwargs(cfg))
+    return build_llm_deployment(llm_config, name_prefix="SLM:", deployment_cls=HybridLLMServer)
