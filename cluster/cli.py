@@ -181,6 +181,20 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    from benchmarks import load
+
+    try:
+        report = load.run(args)
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    return 0 if report["requests"]["ok"] else 1
+
+
 # -- index add -----------------------------------------------------------------------------------
 
 
@@ -349,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="a .yaml file (the RayService) or a folder (all manifests); default: stdout"
     )
     render.set_defaults(func=cmd_k8s_render)
+
+    bench = sub.add_parser("bench", help="benchmarks against a running endpoint")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    load = bench_sub.add_parser(
+        "load", help="load test (open or closed loop, rate sweep) and capacity plan"
+    )
+    from benchmarks import load as load_bench
+
+    load_bench.add_arguments(load)
+    load.set_defaults(func=cmd_bench_load)
     return parser
 
 

@@ -1,0 +1,104 @@
+"""The load generator's arrival process and the report's arithmetic (no server)."""
+
+import random
+import statistics
+
+import pytest
+
+from benchmarks.load import (
+    CostAssumptions,
+    Result,
+    RunSpec,
+    capacity_plan,
+    load_queries,
+    percentiles,
+    poisson_arrivals,
+    summarize,
+)
+
+
+def test_poisson_arrivals_have_the_rate_and_the_spread_of_a_poisson_process():
+    rate, duration = 20.0, 500.0
+    t = poisson_arrivals(rate, duration, random.Random(1))
+    assert abs(len(t) - rate * duration) < 3 * (rate * duration) ** 0.5  # 3 sigma
+    assert t == sorted(t) and 0 <= t[0] and t[-1] < duration
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    assert statistics.mean(gaps) == pytest.approx(1 / rate, rel=0.05)
+    assert statistics.pstdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, abs=0.05)
+    counts = [0] * int(duration)
+    for x in t:
+        counts[int(x)] += 1
+    # Poisson counts per second: variance equals the mean (index of dispersion 1).
+    assert statistics.pvariance(counts) / statistics.mean(counts) == pytest.approx(1.0, abs=0.15)
+    with pytest.raises(ValueError):
+        poisson_arrivals(0, 1, random.Random(0))
+
+
+def test_percentiles_interpolate_like_numpy():
+    p = percentiles([10.0, 20.0, 30.0, 40.0])
+    assert p == {"p50": 25.0, "p90": 37.0, "p95": 38.5, "p99": 39.7, "max": 40.0}
+    assert percentiles([])["p95"] is None
+
+
+def usage(cost: float, slm_tokens: int = 100) -> dict:
+    return {
+        "slm_prompt_tokens": slm_tokens,
+        "slm_completion_tokens": 20,
+        "claude_input_tokens": 1000 if cost else 0,
+        "claude_output_tokens": 100 if cost else 0,
+        "cost_usd": cost,
+        "slm_cost_usd": 0.0001,
+        "all_claude_cost_usd_estimate": 0.004,
+    }
+
+
+def test_summary_excludes_warmup_and_splits_routes_and_errors():
+    spec = RunSpec(url="http://x", duration=10, rate=2.0, warmup=2)
+    results = [
+        Result(0.5, 9999.0, 200, None, "slm", usage(0)),  # warm-up: not counted
+        *[Result(2 + i, 1000.0 + i, 200, None, "slm", usage(0)) for i in range(6)],
+        Result(8.5, 3000.0, 200, None, "claude", usage(0.006)),
+        Result(9.0, 50.0, 503),
+        Result(9.5, 120000.0, "timeout"),
+    ]
+    s = summarize(results, spec, slo_p95_ms=5000, max_error_rate=0.5)
+    assert s["requests"] == {"sent": 10, "counted": 9, "ok": 7}
+    assert s["errors"] == {"503": 1, "timeout": 1} and s["rate_503"] == round(1 / 9, 4)
+    assert s["routes"]["slm"]["share"] == round(6 / 7, 4)
+    assert s["routes"]["claude"]["tokens"]["claude"] == 1100
+    assert s["latency_ms"]["max"] == 3000.0 and s["slo"]["met"] is True
+    assert s["throughput_rps"] == round(7 / 7.5, 3)  # counted window ends at the last arrival
+    strict = summarize(results, spec, slo_p95_ms=5000, max_error_rate=0.1)
+    assert strict["slo"]["met"] is False
+
+
+def test_capacity_plan_arithmetic():
+    run = {
+        "throughput_rps": 2.0,
+        "slo": {"met": True},
+        "routes": {"slm": {"share": 0.8}, "claude": {"share": 0.2}},
+        "cost": {"claude_usd_per_request": 0.001, "all_claude_usd_per_request": 0.004},
+    }
+    a = CostAssumptions(
+        target_rps=10, headroom=0.3, slm_replicas_measured=2, gpus_per_replica=1, gpu_hour_usd=3.6
+    )
+    plan = capacity_plan(run, a)
+    assert plan["per_replica_rps_at_slo"] == 1.0
+    assert plan["replicas"] == 13 and plan["gpus"] == 13  # ceil(10 x 1.3 / 1)
+    c = plan["cost_per_1k_usd"]
+    assert c["slm"] == pytest.approx(13 * 3.6 / 3600 / 10 * 1000)  # 1.3
+    assert c["claude"] == 1.0 and c["all_claude"] == 4.0
+    assert c["all_claude_over_hybrid"] == round(4.0 / 2.3, 2)
+    assert plan["escalation_share"] == 0.2
+    assert capacity_plan({**run, "slo": {"met": False}}, a)["feasible"] is False
+
+
+def test_queries_file_is_validated(tmp_path):
+    good = tmp_path / "q.jsonl"
+    good.write_text('{"query": "a?", "mode": "slm"}\n\n{"query": "b?"}\n')
+    assert load_queries(str(good)) == [{"query": "a?", "mode": "slm"}, {"query": "b?"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_queries(str(bad))
+    assert len(load_queries(None, limit=50)) == 50  # the default mix from ../shared/data
