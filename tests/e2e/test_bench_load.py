@@ -64,7 +64,7 @@ def test_closed_loop_streaming_measures_time_to_first_token(app, tmp_path):
             "--concurrency",
             "1",
             "--duration",
-            "3",
+            "60",
             "--warmup",
             "0",
             "--max-requests",
