@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from agents.schemas import Citation, Passage
 
-_MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
@@ -24,13 +24,18 @@ STOPWORDS = frozenset(
 SNIPPET_CHARS = 240
 
 
+def strip_markers(text: str) -> str:
+    """The text without its citation markers."""
+    return re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"\s*" + MARKER.pattern, "", text)).strip()
+
+
 def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS}
 
 
 def support(claim: str, evidence: str) -> float:
     """Share of the claim's content words found in the evidence (0-1): cheap lexical entailment."""
-    words = content_words(_MARKER.sub(" ", claim))
+    words = content_words(MARKER.sub(" ", claim))
     if not words:
         return 0.0
     return len(words & content_words(evidence)) / len(words)
@@ -39,7 +44,7 @@ def support(claim: str, evidence: str) -> float:
 def markers(text: str) -> list[int]:
     """Citation numbers in order of appearance, `[1, 3]` counted as 1 then 3."""
     out: list[int] = []
-    for m in _MARKER.finditer(text):
+    for m in MARKER.finditer(text):
         out.extend(int(n) for n in re.split(r"\s*,\s*", m.group(1)))
     return out
 
@@ -97,7 +102,7 @@ def as_numbered(text: str, passages: Sequence[Passage]) -> list[Citation]:
     """Citations for the markers already in `text`, keeping the model's own numbers (for text
     already streamed, which can no longer be renumbered); numbers with no passage are left out."""
     out: dict[int, Citation] = {}
-    for m in _MARKER.finditer(text):
+    for m in MARKER.finditer(text):
         for raw in re.split(r"\s*,\s*", m.group(1)):
             n = int(raw)
             if 1 <= n <= len(passages) and n not in out:
@@ -144,7 +149,7 @@ def finalize_sources(
                 new.append(k)
         return "".join(f"[{k}]" for k in new)
 
-    text = _MARKER.sub(renumber, text)
+    text = MARKER.sub(renumber, text)
     text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
     citations = [_citation(i + 1, p, claim) for i, (p, claim) in enumerate(cited)]
     return text, citations, [p for p, _ in cited]

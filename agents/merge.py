@@ -7,9 +7,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agents.citations import MARKER, finalize_sources
 from agents.schemas import Citation, Passage
-
-_MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
 @dataclass
@@ -30,39 +29,26 @@ class PartialAnswer:
 
 
 def merge(parts: Sequence[PartialAnswer]) -> tuple[str, list[Citation], list[Passage]]:
-    """(merged text, citations 1..m, the passage behind each citation)."""
-    number: dict[str, int] = {}
-    citations: list[Citation] = []
-    sources: list[Passage] = []
-    sentences: list[str] = []
+    """(merged text, citations 1..m, the passage behind each citation).
+
+    Each answer's markers are moved into one pool of passages, then renumbered the way a single
+    answer is (`finalize_sources`), which also makes one citation of a passage cited twice."""
+    pool: list[Passage] = []
+    texts: list[str] = []
     for part in parts:
         if part.status != "ok" or not part.text.strip():
             continue
-        local = {
-            c.number: (c, part.sources[c.number - 1])
-            for c in part.citations
-            if 1 <= c.number <= len(part.sources)
-        }
+        offset, n = len(pool), len(part.sources)
+        pool.extend(part.sources)
 
-        def renumber(m: re.Match[str], local: dict = local) -> str:
-            out: list[int] = []
-            for raw in re.split(r"\s*,\s*", m.group(1)):
-                hit = local.get(int(raw))
-                if hit is None:
-                    continue
-                cite, passage = hit
-                if passage.chunk_id not in number:
-                    number[passage.chunk_id] = len(citations) + 1
-                    citations.append(cite.model_copy(update={"number": len(citations) + 1}))
-                    sources.append(passage)
-                n = number[passage.chunk_id]
-                if n not in out:
-                    out.append(n)
-            return "".join(f"[{n}]" for n in out)
+        def shift(m: re.Match[str], offset: int = offset, n: int = n) -> str:
+            local = (int(x) for x in re.split(r"\s*,\s*", m.group(1)))
+            kept = [str(k + offset) for k in local if 1 <= k <= n]
+            return f"[{', '.join(kept)}]" if kept else ""
 
-        sentences.append(_MARKER.sub(renumber, part.text.strip()))
+        texts.append(MARKER.sub(shift, part.text.strip()))
+    text, citations, sources = finalize_sources(" ".join(texts), pool, attribute_uncited=False)
     missing = [p for p in parts if p.status != "ok"]
-    text = " ".join(sentences)
     if missing:
         gaps = "; ".join(f"{p.question} ({p.status})" for p in missing)
         text = (text + " " if text else "") + f"Not answered: {gaps}."

@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
+from agents.citations import strip_markers
 from agents.merge import PartialAnswer
 from agents.planner import REF, Plan, SubtaskPlan
 
@@ -17,14 +18,13 @@ from agents.planner import REF, Plan, SubtaskPlan
 RunSubtask = Callable[[SubtaskPlan, str, list[str]], Awaitable[PartialAnswer]]
 OnDone = Callable[[PartialAnswer], Awaitable[None]]
 
-_MARKERS = re.compile(r"\s*\[\d+(?:\s*,\s*\d+)*\]")
 ANSWER_CHARS = 160
 _PREAMBLE = re.compile(r"^(?:the\s+)?answer(?:\s+is\s*:?|\s*:)\s*", re.IGNORECASE)
 
 
 def short_answer(text: str) -> str:
     """What a dependent question gets of an earlier answer: its first sentence, no markers."""
-    text = _MARKERS.sub("", text).strip()
+    text = strip_markers(text)
     text = _PREAMBLE.sub("", text.split("\n", 1)[0]).strip()
     first = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0].rstrip(".!? ")
     return first if len(first) <= ANSWER_CHARS else first[: ANSWER_CHARS - 1].rstrip() + "…"

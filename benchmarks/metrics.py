@@ -7,6 +7,8 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from agents.citations import strip_markers
+
 
 def normalize_answer(s: str) -> str:
     """SQuAD v1.1 official normalisation: lower, drop punctuation, articles and extra spaces."""
@@ -37,7 +39,7 @@ def f1_score(prediction: str, golds: Iterable[str]) -> float:
 
 
 def strip_citations(text: str) -> str:
-    return re.sub(r"\[\d+(?:\s*,\s*\d+)*\]", " ", text)
+    return strip_markers(text)
 
 
 def recall_at_k(ranked: Sequence[str], gold: set[str], k: int) -> float:

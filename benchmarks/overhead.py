@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=4, help="saturation batches per side")
     ap.add_argument("--batch", type=int, default=8, help="requests per saturation batch")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts in the SLM replica")
+    ap.add_argument(
+        "--threads", type=int, help="threads per replica context (default: cores / contexts)"
+    )
     ap.add_argument("--out", default="bench-out/overhead")
     args = ap.parse_args(argv)
 
@@ -54,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.store import IndexStore
 
     progress = Progress("overhead")
+    # llama.cpp alone gets every core; the replica gets them too, split over its contexts.
     threads = os.cpu_count() or 1
+    replica_threads = args.threads or max(1, threads // args.contexts)
     cfg = HybridServeConfig.load(
         overrides={
             "data_dir": tempfile.mkdtemp(prefix="hs-overhead-"),
             "http.port": PORT,
-            "slm.threads": threads,
+            "slm.threads": replica_threads,
+            "slm.contexts_per_replica": args.contexts,
             "slm.max_tokens": args.max_tokens,
         }
     )
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "rounds": args.rounds,
             "max_tokens": args.max_tokens,
-            "threads": threads,
+            "threads_direct": threads,
+            "threads_per_replica_context": replica_threads,
             "batch": args.batch,
             "batches": args.batches,
             "contexts_per_replica": cfg.slm.contexts_per_replica,
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# Overhead of the cluster",
             "",
-            f"{args.rounds} interleaved pairs, {args.max_tokens} max tokens, {threads} threads.",
+            f"{args.rounds} interleaved pairs, {args.max_tokens} max tokens; llama.cpp alone: "
+            f"{threads} threads; the replica: {args.contexts} context(s) of {replica_threads} "
+            "thread(s).",
             "",
             "| measure | cluster | direct | result | target |",
             "|---|---|---|---|---|",
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def plot(ax: Any) -> None:
-        ax.boxplot([direct_ms, http_ms], labels=["direct (in process)", "HTTP + Serve"])
+        ax.boxplot([direct_ms, http_ms], tick_labels=["direct (in process)", "HTTP + Serve"])
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"/v1/answer mode slm: overhead {o['overhead_p50']:+.1%} at p50")
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agents.schemas import GenerationRequest, GenerationResult
+from engines.stream import StreamTally
 
 
 class OpenAICompatEngine:
@@ -84,10 +85,7 @@ class OpenAICompatEngine:
         client, slots = self._ready()
         async with slots:
             self.in_flight += 1
-            start = time.perf_counter()
-            parts: list[str] = []
-            logprobs: list[float] = []
-            finish, prompt_tokens, completion_tokens = "stop", 0, 0
+            tally = StreamTally(self.model_name)
             try:
                 stream = await client.chat.completions.create(
                     **self._params(req), stream=True, stream_options={"include_usage": True}
@@ -95,29 +93,20 @@ class OpenAICompatEngine:
                 try:
                     async for chunk in stream:
                         if chunk.usage is not None:
-                            prompt_tokens = chunk.usage.prompt_tokens
-                            completion_tokens = chunk.usage.completion_tokens
+                            tally.usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                         for choice in chunk.choices:
-                            if choice.logprobs is not None and choice.logprobs.content:
-                                logprobs.extend(t.logprob for t in choice.logprobs.content)
-                            if choice.finish_reason == "length":
-                                finish = "length"
-                            if choice.delta and choice.delta.content:
-                                parts.append(choice.delta.content)
-                                yield choice.delta.content
+                            content = choice.logprobs.content if choice.logprobs else None
+                            delta = choice.delta.content if choice.delta else None
+                            tally.choice(
+                                delta, [t.logprob for t in content or []], choice.finish_reason
+                            )
+                            if delta:
+                                yield delta
                 finally:
                     await stream.close()
             finally:
                 self.in_flight -= 1
-        yield GenerationResult(
-            text="".join(parts),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens or len(logprobs),
-            finish_reason=finish,  # type: ignore[arg-type]
-            token_logprobs=logprobs,
-            model=self.model_name,
-            seconds=time.perf_counter() - start,
-        )
+        yield tally.result()
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         client, slots = self._ready()

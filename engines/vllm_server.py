@@ -20,6 +20,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 from agents.schemas import GenerationRequest, GenerationResult
 from cluster.config import HybridServeConfig
 from deployments.placement import placement
+from engines.stream import StreamTally
 from engines.vllm_options import llm_config_kwargs
 
 
@@ -77,10 +78,7 @@ class HybridLLMServer(LLMServer):
         self, request: GenerationRequest
     ) -> AsyncIterator[str | GenerationResult]:
         """Text deltas, then the GenerationResult (call with `handle.options(stream=True)`)."""
-        start = time.perf_counter()
-        parts: list[str] = []
-        logprobs: list[float] = []
-        finish, prompt_tokens, completion_tokens = "stop", 0, 0
+        tally = StreamTally(self._model_id)
         stream = await self.chat(_chat_request(self._model_id, request, stream=True))
         async for batch in stream:
             for item in batch if isinstance(batch, list) else [batch]:
@@ -93,26 +91,19 @@ class HybridLLMServer(LLMServer):
                     if "error" in data:
                         raise VLLMEngineError(str(data["error"]))
                     if data.get("usage"):
-                        prompt_tokens = data["usage"].get("prompt_tokens", 0)
-                        completion_tokens = data["usage"].get("completion_tokens", 0)
+                        u = data["usage"]
+                        tally.usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
                     for choice in data.get("choices", []):
-                        for t in (choice.get("logprobs") or {}).get("content") or []:
-                            logprobs.append(float(t["logprob"]))
-                        if choice.get("finish_reason") == "length":
-                            finish = "length"
+                        content = (choice.get("logprobs") or {}).get("content") or []
                         delta = (choice.get("delta") or {}).get("content")
+                        tally.choice(
+                            delta,
+                            [float(t["logprob"]) for t in content],
+                            choice.get("finish_reason"),
+                        )
                         if delta:
-                            parts.append(delta)
                             yield delta
-        yield GenerationResult(
-            text="".join(parts),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens or len(logprobs),
-            finish_reason=finish,  # type: ignore[arg-type]
-            token_logprobs=logprobs,
-            model=self._model_id,
-            seconds=time.perf_counter() - start,
-        )
+        yield tally.result()
 
     async def status(self) -> dict[str, Any]:
         return {
