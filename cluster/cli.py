@@ -76,6 +76,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         with console.status("starting Ray…") as status:
             note = local.init_ray(cfg)
+            # Ray's core installs its own SIGTERM handler (a stack dump, then exit): put ours back
+            # so `docker stop` / Kubernetes shut the application down cleanly.
+            signal.signal(signal.SIGTERM, on_signal)
             console.print(f"  {note}")
             status.update("deploying…")
             url = local.deploy(cfg, on_status=lambda line: status.update(escape(line)))

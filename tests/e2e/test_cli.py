@@ -51,8 +51,8 @@ class Up:
             time.sleep(0.5)
         pytest.fail(f"{needle!r} not printed in {timeout}s:\n{self.log.read_text()}")
 
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=120)
         finally:
@@ -119,7 +119,8 @@ def test_up_ask_index_add_restart(tmp_path):
         )
         assert r.status_code == 200
     finally:
-        assert up2.stop() == 0
+        assert up2.stop(signal.SIGTERM) == 0  # as `docker stop` or Kubernetes stop it
+    assert "stopped" in up2.log.read_text()
 
 
 def test_up_refuses_a_busy_port(tmp_path):
