@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,15 @@ from cluster.config import HybridServeConfig
 from tests.support.messages_api import MessagesAPIServer
 
 APP = "hybrid-serve"
+# The evaluation data and the KubeRay CRD sit beside the checkout (../shared).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the shared evaluation data sits beside the checkout")
+    return path
 
 
 def free_port() -> int:

@@ -4,17 +4,14 @@ cited answer, and the SSE stream of /v1/answer."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from agents.citations import markers
+from tests.conftest import shared_file
 
 pytestmark = pytest.mark.e2e
 
-HOTPOT = (
-    Path(__file__).resolve().parents[3] / "shared/data/hotpotqa/hotpotqa-dev-distractor-0-59.json"
-)
 BRIDGE = "hotpot-dev-007"  # the arena where the Lewiston Maineiacs played -> its seats
 COMPARISON = "hotpot-dev-000"  # Scott Derrickson and Ed Wood: same nationality?
 
@@ -22,7 +19,8 @@ COMPARISON = "hotpot-dev-000"  # Scott Derrickson and Ed Wood: same nationality?
 @pytest.fixture(scope="module")
 def hotpot(client) -> dict[str, dict]:
     """The questions used here, with all ten paragraphs of each ingested as documents."""
-    rows = {q["id"]: q for q in json.loads(HOTPOT.read_text())}
+    hotpot_file = shared_file("data/hotpotqa/hotpotqa-dev-distractor-0-59.json")
+    rows = {q["id"]: q for q in json.loads(hotpot_file.read_text())}
     docs = {}
     for qid in (BRIDGE, COMPARISON):
         ctx = rows[qid]["context"]

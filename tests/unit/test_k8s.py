@@ -13,14 +13,14 @@ from cluster import k8s
 from cluster.config import HybridServeConfig
 from deployments.app import cpu_actor_options, slm_options
 from engines.vllm_options import gpus_per_replica, llm_config_kwargs
+from tests.conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT.parent / "shared/schemas/ray.io_rayservices.yaml"
 
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    crd = yaml.safe_load(CRD.read_text())
+    crd = yaml.safe_load(shared_file("schemas/ray.io_rayservices.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
