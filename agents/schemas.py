@@ -56,6 +56,18 @@ class AnswerRequest(StrictModel):
         return v
 
 
+class SearchRequest(StrictModel):
+    query: StrictStr = Field(..., description="What to look for.")
+    top_k: StrictInt = Field(10, ge=1, le=100, description="Passages returned.")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query must not be empty or whitespace")
+        return v
+
+
 class Passage(BaseModel):
     """A retrieved chunk of a document, with the scores that ranked it."""
 
@@ -67,6 +79,11 @@ class Passage(BaseModel):
     dense_score: float | None = None
     bm25_score: float | None = None
     tags: list[str] = Field(default_factory=list)
+
+
+class SearchResponse(BaseModel):
+    passages: list[Passage]
+    index_version: int
 
 
 class Citation(BaseModel):

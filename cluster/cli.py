@@ -198,6 +198,17 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if report["requests"]["ok"] else 1
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from benchmarks import quality
+
+    try:
+        quality.run(args)
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    return 0
+
+
 # -- index add -----------------------------------------------------------------------------------
 
 
@@ -376,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     load_bench.add_arguments(load)
     load.set_defaults(func=cmd_bench_load)
+    quality = bench_sub.add_parser(
+        "quality", help="retrieval, answer and citation quality; escalation calibration"
+    )
+    from benchmarks import quality as quality_bench
+
+    quality_bench.add_arguments(quality)
+    quality.set_defaults(func=cmd_bench_quality)
     return parser
 
 

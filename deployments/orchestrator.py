@@ -29,6 +29,8 @@ from agents.schemas import (
     GenerationRequest,
     GenerationResult,
     Passage,
+    SearchRequest,
+    SearchResponse,
     Usage,
 )
 from cluster import __version__
@@ -260,6 +262,24 @@ class Orchestrator:
                 task.cancel()  # the client went away: outstanding sub-tasks stop
 
         return self._sse(events())
+
+    @app.post(
+        "/v1/search",
+        response_model=SearchResponse,
+        summary="Retrieval only: the fused ranking the answers are built from",
+        responses=error_responses(401, 413, 422, 503),
+    )
+    async def search(self, body: SearchRequest) -> SearchResponse:
+        if len(body.query) > self.cfg.http.max_query_chars:
+            raise APIError(
+                422,
+                f"query is {len(body.query)} characters; the limit is "
+                f"{self.cfg.http.max_query_chars}",
+                "query_too_long",
+            )
+        passages = await self._retrieve(body.query, body.top_k)
+        status = await self._call(self.retriever.status.remote())
+        return SearchResponse(passages=passages, index_version=status["version"])
 
     # -- OpenAI-compatible ------------------------------------------------------------------
 

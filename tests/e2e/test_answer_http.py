@@ -155,3 +155,17 @@ def test_documents_batch_and_bad_documents(client):
     assert client.post("/v1/documents", json={"title": "no text"}).status_code == 422
     assert client.post("/v1/documents", json={"documents": []}).status_code == 422
     assert client.post("/v1/documents", json={"text": "   "}).status_code == 422
+
+
+def test_search_returns_the_fused_ranking(client):
+    r = client.post(
+        "/v1/search", json={"query": "How are documents split into chunks?", "top_k": 3}
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["passages"]) == 3 and body["index_version"] >= 1
+    scores = [p["score"] for p in body["passages"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(p["doc_id"] and p["chunk_id"] and p["text"] for p in body["passages"])
+    bad = client.post("/v1/search", json={"query": " ", "top_k": 0})
+    assert bad.status_code == 422 and bad.json()["error"]["code"]

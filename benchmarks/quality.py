@@ -1,0 +1,568 @@
+"""Quality evaluation and escalation-threshold calibration, the way RouteLLM and ALCE measure.
+
+    hybrid-serve bench quality [--squad FILE] [--hotpot FILE] [--limit N] [--seed S] [--url URL]
+                               --out DIR
+
+The corpus is built from the files themselves (SQuAD: one document per paragraph, titled by its
+article; HotpotQA: every paragraph of the selected questions) and ingested into a fresh index of a
+cluster this command starts (or, with --url, into the running one, beside what it holds). Then:
+
+- retrieval: recall@1/5/10 of the gold paragraph (SQuAD) or of both gold paragraphs (HotpotQA,
+  the share of the two found), from `/v1/search`, on `--retrieval-limit` questions;
+- answers: `/v1/answer` with `mode: slm` on `--limit` questions — exact match and token F1 with
+  SQuAD's normalisation; citation precision and recall in the ALCE sense, where a citation is right
+  when its passage is a gold passage (precision: right citations / citations; recall: gold
+  passages cited / gold passages); the SLM's confidence, its AUROC for "the answer is right"
+  (F1 > 0.5), cost, the all-Claude estimate and latency;
+- when Claude is usable (a key in the cluster), the same questions with `mode: claude` (the
+  Claude-only end) and `mode: auto` (the real route mix). Without it, Claude-side quality is not
+  measured and the report says so; escalation is then what the configured threshold would send;
+- calibration: for each target escalation fraction, the confidence threshold that meets it on a
+  calibration split, and quality and cost on the held-out split — escalated questions take the
+  Claude-only answer when measured — as a cost-quality curve.
+
+Rates are fractions in 0-1. Writes report.json, report.md, cost_quality.png and
+retrieval_recall.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.metrics import auroc, exact_match, f1_score, recall_at_k, strip_citations
+from benchmarks.report import Progress, percentile, write_report
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TARGETS = (0.1, 0.2, 0.3)
+# Each acknowledged write is a new index snapshot: few large batches ingest fastest.
+BATCH_DOCS = 512
+BATCH_BYTES = 1_000_000
+
+
+@dataclass
+class Question:
+    dataset: str
+    question: str
+    answers: list[str]
+    gold: set[str]  # doc ids of the gold paragraphs
+
+
+@dataclass
+class Outcome:
+    q: Question
+    ranking: list[str] = field(default_factory=list)
+    slm: dict[str, Any] | None = None
+    claude: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None
+
+
+# -- datasets -------------------------------------------------------------------------------------
+
+
+def squad(path: Path) -> tuple[list[dict[str, Any]], list[Question]]:
+    data = json.loads(path.read_text())["data"]
+    docs, questions = [], []
+    for a, article in enumerate(data):
+        title = article["title"].replace("_", " ")
+        for p, para in enumerate(article["paragraphs"]):
+            doc_id = f"squad:{a}:{p}"
+            docs.append({"id": doc_id, "title": title, "text": para["context"]})
+            for qa in para["qas"]:
+                answers = [x["text"] for x in qa["answers"]]
+                questions.append(Question("squad", qa["question"], answers, {doc_id}))
+    return docs, questions
+
+
+def hotpot(path: Path, limit: int | None, seed: int) -> tuple[list[dict[str, Any]], list[Question]]:
+    rows = json.loads(path.read_text())
+    rows = sample(rows, limit, seed)
+    docs: dict[str, dict[str, Any]] = {}
+    questions = []
+    for row in rows:
+        ctx = row["context"]
+        for title, sentences in zip(ctx["title"], ctx["sentences"]):
+            doc_id = f"hotpot:{title}"
+            docs[doc_id] = {"id": doc_id, "title": title, "text": "".join(sentences)}
+        gold = {f"hotpot:{t}" for t in row["supporting_facts"]["title"]}
+        questions.append(Question("hotpot", row["question"], [row["answer"]], gold))
+    return list(docs.values()), questions
+
+
+def sample(rows: list[Any], limit: int | None, seed: int) -> list[Any]:
+    if limit is None or limit >= len(rows):
+        return list(rows)
+    return random.Random(seed).sample(rows, limit)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def citation_scores(citations: list[dict[str, Any]], gold: set[str]) -> tuple[int, int, int]:
+    """(right citations, citations, gold passages cited) for one answer."""
+    cited = [c["doc_id"] for c in citations]
+    return sum(d in gold for d in cited), len(cited), len(gold.intersection(cited))
+
+
+def answer_metrics(outcomes: list[Outcome], side: str) -> dict[str, Any]:
+    rows = [(o.q, getattr(o, side)) for o in outcomes if getattr(o, side) is not None]
+    if not rows:
+        return {}
+    em = [exact_match(strip_citations(r["answer"]), q.answers) for q, r in rows]
+    f1 = [f1_score(strip_citations(r["answer"]), q.answers) for q, r in rows]
+    right = total = gold_cited = gold = 0
+    for q, r in rows:
+        a, b, c = citation_scores(r["citations"], q.gold)
+        right, total, gold_cited, gold = right + a, total + b, gold_cited + c, gold + len(q.gold)
+    latency = [r["_latency_ms"] for _, r in rows]
+    return {
+        "n": len(rows),
+        "exact_match": round(statistics.mean(em), 4),
+        "f1": round(statistics.mean(f1), 4),
+        "citations": {
+            "precision": round(right / total, 4) if total else 0.0,
+            "recall": round(gold_cited / gold, 4) if gold else 0.0,
+            "per_answer": round(total / len(rows), 2),
+        },
+        "cost_usd_per_question": round(
+            statistics.mean(r["usage"]["cost_usd"] + r["usage"]["slm_cost_usd"] for _, r in rows), 8
+        ),
+        "all_claude_cost_usd_estimate": round(
+            statistics.mean(r["usage"]["all_claude_cost_usd_estimate"] for _, r in rows), 8
+        ),
+        "latency_ms": {
+            "p50": round(percentile(latency, 50), 1),
+            "p90": round(percentile(latency, 90), 1),
+        },
+    }
+
+
+def threshold_for(confidences: list[float], fraction: float) -> float:
+    """The threshold below which `fraction` of these confidences fall (escalate)."""
+    if not confidences:
+        return 0.0
+    xs = sorted(confidences)
+    k = round(fraction * len(xs))
+    if k <= 0:
+        return xs[0]  # nothing below the lowest
+    if k >= len(xs):
+        return xs[-1] + 1e-9
+    return (xs[k - 1] + xs[k]) / 2
+
+
+def calibrate(outcomes: list[Outcome], seed: int) -> dict[str, Any]:
+    """Thresholds fitted on half the answered questions, judged on the other half."""
+    answered = [o for o in outcomes if o.slm is not None]
+    rng = random.Random(seed)
+    order = list(answered)
+    rng.shuffle(order)
+    half = len(order) // 2
+    fit, held = order[:half], order[half:]
+    claude_measured = all(o.claude is not None for o in answered) and bool(answered)
+
+    def f1_of(o: Outcome, r: dict[str, Any]) -> float:
+        return f1_score(strip_citations(r["answer"]), o.q.answers)
+
+    def point(threshold: float) -> dict[str, Any]:
+        f1s, costs, kept = [], [], []
+        for o in held:
+            escalate = o.slm["confidence"] < threshold
+            if escalate and claude_measured:
+                r = o.claude
+                f1s.append(f1_of(o, r))
+                costs.append(o.slm["usage"]["slm_cost_usd"] + r["usage"]["cost_usd"])
+            elif escalate:  # Claude not measured: its cost estimated, its quality unknown
+                costs.append(
+                    o.slm["usage"]["slm_cost_usd"] + o.slm["usage"]["all_claude_cost_usd_estimate"]
+                )
+            else:
+                f1s.append(f1_of(o, o.slm))
+                kept.append(f1_of(o, o.slm))
+                costs.append(o.slm["usage"]["slm_cost_usd"])
+        n = len(held) or 1
+        return {
+            "threshold": round(threshold, 4),
+            "escalation_rate": round(sum(o.slm["confidence"] < threshold for o in held) / n, 4),
+            "f1": round(statistics.mean(f1s), 4) if claude_measured and f1s else None,
+            "f1_of_answers_kept_on_slm": round(statistics.mean(kept), 4) if kept else None,
+            "cost_usd_per_question": round(sum(costs) / n, 8),
+        }
+
+    curve = []
+    for target in (0.0, *TARGETS, 1.0):
+        t = threshold_for([o.slm["confidence"] for o in fit], target)
+        curve.append({"target_escalation": target, **point(t)})
+    return {
+        "calibration_questions": len(fit),
+        "held_out_questions": len(held),
+        "claude_quality_measured": claude_measured,
+        "curve": curve,
+    }
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def ingest(client: httpx.Client, docs: list[dict[str, Any]], progress: Progress) -> float:
+    """Documents per second, acknowledged (durable) by the cluster."""
+    t0 = time.perf_counter()
+    done = 0
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for i, doc in enumerate(docs):
+        batch.append(doc)
+        size += len(json.dumps(doc))
+        if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES or i == len(docs) - 1:
+            r = client.post("/v1/documents", json={"documents": batch})
+            if r.status_code != 201:
+                raise RuntimeError(f"ingestion failed: {r.status_code} {r.text[:300]}")
+            done += len(batch)
+            progress.step(done, len(docs), "ingesting paragraphs")
+            batch, size = [], 0
+    return len(docs) / (time.perf_counter() - t0)
+
+
+def ask(client: httpx.Client, question: str, mode: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    r = client.post("/v1/answer", json={"query": question, "mode": mode, "verify": "never"})
+    r.raise_for_status()
+    body = r.json()
+    body["_latency_ms"] = (time.perf_counter() - t0) * 1000
+    return body
+
+
+def claude_usable(client: httpx.Client) -> bool:
+    claude = client.get("/readyz").json().get("components", {}).get("claude", {})
+    return bool(claude.get("available"))
+
+
+def evaluate(
+    url: str,
+    datasets: list[tuple[list[dict[str, Any]], list[Question]]],
+    limit: int | None,
+    retrieval_limit: int | None,
+    seed: int,
+    api_key: str | None,
+    progress: Progress,
+) -> dict[str, Any]:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=600, headers=headers) as client:
+        docs = [d for ds, _ in datasets for d in ds]
+        rate = ingest(client, docs, progress)
+        with_claude = claude_usable(client)
+        outcomes: list[Outcome] = []
+        search_ms: list[float] = []
+        for _, questions in datasets:
+            picked = sample(questions, retrieval_limit, seed)
+            for i, q in enumerate(picked):
+                progress.step(i + 1, len(picked), f"retrieval ({q.dataset})")
+                t0 = time.perf_counter()
+                r = client.post("/v1/search", json={"query": q.question, "top_k": 10})
+                r.raise_for_status()
+                search_ms.append((time.perf_counter() - t0) * 1000)
+                ranking = list(dict.fromkeys(p["doc_id"] for p in r.json()["passages"]))
+                outcomes.append(Outcome(q, ranking))
+        by_dataset: dict[str, list[Outcome]] = {}
+        for o in outcomes:
+            by_dataset.setdefault(o.q.dataset, []).append(o)
+        for name, group in by_dataset.items():
+            answered = sample(group, limit, seed)
+            for i, o in enumerate(answered):
+                progress.step(i + 1, len(answered), f"answers ({name})")
+                o.slm = ask(client, o.q.question, "slm")
+                if with_claude:
+                    o.claude = ask(client, o.q.question, "claude")
+                    o.auto = ask(client, o.q.question, "auto")
+    return {
+        "outcomes": outcomes,
+        "ingest_docs_per_s": rate,
+        "search_ms": search_ms,
+        "with_claude": with_claude,
+    }
+
+
+def summarize(
+    run: dict[str, Any], threshold: float, seed: int, files: dict[str, str]
+) -> dict[str, Any]:
+    outcomes: list[Outcome] = run["outcomes"]
+
+    def retrieval(group: list[Outcome]) -> dict[str, Any]:
+        return {
+            f"recall_at_{k}": round(
+                statistics.mean(recall_at_k(o.ranking, o.q.gold, k) for o in group), 4
+            )
+            for k in (1, 5, 10)
+        } | {"n": len(group)}
+
+    answered = [o for o in outcomes if o.slm is not None]
+    slm = answer_metrics(outcomes, "slm")
+    confidences = [o.slm["confidence"] for o in answered]
+    right = [f1_score(strip_citations(o.slm["answer"]), o.q.answers) > 0.5 for o in answered]
+    if run["with_claude"]:
+        auto = [o.auto for o in answered if o.auto is not None]
+        routes: dict[str, float] = {}
+        for r in auto:
+            routes[r["route"]] = routes.get(r["route"], 0) + 1 / len(auto)
+        escalation = sum(r["escalation"]["escalated"] for r in auto) / len(auto) if auto else 0.0
+    else:  # without Claude every answer stays on the SLM; say what the threshold would send
+        routes = {"slm": 1.0} if answered else {}
+        escalation = (
+            sum(c < threshold for c in confidences) / len(confidences) if confidences else 0
+        )
+    datasets = {}
+    for name in sorted({o.q.dataset for o in outcomes}):
+        group = [o for o in outcomes if o.q.dataset == name]
+        datasets[name] = {
+            "retrieval": retrieval(group),
+            "slm": answer_metrics(group, "slm"),
+            "claude": answer_metrics(group, "claude") or None,
+        }
+    return {
+        "files": files,
+        "seed": seed,
+        "threshold": threshold,
+        "claude_measured": run["with_claude"],
+        "retrieval": retrieval(outcomes),
+        "answer": {"exact_match": slm.get("exact_match", 0.0), "f1": slm.get("f1", 0.0)},
+        "citations": {
+            "precision": slm.get("citations", {}).get("precision", 0.0),
+            "recall": slm.get("citations", {}).get("recall", 0.0),
+        },
+        "escalation_rate": round(escalation, 4),
+        "routes": {k: round(v, 4) for k, v in routes.items()},
+        "cost": {
+            "slm_only_usd_per_question": slm.get("cost_usd_per_question", 0.0),
+            "all_claude_usd_per_question_estimate": slm.get("all_claude_cost_usd_estimate", 0.0),
+            "claude_only_usd_per_question": (answer_metrics(outcomes, "claude") or {}).get(
+                "cost_usd_per_question"
+            ),
+        },
+        "confidence": {
+            "auroc_f1_over_0_5": auroc(confidences, right),
+            "positives": sum(right),
+            "negatives": len(right) - sum(right),
+        },
+        "latency": {
+            "answer_ms": slm.get("latency_ms", {}),
+            "search_ms_p50": round(percentile(run["search_ms"], 50), 2),
+            "search_ms_p90": round(percentile(run["search_ms"], 90), 2),
+            "ingest_paragraphs_per_s": round(run["ingest_docs_per_s"], 2),
+        },
+        "ends": {
+            "slm_only": slm or None,
+            "claude_only": answer_metrics(outcomes, "claude") or None,
+        },
+        "calibration": calibrate(outcomes, seed),
+        "datasets": datasets,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    r, a, c = report["retrieval"], report["answer"], report["citations"]
+    lines = [
+        "# Quality",
+        "",
+        f"Files: {', '.join(f'{k}: `{v}`' for k, v in report['files'].items())}; seed "
+        f"{report['seed']}; escalation threshold {report['threshold']}.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| retrieval recall@1 / @5 / @10 ({r['n']} questions) | {r['recall_at_1']:.3f} / "
+        f"{r['recall_at_5']:.3f} / {r['recall_at_10']:.3f} |",
+        f"| SLM exact match / F1 | {a['exact_match']:.3f} / {a['f1']:.3f} |",
+        f"| citation precision / recall (gold passage) | {c['precision']:.3f} / "
+        f"{c['recall']:.3f} |",
+        f"| escalation rate | {report['escalation_rate']:.1%} |",
+        f"| confidence AUROC for F1 > 0.5 | {report['confidence']['auroc_f1_over_0_5']} "
+        f"({report['confidence']['positives']} right, {report['confidence']['negatives']} not) |",
+        f"| search p50 / ingestion | {report['latency']['search_ms_p50']} ms / "
+        f"{report['latency']['ingest_paragraphs_per_s']} paragraphs/s |",
+        f"| cost per question: SLM only / all-Claude estimate | "
+        f"${report['cost']['slm_only_usd_per_question']:.6f} / "
+        f"${report['cost']['all_claude_usd_per_question_estimate']:.6f} |",
+    ]
+    for name, d in report["datasets"].items():
+        rr = d["retrieval"]
+        lines.append(
+            f"| {name}: recall@1/5/10, F1 | {rr['recall_at_1']:.3f} / {rr['recall_at_5']:.3f} / "
+            f"{rr['recall_at_10']:.3f}, {d['slm'].get('f1', 0):.3f} |"
+        )
+    cal = report["calibration"]
+    lines += [
+        "",
+        f"## Calibration ({cal['calibration_questions']} to fit, {cal['held_out_questions']} "
+        "held out)",
+        "",
+        "| target | threshold | held-out escalation | F1 | F1 of SLM-kept | $/question |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in cal["curve"]:
+        f1 = "not measured" if p["f1"] is None else f"{p['f1']:.3f}"
+        kept = (
+            "-"
+            if p["f1_of_answers_kept_on_slm"] is None
+            else f"{p['f1_of_answers_kept_on_slm']:.3f}"
+        )
+        lines.append(
+            f"| {p['target_escalation']:.0%} | {p['threshold']} | {p['escalation_rate']:.1%} | "
+            f"{f1} | {kept} | {p['cost_usd_per_question']:.6f} |"
+        )
+    if not report["claude_measured"]:
+        lines += [
+            "",
+            "Claude was not reachable, so Claude-side quality is not measured: escalated "
+            "questions count at the all-Claude cost estimate and F1 is given for the answers "
+            "kept on the SLM. With a key in the cluster the same command measures both ends.",
+        ]
+    return "\n".join(lines)
+
+
+def plots(report: dict[str, Any]) -> dict[str, Any]:
+    curve = report["calibration"]["curve"]
+
+    def cost_quality(ax: Any) -> None:
+        xs = [p["cost_usd_per_question"] * 1000 for p in curve]
+        if report["claude_measured"]:
+            ys = [p["f1"] for p in curve]
+            label = "F1 (held out)"
+        else:
+            ys = [p["f1_of_answers_kept_on_slm"] or 0.0 for p in curve]
+            label = "F1 of answers kept on the SLM (Claude not measured)"
+        ax.plot(xs, ys, "o-", label="hybrid at target escalation")
+        for p, x, y in zip(curve, xs, ys):
+            ax.annotate(f"{p['target_escalation']:.0%}", (x, y), fontsize=7)
+        ends = report["ends"]
+        if ends["slm_only"]:
+            ax.scatter(
+                [ends["slm_only"]["cost_usd_per_question"] * 1000],
+                [ends["slm_only"]["f1"]],
+                marker="s",
+                color="green",
+                zorder=3,
+                label="SLM only",
+            )
+        if ends["claude_only"]:
+            ax.scatter(
+                [ends["claude_only"]["cost_usd_per_question"] * 1000],
+                [ends["claude_only"]["f1"]],
+                marker="*",
+                s=120,
+                color="red",
+                zorder=3,
+                label="Claude only",
+            )
+        ax.set_xlabel("USD per 1,000 questions")
+        ax.set_ylabel(label)
+        ax.set_title("Cost-quality curve")
+        ax.legend(fontsize=7)
+
+    def recall(ax: Any) -> None:
+        names = list(report["datasets"])
+        ks = (1, 5, 10)
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            rr = report["datasets"][name]["retrieval"]
+            ax.bar(
+                [k + i * width for k in range(3)],
+                [rr[f"recall_at_{k}"] for k in ks],
+                width,
+                label=name,
+            )
+        ax.set_xticks([k + width * (len(names) - 1) / 2 for k in range(3)], [f"@{k}" for k in ks])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("recall")
+        ax.set_title("Retrieval recall")
+        ax.legend(fontsize=8)
+
+    return {"cost_quality.png": cost_quality, "retrieval_recall.png": recall}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--squad", help="SQuAD-format JSON")
+    ap.add_argument("--hotpot", help="HotpotQA JSON in the layout of ../shared/data/hotpotqa")
+    ap.add_argument("--limit", type=int, help="questions answered per file (default: all)")
+    ap.add_argument(
+        "--retrieval-limit", type=int, help="questions for retrieval metrics (default: all)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", help="a running cluster (default: start one with a fresh index)")
+    ap.add_argument("--api-key", help="bearer key (default: $HYBRID_SERVE_API_KEY)")
+    ap.add_argument("--out", required=True)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.config import HybridServeConfig
+
+    if not args.squad and not args.hotpot:
+        raise ValueError("give --squad FILE and/or --hotpot FILE")
+    datasets = []
+    files = {}
+    if args.squad:
+        datasets.append(squad(Path(args.squad)))
+        files["squad"] = args.squad
+    if args.hotpot:
+        datasets.append(hotpot(Path(args.hotpot), args.limit, args.seed))
+        files["hotpot"] = args.hotpot
+    progress = Progress("quality")
+    api_key = args.api_key or os.environ.get("HYBRID_SERVE_API_KEY")
+    started = None
+    url = args.url
+    if url is None:
+        from cluster import local
+
+        cfg = HybridServeConfig.load(
+            overrides={
+                "data_dir": tempfile.mkdtemp(prefix="hs-quality-"),
+                "http.port": _free_port(),
+                "retriever.index_sample_corpus": False,
+            }
+        )
+        progress.say("starting a cluster with a fresh index")
+        local.init_ray(cfg)
+        url = local.deploy(cfg, on_status=progress.say)
+        started = local
+        threshold = cfg.escalation.threshold
+    else:
+        threshold = HybridServeConfig.load().escalation.threshold
+    try:
+        result = evaluate(
+            url, datasets, args.limit, args.retrieval_limit, args.seed, api_key, progress
+        )
+    finally:
+        if started is not None:
+            started.shutdown()
+    progress.done()
+    report = summarize(result, threshold, args.seed, files)
+    out = write_report(Path(args.out), report, markdown(report), plots(report))
+    print(markdown(report))
+    print(f"wrote {out}")
+    return report
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
