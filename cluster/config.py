@@ -129,9 +129,11 @@ class RetrieverConfig(_Section):
     )
     chunk_words: int = Field(180, ge=16, description="Words per chunk.")
     chunk_overlap_words: int = Field(40, ge=0, description="Words shared by consecutive chunks.")
-    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant.")
+    # Tuned on SQuAD (benchmarks.quality; both halves of the questions agree): k 5 and dense 0.8
+    # give recall@5 0.963 / recall@1 0.770, against 0.948 / 0.743 with the textbook k 60, 1:1.
+    rrf_k: int = Field(5, ge=1, description="Reciprocal-rank-fusion constant.")
     candidates: int = Field(50, ge=1, description="Hits taken from each retriever before fusion.")
-    dense_weight: float = Field(1.0, ge=0.0)
+    dense_weight: float = Field(0.8, ge=0.0)
     bm25_weight: float = Field(1.0, ge=0.0)
     embed_batch_size: int = Field(32, ge=1)
     index_sample_corpus: bool = Field(

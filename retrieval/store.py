@@ -308,8 +308,8 @@ class IndexStore:
         query: str,
         top_k: int = 5,
         candidates: int = 50,
-        rrf_k: int = 60,
-        dense_weight: float = 1.0,
+        rrf_k: int = 5,
+        dense_weight: float = 0.8,
         bm25_weight: float = 1.0,
     ) -> list[Passage]:
         snap = self._snap
