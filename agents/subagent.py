@@ -30,6 +30,23 @@ def short_answer(text: str) -> str:
     return first if len(first) <= ANSWER_CHARS else first[: ANSWER_CHARS - 1].rstrip() + "…"
 
 
+_TOKEN = r"(?:[A-Z]\.|[A-Z0-9][\w'’-]*)"
+_NAME = re.compile(_TOKEN + r"(?:\s+(?:(?:of|de|la|von|van|the|and|&)\s+)?" + _TOKEN + r")*")
+
+
+def bridge_entity(answer: str, question: str) -> str:
+    """The new name an answer brings, for the next hop: the first capitalised span whose words
+    the question did not already have ("… directed by Adriana Trigiani" -> "Adriana Trigiani").
+    Falls back to the short answer, so the next hop asks about the answer, not its wording."""
+    text = _PREAMBLE.sub("", strip_markers(answer).split("\n", 1)[0]).strip()
+    asked = {w.lower() for w in re.findall(r"[\w'’]+", question)}
+    for m in _NAME.finditer(text):
+        words = [w for w in re.findall(r"[\w'’]+", m.group(0)) if w.lower() not in {"the", "a"}]
+        if words and any(w.lower() not in asked for w in words):
+            return m.group(0).strip(" .,")
+    return short_answer(answer)
+
+
 def fill(text: str, answers: dict[str, str]) -> str:
     return REF.sub(lambda m: answers.get(m.group(1), m.group(0)), text)
 
@@ -49,7 +66,7 @@ async def run_plan(
         for dep in st.depends_on:
             part = await done[dep]
             if part.status == "ok" and part.text.strip():
-                answers[dep] = short_answer(part.text)
+                answers[dep] = bridge_entity(part.text, part.question)
             else:
                 missing.append(dep)
         question = fill(st.question, answers)

@@ -7,7 +7,7 @@ import pytest
 from agents.merge import PartialAnswer, merge
 from agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
 from agents.schemas import Citation, Passage
-from agents.subagent import fill, run_plan, short_answer
+from agents.subagent import bridge_entity, fill, run_plan, short_answer
 
 
 def passage(cid: str, doc: str) -> Passage:
@@ -106,6 +106,20 @@ def test_validate_plan_repairs_ids_and_drops_forward_or_unknown_dependencies():
     assert plan.subtasks[2].depends_on == []
 
 
+def test_the_next_hop_gets_the_new_name_an_answer_brings():
+    assert (
+        bridge_entity(
+            "The romantic comedy Big Stone Gap was directed by Adriana Trigiani [1].",
+            "Who directed the romantic comedy Big Stone Gap?",
+        )
+        == "Adriana Trigiani"
+    )
+    assert bridge_entity("Shirley Temple [1]. She acted.", "Who is the woman?") == "Shirley Temple"
+    assert bridge_entity("Roger O. Egeberg served [2].", "Who served?") == "Roger O. Egeberg"
+    assert bridge_entity("it was in 1998 [1].", "When?") == "1998"
+    assert bridge_entity("no names here [1].", "Which one?") == "no names here"  # fallback
+
+
 def test_dependency_answers_are_short_and_unmarked():
     assert short_answer("Shirley Temple [1]. She was an actress [2].") == "Shirley Temple"
     assert short_answer("The answer is: Janet Waldo\n\nPassage:") == "Janet Waldo"
@@ -147,7 +161,7 @@ class Recorder:
             if st.id == self.fail:
                 raise RuntimeError("replica died")
             self.order.append(st.id)
-            return part(st.id, f"Answer {st.id} [1].", [A])
+            return part(st.id, f"The answer is {st.id.upper()} [1].", [A])
         except asyncio.CancelledError:
             self.cancelled.append(st.id)
             raise
@@ -162,7 +176,7 @@ def test_independent_subtasks_run_at_once_and_dependents_wait():
     assert [p.status for p in parts] == ["ok"] * 4
     assert rec.most >= 3  # s1..s3 together
     assert rec.order.index("s4") > rec.order.index("s1")
-    assert rec.questions["s4"] == "D of Answer s1?"
+    assert rec.questions["s4"] == "D of S1?"  # the name the answer brought, not its wording
     assert all(p.latency_ms > 0 for p in parts)
 
 
