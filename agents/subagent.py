@@ -23,7 +23,7 @@ _PREAMBLE = re.compile(r"^(?:the\s+)?answer(?:\s+is\s*:?|\s*:)\s*", re.IGNORECAS
 
 
 def short_answer(text: str) -> str:
-    """What a dependent question gets of an earlier answer: its first sentence, no markers."""
+    """An answer's first sentence without markers: the next hop's fallback when no name is new."""
     text = strip_markers(text)
     text = _PREAMBLE.sub("", text.split("\n", 1)[0]).strip()
     first = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0].rstrip(".!? ")
