@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,8 +28,18 @@ VerifyPolicy = Literal["auto", "always", "never"]
 PIIPolicy = Literal["block", "redact"]
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("query must not be empty or whitespace")
+    return v
+
+
+# A query of any request: a string with something in it.
+Query = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
 class AnswerRequest(StrictModel):
-    query: StrictStr = Field(..., description="The question, in natural language.")
+    query: Query = Field(..., description="The question, in natural language.")
     top_k: StrictInt = Field(5, ge=1, le=50, description="Passages retrieved for the answer.")
     mode: Mode = Field(
         "auto",
@@ -48,24 +59,10 @@ class AnswerRequest(StrictModel):
         False, description="Server-Sent Events: plan, subtask, answer, verification, done."
     )
 
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("query must not be empty or whitespace")
-        return v
-
 
 class SearchRequest(StrictModel):
-    query: StrictStr = Field(..., description="What to look for.")
+    query: Query = Field(..., description="What to look for.")
     top_k: StrictInt = Field(10, ge=1, le=100, description="Passages returned.")
-
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("query must not be empty or whitespace")
-        return v
 
 
 class Passage(BaseModel):
