@@ -192,6 +192,13 @@ class Orchestrator:
             return "claude_unavailable"
         return None
 
+    def _check_query(self, query: str) -> None:
+        limit = self.cfg.http.max_query_chars
+        if len(query) > limit:
+            raise APIError(
+                422, f"query is {len(query)} characters; the limit is {limit}", "query_too_long"
+            )
+
     # -- routes --------------------------------------------------------------------------------
 
     @app.post(
@@ -208,13 +215,7 @@ class Orchestrator:
     )
     async def answer(self, body: AnswerRequest, request: Request) -> Any:
         request.state.trace_id = trace_id = _trace_id(request)
-        limit = self.cfg.http.max_query_chars
-        if len(body.query) > limit:
-            raise APIError(
-                422,
-                f"query is {len(body.query)} characters; the limit is {limit}",
-                "query_too_long",
-            )
+        self._check_query(body.query)
         down = await self._claude_down()
         if body.stream:
             return await self._stream_answer(body, trace_id, down)
@@ -251,17 +252,10 @@ class Orchestrator:
                     yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
                     item = await queue.get()
                 await task  # re-raises a failure after the first event
-            except APIError as exc:
-                err = error_body(exc.status, exc.message, exc.code)
-                yield f"event: error\ndata: {json.dumps(err)}\n\n"
-            except Exception:
-                log.exception("answer stream failed")
-                err = error_body(500, "the answer failed", "internal_error")
-                yield f"event: error\ndata: {json.dumps(err)}\n\n"
             finally:
                 task.cancel()  # the client went away: outstanding sub-tasks stop
 
-        return self._sse(events())
+        return self._sse(events(), error_event="error")
 
     @app.post(
         "/v1/search",
@@ -270,16 +264,11 @@ class Orchestrator:
         responses=error_responses(401, 413, 422, 503),
     )
     async def search(self, body: SearchRequest) -> SearchResponse:
-        if len(body.query) > self.cfg.http.max_query_chars:
-            raise APIError(
-                422,
-                f"query is {len(body.query)} characters; the limit is "
-                f"{self.cfg.http.max_query_chars}",
-                "query_too_long",
-            )
-        passages = await self._retrieve(body.query, body.top_k)
-        status = await self._call(self.retriever.status.remote())
-        return SearchResponse(passages=passages, index_version=status["version"])
+        self._check_query(body.query)
+        passages, version = await self._call(
+            self.retriever.search_versioned.remote(body.query, body.top_k)
+        )
+        return SearchResponse(passages=passages, index_version=version)
 
     # -- OpenAI-compatible ------------------------------------------------------------------
 
@@ -318,12 +307,7 @@ class Orchestrator:
         query = body.messages[-1].text()
         if not query.strip():
             raise APIError(422, "the last user message is empty", "empty_query")
-        if len(query) > http.max_query_chars:
-            raise APIError(
-                422,
-                f"query is {len(query)} characters; the limit is {http.max_query_chars}",
-                "query_too_long",
-            )
+        self._check_query(query)
         history = [{"role": m.role, "content": m.text()} for m in body.messages[:-1]]
         cid = oai.completion_id()
         if body.model == "slm" and body.stream:
@@ -454,16 +438,21 @@ class Orchestrator:
         yield oai.DONE
 
     @staticmethod
-    def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    def _sse(events: AsyncIterator[str], error_event: str | None = None) -> StreamingResponse:
+        """`error_event`: the SSE event name of an in-band error (OpenAI's streams have none)."""
+        prefix = f"event: {error_event}\n" if error_event else ""
+
         async def guarded() -> AsyncIterator[str]:
             try:
                 async for event in events:
                     yield event
             except APIError as exc:  # headers are sent: report in-band, as OpenAI does
-                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.code))}\n\n"
+                body = error_body(exc.status, exc.message, exc.code)
+                yield f"{prefix}data: {json.dumps(body)}\n\n"
             except Exception:
                 log.exception("stream failed")
-                yield f"data: {json.dumps(error_body(500, 'stream failed', 'internal_error'))}\n\n"
+                body = error_body(500, "stream failed", "internal_error")
+                yield f"{prefix}data: {json.dumps(body)}\n\n"
 
         return StreamingResponse(
             guarded(),
