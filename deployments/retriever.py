@@ -91,10 +91,15 @@ class RetrieverDeployment:
             raise IndexNotReady(f"index is {self.state}")
 
     async def search(self, query: str, top_k: int = 5) -> list[Passage]:
+        return (await self.search_versioned(query, top_k))[0]
+
+    async def search_versioned(self, query: str, top_k: int = 5) -> tuple[list[Passage], int]:
+        """The hits and the index version served (one call instead of search + status)."""
         self._require_ready()
         rc = self.cfg.retriever
         self.store.refresh()
-        return await asyncio.to_thread(
+        snapshot = self.store.snapshot
+        hits = await asyncio.to_thread(
             self.store.search,
             query,
             top_k,
@@ -103,6 +108,7 @@ class RetrieverDeployment:
             rc.dense_weight,
             rc.bm25_weight,
         )
+        return hits, snapshot.version if snapshot else 0
 
     async def upsert(self, documents: list[NewDocument]) -> dict[str, Any]:
         self._require_ready()
