@@ -1,15 +1,53 @@
-"""What a streamed chat completion adds up to, for the engines that read OpenAI-style chunks."""
+"""The OpenAI chat-completions wire format, for the engines that speak it (`openai`, `vllm`):
+request parameters from a GenerationRequest, and a GenerationResult from a response or a stream."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from agents.schemas import GenerationResult
+from agents.schemas import GenerationRequest, GenerationResult
+
+
+def chat_params(model: str, req: GenerationRequest, logprobs: bool = True) -> dict[str, Any]:
+    """`logprobs`: whether the server is asked for them at all (some servers lack them)."""
+    params: dict[str, Any] = {
+        "model": model,
+        "messages": req.messages,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+    }
+    if req.stop:
+        params["stop"] = req.stop
+    if req.seed is not None:
+        params["seed"] = req.seed
+    if req.logprobs and logprobs:
+        params["logprobs"] = True
+    return params
+
+
+def completion_result(response: Any, model: str, start: float) -> GenerationResult:
+    """From a non-streamed chat completion (the openai SDK's or vLLM's, same attributes)."""
+    choice = response.choices[0]
+    content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+    usage = response.usage
+    return GenerationResult(
+        text=choice.message.content or "",
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else len(content),
+        finish_reason="length" if choice.finish_reason == "length" else "stop",
+        token_logprobs=[float(t.logprob) for t in content],
+        model=model,
+        seconds=time.perf_counter() - start,
+    )
 
 
 @dataclass
 class StreamTally:
+    """What a streamed chat completion adds up to."""
+
     model: str
     start: float = field(default_factory=time.perf_counter)
     parts: list[str] = field(default_factory=list)

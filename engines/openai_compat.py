@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agents.schemas import GenerationRequest, GenerationResult
-from engines.stream import StreamTally
+from engines.chat_wire import StreamTally, chat_params, completion_result
 
 
 class OpenAICompatEngine:
@@ -64,20 +64,7 @@ class OpenAICompatEngine:
         return self._client, self._slots
 
     def _params(self, req: GenerationRequest) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "model": self.model_name,
-            "messages": req.messages,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-        }
-        if req.stop:
-            params["stop"] = req.stop
-        if req.seed is not None:
-            params["seed"] = req.seed
-        if req.logprobs and self.logprobs:
-            params["logprobs"] = True
-        return params
+        return chat_params(self.model_name, req, logprobs=self.logprobs)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Yield text deltas, then the GenerationResult. Closing the iterator closes the HTTP
@@ -117,15 +104,4 @@ class OpenAICompatEngine:
                 response = await client.chat.completions.create(**self._params(req))
             finally:
                 self.in_flight -= 1
-        choice = response.choices[0]
-        logprobs = [t.logprob for t in (choice.logprobs.content or [])] if choice.logprobs else []
-        usage = response.usage
-        return GenerationResult(
-            text=choice.message.content or "",
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else len(logprobs),
-            finish_reason="length" if choice.finish_reason == "length" else "stop",
-            token_logprobs=logprobs,
-            model=response.model or self.model_name,
-            seconds=time.perf_counter() - start,
-        )
+        return completion_result(response, response.model or self.model_name, start)

@@ -20,7 +20,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 from agents.schemas import GenerationRequest, GenerationResult
 from cluster.config import HybridServeConfig
 from deployments.placement import placement
-from engines.stream import StreamTally
+from engines.chat_wire import StreamTally, chat_params, completion_result
 from engines.vllm_options import llm_config_kwargs
 
 
@@ -29,21 +29,9 @@ class VLLMEngineError(RuntimeError):
 
 
 def _chat_request(model: str, req: GenerationRequest, stream: bool) -> ChatCompletionRequest:
-    params: dict[str, Any] = {
-        "model": model,
-        "messages": req.messages,
-        "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "logprobs": req.logprobs,
-        "stream": stream,
-    }
-    if req.stop:
-        params["stop"] = req.stop
-    if req.seed is not None:
-        params["seed"] = req.seed
+    params = chat_params(model, req)
     if stream:
-        params["stream_options"] = {"include_usage": True}
+        params.update(stream=True, stream_options={"include_usage": True})
     return ChatCompletionRequest(**params)
 
 
@@ -61,18 +49,7 @@ class HybridLLMServer(LLMServer):
             response = item
         if response is None or isinstance(response, ErrorResponse):
             raise VLLMEngineError(getattr(getattr(response, "error", None), "message", "no output"))
-        choice = response.choices[0]
-        content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
-        usage = response.usage
-        return GenerationResult(
-            text=choice.message.content or "",
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else len(content),
-            finish_reason="length" if choice.finish_reason == "length" else "stop",
-            token_logprobs=[float(t.logprob) for t in content],
-            model=self._model_id,
-            seconds=time.perf_counter() - start,
-        )
+        return completion_result(response, self._model_id, start)
 
     async def generate_stream(
         self, request: GenerationRequest
