@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import threading
 import time
 import uuid
@@ -25,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from cluster.local import free_port
+
 DEFAULT_REPLY = "The passages answer this [1]."
 
 
@@ -35,7 +36,7 @@ class FixedLatencyServer:
         self.latency_s = latency_s
         self.reply = reply
         self.model = model
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -146,12 +147,6 @@ class FixedLatencyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.confidence import load_squad
 from benchmarks.metrics import auroc, exact_match, f1_score, recall_at_k, strip_citations
 from benchmarks.report import Progress, percentile, write_report
 
@@ -71,17 +72,8 @@ class Outcome:
 
 
 def squad(path: Path) -> tuple[list[dict[str, Any]], list[Question]]:
-    data = json.loads(path.read_text())["data"]
-    docs, questions = [], []
-    for a, article in enumerate(data):
-        title = article["title"].replace("_", " ")
-        for p, para in enumerate(article["paragraphs"]):
-            doc_id = f"squad:{a}:{p}"
-            docs.append({"id": doc_id, "title": title, "text": para["context"]})
-            for qa in para["qas"]:
-                answers = [x["text"] for x in qa["answers"]]
-                questions.append(Question("squad", qa["question"], answers, {doc_id}))
-    return docs, questions
+    docs, rows = load_squad(path)
+    return docs, [Question("squad", q["question"], q["answers"], {q["doc_id"]}) for q in rows]
 
 
 def hotpot(path: Path, limit: int | None, seed: int) -> tuple[list[dict[str, Any]], list[Question]]:
@@ -523,7 +515,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = HybridServeConfig.load(
             overrides={
                 "data_dir": tempfile.mkdtemp(prefix="hs-quality-"),
-                "http.port": _free_port(),
+                "http.port": local.free_port(),
                 "retriever.index_sample_corpus": False,
             }
         )
@@ -547,14 +539,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(markdown(report))
     print(f"wrote {out}")
     return report
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import httpx
 import pytest
 
 from cluster.config import HybridServeConfig
+from cluster.local import free_port
 from tests.support.messages_api import MessagesAPIServer
 
 APP = "hybrid-serve"
@@ -25,12 +25,6 @@ def shared_file(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found: the shared evaluation data sits beside the checkout")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout: float = 300.0) -> dict:
