@@ -193,15 +193,13 @@ class Lead:
             )
             if attempt is not None and self.is_sensitive(req, attempt.passages):
                 sensitive, claude = True, None  # a sub-agent found sensitive evidence
-        if attempt is not None:
-            pass
-        elif req.mode == "claude":
+        if attempt is None and req.mode == "claude":
             escalation.escalated = True
             escalation.reasons = ["mode_claude"]
             attempt = await self._claude_or_slm(
                 claude, trace_id, req.query, passages, pii, ledger, degraded, sensitive
             )
-        else:
+        elif attempt is None:
             attempt = await self._slm_attempt(req.query, req.query, passages, ledger)
             low = attempt.confidence.score < self.settings.threshold
             if req.mode == "auto" and low:

@@ -35,8 +35,8 @@ def test_squad_and_hotpot_become_a_corpus_with_gold_ids(tmp_path):
         )
     )
     docs, qs = squad(sq)
-    assert docs == [{"id": "squad:0:0", "title": "Super Bowl", "text": "Denver won."}]
-    assert qs[0].gold == {"squad:0:0"} and qs[0].answers == ["Denver"]
+    assert docs == [{"id": "squad-0-0", "title": "Super Bowl", "text": "Denver won."}]
+    assert qs[0].gold == {"squad-0-0"} and qs[0].answers == ["Denver"]
     hp = tmp_path / "hotpot.json"
     row = {
         "question": "Q?",
