@@ -71,14 +71,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop.set()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    def handle_stop_signals() -> None:
+        # Set explicitly: a shell that starts us in the background hands us SIGINT ignored, and
+        # Ray's core installs its own SIGTERM handler (a stack dump, then exit) in ray.init.
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    handle_stop_signals()
     console.print(f"hybrid-serve {__version__} — data in {cfg.data_dir}")
     try:
         with console.status("starting Ray…") as status:
             note = local.init_ray(cfg)
-            # Ray's core installs its own SIGTERM handler (a stack dump, then exit): put ours back
-            # so `docker stop` / Kubernetes shut the application down cleanly.
-            signal.signal(signal.SIGTERM, on_signal)
+            handle_stop_signals()  # ours again: Ctrl-C, `docker stop`, Kubernetes stop cleanly
             console.print(f"  {note}")
             status.update("deploying…")
             url = local.deploy(cfg, on_status=lambda line: status.update(escape(line)))
