@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agents import prompts
+from agents import prompts, tracing
 from agents.citations import finalize_sources
 from agents.claude import ClaudeResult, ClaudeUnavailable, Grade, RewritePlan, estimate_tokens
 from agents.confidence import Confidence, query_shape, score_answer
@@ -178,10 +178,26 @@ class Lead:
         `sampling`: GenerationRequest fields a client set (max_tokens, temperature, ...).
         `history`: earlier chat turns, context for the SLM's prompt.
         `emit`: progress events for a streaming client."""
+        attributes = {"hybrid.mode": req.mode, "hybrid.top_k": req.top_k}
+        with tracing.span("Lead.answer", attributes=attributes):
+            response = await self._answer(req, trace_id, claude_down, sampling, history, emit)
+            tracing.annotate(answer_attributes(response))
+            return response
+
+    async def _answer(
+        self,
+        req: AnswerRequest,
+        trace_id: str,
+        claude_down: str | None,
+        sampling: dict[str, Any] | None,
+        history: Sequence[dict[str, str]],
+        emit: Emit | None,
+    ) -> AnswerResponse:
         degraded = [claude_down] if claude_down else []
         ledger = _Ledger(sampling=dict(sampling or {}), history=list(history))
         passages = await self.retrieve(req.query, req.top_k)
         sensitive = self.is_sensitive(req, passages)
+        tracing.annotate({"hybrid.sensitive": sensitive})
         pii = req.pii or self.settings.pii
         claude = None if sensitive or claude_down else self.claude
         escalation = Escalation()
@@ -211,9 +227,11 @@ class Lead:
                     _add(degraded, "claude_unavailable")
                 else:
                     escalation.escalated = True
-                    attempt = await self._escalate(
-                        claude, trace_id, req, attempt, pii, ledger, degraded
-                    )
+                    with tracing.span("Lead.escalate"):
+                        attempt = await self._escalate(
+                            claude, trace_id, req, attempt, pii, ledger, degraded
+                        )
+                        tracing.annotate({"hybrid.route": attempt.route})
 
         subtasks = attempt.subtasks
         await _emit_text(emit, attempt.text)
@@ -223,9 +241,17 @@ class Lead:
                 _add(degraded, "sensitive_local_only" if sensitive else "claude_unavailable")
             else:
                 try:
-                    verified, verification = await self._verify(
-                        claude, trace_id, req.query, attempt, pii, ledger
-                    )
+                    with tracing.span("Lead.verify"):
+                        verified, verification = await self._verify(
+                            claude, trace_id, req.query, attempt, pii, ledger
+                        )
+                        tracing.annotate(
+                            {
+                                "hybrid.verification.score": verification.score,
+                                "hybrid.verification.passed": verification.passed,
+                                "hybrid.verification.attempts": verification.attempts,
+                            }
+                        )
                 except ClaudeUnavailable as exc:
                     _add(degraded, exc.reason)
                 else:
@@ -380,17 +406,19 @@ class Lead:
         """Plan, run the sub-agents, merge. None when `auto` finds nothing to split."""
         plan: Plan | None = None
         planner_down = "sensitive_local_only" if sensitive else "claude_unavailable"
-        if claude is not None:
-            try:
-                result = await claude.plan(trace_id, req.query, passages, pii)
-                ledger.claude(result)
-                plan = validate_plan(result.output)
-            except ClaudeUnavailable as exc:
-                planner_down = exc.reason
-        planner = "claude" if plan is not None and plan.subtasks else "local"
-        if planner == "local":
-            plan = local_plan(req.query)
-        assert plan is not None
+        with tracing.span("Lead.plan"):
+            if claude is not None:
+                try:
+                    result = await claude.plan(trace_id, req.query, passages, pii)
+                    ledger.claude(result)
+                    plan = validate_plan(result.output)
+                except ClaudeUnavailable as exc:
+                    planner_down = exc.reason
+            planner = "claude" if plan is not None and plan.subtasks else "local"
+            if planner == "local":
+                plan = local_plan(req.query)
+            assert plan is not None
+            tracing.annotate({"hybrid.planner": planner, "hybrid.subtasks": len(plan.subtasks)})
         if req.mode == "auto" and len(plan.subtasks) < 2:
             return None
 
@@ -406,8 +434,11 @@ class Lead:
             await emit("plan", {"planner": planner, "subtasks": steps})
 
         async def run(st: SubtaskPlan, question: str, queries: list[str]) -> PartialAnswer:
-            found = await self._retrieve_many([*queries, question], req.top_k)
-            a = await self._slm_attempt(question, question, found, ledger)
+            attributes = {"hybrid.subtask.id": st.id, "hybrid.subtask.depends_on": st.depends_on}
+            with tracing.span("Lead.subtask", attributes=attributes):
+                found = await self._retrieve_many([*queries, question], req.top_k)
+                a = await self._slm_attempt(question, question, found, ledger)
+                tracing.annotate({"hybrid.confidence": a.confidence.score})
             return PartialAnswer(
                 st.id,
                 question,
@@ -513,6 +544,29 @@ class Lead:
         grade: Grade = result.output
         clamp = min(1.0, max(0.0, float(grade.score)))
         return grade.model_copy(update={"score": round(clamp, 4)})
+
+
+def answer_attributes(response: AnswerResponse) -> dict[str, Any]:
+    """What a trace shows of an answer: why it went where it went and what it cost."""
+    u = response.usage
+    return {
+        "hybrid.route": response.route,
+        "hybrid.confidence": response.confidence,
+        "hybrid.escalated": response.escalation.escalated,
+        "hybrid.escalation.reasons": response.escalation.reasons,
+        "hybrid.degraded": response.degraded,
+        "hybrid.verification.score": (
+            response.verification.score if response.verification else None
+        ),
+        "hybrid.subtasks": len(response.subtasks),
+        "hybrid.cost_usd": u.cost_usd,
+        "hybrid.slm_cost_usd": u.slm_cost_usd,
+        "hybrid.all_claude_cost_usd_estimate": u.all_claude_cost_usd_estimate,
+        "hybrid.claude.calls": u.claude_calls,
+        "gen_ai.usage.input_tokens": u.slm_prompt_tokens + u.claude_input_tokens,
+        "gen_ai.usage.output_tokens": u.slm_completion_tokens + u.claude_output_tokens,
+        "hybrid.claude.cache_read_tokens": u.claude_cache_read_tokens,
+    }
 
 
 def _subtask(part: PartialAnswer) -> Subtask:

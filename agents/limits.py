@@ -171,7 +171,13 @@ class Ledger:
 
     def remaining_today(self) -> float:
         self._roll()
-        return max(0.0, self.daily_budget_usd - self.spent_today - self.reserved)
+        return self.peek_remaining()
+
+    def peek_remaining(self) -> float:
+        """The same without rolling the day over: a read, safe from a metrics thread."""
+        today = dt.datetime.now(dt.UTC).date().isoformat()
+        spent = self.spent_today if today == self.day else 0.0
+        return max(0.0, self.daily_budget_usd - spent - self.reserved)
 
     def reserve(self, request_id: str, worst_case_usd: float) -> None:
         self._roll()

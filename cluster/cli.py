@@ -188,6 +188,23 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s_monitoring(args: argparse.Namespace) -> int:
+    from cluster import k8s, monitoring
+
+    try:
+        cfg = HybridServeConfig.load(args.config, profile=args.profile)
+        files = monitoring.render_monitoring(cfg)
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_text(content if isinstance(content, str) else k8s.dump(content))
+    err.print(f"wrote {', '.join(files)} to {out}")
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------------
 
 
@@ -381,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="a .yaml file (the RayService) or a folder (all manifests); default: stdout"
     )
     render.set_defaults(func=cmd_k8s_render)
+    mon = kube_sub.add_parser(
+        "monitoring", help="PodMonitor and Grafana dashboard for the hybrid_serve_* metrics"
+    )
+    mon.add_argument("--profile", choices=["local", "gpu"], default="local")
+    mon.add_argument("--config", help="YAML configuration file (over the profile)")
+    mon.add_argument("--out", default="k8s/monitoring", help="folder (default: k8s/monitoring)")
+    mon.set_defaults(func=cmd_k8s_monitoring)
 
     bench = sub.add_parser("bench", help="benchmarks against a running endpoint")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -294,6 +294,34 @@ class HTTPConfig(_Section):
     request_timeout_s: float = Field(120.0, gt=0)
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry tracing. Unset fields fall back to the standard OTEL_* environment variables,
+    read in each replica, so a Kubernetes pod's env configures it as for any OTel service."""
+
+    exporters: list[Literal["otlp", "console", "none"]] | None = Field(
+        None, description="Span exporters; unset: OTEL_TRACES_EXPORTER (default none: off)."
+    )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP base URL (…/v1/traces is appended); unset: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT.",
+    )
+    service_name: str | None = Field(
+        None, description="Resource service.name; unset: OTEL_SERVICE_NAME, else hybrid-serve."
+    )
+
+    def env(self) -> dict[str, str]:
+        """What is set, as the standard OTEL_* variables (for replicas configured by env only)."""
+        out = {}
+        if self.exporters is not None:
+            out["OTEL_TRACES_EXPORTER"] = ",".join(self.exporters)
+        if self.endpoint:
+            out["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.endpoint
+        if self.service_name:
+            out["OTEL_SERVICE_NAME"] = self.service_name
+        return out
+
+
 class PlacementConfig(_Section):
     cpu_node_resource: str | None = Field(
         None,
@@ -416,6 +444,7 @@ class HybridServeConfig(BaseSettings):
     policies: PolicyConfig = Field(default_factory=PolicyConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     k8s: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @classmethod

@@ -18,6 +18,9 @@ from engines.vllm_options import gpus_per_replica
 
 IMPORT_PATH = "deployments.app:build_app"
 SERVE_PORT = 8000
+# Ray's metrics export port, which KubeRay sets on every node (`--metrics-export-port`). Named in
+# the pod spec, because KubeRay exposes only the ports a spec lists once it lists any.
+METRICS_PORT = 8080
 DATA_DIR = "/data/hybrid-serve"
 # Read from the pods' environment (a Secret), so never part of the rendered args.
 SECRET_FIELDS = {"http": ["api_keys"]}
@@ -111,7 +114,10 @@ def _worker_group(
                 "image": image,
                 "resources": _resources(group.cpu, group.memory, gpus),
                 "env": _env(secret, gpu=gpus > 0),
-                "ports": [{"containerPort": SERVE_PORT, "name": "serve"}],
+                "ports": [
+                    {"containerPort": SERVE_PORT, "name": "serve"},
+                    {"containerPort": METRICS_PORT, "name": "metrics"},
+                ],
                 "readinessProbe": _readiness(),
                 "volumeMounts": [
                     {"name": "index", "mountPath": "/data"},
@@ -135,11 +141,11 @@ def _worker_group(
         "minReplicas": low,
         "maxReplicas": high,
         "rayStartParams": dict(start_params),
-        "template": {"metadata": {"labels": _labels(name)}, "spec": pod},
+        "template": {"metadata": {"labels": labels(name)}, "spec": pod},
     }
 
 
-def _labels(component: str) -> dict[str, str]:
+def labels(component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "hybrid-serve", "app.kubernetes.io/component": component}
 
 
@@ -164,7 +170,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
         # No work on the head: it runs the GCS, the Serve controller and the autoscaler.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {
-            "metadata": {"labels": _labels("head")},
+            "metadata": {"labels": labels("head")},
             "spec": {
                 "containers": [
                     {
@@ -177,6 +183,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                             {"containerPort": 8265, "name": "dashboard"},
                             {"containerPort": 10001, "name": "client"},
                             {"containerPort": SERVE_PORT, "name": "serve"},
+                            {"containerPort": METRICS_PORT, "name": "metrics"},
                         ],
                     }
                 ]
@@ -220,7 +227,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                 _gpu_pods(cfg, per_replica),
             )
         )
-    metadata: dict[str, Any] = {"name": k.name, "labels": _labels("rayservice")}
+    metadata: dict[str, Any] = {"name": k.name, "labels": labels("rayservice")}
     if k.namespace:
         metadata["namespace"] = k.namespace
     return {
@@ -253,7 +260,7 @@ def render_volume(cfg: HybridServeConfig) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {"name": f"{k.name}-index", "labels": _labels("index")},
+        "metadata": {"name": f"{k.name}-index", "labels": labels("index")},
         "spec": spec,
     }
 
@@ -287,7 +294,7 @@ def render_ingress(cfg: HybridServeConfig) -> dict[str, Any]:
         "kind": "Ingress",
         "metadata": {
             "name": k.name,
-            "labels": _labels("ingress"),
+            "labels": labels("ingress"),
             "annotations": {
                 # Server-Sent Events: no buffering, long reads.
                 "nginx.ingress.kubernetes.io/proxy-buffering": "off",

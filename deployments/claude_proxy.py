@@ -5,22 +5,28 @@ key it reports itself unavailable and the cluster keeps answering from the SLM."
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve
 
-from agents.claude import ClaudeGateway, ClaudeResult
+from agents import tracing
+from agents.claude import ClaudeGateway, ClaudeResult, ClaudeUnavailable
 from agents.schemas import Passage
 from cluster.config import HybridServeConfig
+from deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
 from deployments.placement import placement
+
+TraceContext = dict[str, str] | None
 
 
 @serve.deployment(name="ClaudeProxy")
 class ClaudeProxy:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = HybridServeConfig.from_args(config)
+        tracing.setup("ClaudeProxy", cfg.tracing)
         client = None
         reason = None
         if os.environ.get("ANTHROPIC_API_KEY"):
@@ -39,31 +45,129 @@ class ClaudeProxy:
             ledger_path=Path(cfg.data_dir) / "claude-ledger.json",
             unavailable_reason=reason,
         )
+        # What the metrics have counted so far: they follow the gateway's totals by difference,
+        # so failed calls (retried, then given up) are counted too.
+        self._counted = {"retries": 0, **self._totals()}
+        keep_gauges_fresh(self._gauges)  # an open circuit half-opens with time alone
+
+    def _totals(self) -> dict[str, float]:
+        t = self.gateway.ledger.totals
+        return {
+            "input": t.input_tokens,
+            "output": t.output_tokens,
+            "cache_read": t.cache_read_tokens,
+            "cache_write": t.cache_write_tokens,
+            "cost_usd": t.cost_usd,
+        }
+
+    def _sync_metrics(self) -> None:
+        now = {"retries": self.gateway.retries, **self._totals()}
+        delta = {k: now[k] - self._counted[k] for k in now}
+        self._counted = now
+        for kind in ("input", "output", "cache_read", "cache_write"):
+            metrics.inc("hybrid_serve_claude_tokens_total", delta[kind], kind=kind)
+        metrics.inc("hybrid_serve_claude_cost_usd_total", delta["cost_usd"])
+        metrics.inc("hybrid_serve_claude_retries_total", delta["retries"])
+        self._gauges()
+
+    def _gauges(self) -> None:
+        metrics.set("hybrid_serve_claude_circuit_state", CIRCUIT_STATES[self.gateway.breaker.state])
+        metrics.set(
+            "hybrid_serve_claude_budget_remaining_usd", self.gateway.ledger.peek_remaining()
+        )
+
+    async def _role(
+        self, role: str, trace_context: TraceContext, call: Awaitable[ClaudeResult]
+    ) -> ClaudeResult:
+        """One role's call under its span (GenAI conventions), with its metrics."""
+        attributes = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "anthropic",
+            "gen_ai.request.model": self.gateway.cfg.model,
+            "hybrid.claude.role": role,
+        }
+        outcome = "ok"
+        with tracing.span(f"ClaudeProxy.{role}", trace_context, SpanKind.CLIENT, attributes):
+            try:
+                result = await call
+            except ClaudeUnavailable as exc:
+                outcome = exc.reason
+                tracing.annotate({"hybrid.degraded": exc.reason})
+                raise
+            finally:
+                metrics.inc("hybrid_serve_claude_calls_total", role=role, outcome=outcome)
+                self._sync_metrics()
+            u = result.usage
+            score = getattr(result.output, "score", None) if role == "verify" else None
+            tracing.annotate(
+                {
+                    "gen_ai.usage.input_tokens": u.input_tokens,
+                    "gen_ai.usage.output_tokens": u.output_tokens,
+                    "gen_ai.usage.cache_read.input_tokens": u.cache_read_tokens,
+                    "gen_ai.usage.cache_creation.input_tokens": u.cache_write_tokens,
+                    "hybrid.cost_usd": u.cost_usd,
+                    "hybrid.claude.retries": max(0, u.attempts - 1),
+                    "hybrid.pii_redacted": result.redacted,
+                    "hybrid.verification.score": score,
+                }
+            )
+            return result
 
     async def rewrite(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
+        self,
+        request_id: str,
+        query: str,
+        passages: Sequence[Passage],
+        pii: str,
+        trace_context: TraceContext = None,
     ) -> ClaudeResult:
-        return await self.gateway.rewrite(request_id, query, passages, pii)  # type: ignore[arg-type]
+        call = self.gateway.rewrite(request_id, query, passages, pii)  # type: ignore[arg-type]
+        return await self._role("rewrite", trace_context, call)
 
     async def plan(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
+        self,
+        request_id: str,
+        query: str,
+        passages: Sequence[Passage],
+        pii: str,
+        trace_context: TraceContext = None,
     ) -> ClaudeResult:
-        return await self.gateway.plan(request_id, query, passages, pii)  # type: ignore[arg-type]
+        call = self.gateway.plan(request_id, query, passages, pii)  # type: ignore[arg-type]
+        return await self._role("plan", trace_context, call)
 
     async def verify(
-        self, request_id: str, query: str, answer: str, passages: Sequence[Passage], pii: str
+        self,
+        request_id: str,
+        query: str,
+        answer: str,
+        passages: Sequence[Passage],
+        pii: str,
+        trace_context: TraceContext = None,
     ) -> ClaudeResult:
-        return await self.gateway.verify(request_id, query, answer, passages, pii)  # type: ignore[arg-type]
+        call = self.gateway.verify(request_id, query, answer, passages, pii)  # type: ignore[arg-type]
+        return await self._role("verify", trace_context, call)
 
     async def answer(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: str, notes: str = ""
+        self,
+        request_id: str,
+        query: str,
+        passages: Sequence[Passage],
+        pii: str,
+        notes: str = "",
+        trace_context: TraceContext = None,
     ) -> ClaudeResult:
-        return await self.gateway.answer(request_id, query, passages, pii, notes)  # type: ignore[arg-type]
+        call = self.gateway.answer(request_id, query, passages, pii, notes)  # type: ignore[arg-type]
+        return await self._role("answer", trace_context, call)
 
     async def finish_request(
-        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+        self,
+        request_id: str,
+        slm_cost_usd: float,
+        all_claude_estimate_usd: float,
+        trace_context: TraceContext = None,
     ) -> None:
         self.gateway.finish_request(request_id, slm_cost_usd, all_claude_estimate_usd)
 
     async def status(self) -> dict[str, Any]:
+        self._sync_metrics()  # readiness probes keep the circuit and budget gauges fresh
         return {**self.gateway.status(), "placement": placement()}

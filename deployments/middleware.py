@@ -1,19 +1,27 @@
-"""ASGI middleware in front of every route: API keys, admission control, body size.
+"""ASGI middleware in front of every route: telemetry, API keys, admission control, body size.
 
-Order, outermost first: keys (a stranger learns nothing, not even a limit), admission (shed load
-before reading bodies), body size.
+Order, outermost first: telemetry (every request, refused or not, has a span, a metric and a log
+line), keys (a stranger learns nothing, not even a limit), admission (shed load before reading
+bodies), body size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import logging
+import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agents import tracing
 from deployments.errors import error_response
+from deployments.metrics import metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -165,3 +173,154 @@ class BodyLimitMiddleware:
             413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
         )
         await response(scope, receive, send)
+
+
+# -- telemetry ---------------------------------------------------------------------------------
+
+ENDPOINTS = frozenset(
+    {
+        "/v1/answer",
+        "/v1/search",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/documents",
+        "/v1/usage",
+        "/healthz",
+        "/readyz",
+        "/docs",
+        "/openapi.json",
+    }
+)
+# What a handler may add to the request's log line and metrics (through request.state.outcome):
+# numbers, ids and enums only, never text.
+OUTCOME_FIELDS = (
+    "answer_route",
+    "confidence",
+    "escalated",
+    "reasons",
+    "degraded",
+    "cost_usd",
+    "verification_score",
+    "subtasks",
+    "tokens_in",
+    "tokens_out",
+)
+
+
+def endpoint_of(path: str) -> str:
+    """A low-cardinality name for metrics and span names: document ids are not labels."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v1/documents/"):
+        return "/v1/documents/{doc_id}"
+    return "other"
+
+
+class JSONLineFormatter(logging.Formatter):
+    """One JSON object per line: the record's message and its `fields` extra."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        return json.dumps(line, separators=(",", ":"), default=str)
+
+
+def request_logger() -> logging.Logger:
+    """`hybrid_serve.requests`: JSON lines on stderr (Ray keeps them in the replica's log)."""
+    logger = logging.getLogger("hybrid_serve.requests")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JSONLineFormatter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+class RequestTelemetryMiddleware:
+    """The request's server span (continuing a caller's W3C `traceparent`), its metrics and one
+    JSON log line. Headers other than the trace context are never read: no key can leak."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.log = request_logger()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = endpoint_of(_path(scope))
+        method = scope.get("method", "GET")
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers", [])
+            if k in (b"traceparent", b"tracestate")
+        }
+        state: dict[str, Any] = scope.setdefault("state", {})
+        status = 500  # if the app ends without starting a response
+        start = time.perf_counter()
+
+        def annotate() -> None:
+            outcome = state.get("outcome") or {}
+            tracing.set_attributes(
+                span,
+                {
+                    "http.response.status_code": status,
+                    "hybrid.route": outcome.get("answer_route"),
+                    "hybrid.confidence": outcome.get("confidence"),
+                },
+            )
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                annotate()
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                annotate()  # a stream's outcome is known at its end; an outer span may end here
+            await send(message)
+
+        attributes = {"http.request.method": method, "http.route": endpoint}
+        with tracing.request_span(f"{method} {endpoint}", carrier, attributes) as span:
+            state["trace_id"] = tracing.trace_id()
+            try:
+                await self.app(scope, receive, observed_send)
+            finally:
+                latency_ms = (time.perf_counter() - start) * 1000
+                outcome = {
+                    k: v for k, v in (state.get("outcome") or {}).items() if k in OUTCOME_FIELDS
+                }
+                self._record(method, endpoint, status, latency_ms, state["trace_id"], outcome)
+
+    def _record(
+        self,
+        method: str,
+        endpoint: str,
+        status: int,
+        latency_ms: float,
+        trace_id: str,
+        outcome: dict[str, Any],
+    ) -> None:
+        route = str(outcome.get("answer_route") or "none")
+        metrics.inc(
+            "hybrid_serve_requests_total", endpoint=endpoint, answer_route=route, status=str(status)
+        )
+        metrics.observe(
+            "hybrid_serve_request_latency_ms", latency_ms, endpoint=endpoint, answer_route=route
+        )
+        if endpoint in ("/healthz", "/readyz"):
+            return  # probes: counted, not logged
+        fields = {
+            "trace_id": trace_id,
+            "method": method,
+            "endpoint": endpoint,
+            "status": status,
+            "latency_ms": round(latency_ms, 1),
+            **outcome,
+        }
+        self.log.info("request", extra={"fields": fields})

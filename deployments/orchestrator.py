@@ -4,7 +4,6 @@ import asyncio
 import json
 import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -15,6 +14,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from agents import tracing
 from agents.citations import as_numbered, finalize
 from agents.claude import ClaudeResult, ClaudeUnavailable
 from agents.confidence import score_answer
@@ -37,7 +37,13 @@ from cluster import __version__
 from cluster.config import HTTPConfig, HybridServeConfig
 from deployments import openai_api as oai
 from deployments.errors import APIError, error_body, error_responses, install_error_handlers
-from deployments.middleware import AdmissionMiddleware, APIKeyMiddleware, BodyLimitMiddleware
+from deployments.metrics import record_answer
+from deployments.middleware import (
+    AdmissionMiddleware,
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestTelemetryMiddleware,
+)
 from deployments.placement import placement
 from deployments.retriever import IndexNotReady
 from retrieval.store import DocRecord, NewDocument
@@ -57,24 +63,22 @@ app.add_middleware(
     retry_after_s=lambda: app.state.http.retry_after_s,
 )
 app.add_middleware(APIKeyMiddleware, keys=lambda: app.state.http.api_keys)
+app.add_middleware(RequestTelemetryMiddleware)
 
 log = logging.getLogger("ray.serve")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 STATUS_TIMEOUT_S = 5.0
 CLAUDE_STATUS_TTL_S = 10.0
-
-
-def _trace_id(request: Request) -> str:
-    """Continue the caller's W3C trace when it sends one, else start a new trace id."""
-    match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
-    if match and match.group(1) != "0" * 32:
-        return match.group(1)
-    return secrets.token_hex(16)
 
 
 def _cause(exc: BaseException) -> BaseException:
     """The exception raised inside a replica, unwrapped from Ray's RayTaskError."""
     return getattr(exc, "cause", None) or exc
+
+
+def _observed(request: Request, answer: AnswerResponse) -> AnswerResponse:
+    """The answer's metrics, and its outcome for the request's log line and span."""
+    request.state.outcome = record_answer(answer)
+    return answer
 
 
 class ClaudeViaHandle:
@@ -85,7 +89,8 @@ class ClaudeViaHandle:
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:
-            return await getattr(self.handle, method).remote(*args)
+            call = getattr(self.handle, method)
+            return await call.remote(*args, trace_context=tracing.carrier())
         except Exception as exc:
             cause = _cause(exc)
             if isinstance(cause, ClaudeUnavailable):
@@ -124,6 +129,7 @@ class Orchestrator:
         config: dict[str, Any],
     ) -> None:
         self.cfg = HybridServeConfig.from_args(config)
+        tracing.setup("Orchestrator", self.cfg.tracing)
         self.retriever = retriever
         self.slm = slm
         self.claude = claude
@@ -168,10 +174,12 @@ class Orchestrator:
             raise
 
     async def _retrieve(self, query: str, top_k: int) -> list[Passage]:
-        return await self._call(self.retriever.search.remote(query, top_k))
+        return await self._call(
+            self.retriever.search.remote(query, top_k, trace_context=tracing.carrier())
+        )
 
     async def _generate(self, req: GenerationRequest) -> GenerationResult:
-        return await self._call(self.slm.generate.remote(req))
+        return await self._call(self.slm.generate.remote(req, trace_context=tracing.carrier()))
 
     async def _claude(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -214,15 +222,15 @@ class Orchestrator:
         },
     )
     async def answer(self, body: AnswerRequest, request: Request) -> Any:
-        request.state.trace_id = trace_id = _trace_id(request)
+        trace_id = request.state.trace_id
         self._check_query(body.query)
         down = await self._claude_down()
         if body.stream:
-            return await self._stream_answer(body, trace_id, down)
-        return await self.lead.answer(body, trace_id, claude_down=down)
+            return await self._stream_answer(body, request, down)
+        return _observed(request, await self.lead.answer(body, trace_id, claude_down=down))
 
     async def _stream_answer(
-        self, body: AnswerRequest, trace_id: str, down: str | None
+        self, body: AnswerRequest, request: Request, down: str | None
     ) -> StreamingResponse:
         """Events as the lead makes progress. Nothing is sent until the first event, so a request
         that fails early (overload, index not ready) still gets its HTTP status."""
@@ -233,7 +241,10 @@ class Orchestrator:
 
         async def run() -> None:
             try:
-                response = await self.lead.answer(body, trace_id, claude_down=down, emit=emit)
+                response = await self.lead.answer(
+                    body, request.state.trace_id, claude_down=down, emit=emit
+                )
+                _observed(request, response)
                 await queue.put(("done", response.model_dump(mode="json")))
             finally:
                 await queue.put(None)
@@ -266,7 +277,9 @@ class Orchestrator:
     async def search(self, body: SearchRequest) -> SearchResponse:
         self._check_query(body.query)
         passages, version = await self._call(
-            self.retriever.search_versioned.remote(body.query, body.top_k)
+            self.retriever.search_versioned.remote(
+                body.query, body.top_k, trace_context=tracing.carrier()
+            )
         )
         return SearchResponse(passages=passages, index_version=version)
 
@@ -282,7 +295,7 @@ class Orchestrator:
         responses=error_responses(401, 404, 413, 422, 503),
     )
     async def chat_completions(self, body: oai.ChatCompletionRequest, request: Request) -> Any:
-        request.state.trace_id = trace_id = _trace_id(request)
+        trace_id = request.state.trace_id
         if body.model not in oai.MODELS:
             raise APIError(
                 404,
@@ -311,12 +324,13 @@ class Orchestrator:
         history = [{"role": m.role, "content": m.text()} for m in body.messages[:-1]]
         cid = oai.completion_id()
         if body.model == "slm" and body.stream:
-            return self._sse(self._stream_slm(cid, body, query, history, trace_id))
+            return self._sse(self._stream_slm(cid, body, query, history, request))
         if body.model == "slm":
             answer, finish = await self._slm_only(body, query, history, trace_id)
         else:
             answer = await self._hybrid(body, query, history, trace_id)
             finish = "stop"
+        _observed(request, answer)
         if body.stream:
             return self._sse(self._stream_done(cid, body, answer))
         return oai.completion(cid, body.model, answer.answer, finish, answer)
@@ -405,12 +419,14 @@ class Orchestrator:
         body: oai.ChatCompletionRequest,
         query: str,
         history: list[dict[str, str]],
-        trace_id: str,
+        request: Request,
     ) -> AsyncIterator[str]:
         passages, gen_req = await self._slm_inputs(body, query, history)
         yield oai.chunk(cid, body.model, {"role": "assistant", "content": ""})
         result: GenerationResult | None = None
-        stream = self.slm.options(stream=True).generate_stream.remote(gen_req)
+        stream = self.slm.options(stream=True).generate_stream.remote(
+            gen_req, trace_context=tracing.carrier()
+        )
         async for item in stream:
             if isinstance(item, GenerationResult):
                 result = item
@@ -418,7 +434,8 @@ class Orchestrator:
                 yield oai.chunk(cid, body.model, {"content": item})
         if result is None:
             raise APIError(503, "the SLM stream ended early; retry", "slm_stream_ended")
-        answer = self._slm_answer(query, passages, result, trace_id, renumber=False)
+        answer = self._slm_answer(query, passages, result, request.state.trace_id, renumber=False)
+        _observed(request, answer)
         finish = "length" if result.finish_reason == "length" else "stop"
         yield oai.chunk(cid, body.model, {}, finish, {"hybrid": oai.hybrid_extension(answer)})
         if body.stream_options and body.stream_options.include_usage:
@@ -473,7 +490,9 @@ class Orchestrator:
     ) -> dict[str, Any]:
         docs = body.documents if isinstance(body, DocumentBatch) else [body]
         new = [NewDocument(id=d.id, title=d.title, text=d.text, metadata=d.metadata) for d in docs]
-        result = await self._call(self.retriever.upsert.remote(new))
+        result = await self._call(
+            self.retriever.upsert.remote(new, trace_context=tracing.carrier())
+        )
         return {"ids": result["ids"], "index_version": result["index_version"]}
 
     @app.get(
@@ -482,7 +501,9 @@ class Orchestrator:
         responses=error_responses(401, 404, 503),
     )
     async def get_document(self, doc_id: str) -> DocumentInfo:
-        record: DocRecord | None = await self._call(self.retriever.get.remote(doc_id))
+        record: DocRecord | None = await self._call(
+            self.retriever.get.remote(doc_id, trace_context=tracing.carrier())
+        )
         if record is None:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         status = await self._call(self.retriever.status.remote())
@@ -497,7 +518,9 @@ class Orchestrator:
 
     @app.delete("/v1/documents/{doc_id:path}", responses=error_responses(401, 404, 503))
     async def delete_document(self, doc_id: str) -> dict[str, Any]:
-        result = await self._call(self.retriever.delete.remote([doc_id]))
+        result = await self._call(
+            self.retriever.delete.remote([doc_id], trace_context=tracing.carrier())
+        )
         if not result["deleted"]:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         return {"id": doc_id, "deleted": True, "index_version": result["index_version"]}

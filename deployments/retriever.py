@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from importlib import resources
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve
 
+from agents import tracing
 from agents.schemas import Passage
 from cluster.config import HybridServeConfig
+from deployments.metrics import keep_gauges_fresh, metrics
 from deployments.placement import placement
 from retrieval.embedder import Embedder
 from retrieval.store import DocRecord, IndexStore, NewDocument
 
 log = logging.getLogger("ray.serve")
+TraceContext = dict[str, str] | None
 
 
 class IndexNotReady(RuntimeError):
@@ -48,6 +53,7 @@ def sample_corpus() -> list[NewDocument]:
 class RetrieverDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg = HybridServeConfig.from_args(config)
+        tracing.setup("Retriever", self.cfg.tracing)
         rc = self.cfg.retriever
         self.embedder = Embedder(rc.embedding_model, batch_size=rc.embed_batch_size)
         self.store = IndexStore(
@@ -64,6 +70,7 @@ class RetrieverDeployment:
         self.progress: dict[str, int] = {}
         self.error: str | None = None
         self.store.refresh()
+        keep_gauges_fresh(self._index_gauges)
         if self.store.exists() or not rc.index_sample_corpus:
             self.state = "ready"
         else:
@@ -90,49 +97,88 @@ class RetrieverDeployment:
         if self.state != "ready":
             raise IndexNotReady(f"index is {self.state}")
 
-    async def search(self, query: str, top_k: int = 5) -> list[Passage]:
-        return (await self.search_versioned(query, top_k))[0]
+    def _index_gauges(self) -> dict[str, Any]:
+        """Sets the index gauges from the snapshot served (no I/O: safe from the gauge thread)."""
+        stats = self.store.stats()
+        metrics.set("hybrid_serve_index_documents", stats["documents"])
+        metrics.set("hybrid_serve_index_chunks", stats["chunks"])
+        metrics.set("hybrid_serve_index_version", stats["version"])
+        return stats
 
-    async def search_versioned(self, query: str, top_k: int = 5) -> tuple[list[Passage], int]:
+    async def search(
+        self, query: str, top_k: int = 5, trace_context: TraceContext = None
+    ) -> list[Passage]:
+        return (await self.search_versioned(query, top_k, trace_context))[0]
+
+    async def search_versioned(
+        self, query: str, top_k: int = 5, trace_context: TraceContext = None
+    ) -> tuple[list[Passage], int]:
         """The hits and the index version served (one call instead of search + status)."""
-        self._require_ready()
-        rc = self.cfg.retriever
-        self.store.refresh()
-        snapshot = self.store.snapshot
-        hits = await asyncio.to_thread(
-            self.store.search,
-            query,
-            top_k,
-            rc.candidates,
-            rc.rrf_k,
-            rc.dense_weight,
-            rc.bm25_weight,
-        )
-        return hits, snapshot.version if snapshot else 0
+        attributes = {"hybrid.retrieval.top_k": top_k}
+        with tracing.span("Retriever.search", trace_context, SpanKind.SERVER, attributes):
+            self._require_ready()
+            rc = self.cfg.retriever
+            self.store.refresh()
+            snapshot = self.store.snapshot
+            start = time.perf_counter()
+            hits = await asyncio.to_thread(
+                self.store.search,
+                query,
+                top_k,
+                rc.candidates,
+                rc.rrf_k,
+                rc.dense_weight,
+                rc.bm25_weight,
+            )
+            latency_ms = (time.perf_counter() - start) * 1000
+            metrics.observe("hybrid_serve_retrieval_latency_ms", latency_ms)
+            version = snapshot.version if snapshot else 0
+            tracing.annotate(
+                {
+                    "hybrid.retrieval.hits": len(hits),
+                    "hybrid.index.version": version,
+                    "hybrid.retrieval.index_type": rc.index_type,
+                }
+            )
+            return hits, version
 
-    async def upsert(self, documents: list[NewDocument]) -> dict[str, Any]:
-        self._require_ready()
-        version, ids = await asyncio.to_thread(self.store.upsert, documents)
-        return {"index_version": version, "ids": ids}
+    async def upsert(
+        self, documents: list[NewDocument], trace_context: TraceContext = None
+    ) -> dict[str, Any]:
+        attributes = {"hybrid.documents": len(documents)}
+        with tracing.span("Retriever.upsert", trace_context, SpanKind.SERVER, attributes):
+            self._require_ready()
+            version, ids = await asyncio.to_thread(self.store.upsert, documents)
+            tracing.annotate({"hybrid.index.version": version})
+            self._index_gauges()
+            return {"index_version": version, "ids": ids}
 
-    async def delete(self, doc_ids: list[str]) -> dict[str, Any]:
-        self._require_ready()
-        version, deleted = await asyncio.to_thread(self.store.delete, doc_ids)
-        return {"index_version": version, "deleted": deleted}
+    async def delete(
+        self, doc_ids: list[str], trace_context: TraceContext = None
+    ) -> dict[str, Any]:
+        attributes = {"hybrid.documents": len(doc_ids)}
+        with tracing.span("Retriever.delete", trace_context, SpanKind.SERVER, attributes):
+            self._require_ready()
+            version, deleted = await asyncio.to_thread(self.store.delete, doc_ids)
+            self._index_gauges()
+            return {"index_version": version, "deleted": deleted}
 
-    async def get(self, doc_id: str) -> DocRecord | None:
-        self._require_ready()
-        self.store.refresh()
-        return self.store.get(doc_id)
+    async def get(self, doc_id: str, trace_context: TraceContext = None) -> DocRecord | None:
+        with tracing.span("Retriever.get", trace_context, SpanKind.SERVER):
+            self._require_ready()
+            self.store.refresh()
+            return self.store.get(doc_id)
 
     async def status(self) -> dict[str, Any]:
+        stats = self.store.stats()
         if self.state == "ready":
             self.store.refresh()
+            stats = self._index_gauges()
         return {
             "ready": self.state == "ready",
             "state": self.state,
             "progress": self.progress,
             "error": self.error,
-            **self.store.stats(),
+            **stats,
             "placement": placement(),
         }

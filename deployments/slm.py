@@ -5,29 +5,78 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve
 
+from agents import tracing
 from agents.schemas import GenerationRequest, GenerationResult
 from cluster.config import HybridServeConfig
+from deployments.metrics import metrics
 from deployments.placement import placement
 from engines import make_engine
+
+TraceContext = dict[str, str] | None
+
+
+def generation_attributes(engine: str, model: str, request: GenerationRequest) -> dict[str, Any]:
+    """GenAI semantic conventions for one generation (no prompt text: it may be sensitive)."""
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": engine,
+        "gen_ai.request.model": model,
+        "gen_ai.request.max_tokens": request.max_tokens,
+        "gen_ai.request.temperature": request.temperature,
+    }
+
+
+def record_generation(result: GenerationResult) -> None:
+    """Usage on the current span, and the SLM token metrics."""
+    tok_s = result.completion_tokens / result.seconds if result.seconds > 0 else None
+    tracing.annotate(
+        {
+            "gen_ai.response.model": result.model or None,
+            "gen_ai.response.finish_reasons": [result.finish_reason],
+            "gen_ai.usage.input_tokens": result.prompt_tokens,
+            "gen_ai.usage.output_tokens": result.completion_tokens,
+            "hybrid.slm.tokens_per_second": round(tok_s, 2) if tok_s else None,
+        }
+    )
+    metrics.inc("hybrid_serve_slm_tokens_total", result.prompt_tokens, kind="prompt")
+    metrics.inc("hybrid_serve_slm_tokens_total", result.completion_tokens, kind="completion")
+    if tok_s and result.completion_tokens:
+        metrics.observe("hybrid_serve_slm_tokens_per_second", tok_s)
 
 
 @serve.deployment(name="SLM")
 class SLMDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = HybridServeConfig.from_args(config)
+        tracing.setup("SLM", cfg.tracing)
         self.engine = make_engine(cfg.slm, replicas_on_node=cfg.slm.replicas)
+        self.engine_kind = cfg.slm.engine
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await self.engine.generate(request)
+    def _attributes(self, request: GenerationRequest) -> dict[str, Any]:
+        return generation_attributes(self.engine_kind, self.engine.model_name, request)
+
+    async def generate(
+        self, request: GenerationRequest, trace_context: TraceContext = None
+    ) -> GenerationResult:
+        attributes = self._attributes(request)
+        with tracing.span("SLM.generate", trace_context, SpanKind.SERVER, attributes):
+            result = await self.engine.generate(request)
+            record_generation(result)
+            return result
 
     async def generate_stream(
-        self, request: GenerationRequest
+        self, request: GenerationRequest, trace_context: TraceContext = None
     ) -> AsyncIterator[str | GenerationResult]:
         """Text deltas, then the GenerationResult (call with `handle.options(stream=True)`)."""
-        async for item in self.engine.stream(request):
-            yield item
+        attributes = {**self._attributes(request), "hybrid.stream": True}
+        with tracing.span("SLM.generate_stream", trace_context, SpanKind.SERVER, attributes):
+            async for item in self.engine.stream(request):
+                if isinstance(item, GenerationResult):
+                    record_generation(item)
+                yield item
 
     async def status(self) -> dict[str, Any]:
         return {

@@ -39,6 +39,8 @@ def llm_config_kwargs(cfg: HybridServeConfig) -> dict[str, Any]:
     }
     if v.accelerator_type:
         kwargs["accelerator_type"] = v.accelerator_type
+    if cfg.tracing.env():  # LLMServer gets no hybrid-serve config: tracing settings go by env
+        kwargs["runtime_env"] = {"env_vars": cfg.tracing.env()}
     return kwargs
 
 

@@ -12,14 +12,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 
+from agents import tracing
 from agents.schemas import GenerationRequest, GenerationResult
 from cluster.config import HybridServeConfig
 from deployments.placement import placement
+from deployments.slm import TraceContext, generation_attributes, record_generation
 from engines.chat_wire import StreamTally, chat_params, completion_result
 from engines.vllm_options import llm_config_kwargs
 
@@ -42,19 +45,39 @@ class HybridLLMServer(LLMServer):
     def _model_id(self) -> str:
         return self._llm_config.model_loading_config.model_id
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        start = time.perf_counter()
-        response: Any = None
-        async for item in await self.chat(_chat_request(self._model_id, request, stream=False)):
-            response = item
-        if response is None or isinstance(response, ErrorResponse):
-            raise VLLMEngineError(getattr(getattr(response, "error", None), "message", "no output"))
-        return completion_result(response, self._model_id, start)
+    def _attributes(self, request: GenerationRequest) -> dict[str, Any]:
+        tracing.setup("SLM")  # once per replica; settings by env (see llm_config_kwargs)
+        return generation_attributes("vllm", self._model_id, request)
+
+    async def generate(
+        self, request: GenerationRequest, trace_context: TraceContext = None
+    ) -> GenerationResult:
+        attributes = self._attributes(request)
+        with tracing.span("SLM.generate", trace_context, SpanKind.SERVER, attributes):
+            start = time.perf_counter()
+            response: Any = None
+            chat = _chat_request(self._model_id, request, stream=False)
+            async for item in await self.chat(chat):
+                response = item
+            if response is None or isinstance(response, ErrorResponse):
+                error = getattr(getattr(response, "error", None), "message", "no output")
+                raise VLLMEngineError(error)
+            result = completion_result(response, self._model_id, start)
+            record_generation(result)
+            return result
 
     async def generate_stream(
-        self, request: GenerationRequest
+        self, request: GenerationRequest, trace_context: TraceContext = None
     ) -> AsyncIterator[str | GenerationResult]:
         """Text deltas, then the GenerationResult (call with `handle.options(stream=True)`)."""
+        attributes = {**self._attributes(request), "hybrid.stream": True}
+        with tracing.span("SLM.generate_stream", trace_context, SpanKind.SERVER, attributes):
+            async for item in self._stream(request):
+                if isinstance(item, GenerationResult):
+                    record_generation(item)
+                yield item
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         tally = StreamTally(self._model_id)
         stream = await self.chat(_chat_request(self._model_id, request, stream=True))
         async for batch in stream:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.otlp_receiver import OTLPReceiver
 from cluster.config import HybridServeConfig
 from cluster.local import free_port
 from tests.support.messages_api import MessagesAPIServer
@@ -60,6 +61,8 @@ class App:
     url: str
     cfg: HybridServeConfig
     claude: MessagesAPIServer
+    otlp: OTLPReceiver  # every span the cluster exports
+    metrics_url: str  # Ray's Prometheus endpoint on this node
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +73,13 @@ def claude_server() -> Iterator[MessagesAPIServer]:
 
 
 @pytest.fixture(scope="session")
-def app(tmp_path_factory, claude_server) -> Iterator[App]:
+def otlp_receiver() -> Iterator[OTLPReceiver]:
+    with OTLPReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory, claude_server, otlp_receiver) -> Iterator[App]:
     import ray
     from ray import serve
 
@@ -90,6 +99,12 @@ def app(tmp_path_factory, claude_server) -> Iterator[App]:
     # calls the local Messages-API server.
     os.environ["ANTHROPIC_API_KEY"] = "sk-test-local-only"
     os.environ["ANTHROPIC_BASE_URL"] = claude_server.url
+    # Tracing on, by the standard variables, to a real OTLP/HTTP receiver: every test's requests
+    # are traced, and the observability tests read the spans back.
+    os.environ["OTEL_TRACES_EXPORTER"] = "otlp"
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_receiver.endpoint
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+    metrics_port = free_port()
     # Two logical GPUs: placement of GPU replicas is tested without a GPU (nothing else asks).
     ray.init(
         num_cpus=4,
@@ -97,12 +112,19 @@ def app(tmp_path_factory, claude_server) -> Iterator[App]:
         include_dashboard=False,
         log_to_driver=False,
         logging_level="WARNING",
+        _metrics_export_port=metrics_port,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
-    yield App(url=url, cfg=cfg, claude=claude_server)
+    yield App(
+        url=url,
+        cfg=cfg,
+        claude=claude_server,
+        otlp=otlp_receiver,
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+    )
     serve.shutdown()
     ray.shutdown()
 
