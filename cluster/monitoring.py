@@ -134,6 +134,18 @@ def render_dashboard() -> dict[str, Any]:
             "reqps",
         ),
         _panel(
+            "Reads repeated after a replica died / s",
+            [
+                (
+                    f"sum by (target) (rate({_m('hybrid_serve_replica_retries_total')}{RATE}))",
+                    "{{target}}",
+                )
+            ],
+            0,
+            56,
+            "reqps",
+        ),
+        _panel(
             "Answer latency",
             _quantiles("hybrid_serve_request_latency_ms", "answer_route", answers),
             0,

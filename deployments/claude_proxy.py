@@ -168,6 +168,6 @@ class ClaudeProxy:
     ) -> None:
         self.gateway.finish_request(request_id, slm_cost_usd, all_claude_estimate_usd)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         self._sync_metrics()  # readiness probes keep the circuit and budget gauges fresh
         return {**self.gateway.status(), "placement": placement()}

@@ -76,6 +76,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "ms",
     ),
     MetricSpec(
+        "hybrid_serve_replica_retries_total",
+        "counter",
+        "Reads repeated because the replica serving them died, by target deployment.",
+        ("target",),
+    ),
+    MetricSpec(
         "hybrid_serve_request_cost_usd_total",
         "counter",
         "Cost of answered requests by kind: claude (spent), slm (replica time), "

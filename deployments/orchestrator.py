@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -37,7 +38,7 @@ from cluster import __version__
 from cluster.config import HTTPConfig, HybridServeConfig
 from deployments import openai_api as oai
 from deployments.errors import APIError, error_body, error_responses, install_error_handlers
-from deployments.metrics import record_answer
+from deployments.metrics import metrics, record_answer
 from deployments.middleware import (
     AdmissionMiddleware,
     APIKeyMiddleware,
@@ -67,7 +68,14 @@ app.add_middleware(RequestTelemetryMiddleware)
 
 log = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 5.0
+# Waits before each repeat of a read whose replica died: Serve's routers learn of the death within
+# about a second, and its controller starts a replacement.
+REPLICA_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 CLAUDE_STATUS_TTL_S = 10.0
+
+
+def _deployment_of(method: Any) -> str:
+    return str(getattr(method, "deployment_name", "unknown"))
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -159,27 +167,48 @@ class Orchestrator:
 
     # -- calls to other deployments, with their failures mapped to HTTP ---------------------
 
-    async def _call(self, response: Any) -> Any:
-        try:
-            return await response
-        except BackPressureError as exc:
-            raise APIError(
-                503, "the cluster is at capacity; retry shortly", "overloaded", {"Retry-After": "2"}
-            ) from exc
-        except Exception as exc:
-            if isinstance(_cause(exc), IndexNotReady):
+    async def _call(self, method: Any, *args: Any, retry: bool = False) -> Any:
+        """`method` of another deployment's handle, with the trace context. `retry`: the call is
+        a read, so when its replica dies under it the call goes again, to a live replica (or
+        Serve's replacement); a write is never repeated behind the client's back."""
+        attempts = 1 + (len(REPLICA_RETRY_BACKOFF_S) if retry else 0)
+        for attempt in range(attempts):
+            try:
+                return await method.remote(*args, trace_context=tracing.carrier())
+            except BackPressureError as exc:
                 raise APIError(
-                    503, f"{_cause(exc)}; retry shortly", "index_not_ready", {"Retry-After": "5"}
+                    503,
+                    "the cluster is at capacity; retry shortly",
+                    "overloaded",
+                    {"Retry-After": "2"},
                 ) from exc
-            raise
+            except RayActorError as exc:
+                if attempt + 1 == attempts:
+                    raise APIError(
+                        503,
+                        "a replica failed during the request and it was not retried; retry",
+                        "replica_failed",
+                        {"Retry-After": "1"},
+                    ) from exc
+                metrics.inc("hybrid_serve_replica_retries_total", target=_deployment_of(method))
+                tracing.annotate({"hybrid.replica_retries": attempt + 1})
+                await asyncio.sleep(REPLICA_RETRY_BACKOFF_S[attempt])
+            except Exception as exc:
+                if isinstance(_cause(exc), IndexNotReady):
+                    raise APIError(
+                        503,
+                        f"{_cause(exc)}; retry shortly",
+                        "index_not_ready",
+                        {"Retry-After": "5"},
+                    ) from exc
+                raise
+        raise AssertionError("unreachable")
 
     async def _retrieve(self, query: str, top_k: int) -> list[Passage]:
-        return await self._call(
-            self.retriever.search.remote(query, top_k, trace_context=tracing.carrier())
-        )
+        return await self._call(self.retriever.search, query, top_k, retry=True)
 
     async def _generate(self, req: GenerationRequest) -> GenerationResult:
-        return await self._call(self.slm.generate.remote(req, trace_context=tracing.carrier()))
+        return await self._call(self.slm.generate, req, retry=True)
 
     async def _claude(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -277,9 +306,7 @@ class Orchestrator:
     async def search(self, body: SearchRequest) -> SearchResponse:
         self._check_query(body.query)
         passages, version = await self._call(
-            self.retriever.search_versioned.remote(
-                body.query, body.top_k, trace_context=tracing.carrier()
-            )
+            self.retriever.search_versioned, body.query, body.top_k, retry=True
         )
         return SearchResponse(passages=passages, index_version=version)
 
@@ -490,9 +517,7 @@ class Orchestrator:
     ) -> dict[str, Any]:
         docs = body.documents if isinstance(body, DocumentBatch) else [body]
         new = [NewDocument(id=d.id, title=d.title, text=d.text, metadata=d.metadata) for d in docs]
-        result = await self._call(
-            self.retriever.upsert.remote(new, trace_context=tracing.carrier())
-        )
+        result = await self._call(self.retriever.upsert, new)
         return {"ids": result["ids"], "index_version": result["index_version"]}
 
     @app.get(
@@ -501,12 +526,10 @@ class Orchestrator:
         responses=error_responses(401, 404, 503),
     )
     async def get_document(self, doc_id: str) -> DocumentInfo:
-        record: DocRecord | None = await self._call(
-            self.retriever.get.remote(doc_id, trace_context=tracing.carrier())
-        )
+        record: DocRecord | None = await self._call(self.retriever.get, doc_id, retry=True)
         if record is None:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
-        status = await self._call(self.retriever.status.remote())
+        status = await self._call(self.retriever.status, retry=True)
         return DocumentInfo(
             id=record.id,
             title=record.title,
@@ -518,16 +541,14 @@ class Orchestrator:
 
     @app.delete("/v1/documents/{doc_id:path}", responses=error_responses(401, 404, 503))
     async def delete_document(self, doc_id: str) -> dict[str, Any]:
-        result = await self._call(
-            self.retriever.delete.remote([doc_id], trace_context=tracing.carrier())
-        )
+        result = await self._call(self.retriever.delete, [doc_id])
         if not result["deleted"]:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         return {"id": doc_id, "deleted": True, "index_version": result["index_version"]}
 
     @app.get("/v1/usage", summary="Totals of the cost ledger: Claude spend, SLM cost, savings")
     async def usage(self) -> dict[str, Any]:
-        status = await self._call(self.claude.status.remote())
+        status = await self._call(self.claude.status, retry=True)
         totals = status.get("totals", {})
         estimate = totals.get("all_claude_cost_usd_estimate", 0.0)
         spent = totals.get("cost_usd", 0.0) + totals.get("slm_cost_usd", 0.0)

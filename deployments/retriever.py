@@ -169,7 +169,7 @@ class RetrieverDeployment:
             self.store.refresh()
             return self.store.get(doc_id)
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         stats = self.store.stats()
         if self.state == "ready":
             self.store.refresh()

@@ -43,6 +43,14 @@ def wait_ready(url: str, timeout: float = 300.0) -> dict:
     raise TimeoutError(f"{url} not ready: {last}")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--reliability-long",
+        action="store_true",
+        help="run the reliability tests at full length (minutes to an hour), not CI's short form",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     # Tests that start their own cluster (`hybrid-serve up`) run before the shared one exists,
     # so two clusters never compete for the two cores.
