@@ -3,62 +3,16 @@
 These start their own cluster, so they run before the shared one (see conftest).
 """
 
-import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import free_port, wait_ready
+from tests.support.cli import CLI, Up, clean_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
-
-CLI = [sys.executable, "-m", "cluster.cli"]
-
-
-def clean_env() -> dict[str, str]:
-    """As on a fresh machine: no Claude key, no cluster to join."""
-    drop = {"ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "RAY_ADDRESS"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
-class Up:
-    def __init__(self, data_dir: Path, port: int) -> None:
-        env = {**clean_env(), "HYBRID_SERVE_SLM__MAX_TOKENS": "32", "PYTHONUNBUFFERED": "1"}
-        self.log = data_dir.parent / f"up-{port}-{time.time_ns()}.log"
-        self.out = open(self.log, "w")
-        self.proc = subprocess.Popen(
-            [*CLI, "up", "--port", str(port), "--data-dir", str(data_dir)],
-            stdout=self.out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        self.url = f"http://127.0.0.1:{port}"
-
-    def wait_for(self, needle: str, timeout: float = 300) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text()
-            if needle in text:
-                return text
-            if self.proc.poll() is not None:
-                pytest.fail(f"`up` exited {self.proc.returncode}:\n{text}")
-            time.sleep(0.5)
-        pytest.fail(f"{needle!r} not printed in {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGINT) -> int:
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=120)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.out.close()
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
