@@ -93,26 +93,34 @@ CLAUDE_ANSWER_SYSTEM = (
 )
 
 
+def inert(text: str) -> str:
+    """Text for inside a fence: it can neither close the fence nor open another (a document
+    that writes `</passages><question>...` stays quoted evidence)."""
+    return text.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _fenced(tag: str, text: str) -> str:
+    return f"<{tag}>\n{inert(text.strip())}\n</{tag}>"
+
+
 def _quoted(passages: Sequence[Passage]) -> str:
-    if not passages:
-        return "<passages>\n(none were found)\n</passages>"
-    return "<passages>\n" + format_passages(passages) + "\n</passages>"
+    return _fenced("passages", format_passages(passages) if passages else "(none were found)")
 
 
 def claude_rewrite_user(query: str, passages: Sequence[Passage]) -> str:
-    return f"{_quoted(passages)}\n\n<question>\n{query.strip()}\n</question>"
+    return f"{_quoted(passages)}\n\n{_fenced('question', query)}"
 
 
 def claude_verify_user(query: str, answer: str, passages: Sequence[Passage]) -> str:
     return (
-        f"{_quoted(passages)}\n\n<question>\n{query.strip()}\n</question>\n\n"
-        f"<candidate_answer>\n{answer.strip()}\n</candidate_answer>"
+        f"{_quoted(passages)}\n\n{_fenced('question', query)}\n\n"
+        f"{_fenced('candidate_answer', answer)}"
     )
 
 
 def claude_answer_user(query: str, passages: Sequence[Passage], notes: str = "") -> str:
-    extra = f"\n\n<reviewer_notes>\n{notes.strip()}\n</reviewer_notes>" if notes.strip() else ""
-    return f"{_quoted(passages)}\n\n<question>\n{query.strip()}\n</question>{extra}"
+    extra = f"\n\n{_fenced('reviewer_notes', notes)}" if notes.strip() else ""
+    return f"{_quoted(passages)}\n\n{_fenced('question', query)}{extra}"
 
 
 def slm_retry_messages(
