@@ -22,7 +22,7 @@ def test_replica_killed_under_load_loses_no_request(rel, tmp_path, deployment):
     before = replicas(deployment)
     assert len(before) == 2, before
     victim = before[0]
-    duration = rel.scaled(25, 180)
+    duration = rel.scaled(20, 180)
     recovered: list[float] = []
 
     def fault() -> None:
