@@ -186,7 +186,7 @@ class Orchestrator:
                 if attempt + 1 == attempts:
                     raise APIError(
                         503,
-                        "a replica failed during the request and it was not retried; retry",
+                        "a replica failed during the request; retry",
                         "replica_failed",
                         {"Retry-After": "1"},
                     ) from exc
