@@ -163,14 +163,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
 # -- k8s render ----------------------------------------------------------------------------------
 
 
+def _rendered(args: argparse.Namespace, render: Any) -> dict[str, Any] | None:
+    """`render(config)` of the profile and file the flags name; None (said why) on bad config."""
+    try:
+        return render(HybridServeConfig.load(args.config, profile=args.profile))
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        return None
+
+
 def cmd_k8s_render(args: argparse.Namespace) -> int:
     from cluster import k8s
 
-    try:
-        cfg = HybridServeConfig.load(args.config, profile=args.profile)
-        files = k8s.render_all(cfg)
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+    files = _rendered(args, k8s.render_all)
+    if files is None:
         return 2
     if args.out is None:
         sys.stdout.write(k8s.dump(files["rayservice.yaml"]))
@@ -191,11 +197,8 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 def cmd_k8s_monitoring(args: argparse.Namespace) -> int:
     from cluster import k8s, monitoring
 
-    try:
-        cfg = HybridServeConfig.load(args.config, profile=args.profile)
-        files = monitoring.render_monitoring(cfg)
-    except Exception as exc:
-        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+    files = _rendered(args, monitoring.render_monitoring)
+    if files is None:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,19 @@ def labels(component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "hybrid-serve", "app.kubernetes.io/component": component}
 
 
+def object_metadata(
+    cfg: HybridServeConfig, name: str, component: str, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Name, labels, and the namespace when the configuration sets one."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {**labels(component), **(extra_labels or {})},
+    }
+    if cfg.k8s.namespace:
+        metadata["namespace"] = cfg.k8s.namespace
+    return metadata
+
+
 def _gpu_pods(cfg: HybridServeConfig, per_replica: float) -> tuple[int, int, int]:
     """GPU worker pods for the SLM replicas, from the SLM's own bounds when it autoscales."""
     group = cfg.k8s.gpu_workers
@@ -227,13 +240,10 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                 _gpu_pods(cfg, per_replica),
             )
         )
-    metadata: dict[str, Any] = {"name": k.name, "labels": labels("rayservice")}
-    if k.namespace:
-        metadata["namespace"] = k.namespace
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": metadata,
+        "metadata": object_metadata(cfg, k.name, "rayservice"),
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config(cfg), sort_keys=False),
             "excludeHeadPodFromServeSvc": True,

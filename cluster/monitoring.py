@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from cluster.config import HybridServeConfig
-from cluster.k8s import for_kubernetes, labels
+from cluster.k8s import for_kubernetes, object_metadata
 
 PROM = "ray_"  # Ray prefixes every custom metric on its Prometheus endpoint
 DASHBOARD_UID = "hybrid-serve"
@@ -19,14 +19,11 @@ RATE = "[$__rate_interval]"
 
 
 def render_podmonitor(cfg: HybridServeConfig) -> dict[str, Any]:
-    k = for_kubernetes(cfg).k8s
-    metadata: dict[str, Any] = {"name": f"{k.name}-ray", "labels": labels("monitoring")}
-    if k.namespace:
-        metadata["namespace"] = k.namespace
+    cfg = for_kubernetes(cfg)
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": metadata,
+        "metadata": object_metadata(cfg, f"{cfg.k8s.name}-ray", "monitoring"),
         "spec": {
             "jobLabel": "ray.io/cluster",
             # Head and workers alike: each runs a metrics agent for the replicas on its node.
@@ -329,15 +326,12 @@ def render_monitoring(cfg: HybridServeConfig) -> dict[str, Any]:
     configmap: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": f"{k.name}-grafana-dashboard",
-            # The kube-prometheus-stack Grafana sidecar loads ConfigMaps with this label.
-            "labels": {**labels("monitoring"), "grafana_dashboard": "1"},
-        },
+        # The kube-prometheus-stack Grafana sidecar loads ConfigMaps with this label.
+        "metadata": object_metadata(
+            cfg, f"{k.name}-grafana-dashboard", "monitoring", {"grafana_dashboard": "1"}
+        ),
         "data": {"hybrid-serve.json": dashboard},
     }
-    if k.namespace:
-        configmap["metadata"]["namespace"] = k.namespace
     files: dict[str, Any] = {
         "podmonitor.yaml": render_podmonitor(cfg),
         "grafana-dashboard-configmap.yaml": configmap,
