@@ -81,7 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     console.print(f"hybrid-serve {__version__} — data in {cfg.data_dir}")
     try:
         with console.status("starting Ray…") as status:
-            note = local.init_ray(cfg)
+            note = local.init_ray(cfg, metrics_port=args.metrics_port)
             handle_stop_signals()  # ours again: Ctrl-C, `docker stop`, Kubernetes stop cleanly
             console.print(f"  {note}")
             status.update("deploying…")
@@ -90,6 +90,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
         )
         console.print(f'  try: hybrid-serve ask "How do I add documents?" --url {url}')
+        if args.metrics_port and not os.environ.get("RAY_ADDRESS"):
+            console.print(
+                f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus; "
+                "hybrid_serve_* are scraped as ray_hybrid_serve_*)"
+            )
         if not cfg.http.api_keys:
             console.print(
                 f"  [yellow]no API keys configured: anyone who can reach {cfg.http.host}:"
@@ -369,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="HTTP port (config http.port)")
     up.add_argument("--host", help="HTTP bind address (config http.host)")
     up.add_argument("--data-dir", help="where the index lives (config data_dir)")
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Ray's Prometheus endpoint on this port (default: one Ray picks; local start only)",
+    )
     up.set_defaults(func=cmd_up)
 
     ask = sub.add_parser("ask", help="ask a running server a question")

@@ -48,8 +48,9 @@ def check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
-def init_ray(cfg: HybridServeConfig) -> str:
-    """Join RAY_ADDRESS if set, else start a local cluster sized for the configuration."""
+def init_ray(cfg: HybridServeConfig, metrics_port: int | None = None) -> str:
+    """Join RAY_ADDRESS if set, else start a local cluster sized for the configuration, with
+    Ray's metrics endpoint on `metrics_port` when given."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
@@ -61,6 +62,8 @@ def init_ray(cfg: HybridServeConfig) -> str:
     # Logical CPUs are scheduling tokens: let a laptop run the configured replicas even when
     # they ask for more than it has, and say so.
     num_cpus = max(cores, int(required_cpus(cfg) + 0.999))
+    if metrics_port:
+        kwargs["_metrics_export_port"] = metrics_port
     ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     note = f"local Ray cluster, {num_cpus} logical CPUs"
     if num_cpus > cores:

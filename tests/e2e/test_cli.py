@@ -3,8 +3,10 @@
 These start their own cluster, so they run before the shared one (see conftest).
 """
 
+import re
 import signal
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -27,11 +29,12 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_up_ask_index_add_restart(tmp_path):
     data = tmp_path / "data"
-    port = free_port()
-    up = Up(data, port)
+    port, metrics_port = free_port(), free_port()
+    up = Up(data, port, "--metrics-port", str(metrics_port))
     try:
         out = up.wait_for("serving on")
         assert f"http://127.0.0.1:{port}" in out and "ready in" in out
+        assert f"http://127.0.0.1:{metrics_port}/metrics" in out
         assert out.count("no API keys configured") == 1
         first = wait_ready(up.url)["components"]["retriever"]
         assert first["documents"] == 8  # the bundled sample corpus, indexed on first start
@@ -40,6 +43,14 @@ def test_up_ask_index_add_restart(tmp_path):
         assert asked.returncode == 0, asked.stderr
         assert "route slm" in asked.stdout and "confidence" in asked.stdout
         assert "degraded: claude_unavailable" in asked.stdout  # no key: SLM answers, says so
+        # The answer is counted on Ray's Prometheus endpoint, where the flag put it.
+        deadline = time.monotonic() + 60
+        answered = re.compile(r'ray_hybrid_serve_requests_total\{[^}]*endpoint="/v1/answer"')
+        while not answered.search(
+            httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        ):
+            assert time.monotonic() < deadline, "the answer was not counted"
+            time.sleep(2)
 
         docs = tmp_path / "docs"
         (docs / "sub").mkdir(parents=True)

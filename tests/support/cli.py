@@ -16,16 +16,16 @@ CLI = [sys.executable, "-m", "cluster.cli"]
 def clean_env() -> dict[str, str]:
     """As on a fresh machine: no Claude key, no cluster to join."""
     drop = {"ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "RAY_ADDRESS"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OTEL_")}
 
 
 class Up:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, *extra: str) -> None:
         env = {**clean_env(), "HYBRID_SERVE_SLM__MAX_TOKENS": "32", "PYTHONUNBUFFERED": "1"}
         self.log = data_dir.parent / f"up-{port}-{time.time_ns()}.log"
         self.out = open(self.log, "w")
         self.proc = subprocess.Popen(
-            [*CLI, "up", "--port", str(port), "--data-dir", str(data_dir)],
+            [*CLI, "up", "--port", str(port), "--data-dir", str(data_dir), *extra],
             stdout=self.out,
             stderr=subprocess.STDOUT,
             env=env,
