@@ -28,6 +28,8 @@ from cluster.config import TracingConfig
 TRACER_NAME = "hybrid_serve"
 DEFAULT_SERVICE_NAME = "hybrid-serve"
 Exporter = Literal["otlp", "console", "none"]
+# What a deployment method receives as `trace_context`: W3C headers from `carrier()`, or None.
+TraceContext = dict[str, str] | None
 
 tracer = trace.get_tracer(TRACER_NAME)
 _enabled = False

@@ -15,11 +15,10 @@ from ray import serve
 from agents import tracing
 from agents.claude import ClaudeGateway, ClaudeResult, ClaudeUnavailable
 from agents.schemas import Passage
+from agents.tracing import TraceContext
 from cluster.config import HybridServeConfig
 from deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
 from deployments.placement import placement
-
-TraceContext = dict[str, str] | None
 
 
 @serve.deployment(name="ClaudeProxy")

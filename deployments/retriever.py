@@ -14,6 +14,7 @@ from ray import serve
 
 from agents import tracing
 from agents.schemas import Passage
+from agents.tracing import TraceContext
 from cluster.config import HybridServeConfig
 from deployments.metrics import keep_gauges_fresh, metrics
 from deployments.placement import placement
@@ -21,7 +22,6 @@ from retrieval.embedder import Embedder
 from retrieval.store import DocRecord, IndexStore, NewDocument
 
 log = logging.getLogger("ray.serve")
-TraceContext = dict[str, str] | None
 
 
 class IndexNotReady(RuntimeError):
@@ -170,10 +170,11 @@ class RetrieverDeployment:
             return self.store.get(doc_id)
 
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
-        stats = self.store.stats()
         if self.state == "ready":
             self.store.refresh()
             stats = self._index_gauges()
+        else:
+            stats = self.store.stats()
         return {
             "ready": self.state == "ready",
             "state": self.state,

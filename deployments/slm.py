@@ -10,12 +10,11 @@ from ray import serve
 
 from agents import tracing
 from agents.schemas import GenerationRequest, GenerationResult
+from agents.tracing import TraceContext
 from cluster.config import HybridServeConfig
 from deployments.metrics import metrics
 from deployments.placement import placement
 from engines import make_engine
-
-TraceContext = dict[str, str] | None
 
 
 def generation_attributes(engine: str, model: str, request: GenerationRequest) -> dict[str, Any]:
@@ -43,7 +42,7 @@ def record_generation(result: GenerationResult) -> None:
     )
     metrics.inc("hybrid_serve_slm_tokens_total", result.prompt_tokens, kind="prompt")
     metrics.inc("hybrid_serve_slm_tokens_total", result.completion_tokens, kind="completion")
-    if tok_s and result.completion_tokens:
+    if tok_s:  # none without generation time or without completion tokens
         metrics.observe("hybrid_serve_slm_tokens_per_second", tok_s)
 
 

@@ -20,9 +20,10 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 
 from agents import tracing
 from agents.schemas import GenerationRequest, GenerationResult
+from agents.tracing import TraceContext
 from cluster.config import HybridServeConfig
 from deployments.placement import placement
-from deployments.slm import TraceContext, generation_attributes, record_generation
+from deployments.slm import generation_attributes, record_generation
 from engines.chat_wire import StreamTally, chat_params, completion_result
 from engines.vllm_options import llm_config_kwargs
 
