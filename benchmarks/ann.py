@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.confidence import load_squad
-from benchmarks.report import Progress, percentile, write_report
+from benchmarks.report import Progress, percentile, publish
 from retrieval import ann
 from retrieval.ann import ANNSpec
 
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title("Dense search latency by index type")
         ax.legend(fontsize=8)
 
-    out = write_report(Path(args.out), {"results": rows}, "\n".join(md), {"ann_latency.png": plot})
-    print("\n".join(md))
-    print(f"wrote {out}")
+    publish(Path(args.out), {"results": rows}, "\n".join(md), {"ann_latency.png": plot})
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from agents.lead import Lead, LeadSettings
 from agents.schemas import AnswerRequest, GenerationRequest
 from benchmarks.metrics import auroc, f1_score, strip_citations
-from benchmarks.report import Progress, write_report
+from benchmarks.report import Progress, publish
 from cluster.config import HybridServeConfig
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about the history of Paris."}]
@@ -241,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_title("SLM confidence, right vs wrong")
 
         plots["separation.png"] = plot_sep
-    out = write_report(Path(args.out), report, "\n".join(md), plots)
-    print("\n".join(md))
-    print(f"wrote {out}")
+    publish(Path(args.out), report, "\n".join(md), plots)
     return 0
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from benchmarks.fixed_latency_server import FixedLatencyServer
-from benchmarks.report import Progress, write_report
+from benchmarks.report import Progress, publish
 
 # The same question k times: with greedy decoding every sub-task generates the same tokens, so
 # the comparison is between schedules, not between answers of different lengths.
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title("Fan-out efficiency")
         ax.legend(fontsize=8)
 
-    out = write_report(Path(args.out), report, "\n".join(md), {"fanout_ratio.png": plot})
-    print("\n".join(md))
-    print(f"wrote {out}")
+    publish(Path(args.out), report, "\n".join(md), {"fanout_ratio.png": plot})
     return 0
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.report import Progress, percentile, write_report
+from benchmarks.report import Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUNDLED_QUERIES = [
@@ -544,9 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["url"] = args.url
     report["queries"] = args.queries or "default mix"
     report["capacity_plan"] = capacity_plan(report, assumptions)
-    out = write_report(Path(args.out), report, markdown(report), plots(report))
-    print(markdown(report))
-    print(f"wrote {out}")
+    publish(Path(args.out), report, markdown(report), plots(report))
     return report
 
 

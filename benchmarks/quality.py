@@ -42,7 +42,7 @@ import httpx
 
 from benchmarks.confidence import load_squad
 from benchmarks.metrics import auroc, exact_match, f1_score, recall_at_k, strip_citations
-from benchmarks.report import Progress, percentile, write_report
+from benchmarks.report import Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = (0.1, 0.2, 0.3)
@@ -535,9 +535,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             started.shutdown()
     progress.done()
     report = summarize(result, threshold, args.seed, files)
-    out = write_report(Path(args.out), report, markdown(report), plots(report))
-    print(markdown(report))
-    print(f"wrote {out}")
+    publish(Path(args.out), report, markdown(report), plots(report))
     return report
 
 

@@ -71,3 +71,16 @@ def write_report(
         images.append(f"![{name}]({name})")
     (out / "report.md").write_text(markdown.rstrip() + "\n\n" + "\n".join(images) + "\n")
     return out
+
+
+def publish(
+    out: Path,
+    report: dict[str, Any],
+    markdown: str,
+    plots: dict[str, Callable[[Any], None]],
+) -> Path:
+    """`write_report`, then the Markdown and where it went on stdout."""
+    path = write_report(out, report, markdown, plots)
+    print(markdown)
+    print(f"wrote {path}")
+    return path

@@ -27,7 +27,7 @@ import httpx
 
 from benchmarks.fixed_latency_server import FixedLatencyServer
 from benchmarks.otlp_receiver import OTLPReceiver
-from benchmarks.report import Progress, percentile, write_report
+from benchmarks.report import Progress, percentile, publish
 from cluster.local import free_port
 
 TARGET_PCT = 3.0
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"/v1/answer latency; p50 overhead {overhead_p50:+.1f} %")
 
-    out = write_report(Path(args.out), report, "\n".join(md), {"tracing_overhead.png": plot})
-    print("\n".join(md))
-    print(f"wrote {out}")
+    publish(Path(args.out), report, "\n".join(md), {"tracing_overhead.png": plot})
     return 0
 
 
