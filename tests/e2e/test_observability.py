@@ -8,12 +8,12 @@ import json
 import re
 import secrets
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from benchmarks.otlp_receiver import ReceivedSpan
+from tests.support.ray_logs import ray_log_lines
 
 pytestmark = pytest.mark.e2e
 
@@ -218,17 +218,6 @@ def test_ray_metrics_endpoint_serves_hybrid_serve_series(client, app):
     assert _total(m["ray_hybrid_serve_request_latency_ms_count"], endpoint="/v1/answer") >= 2
 
 
-def _ray_log_lines() -> list[str]:
-    import ray
-
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    lines = []
-    for path in logs.rglob("*"):
-        if path.is_file() and path.suffix in (".log", ".out", ".err", ""):
-            lines.extend(path.read_text(errors="replace").splitlines())
-    return lines
-
-
 def test_sensitive_query_text_is_in_no_span_and_no_log_line(client, app):
     app.claude.reset()
     marker = f"zircon-{secrets.token_hex(6)}"
@@ -247,7 +236,7 @@ def test_sensitive_query_text_is_in_no_span_and_no_log_line(client, app):
 
     deadline = time.monotonic() + 30
     while True:  # the request's JSON line, once Ray has flushed the replica's stderr
-        lines = _ray_log_lines()
+        lines = ray_log_lines()
         mine = [ln for ln in lines if trace_id in ln and ln.lstrip().startswith("{")]
         if mine or time.monotonic() > deadline:
             break

@@ -9,12 +9,12 @@ import hmac
 import re
 import secrets
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from deployments.middleware import APIKeyMiddleware
+from tests.support.ray_logs import ray_log_lines
 
 OPEN = {"/healthz", "/readyz"}
 
@@ -94,15 +94,6 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
             assert sent[0]["status"] == 401
 
 
-def _ray_logs() -> str:
-    import ray
-
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    return "\n".join(
-        p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.stat().st_size
-    )
-
-
 @pytest.mark.e2e
 @pytest.mark.reliability
 def test_keys_never_reach_a_log_a_span_or_a_response(rel):
@@ -124,7 +115,7 @@ def test_keys_never_reach_a_log_a_span_or_a_response(rel):
     for key in secrets_seen:
         assert not any(key in b for b in bodies), key
         assert not rel.shared.otlp.contains(key), key
-    logs = _ray_logs()
+    logs = "\n".join(ray_log_lines())
     assert "hybrid_serve.requests" in logs  # the request lines are there ...
     for key in secrets_seen:
         assert key not in logs, key  # ... and no key is
