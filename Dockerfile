@@ -17,6 +17,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 USER ray
 
+# llama.cpp is compiled for a portable x86-64-v3 baseline (AVX2, FMA, F16C), not for the build
+# machine (GGML_NATIVE): an image runs on whatever nodes the cluster has, and a native build from
+# an AMX builder would carry llama.cpp's AMX path, which crashes (llama.cpp issue 20824).
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+ENV CMAKE_ARGS=${LLAMA_CMAKE_ARGS}
+
 WORKDIR /home/ray/hybrid-serve
 COPY --chown=ray:users pyproject.toml README.md constraints.txt ./
 COPY --chown=ray:users agents ./agents

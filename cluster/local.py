@@ -92,14 +92,71 @@ def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = Non
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if errors:
-            raise StartupError(f"deployment failed: {errors[0]}")
+            raise StartupError(explain_failure(cfg, errors[0]))
         line = describe_progress(url)
         if line == "ready":
             return url
         if on_status:
             on_status(line)
         time.sleep(0.5)
-    raise StartupError(f"not ready after {READY_TIMEOUT_S:.0f} s; see the Ray logs")
+    raise StartupError(
+        f"not ready after {READY_TIMEOUT_S:.0f} s: {describe_progress(url)}; see the Ray logs"
+    )
+
+
+def _remedy(cfg: HybridServeConfig, deployment: str, cause: str) -> str:
+    if deployment.startswith("SLM"):
+        if "SIGSEGV" in cause and cfg.slm.engine == "llama_cpp":
+            return (
+                "run `hybrid-serve doctor`; if the CPU has AMX, or to rule out llama.cpp's weight "
+                "repacking, set slm.llama_cpp.extra_buffers: off "
+                "(HYBRID_SERVE_SLM__LLAMA_CPP__EXTRA_BUFFERS=off)"
+            )
+        if "SIGILL" in cause:
+            return (
+                "the engine was compiled for another CPU: reinstall it on this machine "
+                "(pip install --force-reinstall --no-cache-dir llama-cpp-python)"
+            )
+        if "memory" in cause:
+            return "give the SLM replicas more memory, or lower slm.contexts_per_replica / n_ctx"
+        return (
+            f"check the slm settings (engine {cfg.slm.engine!r}); `hybrid-serve doctor` runs the "
+            "engine on its own and shows its error"
+        )
+    return "see the replica's log under /tmp/ray/session_latest/logs (serve/ and worker-*.err)"
+
+
+def explain_failure(cfg: HybridServeConfig, error: BaseException) -> str:
+    """Which deployment could not start, what killed its replicas, and what to do about it."""
+    from ray import serve
+
+    from deployments.health import replica_deaths, startup_error
+
+    try:
+        deployments = serve.status().applications[cfg.app_name].deployments
+    except Exception:
+        return f"deployment failed: {error}"
+    parts: list[str] = []
+    for name, status in deployments.items():
+        if str(status.status.value) not in ("DEPLOY_FAILED", "UNHEALTHY"):
+            continue
+        deaths = replica_deaths(cfg.app_name, name)
+        if deaths:
+            last = deaths[-1]
+            cause = last.cause
+            lines = [
+                f"the {name} deployment could not start: {last.describe()}"
+                + (f"; {len(deaths)} replica(s) died in all" if len(deaths) > 1 else "")
+            ]
+            if last.log_tail:
+                lines.append("  its log ends:")
+                lines.extend(f"    {ln}" for ln in last.log_tail)
+        else:
+            cause = startup_error(status.message) or status.message[:500]
+            lines = [f"the {name} deployment could not start: {cause}"]
+        lines.append(f"  remedy: {_remedy(cfg, name, cause)}")
+        parts.append("\n".join(lines))
+    return "\n".join(parts) or f"deployment failed: {error}"
 
 
 def describe_progress(url: str) -> str:
@@ -114,6 +171,8 @@ def describe_progress(url: str) -> str:
             if c.get("ready"):
                 continue
             state = c.get("state") or c.get("error") or "starting"
+            if c.get("restarts"):
+                state += f", {c['restarts']} replica crash(es): {c.get('last_death', '')}"
             prog = c.get("progress") or {}
             if prog.get("total"):
                 state += f" {prog['done']}/{prog['total']} chunks"

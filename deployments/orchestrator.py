@@ -38,6 +38,7 @@ from cluster import __version__
 from cluster.config import HTTPConfig, HybridServeConfig
 from deployments import openai_api as oai
 from deployments.errors import APIError, error_body, error_responses, install_error_handlers
+from deployments.health import deployment_health
 from deployments.metrics import metrics, record_answer
 from deployments.middleware import (
     AdmissionMiddleware,
@@ -72,6 +73,7 @@ STATUS_TIMEOUT_S = 5.0
 # about a second, and its controller starts a replacement.
 REPLICA_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 CLAUDE_STATUS_TTL_S = 10.0
+HEALTH_TTL_S = 5.0
 
 
 def _deployment_of(method: Any) -> str:
@@ -87,6 +89,17 @@ def _observed(request: Request, answer: AnswerResponse) -> AnswerResponse:
     """The answer's metrics, and its outcome for the request's log line and span."""
     request.state.outcome = record_answer(answer)
     return answer
+
+
+def _not_ready_state(health: dict[str, Any]) -> str:
+    status = health.get("status", "unknown")
+    if status == "DEPLOY_FAILED":
+        return "failed to start: " + health.get("message", "see the Ray logs")
+    if health.get("restarts"):
+        return f"restarting: {health['restarts']} replica crash(es), last: {health['last_death']}"
+    if status == "UNHEALTHY":
+        return "unhealthy: " + health.get("message", "health checks failing")
+    return "starting"
 
 
 class ClaudeViaHandle:
@@ -163,6 +176,7 @@ class Orchestrator:
             ),
         )
         self._claude_status: tuple[float, dict[str, Any]] | None = None
+        self._health_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         app.state.http = self.cfg.http
 
     # -- calls to other deployments, with their failures mapped to HTTP ---------------------
@@ -569,14 +583,24 @@ class Orchestrator:
 
     @app.get("/readyz", summary="Readiness: every deployment ready and the index loaded")
     async def readyz(self) -> JSONResponse:
+        """A deployment is ready when one of its replicas answers: Serve routes only to replicas
+        whose constructor finished, and an SLM replica's constructor ends with a generation. Every
+        component also carries how many of its replicas crashed, so a replica that keeps dying
+        shows as such rather than as starting."""
         names = ("retriever", "slm", "claude")
         handles = (self.retriever, self.slm, self.claude)
 
         async def one(handle: DeploymentHandle) -> dict[str, Any]:
             try:
-                return await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
+                status = await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
             except Exception as exc:
-                return {"ready": False, "error": type(exc).__name__}
+                status = {"ready": False, "error": type(exc).__name__}
+            health = await self._health(handle.deployment_name)
+            if health.get("restarts"):
+                status.update(restarts=health["restarts"], last_death=health["last_death"])
+            if not status.get("ready"):
+                status["state"] = _not_ready_state(health)
+            return status
 
         results = await asyncio.gather(*(one(h) for h in handles))
         components = dict(zip(names, results))
@@ -586,3 +610,16 @@ class Orchestrator:
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "5"},
         )
+
+    async def _health(self, deployment: str) -> dict[str, Any]:
+        """Serve's state and the replica crashes of `deployment`, read at most every few seconds
+        (probes come often; the actor table is cluster-wide)."""
+        now = time.monotonic()
+        cached = self._health_cache.get(deployment)
+        if cached and now - cached[0] < HEALTH_TTL_S:
+            return cached[1]
+        app_name = serve.get_replica_context().app_name
+        health = await asyncio.to_thread(deployment_health, app_name, deployment)
+        self._health_cache[deployment] = (now, health)
+        return health
+

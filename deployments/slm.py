@@ -1,4 +1,9 @@
-"""SLM deployment: one engine per replica; the same interface whatever the engine."""
+"""SLM deployment: one engine per replica; the same interface whatever the engine.
+
+A replica proves its engine can generate before Serve routes anything to it: the constructor runs
+a short warm-up generation, so a broken engine fails the replica's start (and `hybrid-serve up`)
+instead of the first user request.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from agents.tracing import TraceContext
 from cluster.config import HybridServeConfig
 from deployments.metrics import metrics
 from deployments.placement import placement
-from engines import make_engine
+from engines import make_engine, warm_up
 
 
 def generation_attributes(engine: str, model: str, request: GenerationRequest) -> dict[str, Any]:
@@ -48,11 +53,12 @@ def record_generation(result: GenerationResult) -> None:
 
 @serve.deployment(name="SLM")
 class SLMDeployment:
-    def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:
         cfg = HybridServeConfig.from_args(config)
         tracing.setup("SLM", cfg.tracing)
         self.engine = make_engine(cfg.slm, replicas_on_node=cfg.slm.replicas)
         self.engine_kind = cfg.slm.engine
+        self.warmup = await warm_up(self.engine.generate, cfg.slm.warmup_timeout_s)
 
     def _attributes(self, request: GenerationRequest) -> dict[str, Any]:
         return generation_attributes(self.engine_kind, self.engine.model_name, request)
@@ -83,7 +89,6 @@ class SLMDeployment:
             "engine": type(self.engine).__name__,
             "placement": placement(),
             "model": self.engine.model_name,
-            "contexts": self.engine.contexts,
-            "in_flight": self.engine.in_flight,
-            "threads": self.engine.n_threads,
+            "warmup": self.warmup,
+            **self.engine.info(),
         }

@@ -5,6 +5,9 @@ pool size (`contexts_per_replica`) is the replica's real concurrency. Generation
 the replica's event loop keeps serving other calls and health checks; tokens cross back through
 `loop.call_soon_threadsafe`. Token log-probabilities come from the last-position logits that
 llama.cpp computes anyway, so confidence costs one log-sum-exp per token instead of `logits_all`.
+
+Extra buffer types (weights repacked for the CPU's matrix units) are off where llama.cpp's AMX
+path crashes: see `extra_buffers_enabled`.
 """
 
 from __future__ import annotations
@@ -13,20 +16,64 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from agents.schemas import GenerationRequest, GenerationResult
+from cluster.config import SLMConfig
+from engines.hardware import has_amx
 
 
 class PromptTooLong(ValueError):
     pass
+
+
+ExtraBuffers = Literal["auto", "on", "off"]
+
+
+def extra_buffers_enabled(setting: ExtraBuffers, amx: bool | None) -> bool:
+    """Whether llama.cpp may use its extra buffer types. `auto` turns them off on CPUs with AMX
+    (`amx` True), whose repacking path segfaults on the first generation (llama.cpp issue 20824),
+    and where the CPU's flags cannot be read (None); elsewhere they stay on, as llama.cpp's
+    default."""
+    if setting != "auto":
+        return setting == "on"
+    return amx is False
+
+
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool) -> Iterator[None]:
+    """llama-cpp-python's `Llama` does not expose `use_extra_bufts` (it builds its model params
+    from `llama_model_default_params()` inside the constructor), so the defaults it reads are
+    adjusted for the duration of one construction; a lock keeps constructions apart."""
+    import llama_cpp.llama_cpp as low
+
+    if use_extra_bufts:
+        yield
+        return
+    original = low.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _params_lock:
+        low.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
 
 
 class LlamaCppEngine:
@@ -38,6 +85,7 @@ class LlamaCppEngine:
         n_threads: int | None = None,
         n_batch: int = 512,
         contexts: int = 1,
+        extra_buffers: ExtraBuffers = "auto",
     ) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -45,18 +93,20 @@ class LlamaCppEngine:
         self.model_path = str(model_path)
         self.model_name = model_name or Path(model_path).stem
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self._contexts = [
-            Llama(
-                model_path=self.model_path,
-                n_ctx=n_ctx,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                n_batch=n_batch,
-                logits_all=False,
-                verbose=False,
-            )
-            for _ in range(contexts)
-        ]
+        self.extra_buffers = extra_buffers_enabled(extra_buffers, has_amx())
+        with _model_params(self.extra_buffers):
+            self._contexts = [
+                Llama(
+                    model_path=self.model_path,
+                    n_ctx=n_ctx,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    n_batch=n_batch,
+                    logits_all=False,
+                    verbose=False,
+                )
+                for _ in range(contexts)
+            ]
         first = self._contexts[0]
         self.n_ctx = first.n_ctx()
         self.n_vocab = first.n_vocab()
@@ -78,9 +128,31 @@ class LlamaCppEngine:
         )
         self.in_flight = 0
 
+    @classmethod
+    def from_config(cls, cfg: SLMConfig, replicas_on_node: int = 1) -> LlamaCppEngine:
+        from retrieval.models import bundled_gguf
+
+        return cls(
+            model_path=cfg.model_path or bundled_gguf(),
+            model_name=cfg.model_name,
+            n_ctx=cfg.n_ctx,
+            n_threads=cfg.threads or max(1, (os.cpu_count() or 1) // max(1, replicas_on_node)),
+            n_batch=cfg.n_batch,
+            contexts=cfg.contexts_per_replica,
+            extra_buffers=cfg.llama_cpp.extra_buffers,
+        )
+
     @property
     def contexts(self) -> int:
         return len(self._contexts)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "contexts": self.contexts,
+            "in_flight": self.in_flight,
+            "threads": self.n_threads,
+            "extra_buffers": self.extra_buffers,
+        }
 
     async def _acquire(self) -> Any:
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agents.schemas import GenerationRequest, GenerationResult
+from cluster.config import SLMConfig
 from engines.chat_wire import StreamTally, chat_params, completion_result
 
 
@@ -30,7 +31,6 @@ class OpenAICompatEngine:
     ) -> None:
         self.base_url = base_url
         self.model_name = model
-        self.n_threads = 0  # the server's business
         self.logprobs = logprobs
         self._api_key = api_key or "unused"  # local servers accept any key; the SDK needs one
         self._timeout_s = timeout_s
@@ -42,12 +42,25 @@ class OpenAICompatEngine:
         self._slots: asyncio.Semaphore | None = None
 
     @classmethod
-    def from_env(cls, base_url: str, model: str, api_key_env: str, **kw: Any) -> OpenAICompatEngine:
-        return cls(base_url, model, api_key=os.environ.get(api_key_env), **kw)
+    def from_config(cls, cfg: SLMConfig, replicas_on_node: int = 1) -> OpenAICompatEngine:
+        """The key comes from the environment variable the configuration names."""
+        o = cfg.openai
+        return cls(
+            o.base_url,
+            o.model or cfg.model_name,
+            api_key=os.environ.get(o.api_key_env),
+            contexts=cfg.contexts_per_replica,
+            timeout_s=o.timeout_s,
+            max_retries=o.max_retries,
+            logprobs=o.logprobs,
+        )
 
     @property
     def contexts(self) -> int:
         return self._contexts
+
+    def info(self) -> dict[str, Any]:
+        return {"contexts": self._contexts, "in_flight": self.in_flight, "server": self.base_url}
 
     def _ready(self) -> tuple[Any, asyncio.Semaphore]:
         if self._client is None:

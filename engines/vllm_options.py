@@ -8,6 +8,9 @@ from typing import Any
 from cluster.config import HybridServeConfig
 
 
+WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_SLM__WARMUP_TIMEOUT_S"  # the config key's own variable
+
+
 def llm_config_kwargs(cfg: HybridServeConfig) -> dict[str, Any]:
     """Keyword arguments of `ray.serve.llm.LLMConfig`."""
     slm, v = cfg.slm, cfg.slm.vllm
@@ -39,8 +42,10 @@ def llm_config_kwargs(cfg: HybridServeConfig) -> dict[str, Any]:
     }
     if v.accelerator_type:
         kwargs["accelerator_type"] = v.accelerator_type
-    if cfg.tracing.env():  # LLMServer gets no hybrid-serve config: tracing settings go by env
-        kwargs["runtime_env"] = {"env_vars": cfg.tracing.env()}
+    # LLMServer gets no hybrid-serve config: tracing and the warm-up's bound go by environment.
+    kwargs["runtime_env"] = {
+        "env_vars": {**cfg.tracing.env(), WARMUP_TIMEOUT_ENV: str(slm.warmup_timeout_s)}
+    }
     return kwargs
 
 

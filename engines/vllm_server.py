@@ -8,6 +8,7 @@ Imported only when `slm.engine` is `vllm`: `ray.serve.llm` needs vLLM, which CPU
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,8 +25,9 @@ from agents.tracing import TraceContext
 from cluster.config import HybridServeConfig
 from deployments.placement import placement
 from deployments.slm import generation_attributes, record_generation
+from engines.base import warm_up
 from engines.chat_wire import StreamTally, chat_params, completion_result
-from engines.vllm_options import llm_config_kwargs
+from engines.vllm_options import WARMUP_TIMEOUT_ENV, llm_config_kwargs
 
 
 class VLLMEngineError(RuntimeError):
@@ -40,7 +42,15 @@ def _chat_request(model: str, req: GenerationRequest, stream: bool) -> ChatCompl
 
 
 class HybridLLMServer(LLMServer):
-    """LLMServer plus the engine-neutral SLM methods."""
+    """LLMServer plus the engine-neutral SLM methods, ready only after a warm-up generation."""
+
+    warmup: dict[str, Any] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        # LLMServer is built from an LLMConfig alone: the setting comes by its environment.
+        timeout = float(os.environ.get(WARMUP_TIMEOUT_ENV, "180"))
+        self.warmup = await warm_up(self.generate, timeout)
 
     @property
     def _model_id(self) -> str:
@@ -112,6 +122,7 @@ class HybridLLMServer(LLMServer):
             "engine": "vllm",
             "model": self._model_id,
             "placement": placement(),
+            "warmup": self.warmup,
         }
 
 

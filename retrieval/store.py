@@ -208,6 +208,25 @@ class Snapshot:
         )
 
 
+def index_on_disk(root: str | Path) -> dict[str, Any] | None:
+    """The live snapshot's manifest, checked for a supported format and its files; None when no
+    index was written yet. Reads no vectors: cheap for a diagnosis."""
+    root = Path(root)
+    try:
+        name = (root / "CURRENT").read_text().strip()
+    except FileNotFoundError:
+        return None
+    folder = root / "snapshots" / name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise RuntimeError(f"{folder}: index format {manifest.get('format')} is not supported")
+    needed = ("docs.jsonl", "chunks.jsonl", "dense.faiss")
+    missing = [f for f in needed if not (folder / f).exists()]
+    if missing:
+        raise RuntimeError(f"{folder}: missing {', '.join(missing)}")
+    return manifest
+
+
 class IndexStore:
     """Versioned hybrid index on disk, shared by every retriever replica that mounts `root`."""
 

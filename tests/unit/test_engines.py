@@ -1,0 +1,90 @@
+"""The engine contract: how `slm.engine` is resolved, the warm-up that proves an engine, and the
+llama.cpp setting that keeps it off the path that crashes on AMX CPUs."""
+
+import asyncio
+
+import pytest
+
+from agents.schemas import GenerationRequest, GenerationResult
+from cluster.config import HybridServeConfig, SLMConfig
+from engines import Engine, EngineFailed, engine_class, make_engine, warm_up
+from engines.hardware import cpu_flags, has_amx
+from engines.llama_cpp import LlamaCppEngine, extra_buffers_enabled
+from engines.openai_compat import OpenAICompatEngine
+
+
+def test_extra_buffers_default_is_auto_and_off_where_amx_or_unknown():
+    assert SLMConfig().llama_cpp.extra_buffers == "auto"
+    assert extra_buffers_enabled("auto", amx=True) is False
+    assert extra_buffers_enabled("auto", amx=None) is False  # flags unreadable: the safe side
+    assert extra_buffers_enabled("auto", amx=False) is True
+    assert extra_buffers_enabled("on", amx=True) is True
+    assert extra_buffers_enabled("off", amx=False) is False
+
+
+def test_amx_read_from_cpu_flags():
+    assert has_amx(frozenset({"avx2", "amx_tile", "amx_int8"})) is True
+    assert has_amx(frozenset({"avx2", "avx512f"})) is False
+    flags = cpu_flags()
+    assert flags is None or isinstance(flags, frozenset)
+
+
+def test_llama_cpp_passes_the_safe_setting_to_llama_cpp(monkeypatch):
+    """On an AMX machine (simulated), the default config loads the model without extra buffer
+    types, as llama.cpp's own model parameters show; the process-wide defaults are untouched."""
+    import llama_cpp.llama_cpp as low
+
+    monkeypatch.setattr("engines.llama_cpp.has_amx", lambda: True)
+    cfg = HybridServeConfig.load(overrides={"slm.threads": 1})
+    engine = make_engine(cfg.slm)
+    assert isinstance(engine, LlamaCppEngine)
+    assert engine._contexts[0].model_params.use_extra_bufts is False
+    assert engine.info()["extra_buffers"] is False
+    assert low.llama_model_default_params().use_extra_bufts is True
+    forced = make_engine(
+        HybridServeConfig.load(
+            overrides={"slm.threads": 1, "slm.llama_cpp.extra_buffers": "on"}
+        ).slm
+    )
+    assert forced._contexts[0].model_params.use_extra_bufts is True
+    result = asyncio.run(warm_up(engine.generate, 60))
+    assert result["passed"] and result["completion_tokens"] > 0
+
+
+def test_engines_implement_the_protocol():
+    assert issubclass(engine_class("llama_cpp"), LlamaCppEngine)
+    assert engine_class("openai") is OpenAICompatEngine
+    engine = make_engine(SLMConfig(engine="openai", openai={"base_url": "http://127.0.0.1:9/v1"}))
+    assert isinstance(engine, Engine)
+    assert engine.info() == {"contexts": 1, "in_flight": 0, "server": "http://127.0.0.1:9/v1"}
+
+
+def test_engine_by_import_path_and_clear_errors():
+    assert engine_class("tests.support.faulty_engines:RaisingEngine").__name__ == "RaisingEngine"
+    with pytest.raises(ValueError, match="cannot be imported"):
+        engine_class("no_such_module:Engine")
+    with pytest.raises(ValueError, match="package.module:Class"):
+        SLMConfig(engine="llamacpp")
+    with pytest.raises(ValueError, match="its own deployment"):
+        make_engine(SLMConfig(engine="vllm"))
+
+
+class _Stub:
+    def __init__(self, result=None, exc=None, delay=0.0):
+        self.result, self.exc, self.delay = result, exc, delay
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        await asyncio.sleep(self.delay)
+        if self.exc:
+            raise self.exc
+        return self.result
+
+
+def test_warm_up_fails_on_error_hang_and_empty_output():
+    with pytest.raises(EngineFailed, match="RuntimeError: boom"):
+        asyncio.run(warm_up(_Stub(exc=RuntimeError("boom")).generate, 5))
+    with pytest.raises(EngineFailed, match="did not finish"):
+        asyncio.run(warm_up(_Stub(delay=5).generate, 0.05))
+    empty = GenerationResult(text="", prompt_tokens=4, completion_tokens=0)
+    with pytest.raises(EngineFailed, match="no tokens"):
+        asyncio.run(warm_up(_Stub(result=empty).generate, 5))
