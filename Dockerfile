@@ -25,6 +25,7 @@ ENV CMAKE_ARGS=${LLAMA_CMAKE_ARGS}
 
 WORKDIR /home/ray/hybrid-serve
 COPY --chown=ray:users pyproject.toml README.md constraints.txt ./
+COPY --chown=ray:users hybrid_serve ./hybrid_serve
 COPY --chown=ray:users agents ./agents
 COPY --chown=ray:users benchmarks ./benchmarks
 COPY --chown=ray:users cluster ./cluster
@@ -41,9 +42,7 @@ RUN if [ "$TARGET" = "gpu" ]; then \
     else \
       pip install --no-cache-dir -c constraints.txt .; \
     fi \
- && python -c "import agents, cluster, deployments, engines, retrieval"
-
-ENV PYTHONPATH=/home/ray/hybrid-serve
+ && python -c "import hybrid_serve.deployments.app, hybrid_serve.cluster.cli"
 EXPOSE 8000
 # KubeRay supplies the `ray start` command; outside Kubernetes the image runs the local cluster.
 CMD ["hybrid-serve", "up", "--host", "0.0.0.0"]

@@ -1,38 +1,46 @@
-"""Claude's roles (rewrite/plan, answer, verify) behind every limit an enterprise asks for.
+"""Claude's roles (rewrite, plan, verify, answer) behind every limit an enterprise asks for.
 
-One ClaudeGateway lives in the single ClaudeProxy replica; it owns the `anthropic.AsyncAnthropic`
-client, the rate limiter, the circuit breaker, the spend ledger and PII redaction. Structured
-results come back through tool use with a strict JSON schema and are validated again with pydantic.
+The roles are declared once (`Role`, `ROLES`, `ClaudeCall`, `ClaudeRoles`): the lead asks for them
+through `ClaudeRoles.call`, the orchestrator's handle adapter and the ClaudeProxy deployment forward
+that one call, and `ClaudeGateway` implements it. One gateway lives in the single ClaudeProxy
+replica; it owns the `anthropic.AsyncAnthropic` client, the rate limiter, the circuit breaker, the
+spend ledger and PII redaction. Retries are the SDK's own (`max_retries`: 408/409/429/5xx,
+timeouts, resets, `x-should-retry`, `retry-after(-ms)`); a middleware adds what the SDK lacks:
+failing fast on a `retry-after` longer than `claude.max_retry_after_s`, counting attempts, and the
+concurrency cap per attempt. Structured results come back through tool use with a strict JSON
+schema and are validated again with pydantic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import email.utils
 import math
-import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
+import anthropic
 from pydantic import BaseModel, Field, ValidationError
 
-from agents import prompts
-from agents.limits import (
+from hybrid_serve.agents import prompts
+from hybrid_serve.agents.limits import (
     BudgetExhausted,
     CircuitBreaker,
     Ledger,
     RateLimited,
     RateLimiter,
 )
-from agents.pii import Redactor
-from agents.schemas import Passage, StrictModel
-from cluster.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.agents.pii import Redactor
+from hybrid_serve.agents.planner import Plan
+from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.schemas import Passage, PIIPolicy, StrictModel
 
 T = TypeVar("T", bound=BaseModel)
-PIIMode = Literal["block", "redact"]
 
 # Characters per token for estimates made before a call (English prose is ~4; be conservative).
 CHARS_PER_TOKEN = 3.5
@@ -91,6 +99,73 @@ class ClaudeResult:
     redacted: bool = False
 
 
+# -- the roles ----------------------------------------------------------------------------------
+
+Role = Literal["rewrite", "plan", "verify", "answer"]
+
+
+@dataclass(frozen=True)
+class ClaudeCall:
+    """One role's input. `answer` is the candidate a `verify` grades; `notes` are a grader's notes
+    for a second `answer`."""
+
+    request_id: str
+    query: str
+    passages: Sequence[Passage]
+    pii: PIIPolicy
+    answer: str = ""
+    notes: str = ""
+    # When the request's answer is due (wall clock): no attempt starts or runs past it.
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    system: str
+    user: Callable[[ClaudeCall], str]
+    tool: tuple[str, type[BaseModel]] | None
+    max_tokens: int | None  # None: claude.max_tokens
+
+
+ROLES: dict[Role, RoleSpec] = {
+    "rewrite": RoleSpec(
+        prompts.REWRITE_SYSTEM,
+        lambda c: prompts.claude_rewrite_user(c.query, c.passages),
+        ("rewrite_query", RewritePlan),
+        512,
+    ),
+    "plan": RoleSpec(
+        prompts.PLAN_SYSTEM,
+        lambda c: prompts.claude_rewrite_user(c.query, c.passages),
+        ("plan_subtasks", Plan),
+        800,
+    ),
+    "verify": RoleSpec(
+        prompts.VERIFY_SYSTEM,
+        lambda c: prompts.claude_verify_user(c.query, c.answer, c.passages),
+        ("grade_answer", Grade),
+        512,
+    ),
+    "answer": RoleSpec(
+        prompts.CLAUDE_ANSWER_SYSTEM,
+        lambda c: prompts.claude_answer_user(c.query, c.passages, c.notes),
+        None,
+        None,
+    ),
+}
+
+
+class ClaudeRoles(Protocol):
+    """What the lead asks of Claude. `call` raises ClaudeUnavailable when Claude cannot be used
+    for it (no key, circuit open, budget, PII blocked, errors after retries)."""
+
+    async def call(self, role: Role, request: ClaudeCall) -> ClaudeResult: ...
+
+    async def finish_request(
+        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+    ) -> None: ...
+
+
 def tool_spec(name: str, model: type[BaseModel]) -> dict[str, Any]:
     from anthropic.lib._parse._transform import transform_schema
 
@@ -102,26 +177,108 @@ def tool_spec(name: str, model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+# -- what the SDK's retries lack ----------------------------------------------------------------
+
+
+@dataclass
+class _InFlight:
+    """The call in progress in this task, as the middleware sees it on every attempt."""
+
+    usage: CallUsage
+    deadline: float | None
+
+
+_in_flight: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar(
+    "claude_in_flight", default=None
+)
+# An attempt with less time than this left before the request's deadline is not started.
+MIN_ATTEMPT_S = 0.5
+
+
+class DeadlineReached(Exception):
+    """The request's deadline leaves no time for another attempt."""
+
+
+class RetryAfterTooLong(Exception):
+    """The API asked for a longer wait than we are willing to hold a request for."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"retry-after {seconds:.0f}s")
+        self.seconds = seconds
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Seconds a response asks to wait (`retry-after-ms`, `retry-after` as seconds or a date)."""
+    if headers is None:
+        return None
+    try:
+        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except (KeyError, TypeError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        return None if parsed is None else max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+class AttemptGuard(anthropic.Middleware):
+    """Anthropic SDK middleware, run once per attempt inside the SDK's retry loop: holds a slot
+    of the concurrency cap for the attempt, counts it, starts none past the request's deadline,
+    and stops the retries when the API asks for a wait longer than `max_retry_after_s` (the SDK
+    would sleep up to any length)."""
+
+    def __init__(self, max_concurrency: int, max_retry_after_s: float) -> None:
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_retry_after_s = max_retry_after_s
+
+    async def handle_async(self, request: Any, call_next: Any) -> Any:
+        call = _in_flight.get()
+        if call is not None:
+            if call.deadline is not None and call.deadline - time.time() < MIN_ATTEMPT_S:
+                raise DeadlineReached()
+            call.usage.attempts += 1
+        async with self.slots:
+            response = await call_next(request)
+        if response.status_code == 429 or response.status_code >= 500:
+            wait = retry_after_s(response.headers)
+            if wait is not None and wait > self.max_retry_after_s:
+                raise RetryAfterTooLong(wait)
+        return response
+
+
 class ClaudeGateway:
+    """`client`: an AsyncAnthropic (key and base URL as the caller built it), or None when no key
+    is set. The gateway uses a copy with its own retries, timeout and middleware."""
+
     def __init__(
         self,
         cfg: ClaudeConfig,
         policy: PolicyConfig,
-        client: Any | None,
+        client: anthropic.AsyncAnthropic | None,
         ledger_path: Path | None = None,
         unavailable_reason: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
-        self.client = client
+        self.guard = AttemptGuard(cfg.max_concurrency, cfg.max_retry_after_s)
+        self.client = (
+            client.with_middleware(self.guard).with_options(
+                max_retries=cfg.max_retries, timeout=cfg.timeout_s
+            )
+            if client is not None
+            else None
+        )
         self.unavailable_reason = unavailable_reason if client is None else None
         self.limiter = RateLimiter(
             cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_limit_wait_s
         )
         self.breaker = CircuitBreaker(cfg.circuit_failures, cfg.circuit_cooldown_s)
         self.ledger = Ledger(cfg.daily_budget_usd, cfg.request_budget_usd, ledger_path)
-        self.concurrency = asyncio.Semaphore(cfg.max_concurrency)
-        self.retries = 0
+        self.retries = 0  # attempts beyond each call's first, since start
 
     # -- costs -----------------------------------------------------------------------------
 
@@ -149,72 +306,27 @@ class ClaudeGateway:
             "model": self.cfg.model,
             "circuit": self.breaker.state,
             "budget_remaining_usd": round(self.ledger.remaining_today(), 6),
+            "reserved_usd": round(self.ledger.reserved, 8),
             "retries": self.retries,
             "totals": self.ledger.totals.__dict__,
         }
 
     # -- the roles ---------------------------------------------------------------------------
 
-    async def rewrite(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: PIIMode
-    ) -> ClaudeResult:
-        user = prompts.claude_rewrite_user(query, passages)
+    async def call(self, role: Role, request: ClaudeCall) -> ClaudeResult:
+        spec = ROLES[role]
+        max_tokens = spec.max_tokens or min(self.cfg.max_tokens, 1024)
         return await self._call(
-            request_id,
-            prompts.REWRITE_SYSTEM,
-            user,
-            pii,
-            tool=("rewrite_query", RewritePlan),
-            max_tokens=512,
+            request.request_id,
+            spec.system,
+            spec.user(request),
+            request.pii,
+            spec.tool,
+            max_tokens,
+            request.deadline,
         )
 
-    async def plan(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: PIIMode
-    ) -> ClaudeResult:
-        from agents.planner import Plan
-
-        user = prompts.claude_rewrite_user(query, passages)
-        return await self._call(
-            request_id,
-            prompts.PLAN_SYSTEM,
-            user,
-            pii,
-            tool=("plan_subtasks", Plan),
-            max_tokens=800,
-        )
-
-    async def verify(
-        self, request_id: str, query: str, answer: str, passages: Sequence[Passage], pii: PIIMode
-    ) -> ClaudeResult:
-        user = prompts.claude_verify_user(query, answer, passages)
-        return await self._call(
-            request_id,
-            prompts.VERIFY_SYSTEM,
-            user,
-            pii,
-            tool=("grade_answer", Grade),
-            max_tokens=512,
-        )
-
-    async def answer(
-        self,
-        request_id: str,
-        query: str,
-        passages: Sequence[Passage],
-        pii: PIIMode,
-        notes: str = "",
-    ) -> ClaudeResult:
-        user = prompts.claude_answer_user(query, passages, notes)
-        return await self._call(
-            request_id,
-            prompts.CLAUDE_ANSWER_SYSTEM,
-            user,
-            pii,
-            tool=None,
-            max_tokens=min(self.cfg.max_tokens, 1024),
-        )
-
-    def finish_request(
+    async def finish_request(
         self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
     ) -> None:
         """Close a request's ledger entry and add it to the totals a report shows."""
@@ -231,12 +343,16 @@ class ClaudeGateway:
         request_id: str,
         system: str,
         user: str,
-        pii: PIIMode,
+        pii: PIIPolicy,
         tool: tuple[str, type[T]] | None,
         max_tokens: int,
+        deadline: float | None = None,
     ) -> ClaudeResult:
         if self.client is None:
             raise ClaudeUnavailable("claude_unavailable", self.unavailable_reason or "")
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < MIN_ATTEMPT_S:
+            raise ClaudeUnavailable("deadline", "no time left in the request for a call")
         redactor = Redactor(names=self.policy.pii_names)
         outgoing = redactor.redact(user)
         if redactor.found and pii == "block":
@@ -254,7 +370,7 @@ class ClaudeGateway:
                 reserved = 0.0
                 raise ClaudeUnavailable("budget_exhausted", str(exc)) from exc
             try:
-                await self.limiter.acquire(input_estimate + max_tokens)
+                await self.limiter.acquire(input_estimate + max_tokens, left)
             except RateLimited as exc:
                 raise ClaudeUnavailable("claude_rate_limited", str(exc)) from exc
             kwargs: dict[str, Any] = {
@@ -272,7 +388,7 @@ class ClaudeGateway:
                 kwargs["tool_choice"] = {"type": "tool", "name": name}
             usage = CallUsage()
             try:
-                message = await self._with_retries(kwargs, usage)
+                message = await self._send(kwargs, usage, deadline)
             except ClaudeUnavailable:
                 verdict = False
                 raise
@@ -282,6 +398,7 @@ class ClaudeGateway:
                 reserved = 0.0
                 t = self.ledger.totals
                 t.calls += usage.attempts
+                self.retries += max(0, usage.attempts - 1)
                 t.input_tokens += usage.input_tokens
                 t.output_tokens += usage.output_tokens
                 t.cache_read_tokens += usage.cache_read_tokens
@@ -299,6 +416,34 @@ class ClaudeGateway:
             else:
                 self.breaker.release_trial()
 
+    async def _send(self, kwargs: dict[str, Any], usage: CallUsage, deadline: float | None) -> Any:
+        """One Messages API call with the SDK's retries, each attempt's timeout cut to what
+        remains of the request's deadline; its failures as degraded reasons."""
+        assert self.client is not None
+        client = self.client
+        if deadline is not None:
+            left = max(deadline - time.time(), MIN_ATTEMPT_S)
+            client = client.with_options(timeout=min(self.cfg.timeout_s, left))
+        token = _in_flight.set(_InFlight(usage, deadline))
+        try:
+            message = await client.messages.create(**kwargs)
+        except DeadlineReached as exc:
+            raise ClaudeUnavailable("deadline", "the request's deadline ended the retries") from exc
+        except RetryAfterTooLong as exc:
+            raise ClaudeUnavailable("claude_rate_limited", str(exc)) from exc
+        except anthropic.APIStatusError as exc:
+            raise ClaudeUnavailable("claude_error", f"HTTP {exc.status_code}") from exc
+        except anthropic.APIError as exc:  # timeouts and connection failures, after retries
+            raise ClaudeUnavailable("claude_error", type(exc).__name__) from exc
+        finally:
+            _in_flight.reset(token)
+        u = message.usage
+        usage.input_tokens += u.input_tokens or 0
+        usage.output_tokens += u.output_tokens or 0
+        usage.cache_read_tokens += getattr(u, "cache_read_input_tokens", 0) or 0
+        usage.cache_write_tokens += getattr(u, "cache_creation_input_tokens", 0) or 0
+        return message
+
     def _parse(self, message: Any, tool: tuple[str, type[T]] | None, redactor: Redactor) -> Any:
         if tool is None:
             text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
@@ -314,66 +459,6 @@ class ClaudeGateway:
                     ) from exc
                 return _restore_model(parsed, redactor)
         raise ClaudeUnavailable("claude_malformed_output", f"no {name} tool call in the reply")
-
-    async def _with_retries(self, kwargs: dict[str, Any], usage: CallUsage) -> Any:
-        import anthropic
-
-        attempt = 0
-        while True:
-            attempt += 1
-            usage.attempts += 1
-            try:
-                async with self.concurrency:
-                    message = await self.client.messages.create(
-                        **kwargs, timeout=self.cfg.timeout_s
-                    )
-                u = message.usage
-                usage.input_tokens += u.input_tokens or 0
-                usage.output_tokens += u.output_tokens or 0
-                usage.cache_read_tokens += getattr(u, "cache_read_input_tokens", 0) or 0
-                usage.cache_write_tokens += getattr(u, "cache_creation_input_tokens", 0) or 0
-                return message
-            except (anthropic.RateLimitError, anthropic.InternalServerError) as exc:
-                retry_after = _retry_after(exc.response)
-                if attempt > self.cfg.max_retries:
-                    raise ClaudeUnavailable("claude_error", f"HTTP {exc.status_code}") from exc
-                if retry_after is not None and retry_after > self.cfg.max_retry_after_s:
-                    raise ClaudeUnavailable(
-                        "claude_rate_limited", f"retry-after {retry_after:.0f}s"
-                    ) from exc
-                delay = retry_after if retry_after is not None else self._backoff(attempt)
-            except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
-                if attempt > self.cfg.max_retries:
-                    raise ClaudeUnavailable("claude_error", type(exc).__name__) from exc
-                delay = self._backoff(attempt)
-            except anthropic.APIStatusError as exc:  # 400/401/403/404...: retrying cannot help
-                raise ClaudeUnavailable("claude_error", f"HTTP {exc.status_code}") from exc
-            self.retries += 1
-            await asyncio.sleep(delay)
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter."""
-        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
-        return random.uniform(0, cap)
-
-
-def _retry_after(response: Any) -> float | None:
-    try:
-        value = response.headers.get("retry-after")
-    except AttributeError:
-        return None
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        from email.utils import parsedate_to_datetime
-
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 _PLACEHOLDER = re.compile(r"\[[A-Z]+_\d+\]")

@@ -12,8 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agents.citations import content_words, markers, split_sentences, support
-from agents.schemas import Citation, Passage
+from hybrid_serve.agents.citations import content_words, markers, split_sentences, support
+from hybrid_serve.schemas import Citation, Passage
 
 _REFUSAL = re.compile(
     r"\b(i don'?t know|i do not know|not (?:mentioned|stated|provided|given|specified)|"

@@ -19,78 +19,59 @@ Policies are code here, not prompt text: nothing a passage says can change them.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, TypeVar
 
-from agents import prompts, tracing
-from agents.citations import finalize_sources
-from agents.claude import ClaudeResult, ClaudeUnavailable, Grade, RewritePlan, estimate_tokens
-from agents.confidence import Confidence, query_shape, score_answer
-from agents.merge import PartialAnswer, merge
-from agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
-from agents.schemas import (
+from hybrid_serve.agents import prompts, tracing
+from hybrid_serve.agents.citations import as_numbered, finalize_sources
+from hybrid_serve.agents.claude import (
+    ClaudeCall,
+    ClaudeResult,
+    ClaudeRoles,
+    ClaudeUnavailable,
+    Grade,
+    RewritePlan,
+    estimate_tokens,
+)
+from hybrid_serve.agents.confidence import Confidence, query_shape, score_answer
+from hybrid_serve.agents.merge import PartialAnswer, merge
+from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
+from hybrid_serve.agents.subagent import run_plan
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.retrieval.fusion import reciprocal_rank_fusion
+from hybrid_serve.schemas import (
     AnswerRequest,
     AnswerResponse,
     Citation,
+    Deadline,
     Escalation,
     GenerationRequest,
     GenerationResult,
     Passage,
+    PIIPolicy,
     Route,
     Subtask,
     Usage,
     Verification,
 )
-from agents.subagent import run_plan
-from retrieval.fusion import reciprocal_rank_fusion
 
 Retrieve = Callable[[str, int], Awaitable[list[Passage]]]
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
+# Text deltas, then the GenerationResult (an SLM deployment's `generate_stream`).
+GenerateStream = Callable[[GenerationRequest], AsyncIterator[str | GenerationResult]]
 # Progress for a streaming client: (event name, JSON-able data). Names: plan, subtask, answer,
 # verification; the caller sends `done` with the response.
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
-
-
-class ClaudePort(Protocol):
-    """What the lead needs of ClaudeProxy; raises ClaudeUnavailable when Claude can't be used."""
-
-    async def rewrite(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
-    ) -> ClaudeResult: ...
-
-    async def plan(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: str
-    ) -> ClaudeResult: ...
-
-    async def verify(
-        self, request_id: str, query: str, answer: str, passages: Sequence[Passage], pii: str
-    ) -> ClaudeResult: ...
-
-    async def answer(
-        self, request_id: str, query: str, passages: Sequence[Passage], pii: str, notes: str = ""
-    ) -> ClaudeResult: ...
-
-    async def finish_request(
-        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
-    ) -> None: ...
-
-
-@dataclass
-class LeadSettings:
-    max_tokens: int = 160
-    temperature: float = 0.0
-    threshold: float = 0.5
-    verify: str = "auto"
-    verify_min_score: float = 0.7
-    pii: str = "redact"
-    sensitive_patterns: list[str] = field(default_factory=list)
-    sensitive_tags: list[str] = field(default_factory=list)
-    claude_input_usd_per_mtok: float = 3.0
-    claude_output_usd_per_mtok: float = 15.0
-    slm_usd_per_hour: float = 0.0
-    subtask_timeout_s: float = 60.0
+T = TypeVar("T")
+# Kept back from the deadline for writing the response and the ledger's bookkeeping.
+RESPONSE_MARGIN_S = 0.25
+# An SLM answer's time before any was measured (SmolLM2 on 2 CPU cores: about 2 s).
+SLM_ANSWER_S_PRIOR = 3.0
 
 
 @dataclass
@@ -103,26 +84,101 @@ class Attempt:
     # The passage behind each citation number, for merging answers by chunk.
     sources: list[Passage] = field(default_factory=list)
     subtasks: list[Subtask] = field(default_factory=list)
+    finish_reason: Literal["stop", "length"] = "stop"
 
 
 @dataclass
-class _Ledger:
-    """What one request used, summed over every call it made."""
+class RequestContext:
+    """One request as it moves through the lead: what was asked, what policy lets it use, and
+    what it has used so far. `claude` is None once Claude may not be used for this request (it is
+    down, or the request turned out sensitive)."""
 
-    usage: Usage = field(default_factory=Usage)
-    slm_seconds: float = 0.0
-    # Per-request generation settings, carried with the request's accounting.
+    req: AnswerRequest
+    trace_id: str
+    pii: PIIPolicy
+    claude: ClaudeRoles | None
+    claude_down: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, str]] = field(default_factory=list)
+    emit: Emit | None = None
+    sensitive: bool = False
+    degraded: list[str] = field(default_factory=list)
+    escalation: Escalation = field(default_factory=Escalation)
+    verification: Verification | None = None
+    usage: Usage = field(default_factory=Usage)
+    slm_seconds: float = 0.0
+    # The deadline, as wall-clock time (it crosses processes with Claude's calls).
+    timeout_s: float | None = None
+    started: float = field(default_factory=time.time)
+    cut: list[str] = field(default_factory=list)
 
-    def slm(self, gen: GenerationResult) -> None:
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.started + self.timeout_s
+
+    def remaining(self) -> float:
+        """Seconds left for work, keeping back what sending the response takes."""
+        if self.deadline is None:
+            return math.inf
+        return self.deadline - time.time() - RESPONSE_MARGIN_S
+
+    async def within(self, step: str, work: Awaitable[T], reserve_s: float = 0.0) -> T:
+        """`work` bounded by what remains of the deadline, less `reserve_s` kept for what must
+        follow it: cancelled, and DeadlineExceeded raised, when that runs out (the cancellation
+        reaches other deployments' calls too)."""
+        left = self.remaining() - reserve_s
+        if left == math.inf:
+            return await work
+        if left <= 0:
+            if inspect.iscoroutine(work):
+                work.close()
+            raise DeadlineExceeded(step)
+        timer = asyncio.timeout(left)
+        try:
+            async with timer:
+                return await work
+        except TimeoutError:
+            if timer.expired():
+                raise DeadlineExceeded(step) from None
+            raise
+
+    def cut_short(self, step: str) -> None:
+        """A step skipped or stopped to answer in time."""
+        if step not in self.cut:
+            self.cut.append(step)
+        self.degrade("deadline")
+
+    def degrade(self, reason: str) -> None:
+        if reason not in self.degraded:
+            self.degraded.append(reason)
+
+    def keep_local(self) -> None:
+        self.sensitive, self.claude = True, None
+
+    @property
+    def no_claude_reason(self) -> str:
+        return "sensitive_local_only" if self.sensitive else "claude_unavailable"
+
+    def call(
+        self, query: str, passages: Sequence[Passage], answer: str = "", notes: str = ""
+    ) -> ClaudeCall:
+        return ClaudeCall(
+            self.trace_id,
+            query,
+            passages,
+            self.pii,
+            answer=answer,
+            notes=notes,
+            deadline=self.deadline,
+        )
+
+    def count_slm(self, gen: GenerationResult) -> None:
         self.usage.slm_prompt_tokens += gen.prompt_tokens
         self.usage.slm_completion_tokens += gen.completion_tokens
         self.slm_seconds += gen.seconds
 
-    def claude(self, result: ClaudeResult) -> None:
-        u = self.usage
-        cu = result.usage
+    def count_claude(self, result: ClaudeResult) -> None:
+        u, cu = self.usage, result.usage
         u.claude_input_tokens += cu.input_tokens
         u.claude_output_tokens += cu.output_tokens
         u.claude_cache_read_tokens += cu.cache_read_tokens
@@ -131,19 +187,36 @@ class _Ledger:
         u.cost_usd = round(u.cost_usd + cu.cost_usd, 8)
 
 
+class DeadlineExceeded(Exception):
+    """The request's deadline ran out in `step` with no answer to return."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(f"the deadline ran out during {step}")
+        self.step = step
+
+
 class Lead:
     def __init__(
         self,
         retrieve: Retrieve,
         generate: Generate,
-        settings: LeadSettings,
-        claude: ClaudePort | None = None,
+        config: HybridServeConfig,
+        claude: ClaudeRoles | None = None,
+        generate_stream: GenerateStream | None = None,
     ) -> None:
         self.retrieve = retrieve
         self.generate = generate
-        self.settings = settings
+        self.generate_stream = generate_stream
+        self.cfg = config
         self.claude = claude
-        self._sensitive = [re.compile(p, re.IGNORECASE) for p in settings.sensitive_patterns]
+        self._sensitive = [re.compile(p, re.IGNORECASE) for p in config.policies.sensitive_patterns]
+        # What an SLM answer takes here, end to end (a moving average): the time a step that
+        # may fall back to the SLM leaves for it before the deadline.
+        self.slm_answer_s = SLM_ANSWER_S_PRIOR
+
+    def slm_fallback_s(self) -> float:
+        """Time kept back for an SLM answer when a Claude step may have to be replaced by one."""
+        return 1.5 * self.slm_answer_s
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -152,16 +225,39 @@ class Lead:
             return True
         if any(p.search(req.query) for p in self._sensitive):
             return True
-        tags = set(self.settings.sensitive_tags)
+        tags = set(self.cfg.policies.sensitive_tags)
         return any(tags.intersection(p.tags) for p in passages)
 
     def wants_verification(self, req: AnswerRequest, attempt: Attempt) -> bool:
-        policy = req.verify or self.settings.verify
+        policy = req.verify or self.cfg.escalation.verify
         if policy == "always":
             return True
         if policy == "never":
             return False
         return attempt.route != "slm"
+
+    def _context(
+        self,
+        req: AnswerRequest,
+        trace_id: str,
+        claude_down: str | None,
+        sampling: dict[str, Any] | None,
+        history: Sequence[dict[str, str]],
+        emit: Emit | None,
+        timeout_s: float | None,
+    ) -> RequestContext:
+        return RequestContext(
+            timeout_s=timeout_s,
+            req=req,
+            trace_id=trace_id,
+            pii=req.pii or self.cfg.policies.pii,
+            claude=None if claude_down else self.claude,
+            claude_down=claude_down,
+            sampling=dict(sampling or {}),
+            history=list(history),
+            emit=emit,
+            degraded=[claude_down] if claude_down else [],
+        )
 
     # -- the request -----------------------------------------------------------------------
 
@@ -173,313 +269,261 @@ class Lead:
         sampling: dict[str, Any] | None = None,
         history: Sequence[dict[str, str]] = (),
         emit: Emit | None = None,
+        timeout_s: float | None = None,
     ) -> AnswerResponse:
         """`claude_down`: a reason Claude is known to be unusable (e.g. no API key).
         `sampling`: GenerationRequest fields a client set (max_tokens, temperature, ...).
         `history`: earlier chat turns, context for the SLM's prompt.
-        `emit`: progress events for a streaming client."""
+        `emit`: progress events for a streaming client.
+        `timeout_s`: the deadline: later steps are cut short to answer by then; DeadlineExceeded
+        when not even a first answer is ready."""
+        ctx = self._context(req, trace_id, claude_down, sampling, history, emit, timeout_s)
         attributes = {"hybrid.mode": req.mode, "hybrid.top_k": req.top_k}
         with tracing.span("Lead.answer", attributes=attributes):
-            response = await self._answer(req, trace_id, claude_down, sampling, history, emit)
+            passages = await ctx.within("retrieve", self.retrieve(req.query, req.top_k))
+            if self.is_sensitive(req, passages):
+                ctx.keep_local()
+            tracing.annotate({"hybrid.sensitive": ctx.sensitive})
+            attempt = await self._route(ctx, passages)
+            await _emit_text(ctx.emit, attempt.text)
+            if self.wants_verification(req, attempt):
+                attempt = await self._verification(ctx, attempt)
+            response = await self._respond(ctx, passages, attempt)
             tracing.annotate(answer_attributes(response))
             return response
 
-    async def _answer(
+    async def answer_slm(
         self,
         req: AnswerRequest,
         trace_id: str,
-        claude_down: str | None,
-        sampling: dict[str, Any] | None,
-        history: Sequence[dict[str, str]],
-        emit: Emit | None,
-    ) -> AnswerResponse:
-        degraded = [claude_down] if claude_down else []
-        ledger = _Ledger(sampling=dict(sampling or {}), history=list(history))
-        passages = await self.retrieve(req.query, req.top_k)
-        sensitive = self.is_sensitive(req, passages)
-        tracing.annotate({"hybrid.sensitive": sensitive})
-        pii = req.pii or self.settings.pii
-        claude = None if sensitive or claude_down else self.claude
-        escalation = Escalation()
-        attempt: Attempt | None = None
-
-        if req.mode == "decompose" or (req.mode == "auto" and query_shape(req.query).complex):
-            attempt = await self._decompose(
-                claude, trace_id, req, passages, pii, ledger, degraded, escalation, sensitive, emit
+        retrieval: bool = True,
+        sampling: dict[str, Any] | None = None,
+        history: Sequence[dict[str, str]] = (),
+        emit: Emit | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[AnswerResponse, Literal["stop", "length"]]:
+        """The small model alone (the `slm` chat model): no escalation, no verification, the
+        model's own generation settings. With `emit`, tokens go out as the SLM writes them, so the
+        model's citation numbers are kept rather than renumbered. Returns the finish reason too."""
+        ctx = self._context(req, trace_id, None, sampling, history, emit, timeout_s)
+        with tracing.span("Lead.answer", attributes={"hybrid.mode": "slm", "hybrid.chat": True}):
+            passages = (
+                await ctx.within("retrieve", self.retrieve(req.query, req.top_k))
+                if retrieval
+                else []
             )
-            if attempt is not None and self.is_sensitive(req, attempt.passages):
-                sensitive, claude = True, None  # a sub-agent found sensitive evidence
-        if attempt is None and req.mode == "claude":
-            escalation.escalated = True
-            escalation.reasons = ["mode_claude"]
-            attempt = await self._claude_or_slm(
-                claude, trace_id, req.query, passages, pii, ledger, degraded, sensitive
-            )
-        elif attempt is None:
-            attempt = await self._slm_attempt(req.query, req.query, passages, ledger)
-            low = attempt.confidence.score < self.settings.threshold
-            if req.mode == "auto" and low:
-                escalation.reasons = attempt.confidence.reasons or ["low_confidence"]
-                if sensitive:
-                    escalation.reasons.append("sensitive_kept_local")
-                    _add(degraded, "sensitive_local_only")
-                elif claude is None:
-                    _add(degraded, "claude_unavailable")
-                else:
-                    escalation.escalated = True
-                    with tracing.span("Lead.escalate"):
-                        attempt = await self._escalate(
-                            claude, trace_id, req, attempt, pii, ledger, degraded
-                        )
-                        tracing.annotate({"hybrid.route": attempt.route})
-
-        subtasks = attempt.subtasks
-        await _emit_text(emit, attempt.text)
-        verification = None
-        if self.wants_verification(req, attempt):
-            if claude is None:
-                _add(degraded, "sensitive_local_only" if sensitive else "claude_unavailable")
+            if retrieval:
+                messages = prompts.answer_messages(req.query, passages, ctx.history)
             else:
-                try:
-                    with tracing.span("Lead.verify"):
-                        verified, verification = await self._verify(
-                            claude, trace_id, req.query, attempt, pii, ledger
-                        )
-                        tracing.annotate(
-                            {
-                                "hybrid.verification.score": verification.score,
-                                "hybrid.verification.passed": verification.passed,
-                                "hybrid.verification.attempts": verification.attempts,
-                            }
-                        )
-                except ClaudeUnavailable as exc:
-                    _add(degraded, exc.reason)
-                else:
-                    if verified is not attempt:  # the retry was better: the text changed
-                        await _emit_text(emit, verified.text, reset=True)
-                    attempt = verified
-                    if emit is not None:
-                        await emit("verification", verification.model_dump())
+                messages = [*ctx.history, {"role": "user", "content": req.query}]
+            attempt = await ctx.within(
+                "generate",
+                self._slm_attempt(
+                    ctx, req.query, passages, messages=messages, chat=True, stream=emit is not None
+                ),
+            )
+            response = await self._respond(ctx, passages, attempt)
+            tracing.annotate(answer_attributes(response))
+            return response, attempt.finish_reason
 
-        usage = ledger.usage
-        usage.slm_cost_usd = round(ledger.slm_seconds * self.settings.slm_usd_per_hour / 3600, 8)
+    async def _route(self, ctx: RequestContext, passages: list[Passage]) -> Attempt:
+        """Decomposed, Claude's, or the SLM's answer, escalated when it is not confident."""
+        req = ctx.req
+        if req.mode == "decompose" or (req.mode == "auto" and query_shape(req.query).complex):
+            attempt = await self._decompose(ctx, passages)
+            if attempt is not None:
+                if self.is_sensitive(req, attempt.passages):
+                    ctx.keep_local()  # a sub-agent found sensitive evidence
+                return attempt
+        if req.mode == "claude":
+            ctx.escalation = Escalation(escalated=True, reasons=["mode_claude"])
+            return await self._claude_or_slm(ctx, req.query, passages)
+        attempt = await ctx.within("generate", self._slm_attempt(ctx, req.query, passages))
+        if req.mode == "auto" and attempt.confidence.score < self.cfg.escalation.threshold:
+            return await self._escalate(ctx, attempt)
+        return attempt
+
+    async def _respond(
+        self, ctx: RequestContext, passages: Sequence[Passage], attempt: Attempt
+    ) -> AnswerResponse:
+        """The response, with what the request cost; the ledger hears about it too."""
+        usage = ctx.usage
+        hourly = self.cfg.cost.slm_gpu_hour_usd
+        usage.slm_cost_usd = round(ctx.slm_seconds * hourly / 3600, 8)
         usage.all_claude_cost_usd_estimate = self.all_claude_estimate(
-            req.query, passages, attempt.text
+            ctx.req.query, passages, attempt.text
         )
-        if self.claude is not None and not claude_down:
-            try:
-                await self.claude.finish_request(
-                    trace_id, usage.slm_cost_usd, usage.all_claude_cost_usd_estimate
+        if self.claude is not None and not ctx.claude_down:
+            try:  # bookkeeping may use the margin kept for the response, not more
+                await asyncio.wait_for(
+                    self.claude.finish_request(
+                        ctx.trace_id, usage.slm_cost_usd, usage.all_claude_cost_usd_estimate
+                    ),
+                    max(ctx.remaining(), 0.0) + RESPONSE_MARGIN_S / 2,
                 )
             except Exception:  # the ledger's totals are best effort; the answer is not
-                _add(degraded, "ledger_unavailable")
+                ctx.degrade("ledger_unavailable")
         return AnswerResponse(
             answer=attempt.text,
             citations=attempt.citations,
             route=attempt.route,
             confidence=attempt.confidence.score,
-            escalation=escalation,
-            verification=verification,
-            subtasks=subtasks,
+            escalation=ctx.escalation,
+            verification=ctx.verification,
+            subtasks=attempt.subtasks,
             usage=usage,
-            degraded=degraded,
-            trace_id=trace_id,
+            degraded=ctx.degraded,
+            deadline=(
+                None
+                if ctx.timeout_s is None
+                else Deadline(
+                    timeout_s=ctx.timeout_s,
+                    used_s=round(time.time() - ctx.started, 3),
+                    cut=ctx.cut,
+                )
+            ),
+            trace_id=ctx.trace_id,
         )
 
     def all_claude_estimate(self, query: str, passages: Sequence[Passage], answer: str) -> float:
         """Claude alone: its answer prompt with the same evidence, and an answer this long."""
-        s = self.settings
+        price = self.cfg.claude.price()
         tokens_in = estimate_tokens(
             prompts.CLAUDE_ANSWER_SYSTEM + prompts.claude_answer_user(query, passages)
         )
         tokens_out = max(estimate_tokens(answer), 20)
-        cost = tokens_in * s.claude_input_usd_per_mtok + tokens_out * s.claude_output_usd_per_mtok
-        return round(cost / 1e6, 8)
+        return round((tokens_in * price.input + tokens_out * price.output) / 1e6, 8)
 
-    # -- steps -----------------------------------------------------------------------------
+    # -- answering -------------------------------------------------------------------------
 
     async def _slm_attempt(
         self,
+        ctx: RequestContext,
         query: str,
-        asked: str,
         passages: list[Passage],
-        ledger: _Ledger,
         messages: list[dict[str, str]] | None = None,
         route: Route = "slm",
+        chat: bool = False,
+        stream: bool = False,
     ) -> Attempt:
+        """The SLM's answer from `passages`, its citations settled and its confidence scored.
+        `chat`: the `slm` chat model: no answer stop sequences, and a text with nothing to cite
+        stays as written. `stream`: tokens go out as they come, so their citation numbers can no
+        longer change."""
         params = {
-            "max_tokens": self.settings.max_tokens,
-            "temperature": self.settings.temperature,
-            "stop": prompts.ANSWER_STOP,
-            **ledger.sampling,
+            "max_tokens": self.cfg.slm.max_tokens,
+            "temperature": self.cfg.slm.temperature,
+            "stop": [] if chat else prompts.ANSWER_STOP,
+            **ctx.sampling,  # what the client set wins
         }
-        gen = await self.generate(
-            GenerationRequest(
-                messages=messages or prompts.answer_messages(asked, passages, ledger.history),
-                **params,
-            )
+        gen_req = GenerationRequest(
+            messages=messages or prompts.answer_messages(query, passages, ctx.history), **params
         )
-        ledger.slm(gen)
-        text, citations, sources = finalize_sources(gen.text, passages)
+        started = time.monotonic()
+        gen = await (self._streamed(ctx, gen_req) if stream else self.generate(gen_req))
+        self.slm_answer_s = 0.8 * self.slm_answer_s + 0.2 * (time.monotonic() - started)
+        ctx.count_slm(gen)
+        if stream:
+            text, citations, sources = gen.text, as_numbered(gen.text, passages), []
+        elif chat and not passages:
+            text, citations, sources = gen.text, [], []
+        else:
+            text, citations, sources = finalize_sources(gen.text, passages)
         confidence = score_answer(query, text, citations, passages, gen.token_logprobs)
-        return Attempt(text, citations, passages, confidence, route, sources)
+        finish: Literal["stop", "length"] = "length" if gen.finish_reason == "length" else "stop"
+        return Attempt(text, citations, passages, confidence, route, sources, finish_reason=finish)
+
+    async def _streamed(self, ctx: RequestContext, gen_req: GenerationRequest) -> GenerationResult:
+        if self.generate_stream is None or ctx.emit is None:
+            raise RuntimeError("streaming needs generate_stream and an emit callback")
+        result: GenerationResult | None = None
+        async for item in self.generate_stream(gen_req):
+            if isinstance(item, GenerationResult):
+                result = item
+            elif item:
+                await ctx.emit("answer", {"delta": item})
+        if result is None:
+            raise SLMStreamEnded("the SLM stream ended without a result")
+        return result
 
     async def _claude_attempt(
         self,
-        claude: ClaudePort,
-        trace_id: str,
+        ctx: RequestContext,
+        claude: ClaudeRoles,
         query: str,
         passages: list[Passage],
-        pii: str,
-        ledger: _Ledger,
         notes: str = "",
     ) -> Attempt:
-        result = await claude.answer(trace_id, query, passages, pii, notes)
-        ledger.claude(result)
+        result = await claude.call("answer", ctx.call(query, passages, notes=notes))
+        ctx.count_claude(result)
         text, citations, sources = finalize_sources(str(result.output), passages)
         confidence = score_answer(query, text, citations, passages, None)
         return Attempt(text, citations, passages, confidence, "claude", sources)
 
     async def _claude_or_slm(
-        self,
-        claude: ClaudePort | None,
-        trace_id: str,
-        query: str,
-        passages: list[Passage],
-        pii: str,
-        ledger: _Ledger,
-        degraded: list[str],
-        sensitive: bool,
+        self, ctx: RequestContext, query: str, passages: list[Passage]
     ) -> Attempt:
-        if claude is not None:
-            try:
-                return await self._claude_attempt(claude, trace_id, query, passages, pii, ledger)
-            except ClaudeUnavailable as exc:
-                _add(degraded, exc.reason)
+        if ctx.claude is None:
+            ctx.degrade(ctx.no_claude_reason)
         else:
-            _add(degraded, "sensitive_local_only" if sensitive else "claude_unavailable")
-        return await self._slm_attempt(query, query, passages, ledger)
+            try:
+                work = self._claude_attempt(ctx, ctx.claude, query, passages)
+                return await ctx.within("claude", work, reserve_s=self.slm_fallback_s())
+            except ClaudeUnavailable as exc:
+                ctx.degrade(exc.reason)
+            except DeadlineExceeded:
+                ctx.cut_short("claude")
+        return await ctx.within("generate", self._slm_attempt(ctx, query, passages))
 
-    async def _escalate(
-        self,
-        claude: ClaudePort,
-        trace_id: str,
-        req: AnswerRequest,
-        first: Attempt,
-        pii: str,
-        ledger: _Ledger,
-        degraded: list[str],
-    ) -> Attempt:
-        try:
-            result = await claude.rewrite(trace_id, req.query, first.passages, pii)
-        except ClaudeUnavailable as exc:
-            _add(degraded, exc.reason)
+    # -- escalation ------------------------------------------------------------------------
+
+    async def _escalate(self, ctx: RequestContext, first: Attempt) -> Attempt:
+        """A low-confidence SLM answer: rewritten by Claude and tried again, then Claude's own."""
+        ctx.escalation.reasons = first.confidence.reasons or ["low_confidence"]
+        if ctx.sensitive:
+            ctx.escalation.reasons.append("sensitive_kept_local")
+            ctx.degrade("sensitive_local_only")
             return first
-        ledger.claude(result)
+        if ctx.claude is None:
+            ctx.degrade("claude_unavailable")
+            return first
+        ctx.escalation.escalated = True
+        tried = [first]  # what the escalation got to, should the deadline stop it
+        with tracing.span("Lead.escalate"):
+            try:
+                work = self._rewrite_then_claude(ctx, ctx.claude, first, tried)
+                attempt = await ctx.within("escalate", work)
+            except DeadlineExceeded:
+                ctx.cut_short("escalate")
+                attempt = max(tried, key=lambda a: a.confidence.score)
+            tracing.annotate({"hybrid.route": attempt.route})
+        return attempt
+
+    async def _rewrite_then_claude(
+        self, ctx: RequestContext, claude: ClaudeRoles, first: Attempt, tried: list[Attempt]
+    ) -> Attempt:
+        query = ctx.req.query
+        try:
+            result = await claude.call("rewrite", ctx.call(query, first.passages))
+        except ClaudeUnavailable as exc:
+            ctx.degrade(exc.reason)
+            return first
+        ctx.count_claude(result)
         plan: RewritePlan = result.output
         queries = [plan.rewritten_query, *plan.search_queries[:3]]
-        passages = await self._retrieve_many(queries, req.top_k)
+        passages = await self._retrieve_many(queries, ctx.req.top_k)
+        messages = prompts.answer_messages(plan.rewritten_query, passages, ctx.history)
         second = await self._slm_attempt(
-            req.query, plan.rewritten_query, passages, ledger, route="slm+rewrite"
+            ctx, query, passages, messages=messages, route="slm+rewrite"
         )
-        if second.confidence.score >= self.settings.threshold:
+        tried.append(second)
+        if second.confidence.score >= self.cfg.escalation.threshold:
             return second
         try:
-            return await self._claude_attempt(claude, trace_id, req.query, passages, pii, ledger)
+            return await self._claude_attempt(ctx, claude, query, passages)
         except ClaudeUnavailable as exc:
-            _add(degraded, exc.reason)
+            ctx.degrade(exc.reason)
             return max(first, second, key=lambda a: a.confidence.score)
-
-    async def _decompose(
-        self,
-        claude: ClaudePort | None,
-        trace_id: str,
-        req: AnswerRequest,
-        passages: list[Passage],
-        pii: str,
-        ledger: _Ledger,
-        degraded: list[str],
-        escalation: Escalation,
-        sensitive: bool,
-        emit: Emit | None,
-    ) -> Attempt | None:
-        """Plan, run the sub-agents, merge. None when `auto` finds nothing to split."""
-        plan: Plan | None = None
-        planner_down = "sensitive_local_only" if sensitive else "claude_unavailable"
-        with tracing.span("Lead.plan"):
-            if claude is not None:
-                try:
-                    result = await claude.plan(trace_id, req.query, passages, pii)
-                    ledger.claude(result)
-                    plan = validate_plan(result.output)
-                except ClaudeUnavailable as exc:
-                    planner_down = exc.reason
-            planner = "claude" if plan is not None and plan.subtasks else "local"
-            if planner == "local":
-                plan = local_plan(req.query)
-            assert plan is not None
-            tracing.annotate({"hybrid.planner": planner, "hybrid.subtasks": len(plan.subtasks)})
-        if req.mode == "auto" and len(plan.subtasks) < 2:
-            return None
-
-        escalation.escalated = planner == "claude"
-        escalation.reasons = ["mode_decompose" if req.mode == "decompose" else "complex_query"]
-        if planner == "local":
-            escalation.reasons.append("local_planner")
-            if sensitive:
-                escalation.reasons.append("sensitive_kept_local")
-            _add(degraded, planner_down)
-        if emit is not None:
-            steps = [st.model_dump() for st in plan.subtasks]
-            await emit("plan", {"planner": planner, "subtasks": steps})
-
-        async def run(st: SubtaskPlan, question: str, queries: list[str]) -> PartialAnswer:
-            attributes = {"hybrid.subtask.id": st.id, "hybrid.subtask.depends_on": st.depends_on}
-            with tracing.span("Lead.subtask", attributes=attributes):
-                found = await self._retrieve_many([*queries, question], req.top_k)
-                a = await self._slm_attempt(question, question, found, ledger)
-                tracing.annotate({"hybrid.confidence": a.confidence.score})
-            return PartialAnswer(
-                st.id,
-                question,
-                a.text,
-                a.citations,
-                a.sources,
-                passages=found,
-                confidence=a.confidence.score,
-            )
-
-        async def done(part: PartialAnswer) -> None:
-            if emit is not None:
-                await emit("subtask", _subtask(part).model_dump())
-
-        parts = await run_plan(plan, run, self.settings.subtask_timeout_s, done)
-        ok = [p for p in parts if p.status == "ok"]
-        failures = [p.exception for p in parts if p.exception is not None]
-        if not ok and failures:
-            raise failures[0]  # nothing answered and something broke: the caller's error
-        text, citations, sources = merge(parts)
-        seen = {p.chunk_id for p in sources}
-        evidence = list(sources)
-        for p in (p for part in ok for p in part.passages):
-            if p.chunk_id not in seen and len(evidence) < len(sources) + req.top_k:
-                seen.add(p.chunk_id)
-                evidence.append(p)
-        answered = len(ok) / len(parts)
-        confidence = Confidence(
-            score=round(sum(p.confidence for p in ok) / len(parts), 4),
-            signals={"answered": round(answered, 4)},
-            reasons=[] if answered == 1 else ["subtasks_missing"],
-        )
-        return Attempt(
-            text,
-            citations,
-            evidence,
-            confidence,
-            "decomposed",
-            sources,
-            subtasks=[_subtask(p) for p in parts],
-        )
 
     async def _retrieve_many(self, queries: Sequence[str], top_k: int) -> list[Passage]:
         """Every query's hits fused by reciprocal rank, de-duplicated by chunk."""
@@ -489,18 +533,124 @@ class Lead:
         fused = reciprocal_rank_fusion([[p.chunk_id for p in hits] for hits in lists])
         return [by_id[cid] for cid, _ in fused[:top_k]]
 
+    # -- decomposition -----------------------------------------------------------------------
+
+    async def _decompose(self, ctx: RequestContext, passages: list[Passage]) -> Attempt | None:
+        """Plan, run the sub-agents, merge. None when `auto` finds nothing to split."""
+        plan, planner, planner_down = await self._plan(ctx, passages)
+        if ctx.req.mode == "auto" and len(plan.subtasks) < 2:
+            return None
+        ctx.escalation.escalated = planner == "claude"
+        ctx.escalation.reasons = [
+            "mode_decompose" if ctx.req.mode == "decompose" else "complex_query"
+        ]
+        if planner == "local":
+            ctx.escalation.reasons.append("local_planner")
+            if ctx.sensitive:
+                ctx.escalation.reasons.append("sensitive_kept_local")
+            ctx.degrade(planner_down)
+        if ctx.emit is not None:
+            steps = [st.model_dump() for st in plan.subtasks]
+            await ctx.emit("plan", {"planner": planner, "subtasks": steps})
+
+        async def run(st: SubtaskPlan, question: str, queries: list[str]) -> PartialAnswer:
+            return await self._subtask(ctx, st, question, queries)
+
+        async def done(part: PartialAnswer) -> None:
+            if ctx.emit is not None:
+                await ctx.emit("subtask", _subtask(part).model_dump())
+
+        parts = await run_plan(plan, run, self.cfg.escalation.subtask_timeout_s, done)
+        if ctx.remaining() <= 0 and any(p.status == "timeout" for p in parts):
+            if not any(p.status == "ok" for p in parts):
+                raise DeadlineExceeded("subtasks")
+            ctx.cut_short("subtasks")
+        return _merged(parts, ctx.req.top_k)
+
+    async def _plan(self, ctx: RequestContext, passages: list[Passage]) -> tuple[Plan, str, str]:
+        """(plan, planner, why Claude did not plan): Claude's plan, or the local planner's."""
+        plan: Plan | None = None
+        planner_down = ctx.no_claude_reason
+        with tracing.span("Lead.plan"):
+            if ctx.claude is not None:
+                try:
+                    call = ctx.claude.call("plan", ctx.call(ctx.req.query, passages))
+                    result = await ctx.within("plan", call, reserve_s=self.slm_fallback_s())
+                    ctx.count_claude(result)
+                    plan = validate_plan(result.output)
+                except ClaudeUnavailable as exc:
+                    planner_down = exc.reason
+                except DeadlineExceeded:
+                    ctx.cut_short("plan")
+                    planner_down = "deadline"
+            planner = "claude" if plan is not None and plan.subtasks else "local"
+            if plan is None or planner == "local":
+                plan = local_plan(ctx.req.query)
+            tracing.annotate({"hybrid.planner": planner, "hybrid.subtasks": len(plan.subtasks)})
+        return plan, planner, planner_down
+
+    async def _subtask(
+        self, ctx: RequestContext, st: SubtaskPlan, question: str, queries: list[str]
+    ) -> PartialAnswer:
+        """One sub-agent: its own retrieval, its own SLM answer."""
+        attributes = {"hybrid.subtask.id": st.id, "hybrid.subtask.depends_on": st.depends_on}
+        with tracing.span("Lead.subtask", attributes=attributes):
+            try:
+                found = await ctx.within(
+                    "subtasks", self._retrieve_many([*queries, question], ctx.req.top_k)
+                )
+                a = await ctx.within("subtasks", self._slm_attempt(ctx, question, found))
+            except DeadlineExceeded:
+                raise TimeoutError("the request's deadline") from None  # reported as timeout
+            tracing.annotate({"hybrid.confidence": a.confidence.score})
+        return PartialAnswer(
+            st.id,
+            question,
+            a.text,
+            a.citations,
+            a.sources,
+            passages=found,
+            confidence=a.confidence.score,
+        )
+
+    # -- verification --------------------------------------------------------------------------
+
+    async def _verification(self, ctx: RequestContext, attempt: Attempt) -> Attempt:
+        """Verify `attempt` when Claude may be used; the better attempt, and the verdict in ctx."""
+        if ctx.claude is None:
+            ctx.degrade(ctx.no_claude_reason)
+            return attempt
+        try:
+            with tracing.span("Lead.verify"):
+                work = self._verify(ctx, ctx.claude, attempt)
+                verified, verification = await ctx.within("verify", work)
+                tracing.annotate(
+                    {
+                        "hybrid.verification.score": verification.score,
+                        "hybrid.verification.passed": verification.passed,
+                        "hybrid.verification.attempts": verification.attempts,
+                    }
+                )
+        except ClaudeUnavailable as exc:
+            ctx.degrade(exc.reason)
+            return attempt
+        except DeadlineExceeded:
+            ctx.cut_short("verify")
+            return attempt
+        if verified is not attempt:  # the retry was better: the text changed
+            await _emit_text(ctx.emit, verified.text, reset=True)
+        if ctx.emit is not None:
+            await ctx.emit("verification", verification.model_dump())
+        ctx.verification = verification
+        return verified
+
     async def _verify(
-        self,
-        claude: ClaudePort,
-        trace_id: str,
-        query: str,
-        attempt: Attempt,
-        pii: str,
-        ledger: _Ledger,
+        self, ctx: RequestContext, claude: ClaudeRoles, attempt: Attempt
     ) -> tuple[Attempt, Verification]:
         """Grade; below the bar, retry once with the grader's notes and keep the better one."""
-        bar = self.settings.verify_min_score
-        grade = await self._grade(claude, trace_id, query, attempt, pii, ledger)
+        bar = self.cfg.escalation.verify_min_score
+        query = ctx.req.query
+        grade = await self._grade(ctx, claude, attempt)
         if grade.score >= bar:
             return attempt, Verification(
                 score=grade.score, passed=True, attempts=1, notes=grade.notes
@@ -508,16 +658,16 @@ class Lead:
         try:
             if attempt.route == "claude":
                 retry = await self._claude_attempt(
-                    claude, trace_id, query, attempt.passages, pii, ledger, notes=grade.notes
+                    ctx, claude, query, attempt.passages, notes=grade.notes
                 )
             else:
                 messages = prompts.slm_retry_messages(
                     query, attempt.passages, attempt.text, grade.notes
                 )
                 retry = await self._slm_attempt(
-                    query, query, attempt.passages, ledger, messages=messages, route=attempt.route
+                    ctx, query, attempt.passages, messages=messages, route=attempt.route
                 )
-            second = await self._grade(claude, trace_id, query, retry, pii, ledger)
+            second = await self._grade(ctx, claude, retry)
         except ClaudeUnavailable:
             return attempt, Verification(
                 score=grade.score, passed=False, attempts=1, notes=grade.notes
@@ -530,20 +680,48 @@ class Lead:
             notes=best_grade.notes,
         )
 
-    async def _grade(
-        self,
-        claude: ClaudePort,
-        trace_id: str,
-        query: str,
-        attempt: Attempt,
-        pii: str,
-        ledger: _Ledger,
-    ) -> Grade:
-        result = await claude.verify(trace_id, query, attempt.text, attempt.passages, pii)
-        ledger.claude(result)
+    async def _grade(self, ctx: RequestContext, claude: ClaudeRoles, attempt: Attempt) -> Grade:
+        call = ctx.call(ctx.req.query, attempt.passages, answer=attempt.text)
+        result = await claude.call("verify", call)
+        ctx.count_claude(result)
         grade: Grade = result.output
         clamp = min(1.0, max(0.0, float(grade.score)))
         return grade.model_copy(update={"score": round(clamp, 4)})
+
+
+class SLMStreamEnded(RuntimeError):
+    """A streamed generation stopped before its result (its replica went away)."""
+
+
+def _merged(parts: Sequence[PartialAnswer], top_k: int) -> Attempt:
+    """The sub-agents' answers as one attempt: merged text and citations, the evidence behind
+    them plus each sub-agent's best passages, confidence from how much was answered."""
+    ok = [p for p in parts if p.status == "ok"]
+    failures = [p.exception for p in parts if p.exception is not None]
+    if not ok and failures:
+        raise failures[0]  # nothing answered and something broke: the caller's error
+    text, citations, sources = merge(parts)
+    seen = {p.chunk_id for p in sources}
+    evidence = list(sources)
+    for p in (p for part in ok for p in part.passages):
+        if p.chunk_id not in seen and len(evidence) < len(sources) + top_k:
+            seen.add(p.chunk_id)
+            evidence.append(p)
+    answered = len(ok) / len(parts)
+    confidence = Confidence(
+        score=round(sum(p.confidence for p in ok) / len(parts), 4),
+        signals={"answered": round(answered, 4)},
+        reasons=[] if answered == 1 else ["subtasks_missing"],
+    )
+    return Attempt(
+        text,
+        citations,
+        evidence,
+        confidence,
+        "decomposed",
+        sources,
+        subtasks=[_subtask(p) for p in parts],
+    )
 
 
 def answer_attributes(response: AnswerResponse) -> dict[str, Any]:
@@ -576,7 +754,7 @@ def _subtask(part: PartialAnswer) -> Subtask:
         answer=part.text,
         citations=part.citations,
         latency_ms=part.latency_ms,
-        status=part.status,  # type: ignore[arg-type]
+        status=part.status,
     )
 
 
@@ -588,8 +766,3 @@ async def _emit_text(emit: Emit | None, text: str, reset: bool = False) -> None:
         await emit("answer", {"reset": True, "delta": ""})
     for piece in re.findall(r"\S+\s*|\s+", text):
         await emit("answer", {"delta": piece})
-
-
-def _add(items: list[str], item: str) -> None:
-    if item not in items:
-        items.append(item)

@@ -60,8 +60,10 @@ class RateLimiter:
         self.tokens = TokenBucket(tpm, clock)
         self.max_wait_s = max_wait_s
 
-    async def acquire(self, tokens: float) -> None:
-        deadline = time.monotonic() + self.max_wait_s
+    async def acquire(self, tokens: float, max_wait_s: float | None = None) -> None:
+        """`max_wait_s`: a shorter bound for this call (what remains of its request's deadline)."""
+        bound = self.max_wait_s if max_wait_s is None else min(self.max_wait_s, max_wait_s)
+        deadline = time.monotonic() + bound
         while True:
             wait = max(self.requests.wait_time(1), self.tokens.wait_time(tokens))
             if wait == 0:
@@ -71,9 +73,6 @@ class RateLimiter:
             if time.monotonic() + wait > deadline:
                 raise RateLimited(f"local rate limit: would wait {wait:.1f}s")
             await asyncio.sleep(wait)
-
-    def refund_tokens(self, tokens: float) -> None:
-        self.tokens.level = min(self.tokens.capacity, self.tokens.level + tokens)
 
 
 State = Literal["closed", "open", "half_open"]

@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agents.citations import MARKER, finalize_sources
-from agents.schemas import Citation, Passage
+from hybrid_serve.agents.citations import MARKER, finalize_sources
+from hybrid_serve.schemas import Citation, Passage, SubtaskStatus
 
 
 @dataclass
@@ -20,7 +20,7 @@ class PartialAnswer:
     text: str
     citations: list[Citation]
     sources: list[Passage]
-    status: str = "ok"
+    status: SubtaskStatus = "ok"
     latency_ms: float = 0.0
     passages: list[Passage] = field(default_factory=list)
     confidence: float = 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agents.schemas import Passage
+from hybrid_serve.schemas import Passage
 
 ANSWER_SYSTEM = (
     "You answer questions using only the numbered passages given by the user. "

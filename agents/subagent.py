@@ -10,9 +10,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from agents.citations import strip_markers
-from agents.merge import PartialAnswer
-from agents.planner import REF, Plan, SubtaskPlan
+from hybrid_serve.agents.citations import strip_markers
+from hybrid_serve.agents.merge import PartialAnswer
+from hybrid_serve.agents.planner import REF, Plan, SubtaskPlan
 
 # (the sub-task, its question and search queries with dependencies filled in) -> its answer
 RunSubtask = Callable[[SubtaskPlan, str, list[str]], Awaitable[PartialAnswer]]

@@ -17,17 +17,16 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
 
-from cluster.config import TracingConfig
+from hybrid_serve.config import TracingConfig
 
 TRACER_NAME = "hybrid_serve"
 DEFAULT_SERVICE_NAME = "hybrid-serve"
-Exporter = Literal["otlp", "console", "none"]
 # What a deployment method receives as `trace_context`: W3C headers from `carrier()`, or None.
 TraceContext = dict[str, str] | None
 

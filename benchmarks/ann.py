@@ -5,7 +5,7 @@ queried with their questions. Larger corpora are simulated by adding distractors
 paragraph vectors plus noise (normalised), so the neighbourhood structure stays MiniLM-like.
 Recall is measured against flat (exact) search on the same vectors in the same run.
 
-    python -m benchmarks.ann --sizes 913,20000,100000 --out bench-out/ann
+    python -m hybrid_serve.benchmarks.ann --sizes 913,20000,100000 --out bench-out/ann
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.confidence import load_squad
-from benchmarks.report import Progress, percentile, publish
-from retrieval import ann
-from retrieval.ann import ANNSpec
+from hybrid_serve.benchmarks.confidence import load_squad
+from hybrid_serve.benchmarks.report import Progress, percentile, publish
+from hybrid_serve.retrieval import ann
+from hybrid_serve.retrieval.ann import ANNSpec
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared/data/squad/squad-v1.1-dev-part-a.json"
 SPECS = {
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-out/ann")
     args = ap.parse_args(argv)
 
-    from retrieval.embedder import Embedder
+    from hybrid_serve.retrieval.embedder import Embedder
 
     progress = Progress("ann")
     docs, questions = load_squad(Path(args.squad))

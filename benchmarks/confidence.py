@@ -6,7 +6,8 @@ route for reference. Separation: on SQuAD questions answered by the SLM alone (r
 file's paragraphs, in process), AUROC of the confidence for "F1 > 0.5", and the escalation rate
 at the configured threshold.
 
-    python -m benchmarks.confidence --squad ../shared/data/squad/squad-v1.1-dev-part-a.json \
+    python -m hybrid_serve.benchmarks.confidence \
+        --squad ../shared/data/squad/squad-v1.1-dev-part-a.json \
         --limit 100 --out bench-out/confidence
 """
 
@@ -22,18 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agents.lead import Lead, LeadSettings
-from agents.schemas import AnswerRequest, GenerationRequest
-from benchmarks.metrics import auroc, f1_score, strip_citations
-from benchmarks.report import Progress, publish
-from cluster.config import HybridServeConfig
+from hybrid_serve.agents.lead import Lead
+from hybrid_serve.benchmarks.metrics import auroc, f1_score, strip_citations
+from hybrid_serve.benchmarks.report import Progress, publish
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.schemas import AnswerRequest, GenerationRequest
 
 PROMPT = [{"role": "user", "content": "Write a short paragraph about the history of Paris."}]
 
 
 def overhead(rounds: int, max_tokens: int, threads: int, logits_all: bool, progress: Progress):
-    from engines.llama_cpp import LlamaCppEngine
-    from retrieval.models import bundled_gguf
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
 
     engine = LlamaCppEngine(bundled_gguf(), n_threads=threads)
     with_lp = GenerationRequest(messages=PROMPT, max_tokens=max_tokens, logprobs=True)
@@ -96,10 +97,10 @@ def load_squad(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progress):
-    from engines.llama_cpp import LlamaCppEngine
-    from retrieval.embedder import Embedder
-    from retrieval.models import bundled_gguf
-    from retrieval.store import IndexStore, NewDocument
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
+    from hybrid_serve.retrieval.embedder import Embedder
+    from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
     cfg = HybridServeConfig.load()
     docs, questions = load_squad(squad)
@@ -122,11 +123,7 @@ def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progr
     async def retrieve(query: str, top_k: int):
         return store.search(query, top_k)
 
-    lead = Lead(
-        retrieve,
-        engine.generate,
-        LeadSettings(max_tokens=cfg.slm.max_tokens, threshold=cfg.escalation.threshold),
-    )
+    lead = Lead(retrieve, engine.generate, cfg)
     rows = []
 
     async def run() -> None:

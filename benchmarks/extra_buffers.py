@@ -6,7 +6,8 @@ The bundled model is Q4_1, which llama.cpp's CPU repacking does not cover on x86
 also measures a Q4_0 copy of it (requantized once into --out), a type that is repacked, to show
 the cost for GGUFs that benefit.
 
-    python -m benchmarks.extra_buffers --rounds 5 --quant q4_0 --out bench-out/extra_buffers
+    python -m hybrid_serve.benchmarks.extra_buffers --rounds 5 --quant q4_0 \
+        --out bench-out/extra_buffers
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from agents.schemas import GenerationRequest
-from benchmarks.report import Progress, publish
+from hybrid_serve.benchmarks.report import Progress, publish
+from hybrid_serve.schemas import GenerationRequest
 
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -42,7 +43,7 @@ def requantize(source: Path, target: Path, kind: str) -> Path:
 
 
 def measure(model: Path, rounds: int, max_tokens: int, threads: int, progress: Progress):
-    from engines.llama_cpp import LlamaCppEngine
+    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
 
     engines = {
         setting: LlamaCppEngine(model, n_threads=threads, extra_buffers=setting)
@@ -56,9 +57,7 @@ def measure(model: Path, rounds: int, max_tokens: int, threads: int, progress: P
         progress.step(i + 1, rounds, f"{model.name}: on/off")
         for setting, engine in engines.items():
             r = engine.generate_blocking(req)
-            rows[setting].append(
-                {"tok_s": r.completion_tokens / r.seconds, "seconds": r.seconds}
-            )
+            rows[setting].append({"tok_s": r.completion_tokens / r.seconds, "seconds": r.seconds})
     out: dict[str, Any] = {
         "model": model.name,
         "prompt_tokens": len(engines["on"].prompt_tokens(PROMPT)),
@@ -82,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import llama_cpp
 
-    from engines.hardware import cpu_summary
-    from retrieval.models import bundled_gguf
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.engines.hardware import cpu_summary
 
     out = Path(args.out)
     progress = Progress("extra_buffers")
@@ -103,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# llama.cpp extra buffer types: off vs on",
         "",
-        f"CPU: {report['cpu']}; threads {args.threads}; median of {args.rounds} interleaved rounds.",
+        f"CPU: {report['cpu']}; threads {args.threads}; "
+        f"median of {args.rounds} interleaved rounds.",
         "",
         "| model | prompt tokens | on tok/s | off tok/s | off / on |",
         "|---|---|---|---|---|",

@@ -11,7 +11,7 @@ the median of single-sub-task requests measured in the same run and configuratio
 - `openai`: the `openai` engine pointed at a local OpenAI-compatible server whose every reply takes
   a fixed time, so the ratio is the framework's own scheduling (routing, queueing, the handle).
 
-    python -m benchmarks.fanout --out bench-out/fanout
+    python -m hybrid_serve.benchmarks.fanout --out bench-out/fanout
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.fixed_latency_server import FixedLatencyServer
-from benchmarks.report import Progress, publish
+from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
+from hybrid_serve.benchmarks.report import Progress, publish
 
 # The same question k times: with greedy decoding every sub-task generates the same tokens, so
 # the comparison is between schedules, not between answers of different lengths.
@@ -75,8 +75,8 @@ def run_config(
 ) -> list[dict[str, Any]]:
     from ray import serve
 
-    from cluster.config import HybridServeConfig
-    from deployments.app import build
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.deployments.app import build
 
     port = 8766
     overrides: dict[str, Any] = {
@@ -151,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = Progress("fanout")
     os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": 8766})
     server = FixedLatencyServer(args.latency_ms / 1000).start()
     rows: list[dict[str, Any]] = []

@@ -2,7 +2,7 @@
 framework's own scheduling apart from the cores: behind the `openai` engine, a sub-task costs
 exactly `latency_s` however many run at once, so any excess wall time is ours.
 
-    python -m benchmarks.fixed_latency_server --port 8001 --latency-ms 500
+    python -m hybrid_serve.benchmarks.fixed_latency_server --port 8001 --latency-ms 500
 
 It speaks the parts of `/v1/chat/completions` the engine uses (JSON and SSE, usage, logprobs) and
 `/v1/models`; it counts requests and the most it held at once.
@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cluster.local import free_port
+from hybrid_serve.cluster.local import free_port
 
 DEFAULT_REPLY = "The passages answer this [1]."
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.report import Progress, percentile, publish
+from hybrid_serve.benchmarks.report import Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUNDLED_QUERIES = [

@@ -7,7 +7,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from agents.citations import strip_markers
+from hybrid_serve.agents.citations import strip_markers
 
 
 def normalize_answer(s: str) -> str:

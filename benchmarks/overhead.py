@@ -7,7 +7,7 @@
    requests in flight than the replica runs at once) against llama.cpp alone, in this process,
    with the same requests and threads, interleaved batch by batch. Target: >= 0.9.
 
-    python -m benchmarks.overhead --rounds 20 --out bench-out/overhead
+    python -m hybrid_serve.benchmarks.overhead --rounds 20 --out bench-out/overhead
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.load import BUNDLED_QUERIES
-from benchmarks.report import Progress, percentile, write_report
+from hybrid_serve.benchmarks.load import BUNDLED_QUERIES
+from hybrid_serve.benchmarks.report import Progress, percentile, write_report
 
 PORT = 8767
 
@@ -46,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from agents import prompts
-    from agents.citations import finalize
-    from agents.confidence import score_answer
-    from agents.schemas import GenerationRequest
-    from cluster.config import HybridServeConfig
-    from deployments.app import build
-    from engines.llama_cpp import LlamaCppEngine
-    from retrieval.embedder import Embedder
-    from retrieval.models import bundled_gguf
-    from retrieval.store import IndexStore
+    from hybrid_serve.agents import prompts
+    from hybrid_serve.agents.citations import finalize
+    from hybrid_serve.agents.confidence import score_answer
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.deployments.app import build
+    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
+    from hybrid_serve.retrieval.embedder import Embedder
+    from hybrid_serve.retrieval.store import IndexStore
+    from hybrid_serve.schemas import GenerationRequest
 
     progress = Progress("overhead")
     # llama.cpp alone gets every core; the replica gets them too, split over its contexts.
@@ -72,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     progress.say("starting the cluster")
     os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
     url = f"http://127.0.0.1:{PORT}"
@@ -83,15 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.say("loading the same index, embedder and model in this process")
     rc = cfg.retriever
     embedder = Embedder(rc.embedding_model, batch_size=rc.embed_batch_size)
-    store = IndexStore(
-        cfg.index_dir,
-        embed=embedder.encode,
-        dim=embedder.dim,
-        embedding_model=embedder.name,
-        chunk_words=rc.chunk_words,
-        chunk_overlap_words=rc.chunk_overlap_words,
-        ann_spec=rc.ann_spec(),
-    )
+    store = IndexStore.from_config(cfg.index_dir, rc, embedder)
     store.refresh()
     engine = LlamaCppEngine(bundled_gguf(), n_threads=threads)
 

@@ -40,9 +40,15 @@ from typing import Any
 
 import httpx
 
-from benchmarks.confidence import load_squad
-from benchmarks.metrics import auroc, exact_match, f1_score, recall_at_k, strip_citations
-from benchmarks.report import Progress, percentile, publish
+from hybrid_serve.benchmarks.confidence import load_squad
+from hybrid_serve.benchmarks.metrics import (
+    auroc,
+    exact_match,
+    f1_score,
+    recall_at_k,
+    strip_citations,
+)
+from hybrid_serve.benchmarks.report import Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = (0.1, 0.2, 0.3)
@@ -493,7 +499,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from cluster.config import HybridServeConfig
+    from hybrid_serve.config import HybridServeConfig
 
     if not args.squad and not args.hotpot:
         raise ValueError("give --squad FILE and/or --hotpot FILE")
@@ -507,10 +513,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         files["hotpot"] = args.hotpot
     progress = Progress("quality")
     api_key = args.api_key or os.environ.get("HYBRID_SERVE_API_KEY")
-    started = None
+    started: tuple[HybridServeConfig, Any] | None = None
     url = args.url
     if url is None:
-        from cluster import local
+        from hybrid_serve.cluster import local
 
         cfg = HybridServeConfig.load(
             overrides={
@@ -520,9 +526,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         progress.say("starting a cluster with a fresh index")
-        local.init_ray(cfg)
+        target = local.init_ray(cfg, new_cluster=True)
         url = local.deploy(cfg, on_status=progress.say)
-        started = local
+        started = (cfg, target)
         threshold = cfg.escalation.threshold
     else:
         threshold = HybridServeConfig.load().escalation.threshold
@@ -532,7 +538,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     finally:
         if started is not None:
-            started.shutdown()
+            local.shutdown(*started)
     progress.done()
     report = summarize(result, threshold, args.seed, files)
     publish(Path(args.out), report, markdown(report), plots(report))

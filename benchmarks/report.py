@@ -21,10 +21,22 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def require_plotting() -> None:
+    """Fail before measuring, not after: every report is written with its plots."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError(
+            "benchmarks write plots with matplotlib: pip install 'hybrid-serve[bench]'"
+        )
+
+
 class Progress:
-    """One self-overwriting line on a terminal; plain lines when output is a file."""
+    """One self-overwriting line on a terminal; plain lines when output is a file. Every
+    benchmark starts with one, so it is also where a missing plotting library is caught."""
 
     def __init__(self, name: str) -> None:
+        require_plotting()
         self.name = name
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()

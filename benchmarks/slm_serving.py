@@ -4,7 +4,7 @@ Both sides run in one invocation, interleaved round by round, with the same prom
 and threads, so the ratio is robust to a noisy machine. Writes report.json, report.md and
 tokens_per_s.png to --out.
 
-    python -m benchmarks.slm_serving --rounds 5 --out bench-out/slm_serving
+    python -m hybrid_serve.benchmarks.slm_serving --rounds 5 --out bench-out/slm_serving
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from agents.schemas import GenerationRequest
-from benchmarks.report import Progress, percentile, write_report
+from hybrid_serve.benchmarks.report import Progress, percentile, write_report
+from hybrid_serve.schemas import GenerationRequest
 
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.config import HybridServeConfig
-    from deployments.app import build
-    from engines.llama_cpp import LlamaCppEngine
-    from retrieval.models import bundled_gguf
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.deployments.app import build
+    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
 
     req = GenerationRequest(messages=PROMPT, max_tokens=args.max_tokens)
     progress = Progress("slm_serving")
@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     progress.say("starting Ray and the application")
     os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
     slm = serve.get_deployment_handle("SLM", app_name="hybrid-serve")

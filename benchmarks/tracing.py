@@ -1,7 +1,7 @@
 """Tracing overhead: `/v1/answer` latency with tracing on (OTLP/HTTP to a local receiver) against
 off, in the same run and cluster.
 
-    python -m benchmarks.tracing --requests 80 --out bench-out/tracing
+    python -m hybrid_serve.benchmarks.tracing --requests 80 --out bench-out/tracing
 
 Two copies of the application run side by side in one Ray cluster: `/off` with tracing off (the
 default: no provider, no spans) and `/on` exporting every span over OTLP/HTTP to a receiver in
@@ -25,10 +25,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.fixed_latency_server import FixedLatencyServer
-from benchmarks.otlp_receiver import OTLPReceiver
-from benchmarks.report import Progress, percentile, publish
-from cluster.local import free_port
+from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
+from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
+from hybrid_serve.benchmarks.report import Progress, percentile, publish
+from hybrid_serve.cluster.local import free_port
 
 TARGET_PCT = 3.0
 QUERIES = [
@@ -42,8 +42,8 @@ QUERIES = [
 def deploy(name: str, engine: str, base_url: str | None, tracing: dict[str, Any]) -> None:
     from ray import serve
 
-    from cluster.config import HybridServeConfig
-    from deployments.app import build
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.deployments.app import build
 
     overrides: dict[str, Any] = {
         "app_name": name,
@@ -112,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     receiver = OTLPReceiver().start()
     server = FixedLatencyServer(args.latency_ms / 1000).start() if args.engine == "openai" else None
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     latencies: dict[str, list[float]] = {"off": [], "on": []}
     on_traces: list[str] = []
     off_traces: list[str] = []
@@ -135,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                     latencies[arm].append(ms)
                     (on_traces if arm == "on" else off_traces).append(trace_id)
         progress.say("waiting for the last spans")
-        receiver.wait_for(lambda spans: on_traces[-1] in {s.trace_id for s in spans}, timeout=30)
+        # The root (HTTP server) span ends last, in the orchestrator, whose batch exporter
+        # flushes on its own schedule: wait for every traced request's root, not any span.
+        receiver.wait_for(
+            lambda spans: set(on_traces) <= {s.trace_id for s in spans if not s.parent_span_id},
+            timeout=30,
+        )
     finally:
         progress.done()
         serve.shutdown()

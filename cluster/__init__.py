@@ -1,3 +1,2 @@
-"""Configuration, the `hybrid-serve` command line and local cluster start-up."""
-
-__version__ = "0.1.0"
+"""The `hybrid-serve` command line, local cluster start-up, `doctor`, and the KubeRay manifests
+rendered from the configuration."""

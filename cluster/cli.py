@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cluster import __version__
-from cluster.config import HybridServeConfig
+from hybrid_serve import __version__
+from hybrid_serve.config import HybridServeConfig
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -48,8 +48,9 @@ def _error_message(r: httpx.Response) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster import local
+    from hybrid_serve.cluster import local
 
+    local.use_local_token()  # before anything imports Ray
     try:
         cfg = HybridServeConfig.load(
             args.config,
@@ -60,7 +61,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
     try:
-        local.check_port_free(cfg.http.host, cfg.http.port)
+        joining = not args.new_cluster and bool(
+            args.address or os.environ.get("RAY_ADDRESS") or local.discovered_address()
+        )
+        if not joining:  # a joined cluster's Serve may hold the port already
+            local.check_port_free(cfg.http.host, cfg.http.port)
     except local.StartupError as exc:
         err.print(f"[red]{escape(str(exc))}[/]")
         return 1
@@ -79,18 +84,25 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     handle_stop_signals()
     console.print(f"hybrid-serve {__version__} — data in {cfg.data_dir}")
+    target: local.RayTarget | None = None
     try:
         with console.status("starting Ray…") as status:
-            note = local.init_ray(cfg, metrics_port=args.metrics_port)
+            target = local.init_ray(
+                cfg, args.metrics_port, address=args.address, new_cluster=args.new_cluster
+            )
             handle_stop_signals()  # ours again: Ctrl-C, `docker stop`, Kubernetes stop cleanly
-            console.print(f"  {note}")
+            console.print(f"  {target.note}")
+            if target.joined:
+                cfg, fitted = local.fit_to_cluster(cfg)
+                if fitted:
+                    console.print(f"  [yellow]{escape(fitted)}[/]")
             status.update("deploying…")
             url = local.deploy(cfg, on_status=lambda line: status.update(escape(line)))
         console.print(
             f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
         )
         console.print(f'  try: hybrid-serve ask "How do I add documents?" --url {url}')
-        if args.metrics_port and not os.environ.get("RAY_ADDRESS"):
+        if args.metrics_port and not target.joined:
             console.print(
                 f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus; "
                 "hybrid_serve_* are scraped as ray_hybrid_serve_*)"
@@ -108,11 +120,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         pass
     except local.StartupError as exc:
         err.print(f"[red]start-up failed:[/] {escape(str(exc))}")
-        local.shutdown()
+        if target is not None:
+            local.shutdown(cfg, target)
         return 1
     console.print("shutting down…")
-    local.shutdown()
-    console.print("stopped")
+    local.shutdown(cfg, target)
+    console.print("stopped" + (" (the joined Ray cluster keeps running)" if target.joined else ""))
     return 0
 
 
@@ -171,7 +184,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from cluster import doctor
+    from hybrid_serve.cluster import doctor
 
     try:
         cfg = HybridServeConfig.load(args.config)
@@ -210,7 +223,7 @@ def _rendered(args: argparse.Namespace, render: Any) -> dict[str, Any] | None:
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
-    from cluster import k8s
+    from hybrid_serve.cluster import k8s
 
     files = _rendered(args, k8s.render_all)
     if files is None:
@@ -232,7 +245,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_monitoring(args: argparse.Namespace) -> int:
-    from cluster import k8s, monitoring
+    from hybrid_serve.cluster import k8s, monitoring
 
     files = _rendered(args, monitoring.render_monitoring)
     if files is None:
@@ -249,22 +262,22 @@ def cmd_k8s_monitoring(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_load(args: argparse.Namespace) -> int:
-    from benchmarks import load
+    from hybrid_serve.benchmarks import load
 
     try:
         report = load.run(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         return 2
     return 0 if report["requests"]["ok"] else 1
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from benchmarks import quality
+    from hybrid_serve.benchmarks import quality
 
     try:
         quality.run(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         return 2
     return 0
@@ -393,6 +406,11 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------------
 
 
+def _profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=["local", "gpu"], default="local")
+    parser.add_argument("--config", help="YAML configuration file (over the profile)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-serve",
@@ -401,11 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hybrid-serve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start (or join RAY_ADDRESS) a cluster and serve until Ctrl-C")
+    up = sub.add_parser("up", help="start (or join) a Ray cluster and serve until Ctrl-C")
     up.add_argument("--config", help="YAML configuration file")
     up.add_argument("--port", type=int, help="HTTP port (config http.port)")
     up.add_argument("--host", help="HTTP bind address (config http.host)")
     up.add_argument("--data-dir", help="where the index lives (config data_dir)")
+    where = up.add_mutually_exclusive_group()
+    where.add_argument(
+        "--address",
+        help="join this Ray cluster (host:port); default: RAY_ADDRESS, else a cluster `ray "
+        "start` left running here, else a new local one",
+    )
+    where.add_argument(
+        "--new-cluster",
+        action="store_true",
+        help="start a private local Ray cluster even where one is running",
+    )
     up.add_argument(
         "--metrics-port",
         type=int,
@@ -446,8 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     render = kube_sub.add_parser(
         "render", help="the RayService (and volume, Ingress) from the configuration"
     )
-    render.add_argument("--profile", choices=["local", "gpu"], default="local")
-    render.add_argument("--config", help="YAML configuration file (over the profile)")
+    _profile_arguments(render)
     render.add_argument(
         "--out", help="a .yaml file (the RayService) or a folder (all manifests); default: stdout"
     )
@@ -455,8 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     mon = kube_sub.add_parser(
         "monitoring", help="PodMonitor and Grafana dashboard for the hybrid_serve_* metrics"
     )
-    mon.add_argument("--profile", choices=["local", "gpu"], default="local")
-    mon.add_argument("--config", help="YAML configuration file (over the profile)")
+    _profile_arguments(mon)
     mon.add_argument("--out", default="k8s/monitoring", help="folder (default: k8s/monitoring)")
     mon.set_defaults(func=cmd_k8s_monitoring)
 
@@ -465,14 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     load = bench_sub.add_parser(
         "load", help="load test (open or closed loop, rate sweep) and capacity plan"
     )
-    from benchmarks import load as load_bench
+    from hybrid_serve.benchmarks import load as load_bench
 
     load_bench.add_arguments(load)
     load.set_defaults(func=cmd_bench_load)
     quality = bench_sub.add_parser(
         "quality", help="retrieval, answer and citation quality; escalation calibration"
     )
-    from benchmarks import quality as quality_bench
+    from hybrid_serve.benchmarks import quality as quality_bench
 
     quality_bench.add_arguments(quality)
     quality.set_defaults(func=cmd_bench_quality)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cluster.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig
 
 Status = Literal["ok", "warn", "fail", "skip"]
 PACKAGES = (
@@ -88,7 +88,7 @@ def check_packages(cfg: HybridServeConfig) -> Check:
 
 
 def check_cpu(cfg: HybridServeConfig) -> Check:
-    from engines.hardware import cpu_summary
+    from hybrid_serve.engines.hardware import cpu_summary
 
     cpu = cpu_summary()
     features = [name for name in ("amx", "avx512", "avx2") if cpu.get(name)]
@@ -99,10 +99,11 @@ def check_cpu(cfg: HybridServeConfig) -> Check:
     )
     status: Status = "ok"
     if cfg.slm.engine == "llama_cpp":
-        from engines.llama_cpp import extra_buffers_enabled
+        from hybrid_serve.engines.hardware import has_amx
+        from hybrid_serve.engines.llama_cpp import extra_buffers_enabled
 
         setting = cfg.slm.llama_cpp.extra_buffers
-        enabled = extra_buffers_enabled(setting, cpu["amx"])  # type: ignore[arg-type]
+        enabled = extra_buffers_enabled(setting, has_amx())
         detail += f"; llama.cpp extra buffers {'on' if enabled else 'off'} ({setting})"
         if cpu["amx"] and enabled:
             status = "warn"
@@ -118,7 +119,7 @@ def check_cpu(cfg: HybridServeConfig) -> Check:
 
 
 def check_gpus(cfg: HybridServeConfig) -> Check:
-    from engines.hardware import nvidia_gpus
+    from hybrid_serve.engines.hardware import nvidia_gpus
 
     gpus = nvidia_gpus()
     cuda: bool | None = None
@@ -129,7 +130,7 @@ def check_gpus(cfg: HybridServeConfig) -> Check:
             cuda = bool(torch.cuda.is_available())
         except Exception:
             cuda = None
-    from engines.vllm_options import gpus_per_replica
+    from hybrid_serve.engines.vllm_options import gpus_per_replica
 
     wants_gpu = gpus_per_replica(cfg) > 0 or cfg.retriever.faiss_gpu or cfg.retriever.num_gpus > 0
     detail = (", ".join(gpus) if gpus else "no NVIDIA GPU visible (nvidia-smi)") + (
@@ -188,7 +189,7 @@ def check_ray() -> Check:
 
 
 def check_port(cfg: HybridServeConfig) -> Check:
-    from cluster.local import StartupError, check_port_free
+    from hybrid_serve.cluster.local import StartupError, check_port_free
 
     try:
         check_port_free(cfg.http.host, cfg.http.port)
@@ -199,7 +200,7 @@ def check_port(cfg: HybridServeConfig) -> Check:
 
 
 def check_index(cfg: HybridServeConfig) -> Check:
-    from retrieval.store import index_on_disk
+    from hybrid_serve.retrieval.store import index_on_disk
 
     try:
         info = index_on_disk(cfg.index_dir)
@@ -224,16 +225,10 @@ def check_index(cfg: HybridServeConfig) -> Check:
 
 def check_engine(cfg: HybridServeConfig, timeout_s: float = ENGINE_TIMEOUT_S) -> Check:
     """One generation with the configured engine, in a child process."""
-    if cfg.slm.engine == "vllm":
-        return Check(
-            "engine",
-            "skip",
-            "vllm runs as its own Serve deployment; `hybrid-serve up` proves it with a warm-up",
-        )
     started = time.monotonic()
     try:
         r = subprocess.run(
-            [sys.executable, "-m", "cluster.doctor", "--probe-engine"],
+            [sys.executable, "-m", "hybrid_serve.cluster.doctor", "--probe-engine"],
             input=json.dumps(cfg.to_args()),
             capture_output=True,
             text=True,
@@ -256,10 +251,7 @@ def check_engine(cfg: HybridServeConfig, timeout_s: float = ENGINE_TIMEOUT_S) ->
             required=True,
             data={"signal": name, "stderr_tail": tail},
         )
-    try:
-        result = json.loads(r.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        result = {"error": " | ".join(tail) or f"exit code {r.returncode}"}
+    result = _outcome(r.stdout) or {"error": " | ".join(tail) or f"exit code {r.returncode}"}
     if "error" in result:
         return Check("engine", "fail", f"{cfg.slm.engine}: {result['error']}", required=True)
     return Check(
@@ -272,16 +264,59 @@ def check_engine(cfg: HybridServeConfig, timeout_s: float = ENGINE_TIMEOUT_S) ->
     )
 
 
+def _outcome(stdout: str) -> dict[str, Any] | None:
+    """The probe's JSON line; engines may log to stdout around it (vLLM does, at exit)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return dict(json.loads(line))
+            except ValueError:
+                continue
+    return None
+
+
+def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
+    """vLLM with the engine arguments the deployment would use, through its offline API."""
+    from hybrid_serve.engines.base import WARMUP_REQUEST
+    from hybrid_serve.engines.hardware import nvidia_gpus
+    from hybrid_serve.engines.vllm_model import model_source, require_vllm
+    from hybrid_serve.engines.vllm_options import llm_config_kwargs, vllm_device
+
+    require_vllm()
+    device = vllm_device(cfg, float(len(nvidia_gpus())))
+    kwargs = llm_config_kwargs(cfg, device, model_source(cfg))
+    from vllm import LLM, SamplingParams
+
+    source = kwargs["model_loading_config"]["model_source"]
+    llm = LLM(model=source, **kwargs["engine_kwargs"])
+    started = time.perf_counter()
+    params = SamplingParams(max_tokens=WARMUP_REQUEST.max_tokens, temperature=0.0)
+    out = llm.chat(WARMUP_REQUEST.messages, params, use_tqdm=False)
+    tokens = len(out[0].outputs[0].token_ids)
+    if tokens < 1:
+        raise RuntimeError("vLLM generated no tokens")
+    return {
+        "passed": True,
+        "seconds": round(time.perf_counter() - started, 3),
+        "completion_tokens": tokens,
+        "model": cfg.slm.model_name,
+        "device": device,
+    }
+
+
 def _probe_engine() -> int:
     """Child side of check_engine: load the engine, generate once, print the outcome as JSON."""
-    from engines import make_engine, warm_up
+    from hybrid_serve.engines import make_engine, warm_up
 
     cfg = HybridServeConfig.from_args(json.loads(sys.stdin.read()))
     try:
-        engine = make_engine(cfg.slm)
-        outcome = asyncio.run(warm_up(engine.generate, cfg.slm.warmup_timeout_s))
-        outcome["model"] = engine.model_name
-        outcome.update(engine.info())
+        if cfg.slm.engine == "vllm":
+            outcome = _probe_vllm(cfg)
+        else:
+            engine = make_engine(cfg.slm)
+            outcome = asyncio.run(warm_up(engine.generate, cfg.slm.warmup_timeout_s))
+            outcome["model"] = engine.model_name
+            outcome.update(engine.info())
     except Exception as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1

@@ -1,8 +1,9 @@
 """KubeRay manifests from the same configuration as local start-up.
 
 `render_rayservice` turns a HybridServeConfig into a `ray.io/v1` RayService whose `serveConfigV2`
-runs `deployments.app:build_app` with that configuration as its args; `render_all` adds the index
-volume and the Ingress. Secrets are only ever referenced (`secretKeyRef`), never rendered.
+runs `hybrid_serve.deployments.app:build_app` with that configuration as its args; `render_all`
+adds the index volume and the Ingress. Secrets are only ever referenced (`secretKeyRef`), never
+rendered.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from cluster.config import HybridServeConfig, WorkerGroupConfig
-from engines.vllm_options import gpus_per_replica
+from hybrid_serve.config import HybridServeConfig, WorkerGroupConfig
+from hybrid_serve.engines.vllm_options import gpus_per_replica
 
-IMPORT_PATH = "deployments.app:build_app"
+IMPORT_PATH = "hybrid_serve.deployments.app:build_app"
 SERVE_PORT = 8000
 # Ray's metrics export port, which KubeRay sets on every node (`--metrics-export-port`). Named in
 # the pod spec, because KubeRay exposes only the ports a spec lists once it lists any.

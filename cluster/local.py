@@ -8,11 +8,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from cluster.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig
 
 READY_TIMEOUT_S = 600.0
 
@@ -22,8 +23,10 @@ class StartupError(RuntimeError):
 
 
 def required_cpus(cfg: HybridServeConfig) -> float:
+    from hybrid_serve.engines.vllm_options import cpus_per_replica
+
     return (
-        cfg.slm.replicas * cfg.slm.num_cpus
+        cfg.slm.replicas * cpus_per_replica(cfg)
         + cfg.retriever.replicas * cfg.retriever.num_cpus
         + cfg.orchestrator.replicas * cfg.orchestrator.num_cpus
         + cfg.claude.num_cpus
@@ -48,47 +51,179 @@ def check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
-def init_ray(cfg: HybridServeConfig, metrics_port: int | None = None) -> str:
-    """Join RAY_ADDRESS if set, else start a local cluster sized for the configuration, with
-    Ray's metrics endpoint on `metrics_port` when given."""
+@dataclass
+class RayTarget:
+    """The cluster `up` runs on: one it joined (left running on exit) or one it started."""
+
+    joined: bool
+    address: str | None
+    note: str
+
+
+def discovered_address() -> str | None:
+    """The cluster Ray would connect to with no address given: RAY_ADDRESS, else the one
+    `ray start` recorded on this machine (or a lone running GCS), as `ray.init()` finds it. Ray's
+    own lookup (`canonicalize_bootstrap_address`): public API offers it only inside `ray.init`,
+    which then rejects the resources a new local cluster needs."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None)
+    except ValueError as exc:  # RAY_ADDRESS that is not host:port
+        raise StartupError(f"RAY_ADDRESS: {exc}; use host:port, or unset it") from None
+
+
+def _answers(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether anything listens at host:port: `ray.init` retries an unreachable GCS for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def use_local_token() -> None:
+    """Clusters from `ray start` require token authentication (Ray 2.60), and a client connects
+    with it only when RAY_AUTH_MODE says so, read once when Ray is imported: call this first.
+    Where a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) it is used;
+    a cluster without authentication accepts a client that sends one, and a local cluster `up`
+    starts uses it too."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _join_error(address: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if "version" in text.lower() and "mismatch" in text.lower():
+        return (
+            f"cannot join the Ray cluster at {address}: {text[:300]}; install the Ray version the "
+            "cluster runs, or pass --new-cluster"
+        )
+    if "token" in text.lower() or "auth" in text.lower() or "Failed to connect" in text:
+        return (
+            f"cannot join the Ray cluster at {address}: {text[:200]}; if it requires token "
+            "authentication, set RAY_AUTH_TOKEN (or ~/.ray/auth_token) to its token and "
+            "RAY_AUTH_MODE=token; or pass --new-cluster"
+        )
+    return f"cannot join the Ray cluster at {address}: {text[:300]}"
+
+
+def init_ray(
+    cfg: HybridServeConfig,
+    metrics_port: int | None = None,
+    address: str | None = None,
+    new_cluster: bool = False,
+) -> RayTarget:
+    """Join the cluster `address` (or RAY_ADDRESS, or the one Ray finds running here) and leave it
+    running on exit; with none, or with `new_cluster`, start a private local one sized for the
+    configuration, with Ray's metrics endpoint on `metrics_port` when given."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
-    if address:
-        ray.init(address=address, **kwargs)
-        return f"joined {address}"
+    named = address or os.environ.get("RAY_ADDRESS") or None
+    target = None if new_cluster else (address or discovered_address())
+    stale = None
+    if target is not None and not _answers(target):
+        if named:
+            raise StartupError(
+                f"no Ray cluster answers at {target}; start one (ray start --head), fix "
+                "RAY_ADDRESS / --address, or pass --new-cluster to start a private one"
+            )
+        # Found only in what an earlier `ray start` recorded, and gone: start a new one.
+        stale, target = target, None
+    if target is not None:
+        try:
+            ray.init(address=target, **kwargs)
+        except Exception as exc:
+            raise StartupError(_join_error(target, exc)) from None
+        res = ray.cluster_resources()
+        return RayTarget(
+            joined=True,
+            address=target,
+            note=f"joined the Ray cluster at {target}: {res.get('CPU', 0):g} CPUs, "
+            f"{res.get('GPU', 0):g} GPUs; it stays running when this stops",
+        )
     cores = os.cpu_count() or 1
     # Logical CPUs are scheduling tokens: let a laptop run the configured replicas even when
     # they ask for more than it has, and say so.
     num_cpus = max(cores, int(required_cpus(cfg) + 0.999))
     if metrics_port:
         kwargs["_metrics_export_port"] = metrics_port
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # "local": a new cluster even where one is running (Ray would otherwise join that one).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     note = f"local Ray cluster, {num_cpus} logical CPUs"
     if num_cpus > cores:
         note += f" (oversubscribing {cores} cores)"
-    return note
+    if stale:
+        note += f"; the cluster recorded at {stale} no longer answers"
+    return RayTarget(joined=False, address=None, note=note)
+
+
+def fit_to_cluster(cfg: HybridServeConfig) -> tuple[HybridServeConfig, str | None]:
+    """The configuration with its CPU reservations scaled down to what a joined cluster has free
+    (replica counts and GPUs are kept: too few GPUs is an error, not a smaller deployment)."""
+    import ray
+
+    free = ray.available_resources()
+    need_gpus = gpus_required(cfg)
+    if need_gpus > free.get("GPU", 0.0) + 1e-9:
+        raise StartupError(
+            f"the configuration needs {need_gpus:g} GPUs and the cluster has "
+            f"{free.get('GPU', 0.0):g} free; lower slm.replicas, or join a cluster with GPUs"
+        )
+    need, have = required_cpus(cfg), free.get("CPU", 0.0)
+    if need <= have or have <= 0:
+        return cfg, None
+    factor = have / need * 0.95
+    sections = {"slm": cfg.slm, "retriever": cfg.retriever, "orchestrator": cfg.orchestrator}
+    update = {
+        name: section.model_copy(update={"num_cpus": round(section.num_cpus * factor, 3)})
+        for name, section in sections.items()
+    }
+    update["claude"] = cfg.claude.model_copy(
+        update={"num_cpus": round(cfg.claude.num_cpus * factor, 3)}
+    )
+    fitted = cfg.model_copy(update=update)
+    return fitted, (
+        f"the deployments ask for {need:g} CPUs and the cluster has {have:g} free: CPU "
+        f"reservations scaled by {factor:.2f}"
+    )
+
+
+def gpus_required(cfg: HybridServeConfig) -> float:
+    from hybrid_serve.engines.vllm_options import gpus_per_replica
+
+    replicas = cfg.slm.autoscaling.min_replicas if cfg.slm.autoscaling else cfg.slm.replicas
+    return replicas * gpus_per_replica(cfg) + cfg.retriever.replicas * cfg.retriever.num_gpus
 
 
 def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = None) -> str:
     """Deploy and wait for /readyz; returns the URL. `on_status` gets a one-line progress."""
     from ray import serve
 
-    from deployments.app import build
+    from hybrid_serve.deployments.app import build
+    from hybrid_serve.engines.vllm_model import ModelPreparationError
 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    try:
+        app = build(cfg, progress=on_status)
+    except ModelPreparationError as exc:
+        raise StartupError(str(exc)) from None
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            serve.run(build(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+            serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
         except BaseException as exc:  # reported by the waiting loop below
             errors.append(exc)
 
     threading.Thread(target=run, daemon=True, name="serve-run").start()
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "") else cfg.http.host
-    url = f"http://{host}:{cfg.http.port}"
+    url = f"http://{host}:{serve_http_port(cfg)}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if errors:
@@ -102,6 +237,17 @@ def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = Non
     raise StartupError(
         f"not ready after {READY_TIMEOUT_S:.0f} s: {describe_progress(url)}; see the Ray logs"
     )
+
+
+def serve_http_port(cfg: HybridServeConfig) -> int:
+    """The port Serve's proxies listen on: ours, unless a joined cluster's Serve was already
+    running, which keeps its own (Serve applies HTTP options only when it starts)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        return int(_get_global_client().http_config.port)
+    except Exception:
+        return cfg.http.port
 
 
 def _remedy(cfg: HybridServeConfig, deployment: str, cause: str) -> str:
@@ -130,7 +276,7 @@ def explain_failure(cfg: HybridServeConfig, error: BaseException) -> str:
     """Which deployment could not start, what killed its replicas, and what to do about it."""
     from ray import serve
 
-    from deployments.health import replica_deaths, startup_error
+    from hybrid_serve.deployments.health import replica_deaths, startup_error
 
     try:
         deployments = serve.status().applications[cfg.app_name].deployments
@@ -193,11 +339,16 @@ def describe_progress(url: str) -> str:
         return "starting Serve"
 
 
-def shutdown() -> None:
+def shutdown(cfg: HybridServeConfig, target: RayTarget | None) -> None:
+    """Remove what `up` deployed. A joined cluster keeps running, with its other Serve
+    applications; a cluster `up` started stops with it."""
     import ray
     from ray import serve
 
     try:
-        serve.shutdown()
+        if target is not None and target.joined:
+            serve.delete(cfg.app_name)
+        else:
+            serve.shutdown()
     finally:
         ray.shutdown()

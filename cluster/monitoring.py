@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cluster.config import HybridServeConfig
-from cluster.k8s import for_kubernetes, object_metadata
+from hybrid_serve.cluster.k8s import for_kubernetes, object_metadata
+from hybrid_serve.config import HybridServeConfig
 
 PROM = "ray_"  # Ray prefixes every custom metric on its Prometheus endpoint
 DASHBOARD_UID = "hybrid-serve"
@@ -292,6 +292,22 @@ def render_dashboard() -> dict[str, Any]:
             12,
             48,
             "ms",
+        ),
+        _panel(
+            "Deadlines / s: steps cut to answer in time, and 504s, by step",
+            [
+                (
+                    f"sum by (step) (rate({_m('hybrid_serve_deadline_cut_total')}{RATE}))",
+                    "cut: {{step}}",
+                ),
+                (
+                    f"sum by (step) (rate({_m('hybrid_serve_deadline_exceeded_total')}{RATE}))",
+                    "504: {{step}}",
+                ),
+            ],
+            0,
+            56,
+            "reqps",
         ),
     ]
     for i, panel in enumerate(panels, start=1):

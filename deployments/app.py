@@ -1,20 +1,22 @@
 """The application builder: one configuration in, the whole Serve application out.
 
-Used by `hybrid-serve up`, by `serve run deployments.app:build_app`, and by the Serve config that
-`hybrid-serve k8s render` embeds in the RayService manifest.
+Used by `hybrid-serve up`, by `serve run hybrid_serve.deployments.app:build_app`, and by the Serve
+config that `hybrid-serve k8s render` embeds in the RayService manifest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ray.serve import Application
 
-from cluster.config import HybridServeConfig
-from deployments.claude_proxy import ClaudeProxy
-from deployments.orchestrator import Orchestrator
-from deployments.retriever import RetrieverDeployment
-from deployments.slm import SLMDeployment
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.claude_proxy import ClaudeProxy
+from hybrid_serve.deployments.orchestrator import Orchestrator
+from hybrid_serve.deployments.retriever import RetrieverDeployment
+from hybrid_serve.deployments.slm import SLMDeployment
+from hybrid_serve.engines.vllm_model import require_vllm
 
 
 def cpu_actor_options(cfg: HybridServeConfig, num_cpus: float) -> dict[str, Any]:
@@ -44,7 +46,8 @@ def slm_options(cfg: HybridServeConfig) -> dict[str, Any]:
     return options
 
 
-def build(cfg: HybridServeConfig) -> Application:
+def build(cfg: HybridServeConfig, progress: Callable[[str], None] | None = None) -> Application:
+    """`progress`: one-line updates of slow preparation (converting the bundled model for vLLM)."""
     args = cfg.to_args()
     retriever = RetrieverDeployment.options(
         num_replicas=cfg.retriever.replicas,
@@ -56,9 +59,10 @@ def build(cfg: HybridServeConfig) -> Application:
         ),
     ).bind(args)
     if cfg.slm.engine == "vllm":
-        from engines.vllm_server import build_vllm_slm  # needs vLLM: GPU images only
+        require_vllm()  # before importing ray.serve.llm, which needs the vllm extras too
+        from hybrid_serve.deployments.slm_vllm import build_vllm_slm
 
-        slm = build_vllm_slm(cfg)
+        slm = build_vllm_slm(cfg, progress)
     else:
         slm = SLMDeployment.options(**slm_options(cfg)).bind(args)
     claude = ClaudeProxy.options(

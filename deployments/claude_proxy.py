@@ -5,20 +5,24 @@ key it reports itself unavailable and the cluster keeps answering from the SLM."
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
 from opentelemetry.trace import SpanKind
 from ray import serve
 
-from agents import tracing
-from agents.claude import ClaudeGateway, ClaudeResult, ClaudeUnavailable
-from agents.schemas import Passage
-from agents.tracing import TraceContext
-from cluster.config import HybridServeConfig
-from deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
-from deployments.placement import placement
+from hybrid_serve.agents import tracing
+from hybrid_serve.agents.claude import (
+    ClaudeCall,
+    ClaudeGateway,
+    ClaudeResult,
+    ClaudeUnavailable,
+    Role,
+)
+from hybrid_serve.agents.tracing import TraceContext
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
+from hybrid_serve.deployments.placement import placement
 
 
 @serve.deployment(name="ClaudeProxy")
@@ -31,9 +35,9 @@ class ClaudeProxy:
         if os.environ.get("ANTHROPIC_API_KEY"):
             from anthropic import AsyncAnthropic
 
-            # Key and base URL come from ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL, read by the SDK.
-            # The gateway retries itself (honouring retry-after, feeding the circuit breaker).
-            client = AsyncAnthropic(timeout=cfg.claude.timeout_s, max_retries=0)
+            # Key and base URL come from ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL, read by the SDK;
+            # the gateway sets the retries and timeout from the configuration.
+            client = AsyncAnthropic()
         else:
             reason = "no_api_key"
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -75,8 +79,8 @@ class ClaudeProxy:
             "hybrid_serve_claude_budget_remaining_usd", self.gateway.ledger.peek_remaining()
         )
 
-    async def _role(
-        self, role: str, trace_context: TraceContext, call: Awaitable[ClaudeResult]
+    async def call(
+        self, role: Role, request: ClaudeCall, trace_context: TraceContext = None
     ) -> ClaudeResult:
         """One role's call under its span (GenAI conventions), with its metrics."""
         attributes = {
@@ -88,7 +92,7 @@ class ClaudeProxy:
         outcome = "ok"
         with tracing.span(f"ClaudeProxy.{role}", trace_context, SpanKind.CLIENT, attributes):
             try:
-                result = await call
+                result = await self.gateway.call(role, request)
             except ClaudeUnavailable as exc:
                 outcome = exc.reason
                 tracing.annotate({"hybrid.degraded": exc.reason})
@@ -112,52 +116,6 @@ class ClaudeProxy:
             )
             return result
 
-    async def rewrite(
-        self,
-        request_id: str,
-        query: str,
-        passages: Sequence[Passage],
-        pii: str,
-        trace_context: TraceContext = None,
-    ) -> ClaudeResult:
-        call = self.gateway.rewrite(request_id, query, passages, pii)  # type: ignore[arg-type]
-        return await self._role("rewrite", trace_context, call)
-
-    async def plan(
-        self,
-        request_id: str,
-        query: str,
-        passages: Sequence[Passage],
-        pii: str,
-        trace_context: TraceContext = None,
-    ) -> ClaudeResult:
-        call = self.gateway.plan(request_id, query, passages, pii)  # type: ignore[arg-type]
-        return await self._role("plan", trace_context, call)
-
-    async def verify(
-        self,
-        request_id: str,
-        query: str,
-        answer: str,
-        passages: Sequence[Passage],
-        pii: str,
-        trace_context: TraceContext = None,
-    ) -> ClaudeResult:
-        call = self.gateway.verify(request_id, query, answer, passages, pii)  # type: ignore[arg-type]
-        return await self._role("verify", trace_context, call)
-
-    async def answer(
-        self,
-        request_id: str,
-        query: str,
-        passages: Sequence[Passage],
-        pii: str,
-        notes: str = "",
-        trace_context: TraceContext = None,
-    ) -> ClaudeResult:
-        call = self.gateway.answer(request_id, query, passages, pii, notes)  # type: ignore[arg-type]
-        return await self._role("answer", trace_context, call)
-
     async def finish_request(
         self,
         request_id: str,
@@ -165,7 +123,7 @@ class ClaudeProxy:
         all_claude_estimate_usd: float,
         trace_context: TraceContext = None,
     ) -> None:
-        self.gateway.finish_request(request_id, slm_cost_usd, all_claude_estimate_usd)
+        await self.gateway.finish_request(request_id, slm_cost_usd, all_claude_estimate_usd)
 
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         self._sync_metrics()  # readiness probes keep the circuit and budget gauges fresh

@@ -15,6 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from hybrid_serve.schemas import NON_BLANK
 
 log = logging.getLogger("ray.serve")
 
@@ -28,6 +31,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "overloaded_error",
+    504: "timeout_error",
 }
 
 
@@ -46,11 +50,13 @@ class ErrorBody(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the error statuses a route can return."""
     words = {
+        400: "Body is not valid UTF-8 or JSON",
         401: "Missing or invalid API key",
         404: "Not found",
         413: "Body too large",
         422: "Invalid input",
         503: "Overloaded or not ready (see Retry-After)",
+        504: "Nothing was ready by the request's deadline (X-Request-Timeout)",
     }
     return {s: {"model": ErrorBody, "description": words.get(s, "Error")} for s in statuses}
 
@@ -105,12 +111,25 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str]:
             code = "invalid_json"
         elif kind == "missing":
             parts.append(f"{where}: field required")
+        elif kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NON_BLANK:
+            parts.append(f"{where}: must not be empty or whitespace")
         else:
             msg = str(err.get("msg", "invalid value"))
             parts.append(f"{where}: {msg.removeprefix('Value error, ')}")
     if len(errors) > 10:
         parts.append(f"and {len(errors) - 10} more")
     return "; ".join(parts), code
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the first route
+    whose path matched, so GET /v1/documents/{id} hid its DELETE from the Allow header."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -120,16 +139,31 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, code = _describe(list(exc.errors()))
-        return error_response(422, message, code)
+        errors = list(exc.errors())
+        model = next((e for e in errors if tuple(e.get("loc", ()))[-1:] == ("model",)), None)
+        if model is not None and model.get("type") == "literal_error":
+            # As OpenAI answers an unknown model: 404, naming the ones there are.
+            expected = model.get("ctx", {}).get("expected", "")
+            return error_response(
+                404,
+                f"The model {model.get('input')!r} does not exist; available: {expected}",
+                "model_not_found",
+            )
+        message, code = _describe(errors)
+        # A body that is not JSON at all is the same error however the parser got there.
+        return error_response(400 if code == "invalid_json" else 422, message, code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         code = "body_too_large" if exc.status_code == 413 else None
+        headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route; see /docs for the API"
-        return error_response(exc.status_code, message, code, getattr(exc, "headers", None))
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+            message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+        return error_response(exc.status_code, message, code, headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

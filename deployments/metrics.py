@@ -9,11 +9,12 @@ Ray prefixes custom metrics with `ray_`: `hybrid_serve_requests_total` is scrape
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agents.schemas import AnswerResponse
+from hybrid_serve.schemas import AnswerResponse
 
 LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 SCORE = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -59,6 +60,20 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "counter",
         "Answers given degraded, by reason (claude_unavailable, budget_exhausted, ...).",
         ("reason",),
+    ),
+    MetricSpec(
+        "hybrid_serve_deadline_cut_total",
+        "counter",
+        "Steps cut short or skipped so that an answer met its deadline, by step (plan, "
+        "subtasks, escalate, claude, verify).",
+        ("step",),
+    ),
+    MetricSpec(
+        "hybrid_serve_deadline_exceeded_total",
+        "counter",
+        "Requests answered 504 because nothing was ready by their deadline, by the step it ran "
+        "out in (retrieve, generate, subtasks; request when outside the lead).",
+        ("step",),
     ),
     MetricSpec(
         "hybrid_serve_verification_score",
@@ -202,9 +217,8 @@ def keep_gauges_fresh(update: Callable[[], None], interval_s: float = GAUGE_REFR
                 update()
             except Exception:  # a metric is never worth a replica
                 pass
-            stop.wait(interval_s)
+            time.sleep(interval_s)
 
-    stop = threading.Event()
     threading.Thread(target=loop, daemon=True, name="hybrid-serve-gauges").start()
 
 
@@ -216,6 +230,8 @@ def record_answer(answer: AnswerResponse) -> dict[str, Any]:
             metrics.inc("hybrid_serve_escalations_total", reason=reason)
     for reason in answer.degraded:
         metrics.inc("hybrid_serve_degraded_total", reason=reason)
+    for step in answer.deadline.cut if answer.deadline else ():
+        metrics.inc("hybrid_serve_deadline_cut_total", step=step)
     if answer.verification is not None:
         metrics.observe("hybrid_serve_verification_score", answer.verification.score)
     for st in answer.subtasks:

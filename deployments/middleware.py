@@ -19,15 +19,11 @@ from typing import Any
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agents import tracing
-from deployments.errors import error_response
-from deployments.metrics import metrics
+from hybrid_serve.agents import tracing
+from hybrid_serve.deployments.errors import error_response
+from hybrid_serve.deployments.metrics import metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def hash_key(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def _digests(keys: Sequence[str]) -> list[bytes]:
@@ -79,6 +75,38 @@ class APIKeyMiddleware:
             {"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)
+
+
+def request_timeout(value: str, max_s: float) -> float:
+    """An X-Request-Timeout header's seconds; ValueError with what to send instead."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= max_s:  # also false for NaN
+        raise ValueError(f"X-Request-Timeout must be seconds in (0, {max_s:g}]")
+    return seconds
+
+
+class DeadlineHeaderMiddleware:
+    """422 for an invalid X-Request-Timeout on any route, as the OpenAPI document states it for
+    every operation (the routes that do not read it would otherwise accept any value)."""
+
+    def __init__(self, app: ASGIApp, max_s: Callable[[], float]) -> None:
+        self.app = app
+        self.max_s = max_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                if name == b"x-request-timeout":
+                    try:
+                        request_timeout(value.decode("latin-1"), self.max_s())
+                    except ValueError as exc:
+                        response = error_response(422, str(exc), "invalid_timeout")
+                        await response(scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
 
 
 class AdmissionMiddleware:

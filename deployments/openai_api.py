@@ -1,4 +1,5 @@
-"""OpenAI-compatible chat completions: request schema, and the response and SSE chunk shapes.
+"""OpenAI-compatible chat completions: the request schema, and the response and SSE chunks built
+from the `openai` package's own types.
 
 Models: `hybrid` runs the whole pipeline (the last user message is the query, earlier turns are
 context); `slm` is the small model alone, with retrieval unless `hybrid.retrieval` is false.
@@ -8,30 +9,50 @@ final stream chunk); the text carries the `[n]` markers.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, StrictStr, field_validator
+from openai.types import CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from pydantic import Field, StrictBool, StrictStr, field_validator, model_validator
 
-from agents.schemas import AnswerResponse, Mode, PIIPolicy, StrictModel, VerifyPolicy
+from hybrid_serve.deployments import sse
+from hybrid_serve.schemas import (
+    AnswerResponse,
+    Integer,
+    Mode,
+    NonBlank,
+    Number,
+    PIIPolicy,
+    StrictModel,
+    VerifyPolicy,
+    integer,
+)
 
 MODELS = {
     "hybrid": "The whole pipeline: retrieval, SLM, escalation to Claude when it adds value.",
     "slm": "The small model alone, with retrieval unless hybrid.retrieval is false.",
 }
 CREATED = 1_735_689_600  # a fixed timestamp: models do not change at run time
+MAX_PARTS = 16
+# At least one message is the user's: the schema says so with JSON Schema's `contains`.
+USER_MESSAGE = {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}
 
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: StrictStr
+    text: NonBlank
 
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: NonBlank | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_PARTS)] = (
+        Field(..., description="Text, or text parts.")
+    )
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -47,7 +68,7 @@ class StreamOptions(StrictModel):
 class HybridOptions(StrictModel):
     """hybrid-serve's own parameters, in an extension field the OpenAI SDK passes via extra_body."""
 
-    top_k: int = Field(5, ge=1, le=50)
+    top_k: Integer = Field(5, ge=1, le=50)
     retrieval: StrictBool = Field(True, description="slm model: retrieve and cite (default).")
     mode: Mode = "auto"
     verify: VerifyPolicy | None = None
@@ -56,19 +77,39 @@ class HybridOptions(StrictModel):
 
 
 class ChatCompletionRequest(StrictModel):
-    model: StrictStr
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = None
+    model: Literal["hybrid", "slm"] = Field(
+        ..., description="hybrid: the whole pipeline; slm: the small model alone (404 otherwise)."
+    )
+    messages: list[ChatMessage] = Field(
+        ...,
+        min_length=1,
+        description="The query is the last user message; the turns before it are context.",
+        json_schema_extra={"contains": USER_MESSAGE},
+    )
+    max_tokens: integer(ge=1) | None = None
+    max_completion_tokens: integer(ge=1) | None = None
+    temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    seed: Integer | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="Only one choice is supported.")
+    n: integer(ge=1, le=1) | None = Field(None, description="Only one choice is supported.")
     user: StrictStr | None = None
     hybrid: HybridOptions = Field(default_factory=HybridOptions)
+
+    @model_validator(mode="after")
+    def _has_user_message(self) -> ChatCompletionRequest:
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages: at least one message must have role 'user'")
+        return self
+
+    def texts(self) -> list[str]:
+        """Every string of every message: each is held to http.max_query_chars."""
+        out = []
+        for m in self.messages:
+            out.extend([m.content] if isinstance(m.content, str) else [p.text for p in m.content])
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -101,13 +142,8 @@ class ChatCompletionRequest(StrictModel):
 
 
 def models_list() -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": CREATED, "owned_by": "hybrid-serve"}
-            for m in MODELS
-        ],
-    }
+    models = [Model(id=m, object="model", created=CREATED, owned_by="hybrid-serve") for m in MODELS]
+    return {"object": "list", "data": [m.model_dump(exclude_unset=True) for m in models]}
 
 
 def completion_id() -> str:
@@ -119,64 +155,68 @@ def hybrid_extension(answer: AnswerResponse) -> dict[str, Any]:
     return answer.model_dump(mode="json", exclude={"answer"})
 
 
-def completion(
-    cid: str, model: str, text: str, finish: str, answer: AnswerResponse
-) -> dict[str, Any]:
+def usage(answer: AnswerResponse) -> CompletionUsage:
     u = answer.usage
     prompt = u.slm_prompt_tokens + u.claude_input_tokens
     done = u.slm_completion_tokens + u.claude_output_tokens
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": done,
-            "total_tokens": prompt + done,
-        },
-        "hybrid": hybrid_extension(answer),
-    }
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
-def chunk(
-    cid: str,
-    model: str,
-    delta: dict[str, Any],
-    finish: str | None = None,
-    extra: dict[str, Any] | None = None,
-) -> str:
-    body: dict[str, Any] = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
-    if extra:
-        body.update(extra)
-    return f"data: {json.dumps(body)}\n\n"
+Finish = Literal["stop", "length"]
 
 
-def usage_chunk(cid: str, model: str, answer: AnswerResponse) -> str:
-    full = completion(cid, model, "", "stop", answer)
-    body = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": full["created"],
-        "model": model,
-        "choices": [],
-        "usage": full["usage"],
-    }
-    return f"data: {json.dumps(body)}\n\n"
+def completion(cid: str, model: str, finish: Finish, answer: AnswerResponse) -> dict[str, Any]:
+    """The chat completion, with the `hybrid` extension field beside OpenAI's own."""
+    choice = Choice(
+        index=0,
+        message=ChatCompletionMessage(role="assistant", content=answer.answer),
+        finish_reason=finish,
+        logprobs=None,
+    )
+    body = ChatCompletion(
+        id=cid,
+        object="chat.completion",
+        created=int(time.time()),
+        model=model,
+        choices=[choice],
+        usage=usage(answer),
+    )
+    return {**body.model_dump(mode="json", exclude_unset=True), "hybrid": hybrid_extension(answer)}
 
 
-DONE = "data: [DONE]\n\n"
+class Chunks:
+    """The SSE chunks of one streamed completion."""
+
+    def __init__(self, cid: str, model: str) -> None:
+        self.cid, self.model, self.created = cid, model, int(time.time())
+
+    def _chunk(self, choices: list[ChunkChoice], **extra: Any) -> str:
+        return sse.event(
+            ChatCompletionChunk(
+                id=self.cid,
+                object="chat.completion.chunk",
+                created=self.created,
+                model=self.model,
+                choices=choices,
+                **extra,
+            )
+        )
+
+    def delta(self, content: str, role: bool = False) -> str:
+        delta = (
+            ChoiceDelta(role="assistant", content=content) if role else ChoiceDelta(content=content)
+        )
+        return self._chunk([ChunkChoice(index=0, delta=delta, finish_reason=None, logprobs=None)])
+
+    def final(self, finish: Finish, answer: AnswerResponse) -> str:
+        """The last choice chunk: finish reason, and the `hybrid` extension."""
+        choice = ChunkChoice(
+            index=0,
+            delta=ChoiceDelta(),
+            finish_reason=finish,
+            logprobs=None,
+        )
+        return self._chunk([choice], hybrid=hybrid_extension(answer))
+
+    def usage(self, answer: AnswerResponse) -> str:
+        return self._chunk([], usage=usage(answer))

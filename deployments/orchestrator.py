@@ -1,7 +1,6 @@
 """Orchestrator: the HTTP ingress. Validates, hands the request to the lead agent, shapes errors."""
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -15,13 +14,32 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from agents import tracing
-from agents.citations import as_numbered, finalize
-from agents.claude import ClaudeResult, ClaudeUnavailable
-from agents.confidence import score_answer
-from agents.lead import Lead, LeadSettings
-from agents.prompts import answer_messages
-from agents.schemas import (
+from hybrid_serve import __version__
+from hybrid_serve.agents import tracing
+from hybrid_serve.agents.claude import ClaudeCall, ClaudeResult, ClaudeUnavailable, Role
+from hybrid_serve.agents.lead import DeadlineExceeded, Lead, SLMStreamEnded
+from hybrid_serve.config import HTTPConfig, HybridServeConfig
+from hybrid_serve.deployments import openai_api as oai
+from hybrid_serve.deployments import openapi, sse
+from hybrid_serve.deployments.errors import (
+    APIError,
+    error_responses,
+    install_error_handlers,
+)
+from hybrid_serve.deployments.health import deployment_health
+from hybrid_serve.deployments.metrics import metrics, record_answer
+from hybrid_serve.deployments.middleware import (
+    AdmissionMiddleware,
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    DeadlineHeaderMiddleware,
+    RequestTelemetryMiddleware,
+    request_timeout,
+)
+from hybrid_serve.deployments.placement import placement
+from hybrid_serve.deployments.retriever import IndexNotReady
+from hybrid_serve.retrieval.store import DocRecord, NewDocument
+from hybrid_serve.schemas import (
     AnswerRequest,
     AnswerResponse,
     DocumentBatch,
@@ -32,23 +50,7 @@ from agents.schemas import (
     Passage,
     SearchRequest,
     SearchResponse,
-    Usage,
 )
-from cluster import __version__
-from cluster.config import HTTPConfig, HybridServeConfig
-from deployments import openai_api as oai
-from deployments.errors import APIError, error_body, error_responses, install_error_handlers
-from deployments.health import deployment_health
-from deployments.metrics import metrics, record_answer
-from deployments.middleware import (
-    AdmissionMiddleware,
-    APIKeyMiddleware,
-    BodyLimitMiddleware,
-    RequestTelemetryMiddleware,
-)
-from deployments.placement import placement
-from deployments.retriever import IndexNotReady
-from retrieval.store import DocRecord, NewDocument
 
 app = FastAPI(
     title="hybrid-serve",
@@ -58,12 +60,23 @@ app = FastAPI(
 install_error_handlers(app)
 # Limits are configuration, read per request from app.state (set by the replica's constructor).
 app.state.http = HTTPConfig()
+
+
+def _openapi() -> dict[str, Any]:
+    """The document with the replica's configured limits (see deployments/openapi.py)."""
+    if app.openapi_schema is None:
+        app.openapi_schema = openapi.document(app, app.state.http)
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: app.state.http.max_body_bytes)
 app.add_middleware(
     AdmissionMiddleware,
     limit=lambda: app.state.http.max_concurrent_requests,
     retry_after_s=lambda: app.state.http.retry_after_s,
 )
+app.add_middleware(DeadlineHeaderMiddleware, max_s=lambda: app.state.http.max_request_timeout_s)
 app.add_middleware(APIKeyMiddleware, keys=lambda: app.state.http.api_keys)
 app.add_middleware(RequestTelemetryMiddleware)
 
@@ -74,6 +87,8 @@ STATUS_TIMEOUT_S = 5.0
 REPLICA_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 CLAUDE_STATUS_TTL_S = 10.0
 HEALTH_TTL_S = 5.0
+# The lead answers by its deadline on its own; this is the backstop for what it does not bound.
+DEADLINE_GRACE_S = 1.0
 
 
 def _deployment_of(method: Any) -> str:
@@ -91,6 +106,49 @@ def _observed(request: Request, answer: AnswerResponse) -> AnswerResponse:
     return answer
 
 
+async def remote(method: Any, *args: Any) -> Any:
+    """`method` of a deployment handle, with the trace context. Cancelling the caller (a deadline,
+    a client gone) cancels the call in the other replica too: Serve does that only when asked."""
+    response = method.remote(*args, trace_context=tracing.carrier())
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
+def _timeout(request: Request, http: HTTPConfig, asked: float | None = None) -> float:
+    """The request's deadline in seconds: `timeout_s` in the body, else the X-Request-Timeout
+    header, else http.request_timeout_s; at most http.max_request_timeout_s."""
+    if asked is None and (header := request.headers.get("x-request-timeout")) is not None:
+        try:
+            asked = request_timeout(header, http.max_request_timeout_s)
+        except ValueError as exc:  # DeadlineHeaderMiddleware answers these first
+            raise APIError(422, str(exc), "invalid_timeout") from None
+    return min(asked or http.request_timeout_s, http.max_request_timeout_s)
+
+
+async def _bounded(work: Any, timeout_s: float, grace_s: float = 0.0) -> Any:
+    """A route's work within its deadline (and `grace_s` for work that bounds itself): 504 when
+    nothing is ready by then."""
+    try:
+        return await asyncio.wait_for(work, timeout_s + grace_s)
+    except (TimeoutError, DeadlineExceeded) as exc:
+        raise _deadline_error(timeout_s, exc) from None
+
+
+def _deadline_error(timeout_s: float, exc: BaseException) -> APIError:
+    step = getattr(exc, "step", None)
+    metrics.inc("hybrid_serve_deadline_exceeded_total", step=step or "request")
+    return APIError(
+        504,
+        f"no answer within the request's deadline of {timeout_s:g} s"
+        + (f" (it ran out during {step})" if step else "")
+        + "; send a longer X-Request-Timeout, or retry",
+        "deadline_exceeded",
+    )
+
+
 def _not_ready_state(health: dict[str, Any]) -> str:
     status = health.get("status", "unknown")
     if status == "DEPLOY_FAILED":
@@ -103,15 +161,14 @@ def _not_ready_state(health: dict[str, Any]) -> str:
 
 
 class ClaudeViaHandle:
-    """The lead's ClaudePort over the ClaudeProxy handle: errors come back as ClaudeUnavailable."""
+    """The lead's ClaudeRoles over the ClaudeProxy handle: errors come back as ClaudeUnavailable."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _remote(self, method: Any, *args: Any) -> Any:
         try:
-            call = getattr(self.handle, method)
-            return await call.remote(*args, trace_context=tracing.carrier())
+            return await remote(method, *args)
         except Exception as exc:
             cause = _cause(exc)
             if isinstance(cause, ClaudeUnavailable):
@@ -119,24 +176,15 @@ class ClaudeViaHandle:
             # The proxy itself is gone or broken: the request goes on without Claude.
             raise ClaudeUnavailable("claude_unavailable", type(cause).__name__) from None
 
-    async def rewrite(self, request_id: str, query: str, passages: Any, pii: str) -> ClaudeResult:
-        return await self._call("rewrite", request_id, query, passages, pii)
+    async def call(self, role: Role, request: ClaudeCall) -> ClaudeResult:
+        return await self._remote(self.handle.call, role, request)
 
-    async def plan(self, request_id: str, query: str, passages: Any, pii: str) -> ClaudeResult:
-        return await self._call("plan", request_id, query, passages, pii)
-
-    async def verify(
-        self, request_id: str, query: str, answer: str, passages: Any, pii: str
-    ) -> ClaudeResult:
-        return await self._call("verify", request_id, query, answer, passages, pii)
-
-    async def answer(
-        self, request_id: str, query: str, passages: Any, pii: str, notes: str = ""
-    ) -> ClaudeResult:
-        return await self._call("answer", request_id, query, passages, pii, notes)
-
-    async def finish_request(self, request_id: str, slm_cost: float, estimate: float) -> None:
-        await self._call("finish_request", request_id, slm_cost, estimate)
+    async def finish_request(
+        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+    ) -> None:
+        await self._remote(
+            self.handle.finish_request, request_id, slm_cost_usd, all_claude_estimate_usd
+        )
 
 
 @serve.deployment(name="Orchestrator")
@@ -154,26 +202,12 @@ class Orchestrator:
         self.retriever = retriever
         self.slm = slm
         self.claude = claude
-        cfg = self.cfg
-        price = cfg.claude.price()
         self.lead = Lead(
             retrieve=self._retrieve,
             generate=self._generate,
+            generate_stream=self._generate_stream,
+            config=self.cfg,
             claude=ClaudeViaHandle(claude),
-            settings=LeadSettings(
-                max_tokens=cfg.slm.max_tokens,
-                temperature=cfg.slm.temperature,
-                threshold=cfg.escalation.threshold,
-                verify=cfg.escalation.verify,
-                verify_min_score=cfg.escalation.verify_min_score,
-                pii=cfg.policies.pii,
-                sensitive_patterns=cfg.policies.sensitive_patterns,
-                sensitive_tags=cfg.policies.sensitive_tags,
-                claude_input_usd_per_mtok=price.input,
-                claude_output_usd_per_mtok=price.output,
-                slm_usd_per_hour=cfg.cost.slm_gpu_hour_usd,
-                subtask_timeout_s=cfg.escalation.subtask_timeout_s,
-            ),
         )
         self._claude_status: tuple[float, dict[str, Any]] | None = None
         self._health_cache: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -188,7 +222,7 @@ class Orchestrator:
         attempts = 1 + (len(REPLICA_RETRY_BACKOFF_S) if retry else 0)
         for attempt in range(attempts):
             try:
-                return await method.remote(*args, trace_context=tracing.carrier())
+                return await remote(method, *args)
             except BackPressureError as exc:
                 raise APIError(
                     503,
@@ -223,6 +257,22 @@ class Orchestrator:
 
     async def _generate(self, req: GenerationRequest) -> GenerationResult:
         return await self._call(self.slm.generate, req, retry=True)
+
+    async def _generate_stream(
+        self, req: GenerationRequest
+    ) -> AsyncIterator[str | GenerationResult]:
+        """Deltas as the SLM writes them. Not repeated when its replica dies: part of the text
+        may have been sent; the stream ends with an in-band error instead."""
+        stream = self.slm.options(stream=True).generate_stream.remote(
+            req, trace_context=tracing.carrier()
+        )
+        try:
+            async for item in stream:
+                yield item
+        except RayActorError as exc:
+            raise APIError(
+                503, "the SLM replica failed mid-stream; retry", "replica_failed"
+            ) from exc
 
     async def _claude(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -260,68 +310,54 @@ class Orchestrator:
         "queries), `answer` (text deltas; `reset: true` restarts the text), `verification`, then "
         "`done` with this response object, or `error`.",
         responses={
-            **error_responses(401, 413, 422, 503),
+            **error_responses(401, 413, 422, 503, 504),
             200: {"content": {"text/event-stream": {}}},
         },
     )
     async def answer(self, body: AnswerRequest, request: Request) -> Any:
         trace_id = request.state.trace_id
+        timeout = _timeout(request, self.cfg.http, body.timeout_s)
         self._check_query(body.query)
         down = await self._claude_down()
         if body.stream:
-            return await self._stream_answer(body, request, down)
-        return _observed(request, await self.lead.answer(body, trace_id, claude_down=down))
+            return await self._stream_answer(body, request, down, timeout)
+        answer = self.lead.answer(body, trace_id, claude_down=down, timeout_s=timeout)
+        return _observed(request, await _bounded(answer, timeout, DEADLINE_GRACE_S))
 
     async def _stream_answer(
-        self, body: AnswerRequest, request: Request, down: str | None
+        self, body: AnswerRequest, request: Request, down: str | None, timeout: float
     ) -> StreamingResponse:
         """Events as the lead makes progress. Nothing is sent until the first event, so a request
-        that fails early (overload, index not ready) still gets its HTTP status."""
-        queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        that fails early (overload, index not ready) still gets its HTTP status; one that reaches
+        its deadline after that ends with an in-band `error` event."""
 
-        async def emit(name: str, data: dict[str, Any]) -> None:
-            await queue.put((name, data))
+        async def run(emit: sse.Emit) -> dict[str, Any]:
+            work = self.lead.answer(
+                body, request.state.trace_id, claude_down=down, emit=emit, timeout_s=timeout
+            )
+            answer = await _bounded(work, timeout, DEADLINE_GRACE_S)
+            return _observed(request, answer).model_dump(mode="json")
 
-        async def run() -> None:
-            try:
-                response = await self.lead.answer(
-                    body, request.state.trace_id, claude_down=down, emit=emit
-                )
-                _observed(request, response)
-                await queue.put(("done", response.model_dump(mode="json")))
-            finally:
-                await queue.put(None)
+        events = sse.emitted(run)
+        first = await anext(events)
 
-        task = asyncio.create_task(run())
-        first = await queue.get()
-        if first is None:  # ended before any event: an error, raised with its status
-            await task
-            raise RuntimeError("the answer ended without a result")
+        async def body_events() -> AsyncIterator[str]:
+            yield sse.event(first[1], first[0])
+            async for name, data in events:
+                yield sse.event(data, name)
 
-        async def events() -> AsyncIterator[str]:
-            item: tuple[str, dict[str, Any]] | None = first
-            try:
-                while item is not None:
-                    name, data = item
-                    yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
-                    item = await queue.get()
-                await task  # re-raises a failure after the first event
-            finally:
-                task.cancel()  # the client went away: outstanding sub-tasks stop
-
-        return self._sse(events(), error_event="error")
+        return sse.response(body_events(), error_event="error")
 
     @app.post(
         "/v1/search",
         response_model=SearchResponse,
         summary="Retrieval only: the fused ranking the answers are built from",
-        responses=error_responses(401, 413, 422, 503),
+        responses=error_responses(401, 413, 422, 503, 504),
     )
-    async def search(self, body: SearchRequest) -> SearchResponse:
+    async def search(self, body: SearchRequest, request: Request) -> SearchResponse:
         self._check_query(body.query)
-        passages, version = await self._call(
-            self.retriever.search_versioned, body.query, body.top_k, retry=True
-        )
+        work = self._call(self.retriever.search_versioned, body.query, body.top_k, retry=True)
+        passages, version = await _bounded(work, _timeout(request, self.cfg.http))
         return SearchResponse(passages=passages, index_version=version)
 
     # -- OpenAI-compatible ------------------------------------------------------------------
@@ -333,16 +369,16 @@ class Orchestrator:
     @app.post(
         "/v1/chat/completions",
         summary="Chat completions (OpenAI-compatible; `hybrid` extension field)",
-        responses=error_responses(401, 404, 413, 422, 503),
+        description="With `stream: true`, Server-Sent Events of chat.completion.chunk objects, "
+        "ending with `data: [DONE]`.",
+        responses={
+            **error_responses(401, 404, 413, 422, 503, 504),
+            200: {"content": {"application/json": {}, "text/event-stream": {}}},
+        },
     )
     async def chat_completions(self, body: oai.ChatCompletionRequest, request: Request) -> Any:
         trace_id = request.state.trace_id
-        if body.model not in oai.MODELS:
-            raise APIError(
-                404,
-                f"The model '{body.model}' does not exist; available: {', '.join(oai.MODELS)}",
-                "model_not_found",
-            )
+        timeout = _timeout(request, self.cfg.http)
         http = self.cfg.http
         if len(body.messages) > http.max_messages:
             raise APIError(
@@ -356,33 +392,13 @@ class Orchestrator:
                 f"max_tokens is {body.limit_tokens}; the limit is {http.max_tokens_ceiling}",
                 "max_tokens_too_large",
             )
-        if body.messages[-1].role != "user":
-            raise APIError(422, "the last message must have role 'user'", "no_user_message")
-        query = body.messages[-1].text()
-        if not query.strip():
-            raise APIError(422, "the last user message is empty", "empty_query")
-        self._check_query(query)
-        history = [{"role": m.role, "content": m.text()} for m in body.messages[:-1]]
-        cid = oai.completion_id()
-        if body.model == "slm" and body.stream:
-            return self._sse(self._stream_slm(cid, body, query, history, request))
-        if body.model == "slm":
-            answer, finish = await self._slm_only(body, query, history, trace_id)
-        else:
-            answer = await self._hybrid(body, query, history, trace_id)
-            finish = "stop"
-        _observed(request, answer)
-        if body.stream:
-            return self._sse(self._stream_done(cid, body, answer))
-        return oai.completion(cid, body.model, answer.answer, finish, answer)
-
-    async def _hybrid(
-        self,
-        body: oai.ChatCompletionRequest,
-        query: str,
-        history: list[dict[str, str]],
-        trace_id: str,
-    ) -> AnswerResponse:
+        # The query is the last user message (the schema requires one); what follows it, such as
+        # an assistant prefill, is not used.
+        last = max(i for i, m in enumerate(body.messages) if m.role == "user")
+        query = body.messages[last].text()
+        for text in body.texts():
+            self._check_query(text)
+        history = [{"role": m.role, "content": m.text()} for m in body.messages[:last]]
         h = body.hybrid
         req = AnswerRequest(
             query=query,
@@ -392,131 +408,79 @@ class Orchestrator:
             sensitive=h.sensitive,
             pii=h.pii,
         )
-        return await self.lead.answer(
-            req,
-            trace_id,
-            claude_down=await self._claude_down(),
-            sampling=body.sampling(),
-            history=history,
-        )
-
-    async def _slm_inputs(
-        self, body: oai.ChatCompletionRequest, query: str, history: list[dict[str, str]]
-    ) -> tuple[list[Passage], GenerationRequest]:
-        passages: list[Passage] = []
-        if body.hybrid.retrieval:
-            passages = await self._retrieve(query, body.hybrid.top_k)
-            messages = answer_messages(query, passages, history)
+        chunks = oai.Chunks(oai.completion_id(), body.model)
+        if body.model == "slm" and body.stream:
+            return sse.response(self._stream_slm(chunks, body, req, history, request, timeout))
+        finish: oai.Finish = "stop"
+        if body.model == "slm":
+            work = self.lead.answer_slm(
+                req, trace_id, body.hybrid.retrieval, body.sampling(), history, timeout_s=timeout
+            )
+            answer, finish = await _bounded(work, timeout, DEADLINE_GRACE_S)
         else:
-            messages = [*history, {"role": "user", "content": query}]
-        params = {
-            "max_tokens": self.cfg.slm.max_tokens,
-            "temperature": self.cfg.slm.temperature,
-            **body.sampling(),
-        }
-        return passages, GenerationRequest(messages=messages, **params)
-
-    def _slm_answer(
-        self,
-        query: str,
-        passages: list[Passage],
-        gen: GenerationResult,
-        trace_id: str,
-        renumber: bool = True,
-    ) -> AnswerResponse:
-        if passages and renumber:
-            text, citations = finalize(gen.text, passages)
-        elif passages:  # streamed text can no longer change: keep the model's numbers
-            text, citations = gen.text, as_numbered(gen.text, passages)
-        else:
-            text, citations = gen.text, []
-        conf = score_answer(query, text, citations, passages, gen.token_logprobs)
-        return AnswerResponse(
-            answer=text,
-            citations=citations,
-            route="slm",
-            confidence=conf.score,
-            usage=Usage(
-                slm_prompt_tokens=gen.prompt_tokens, slm_completion_tokens=gen.completion_tokens
-            ),
-            trace_id=trace_id,
-        )
-
-    async def _slm_only(
-        self,
-        body: oai.ChatCompletionRequest,
-        query: str,
-        history: list[dict[str, str]],
-        trace_id: str,
-    ) -> tuple[AnswerResponse, str]:
-        passages, gen_req = await self._slm_inputs(body, query, history)
-        gen = await self._generate(gen_req)
-        finish = "length" if gen.finish_reason == "length" else "stop"
-        return self._slm_answer(query, passages, gen, trace_id), finish
+            work = self.lead.answer(
+                req,
+                trace_id,
+                claude_down=await self._claude_down(),
+                sampling=body.sampling(),
+                history=history,
+                timeout_s=timeout,
+            )
+            answer = await _bounded(work, timeout, DEADLINE_GRACE_S)
+        _observed(request, answer)
+        if body.stream:
+            return sse.response(self._stream_settled(chunks, body, answer))
+        return oai.completion(chunks.cid, body.model, finish, answer)
 
     async def _stream_slm(
         self,
-        cid: str,
+        chunks: oai.Chunks,
         body: oai.ChatCompletionRequest,
-        query: str,
+        req: AnswerRequest,
         history: list[dict[str, str]],
         request: Request,
+        timeout: float,
     ) -> AsyncIterator[str]:
-        passages, gen_req = await self._slm_inputs(body, query, history)
-        yield oai.chunk(cid, body.model, {"role": "assistant", "content": ""})
-        result: GenerationResult | None = None
-        stream = self.slm.options(stream=True).generate_stream.remote(
-            gen_req, trace_context=tracing.carrier()
-        )
-        async for item in stream:
-            if isinstance(item, GenerationResult):
-                result = item
-            elif item:
-                yield oai.chunk(cid, body.model, {"content": item})
-        if result is None:
-            raise APIError(503, "the SLM stream ended early; retry", "slm_stream_ended")
-        answer = self._slm_answer(query, passages, result, request.state.trace_id, renumber=False)
-        _observed(request, answer)
-        finish = "length" if result.finish_reason == "length" else "stop"
-        yield oai.chunk(cid, body.model, {}, finish, {"hybrid": oai.hybrid_extension(answer)})
-        if body.stream_options and body.stream_options.include_usage:
-            yield oai.usage_chunk(cid, body.model, answer)
-        yield oai.DONE
+        """Tokens as the SLM writes them, then the final chunk with the `hybrid` extension."""
+        yield chunks.delta("", role=True)
 
-    async def _stream_done(
-        self, cid: str, body: oai.ChatCompletionRequest, answer: AnswerResponse
+        async def run(emit: sse.Emit) -> tuple[AnswerResponse, oai.Finish]:
+            work = self.lead.answer_slm(
+                req,
+                request.state.trace_id,
+                body.hybrid.retrieval,
+                body.sampling(),
+                history,
+                emit,
+                timeout_s=timeout,
+            )
+            return await _bounded(work, timeout, DEADLINE_GRACE_S)
+
+        try:
+            async for name, data in sse.emitted(run):
+                if name == "answer":
+                    yield chunks.delta(data["delta"])
+                elif name == "done":
+                    answer, finish = data
+                    _observed(request, answer)
+                    yield chunks.final(finish, answer)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield chunks.usage(answer)
+        except SLMStreamEnded as exc:
+            raise APIError(503, "the SLM stream ended early; retry", "slm_stream_ended") from exc
+        yield sse.DONE
+
+    async def _stream_settled(
+        self, chunks: oai.Chunks, body: oai.ChatCompletionRequest, answer: AnswerResponse
     ) -> AsyncIterator[str]:
         """The hybrid pipeline settles its text (citations, verification) before it streams."""
-        yield oai.chunk(cid, body.model, {"role": "assistant", "content": ""})
+        yield chunks.delta("", role=True)
         for piece in re.findall(r"\S+\s*|\s+", answer.answer):
-            yield oai.chunk(cid, body.model, {"content": piece})
-        yield oai.chunk(cid, body.model, {}, "stop", {"hybrid": oai.hybrid_extension(answer)})
+            yield chunks.delta(piece)
+        yield chunks.final("stop", answer)
         if body.stream_options and body.stream_options.include_usage:
-            yield oai.usage_chunk(cid, body.model, answer)
-        yield oai.DONE
-
-    @staticmethod
-    def _sse(events: AsyncIterator[str], error_event: str | None = None) -> StreamingResponse:
-        """`error_event`: the SSE event name of an in-band error (OpenAI's streams have none)."""
-        prefix = f"event: {error_event}\n" if error_event else ""
-
-        async def guarded() -> AsyncIterator[str]:
-            try:
-                async for event in events:
-                    yield event
-            except APIError as exc:  # headers are sent: report in-band, as OpenAI does
-                body = error_body(exc.status, exc.message, exc.code)
-                yield f"{prefix}data: {json.dumps(body)}\n\n"
-            except Exception:
-                log.exception("stream failed")
-                body = error_body(500, "stream failed", "internal_error")
-                yield f"{prefix}data: {json.dumps(body)}\n\n"
-
-        return StreamingResponse(
-            guarded(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+            yield chunks.usage(answer)
+        yield sse.DONE
 
     # -- documents ---------------------------------------------------------------------------
 
@@ -524,26 +488,45 @@ class Orchestrator:
         "/v1/documents",
         status_code=201,
         summary="Add or replace documents (durable on 2xx)",
-        responses=error_responses(401, 413, 422, 503),
+        responses=error_responses(401, 413, 422, 503, 504),
     )
     async def add_documents(
-        self, body: Annotated[DocumentIn | DocumentBatch, Body()]
+        self, body: Annotated[DocumentIn | DocumentBatch, Body()], request: Request
     ) -> dict[str, Any]:
         docs = body.documents if isinstance(body, DocumentBatch) else [body]
         new = [NewDocument(id=d.id, title=d.title, text=d.text, metadata=d.metadata) for d in docs]
-        result = await self._call(self.retriever.upsert, new)
+        result = await self._write(request, self._call(self.retriever.upsert, new))
         return {"ids": result["ids"], "index_version": result["index_version"]}
+
+    async def _write(self, request: Request, work: Any) -> Any:
+        """Writes take as long as ingestion takes, unless the client sends X-Request-Timeout: a
+        default deadline would cut large batches short. A write past its deadline may still
+        complete; sending it again is safe (documents are replaced by id)."""
+        if "x-request-timeout" not in request.headers:
+            return await work
+        timeout = _timeout(request, self.cfg.http)
+        try:
+            return await asyncio.wait_for(work, timeout)
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"not acknowledged within {timeout:g} s; the write may still complete: send it "
+                "again (documents are replaced by id, so nothing is duplicated)",
+                "deadline_exceeded",
+            ) from None
 
     @app.get(
         "/v1/documents/{doc_id:path}",
         response_model=DocumentInfo,
-        responses=error_responses(401, 404, 503),
+        responses=error_responses(401, 404, 503, 504),
     )
-    async def get_document(self, doc_id: str) -> DocumentInfo:
-        record: DocRecord | None = await self._call(self.retriever.get, doc_id, retry=True)
+    async def get_document(self, doc_id: str, request: Request) -> DocumentInfo:
+        timeout = _timeout(request, self.cfg.http)
+        work = self._call(self.retriever.get, doc_id, retry=True)
+        record: DocRecord | None = await _bounded(work, timeout)
         if record is None:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
-        status = await self._call(self.retriever.status, retry=True)
+        status = await _bounded(self._call(self.retriever.status, retry=True), timeout)
         return DocumentInfo(
             id=record.id,
             title=record.title,
@@ -553,16 +536,17 @@ class Orchestrator:
             text=record.text,
         )
 
-    @app.delete("/v1/documents/{doc_id:path}", responses=error_responses(401, 404, 503))
-    async def delete_document(self, doc_id: str) -> dict[str, Any]:
-        result = await self._call(self.retriever.delete, [doc_id])
+    @app.delete("/v1/documents/{doc_id:path}", responses=error_responses(401, 404, 503, 504))
+    async def delete_document(self, doc_id: str, request: Request) -> dict[str, Any]:
+        result = await self._write(request, self._call(self.retriever.delete, [doc_id]))
         if not result["deleted"]:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         return {"id": doc_id, "deleted": True, "index_version": result["index_version"]}
 
     @app.get("/v1/usage", summary="Totals of the cost ledger: Claude spend, SLM cost, savings")
-    async def usage(self) -> dict[str, Any]:
-        status = await self._call(self.claude.status, retry=True)
+    async def usage(self, request: Request) -> dict[str, Any]:
+        work = self._call(self.claude.status, retry=True)
+        status = await _bounded(work, _timeout(request, self.cfg.http))
         totals = status.get("totals", {})
         estimate = totals.get("all_claude_cost_usd_estimate", 0.0)
         spent = totals.get("cost_usd", 0.0) + totals.get("slm_cost_usd", 0.0)
@@ -622,4 +606,3 @@ class Orchestrator:
         health = await asyncio.to_thread(deployment_health, app_name, deployment)
         self._health_cache[deployment] = (now, health)
         return health
-

@@ -12,14 +12,14 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from ray import serve
 
-from agents import tracing
-from agents.schemas import Passage
-from agents.tracing import TraceContext
-from cluster.config import HybridServeConfig
-from deployments.metrics import keep_gauges_fresh, metrics
-from deployments.placement import placement
-from retrieval.embedder import Embedder
-from retrieval.store import DocRecord, IndexStore, NewDocument
+from hybrid_serve.agents import tracing
+from hybrid_serve.agents.tracing import TraceContext
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.metrics import keep_gauges_fresh, metrics
+from hybrid_serve.deployments.placement import placement
+from hybrid_serve.retrieval.embedder import Embedder
+from hybrid_serve.retrieval.store import DocRecord, IndexStore, NewDocument
+from hybrid_serve.schemas import Passage
 
 log = logging.getLogger("ray.serve")
 
@@ -31,7 +31,8 @@ class IndexNotReady(RuntimeError):
 def sample_corpus() -> list[NewDocument]:
     """The project's own documentation, shipped with the package: licence-clean and useful."""
     docs = []
-    for entry in sorted(resources.files("cluster").joinpath("sample_corpus").iterdir()):
+    folder = resources.files("hybrid_serve.cluster").joinpath("sample_corpus")
+    for entry in sorted(folder.iterdir()):
         if entry.name.endswith(".md"):
             text = entry.read_text(encoding="utf-8")
             title = next(
@@ -56,16 +57,7 @@ class RetrieverDeployment:
         tracing.setup("Retriever", self.cfg.tracing)
         rc = self.cfg.retriever
         self.embedder = Embedder(rc.embedding_model, batch_size=rc.embed_batch_size)
-        self.store = IndexStore(
-            self.cfg.index_dir,
-            embed=self.embedder.encode,
-            dim=self.embedder.dim,
-            embedding_model=self.embedder.name,
-            chunk_words=rc.chunk_words,
-            chunk_overlap_words=rc.chunk_overlap_words,
-            keep_snapshots=rc.keep_snapshots,
-            ann_spec=rc.ann_spec(),
-        )
+        self.store = IndexStore.from_config(self.cfg.index_dir, rc, self.embedder)
         self.state = "loading"
         self.progress: dict[str, int] = {}
         self.error: str | None = None

@@ -13,13 +13,13 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from ray import serve
 
-from agents import tracing
-from agents.schemas import GenerationRequest, GenerationResult
-from agents.tracing import TraceContext
-from cluster.config import HybridServeConfig
-from deployments.metrics import metrics
-from deployments.placement import placement
-from engines import make_engine, warm_up
+from hybrid_serve.agents import tracing
+from hybrid_serve.agents.tracing import TraceContext
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.metrics import metrics
+from hybrid_serve.deployments.placement import placement
+from hybrid_serve.engines import Engine, make_engine, warm_up
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
 def generation_attributes(engine: str, model: str, request: GenerationRequest) -> dict[str, Any]:
@@ -51,24 +51,23 @@ def record_generation(result: GenerationResult) -> None:
         metrics.observe("hybrid_serve_slm_tokens_per_second", tok_s)
 
 
-@serve.deployment(name="SLM")
-class SLMDeployment:
-    async def __init__(self, config: dict[str, Any]) -> None:
-        cfg = HybridServeConfig.from_args(config)
-        tracing.setup("SLM", cfg.tracing)
-        self.engine = make_engine(cfg.slm, replicas_on_node=cfg.slm.replicas)
-        self.engine_kind = cfg.slm.engine
-        self.warmup = await warm_up(self.engine.generate, cfg.slm.warmup_timeout_s)
+class SLMEndpoints:
+    """The SLM methods the orchestrator calls on every engine's deployment, over `slm_engine`;
+    `warmup` is what the replica's warm-up generation took."""
+
+    slm_engine: Engine
+    engine_kind: str
+    warmup: dict[str, Any] | None = None
 
     def _attributes(self, request: GenerationRequest) -> dict[str, Any]:
-        return generation_attributes(self.engine_kind, self.engine.model_name, request)
+        return generation_attributes(self.engine_kind, self.slm_engine.model_name, request)
 
     async def generate(
         self, request: GenerationRequest, trace_context: TraceContext = None
     ) -> GenerationResult:
         attributes = self._attributes(request)
         with tracing.span("SLM.generate", trace_context, SpanKind.SERVER, attributes):
-            result = await self.engine.generate(request)
+            result = await self.slm_engine.generate(request)
             record_generation(result)
             return result
 
@@ -78,7 +77,7 @@ class SLMDeployment:
         """Text deltas, then the GenerationResult (call with `handle.options(stream=True)`)."""
         attributes = {**self._attributes(request), "hybrid.stream": True}
         with tracing.span("SLM.generate_stream", trace_context, SpanKind.SERVER, attributes):
-            async for item in self.engine.stream(request):
+            async for item in self.slm_engine.stream(request):
                 if isinstance(item, GenerationResult):
                     record_generation(item)
                 yield item
@@ -86,9 +85,19 @@ class SLMDeployment:
     async def status(self) -> dict[str, Any]:
         return {
             "ready": True,
-            "engine": type(self.engine).__name__,
+            "engine": type(self.slm_engine).__name__,
             "placement": placement(),
-            "model": self.engine.model_name,
+            "model": self.slm_engine.model_name,
             "warmup": self.warmup,
-            **self.engine.info(),
+            **self.slm_engine.info(),
         }
+
+
+@serve.deployment(name="SLM")
+class SLMDeployment(SLMEndpoints):
+    async def __init__(self, config: dict[str, Any]) -> None:
+        cfg = HybridServeConfig.from_args(config)
+        tracing.setup("SLM", cfg.tracing)
+        self.slm_engine = make_engine(cfg.slm, replicas_on_node=cfg.slm.replicas)
+        self.engine_kind = cfg.slm.engine
+        self.warmup = await warm_up(self.slm_engine.generate, cfg.slm.warmup_timeout_s)

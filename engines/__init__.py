@@ -1,5 +1,5 @@
 """Inference engines behind the SLM deployment. Each is imported only when chosen."""
 
-from engines.base import Engine, EngineFailed, engine_class, make_engine, warm_up
+from hybrid_serve.engines.base import Engine, EngineFailed, engine_class, make_engine, warm_up
 
 __all__ = ["Engine", "EngineFailed", "engine_class", "make_engine", "warm_up"]

@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
-from agents.schemas import GenerationRequest, GenerationResult
-from cluster.config import SLMConfig
+from hybrid_serve.config import SLMConfig
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 BUILTIN_ENGINES = {
-    "llama_cpp": "engines.llama_cpp:LlamaCppEngine",
-    "openai": "engines.openai_compat:OpenAICompatEngine",
+    "llama_cpp": "hybrid_serve.engines.llama_cpp:LlamaCppEngine",
+    "openai": "hybrid_serve.engines.openai_compat:OpenAICompatEngine",
 }
 
 # A warm-up asks for a few tokens: enough to run every kernel a real request runs (prompt
@@ -75,7 +75,7 @@ def engine_class(spec: str) -> type[Engine]:
 def make_engine(cfg: SLMConfig, replicas_on_node: int = 1) -> Engine:
     if cfg.engine == "vllm":
         raise ValueError(
-            "the vllm engine is its own deployment (engines/vllm_server.py), not an in-process "
+            "the vllm engine is its own deployment (deployments/slm_vllm.py), not an in-process "
             "engine; deployments.app.build chooses it"
         )
     return engine_class(cfg.engine).from_config(cfg, replicas_on_node)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.schemas import GenerationRequest, GenerationResult
+from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 
 def chat_params(model: str, req: GenerationRequest, logprobs: bool = True) -> dict[str, Any]:
@@ -52,7 +52,7 @@ class StreamTally:
     start: float = field(default_factory=time.perf_counter)
     parts: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish: str = "stop"
+    finish: FinishReason = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -71,7 +71,7 @@ class StreamTally:
             text="".join(self.parts),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens or len(self.logprobs),
-            finish_reason=self.finish,  # type: ignore[arg-type]
+            finish_reason=self.finish,
             token_logprobs=self.logprobs,
             model=self.model,
             seconds=time.perf_counter() - self.start,

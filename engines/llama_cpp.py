@@ -22,20 +22,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from agents.schemas import GenerationRequest, GenerationResult
-from cluster.config import SLMConfig
-from engines.hardware import has_amx
+from hybrid_serve.config import ExtraBuffers, SLMConfig
+from hybrid_serve.engines.hardware import has_amx
+from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 
 class PromptTooLong(ValueError):
     pass
-
-
-ExtraBuffers = Literal["auto", "on", "off"]
 
 
 def extra_buffers_enabled(setting: ExtraBuffers, amx: bool | None) -> bool:
@@ -130,7 +127,7 @@ class LlamaCppEngine:
 
     @classmethod
     def from_config(cls, cfg: SLMConfig, replicas_on_node: int = 1) -> LlamaCppEngine:
-        from retrieval.models import bundled_gguf
+        from hybrid_serve.bundled import bundled_gguf
 
         return cls(
             model_path=cfg.model_path or bundled_gguf(),
@@ -224,7 +221,7 @@ class LlamaCppEngine:
         sent = 0
         logprobs: list[float] = []
         completion = 0
-        finish = "length"
+        finish: FinishReason = "length"
         for token in llm.generate(
             prompt,
             temp=req.temperature,
@@ -270,7 +267,7 @@ class LlamaCppEngine:
             text=text,
             prompt_tokens=len(prompt),
             completion_tokens=completion,
-            finish_reason=finish,  # type: ignore[arg-type]
+            finish_reason=finish,
             token_logprobs=logprobs,
             model=self.model_name,
             seconds=time.perf_counter() - started,

@@ -13,9 +13,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from agents.schemas import GenerationRequest, GenerationResult
-from cluster.config import SLMConfig
-from engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.config import SLMConfig
+from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
 class OpenAICompatEngine:

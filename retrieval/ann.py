@@ -3,10 +3,10 @@
 The snapshot's flat index stays the record of every vector (it is what a restart, a rebuild or a
 new index type start from); an approximate index is built from it for search when configured, and
 saved beside it so a restart does not rebuild it. Measured trade-off on MiniLM vectors
-(`python -m benchmarks.ann`, README): flat is exact and fine to some tens of thousands of chunks
-on CPU (13 ms a query at 100k); IVF (nprobe 16) kept recall@10 at 1.00 for 0.15 ms at 100k and
-builds in seconds; HNSW is as fast but lost recall on near-duplicate-heavy data (0.86 at 100k,
-ef_search 128) and costs memory (M links a vector) and build time. On GPU nodes with
+(`python -m hybrid_serve.benchmarks.ann`, README): flat is exact and fine to some tens of thousands
+of chunks on CPU (13 ms a query at 100k); IVF (nprobe 16) kept recall@10 at 1.00 for 0.15 ms at
+100k and builds in seconds; HNSW is as fast but lost recall on near-duplicate-heavy data (0.86 at
+100k, ef_search 128) and costs memory (M links a vector) and build time. On GPU nodes with
 `faiss-gpu-cu12`, flat and IVF move to the GPU (FAISS has no GPU HNSW).
 """
 
@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from hybrid_serve.config import IndexKind, RetrieverConfig
+
 log = logging.getLogger(__name__)
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
 # FAISS wants about this many training points per IVF list.
 POINTS_PER_LIST = 39
 
@@ -35,6 +36,18 @@ class ANNSpec:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
     gpu: bool = False
+
+    @classmethod
+    def from_config(cls, rc: RetrieverConfig) -> ANNSpec:
+        return cls(
+            kind=rc.index_type,
+            ivf_nlist=rc.ivf_nlist,
+            ivf_nprobe=rc.ivf_nprobe,
+            hnsw_m=rc.hnsw_m,
+            hnsw_ef_construction=rc.hnsw_ef_construction,
+            hnsw_ef_search=rc.hnsw_ef_search,
+            gpu=rc.faiss_gpu,
+        )
 
     def key(self) -> dict[str, Any]:
         """What decides the built index (not how it is searched)."""

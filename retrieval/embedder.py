@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.models import bundled_embedding_model
+from hybrid_serve.bundled import bundled_embedding_model
 
 
 class Embedder:

@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from agents.schemas import Passage
-from retrieval import ann
-from retrieval.ann import ANNSpec
-from retrieval.chunking import chunk_text
-from retrieval.fusion import reciprocal_rank_fusion
+from hybrid_serve.config import RetrieverConfig
+from hybrid_serve.retrieval import ann
+from hybrid_serve.retrieval.ann import ANNSpec
+from hybrid_serve.retrieval.chunking import chunk_text
+from hybrid_serve.retrieval.embedder import Embedder
+from hybrid_serve.retrieval.fusion import reciprocal_rank_fusion
+from hybrid_serve.schemas import Passage
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +255,19 @@ class IndexStore:
         self._snap: Snapshot | None = None
         self._current_stamp: tuple[int, int] | None = None
         self._thread_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, root: str | Path, rc: RetrieverConfig, embedder: Embedder) -> IndexStore:
+        return cls(
+            root,
+            embed=embedder.encode,
+            dim=embedder.dim,
+            embedding_model=embedder.name,
+            chunk_words=rc.chunk_words,
+            chunk_overlap_words=rc.chunk_overlap_words,
+            keep_snapshots=rc.keep_snapshots,
+            ann_spec=ANNSpec.from_config(rc),
+        )
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.otlp_receiver import OTLPReceiver
-from cluster.config import HybridServeConfig
-from cluster.local import free_port
+from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
+from hybrid_serve.cluster.local import free_port
+from hybrid_serve.config import HybridServeConfig
 from tests.support.messages_api import MessagesAPIServer
 
 APP = "hybrid-serve"
@@ -91,7 +91,7 @@ def app(tmp_path_factory, claude_server, otlp_receiver) -> Iterator[App]:
     import ray
     from ray import serve
 
-    from deployments.app import build
+    from hybrid_serve.deployments.app import build
 
     port = free_port()
     cfg = HybridServeConfig.load(
@@ -115,6 +115,7 @@ def app(tmp_path_factory, claude_server, otlp_receiver) -> Iterator[App]:
     metrics_port = free_port()
     # Two logical GPUs: placement of GPU replicas is tested without a GPU (nothing else asks).
     ray.init(
+        address="local",  # a private cluster, even where a Ray user runs one
         num_cpus=4,
         num_gpus=2,
         include_dashboard=False,

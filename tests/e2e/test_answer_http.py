@@ -6,7 +6,7 @@ import uuid
 import pytest
 from ray import serve
 
-from agents.citations import markers
+from hybrid_serve.agents.citations import markers
 from tests.conftest import APP
 
 pytestmark = pytest.mark.e2e
@@ -71,7 +71,7 @@ def test_traceparent_continues_the_callers_trace(client):
         ({"query": "q", "top_k": "five"}, 422, "top_k"),
         ({"query": "q", "colour": "blue"}, 422, "unknown field"),
         ({}, 422, "query: field required"),
-        ([1, 2], 422, "JSON object"),
+        ([1, 2], 400, "JSON object"),
         ({"query": "x" * 501}, 422, "limit is 500"),
     ],
 )
@@ -86,9 +86,9 @@ def test_not_json_and_oversized(client):
     r = client.post(
         "/v1/answer", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = client.post("/v1/answer", content=b"query=hi")
-    assert r.status_code == 422 and "JSON object" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     big = b'{"query": "' + b"a" * (70 * 1024) + b'"}'
     r = client.post("/v1/answer", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]

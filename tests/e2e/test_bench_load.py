@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from hybrid_serve.cluster.cli import main
 
 pytestmark = pytest.mark.e2e
 

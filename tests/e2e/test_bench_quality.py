@@ -22,7 +22,7 @@ def test_quality_run_on_both_data_files_writes_every_output(tmp_path):
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "hybrid_serve.cluster.cli",
             "bench",
             "quality",
             "--squad",
@@ -30,7 +30,7 @@ def test_quality_run_on_both_data_files_writes_every_output(tmp_path):
             "--hotpot",
             str(hotpot),
             "--limit",
-            "20",
+            "8",
             "--retrieval-limit",
             "100",
             "--out",
@@ -46,7 +46,8 @@ def test_quality_run_on_both_data_files_writes_every_output(tmp_path):
     for key in ("recall_at_1", "recall_at_5", "recall_at_10"):
         assert 0 <= report["retrieval"][key] <= 1
     r = report["retrieval"]
-    assert r["recall_at_1"] <= r["recall_at_5"] <= r["recall_at_10"] and r["n"] == 120
+    # 100 SQuAD questions (--retrieval-limit) and 8 HotpotQA ones (its rows follow --limit)
+    assert r["recall_at_1"] <= r["recall_at_5"] <= r["recall_at_10"] and r["n"] == 108
     assert r["recall_at_5"] > 0.5  # real retrieval over the real corpus, not a fake ranking
     assert 0 <= report["answer"]["exact_match"] <= report["answer"]["f1"] <= 1
     assert 0 <= report["citations"]["precision"] <= 1 and 0 <= report["citations"]["recall"] <= 1
@@ -57,8 +58,8 @@ def test_quality_run_on_both_data_files_writes_every_output(tmp_path):
     )
     assert set(report["datasets"]) == {"squad", "hotpot"}
     assert (
-        report["datasets"]["squad"]["slm"]["n"] == 20
-        and report["datasets"]["hotpot"]["slm"]["n"] == 20
+        report["datasets"]["squad"]["slm"]["n"] == 8
+        and report["datasets"]["hotpot"]["slm"]["n"] == 8
     )
     assert report["latency"]["ingest_paragraphs_per_s"] > 0
     assert len(report["calibration"]["curve"]) == 5

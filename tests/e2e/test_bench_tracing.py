@@ -15,8 +15,8 @@ def test_tracing_benchmark_traces_one_arm_only(tmp_path):
     out = tmp_path / "tracing"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RAY_", "OTEL_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.tracing", "--requests", "4", "--warmup", "1"]
-        + ["--latency-ms", "20", "--out", str(out)],
+        [sys.executable, "-m", "hybrid_serve.benchmarks.tracing", "--requests", "4"]
+        + ["--warmup", "1", "--latency-ms", "20", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -26,5 +26,6 @@ def test_tracing_benchmark_traces_one_arm_only(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["off"]["n"] == report["on"]["n"] == 4
     assert report["traced_requests_received"] == 4 and report["untraced_requests_exported"] == 0
-    assert report["spans_per_traced_request"] >= 5  # orchestrator, lead, retriever, SLM, ...
+    # the HTTP request, Lead.answer, Retriever.search, SLM.generate: all four, for every request
+    assert report["spans_per_traced_request"] >= 4
     assert (out / "report.md").is_file() and (out / "tracing_overhead.png").stat().st_size > 0

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from agents.citations import markers
+from hybrid_serve.agents.citations import markers
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.e2e

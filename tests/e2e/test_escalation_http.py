@@ -3,7 +3,7 @@ Messages-API server through the real SDK."""
 
 import pytest
 
-from agents.citations import markers
+from hybrid_serve.agents.citations import markers
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.config import HybridServeConfig
-from deployments.app import build
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.app import build
 from tests.conftest import wait_ready
 
 pytestmark = pytest.mark.e2e

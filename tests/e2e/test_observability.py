@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from benchmarks.otlp_receiver import ReceivedSpan
+from hybrid_serve.benchmarks.otlp_receiver import ReceivedSpan
 from tests.support.ray_logs import ray_log_lines
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from agents.citations import markers
+from hybrid_serve.agents.citations import markers
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from agents.schemas import GenerationRequest, GenerationResult
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
 def _gpu_reason() -> str | None:
@@ -31,8 +31,8 @@ def slm(tmp_path_factory):
     import ray
     from ray import serve
 
-    from cluster.config import HybridServeConfig
-    from engines.vllm_server import build_vllm_slm
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.deployments.slm_vllm import build_vllm_slm
 
     cfg = HybridServeConfig.load(
         profile="gpu",
@@ -81,8 +81,8 @@ def test_status_reports_its_gpu(slm):
 def test_faiss_index_moves_to_the_gpu():
     import numpy as np
 
-    from retrieval import ann
-    from retrieval.ann import ANNSpec
+    from hybrid_serve.retrieval import ann
+    from hybrid_serve.retrieval.ann import ANNSpec
 
     if ann.gpu_count() == 0:
         pytest.skip("FAISS sees no GPU (faiss-gpu-cu12 not installed)")

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from ray import serve
 
-from agents.schemas import GenerationRequest, GenerationResult
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 from tests.conftest import APP
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.config import HybridServeConfig
-from deployments.app import build
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.app import build
 from tests.conftest import wait_ready
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.fixed_latency_server import FixedLatencyServer
-from cluster.config import HybridServeConfig
+from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
+from hybrid_serve.config import HybridServeConfig
 from tests.conftest import App, wait_ready
 
 APP_NAME = "rel"
@@ -51,7 +51,7 @@ class Rel:
 def rel(app: App, tmp_path_factory, request) -> Iterator[Rel]:
     from ray import serve
 
-    from deployments.app import build
+    from hybrid_serve.deployments.app import build
 
     llm = FixedLatencyServer(latency_s=0.05).start()
     cfg = HybridServeConfig.load(
@@ -70,8 +70,6 @@ def rel(app: App, tmp_path_factory, request) -> Iterator[Rel]:
             "retriever.num_cpus": 0.25,
             "claude.timeout_s": 1.0,
             "claude.max_retries": 1,
-            "claude.backoff_base_s": 0.05,
-            "claude.backoff_max_s": 0.2,
             "claude.max_retry_after_s": 2.0,
             "claude.circuit_failures": 3,
             "claude.circuit_cooldown_s": 2.0,

@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import Result, RunSpec, run_load
-from benchmarks.report import percentile, write_report
+from hybrid_serve.benchmarks.load import Result, RunSpec, run_load
+from hybrid_serve.benchmarks.report import percentile, write_report
 
 QUERIES = [
     "What port does the API use?",

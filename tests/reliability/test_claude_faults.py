@@ -11,9 +11,9 @@ import httpx
 import pytest
 from anthropic import AsyncAnthropic
 
-from agents.claude import ClaudeGateway, ClaudeUnavailable
-from agents.schemas import Passage
-from cluster.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.agents.claude import ClaudeCall, ClaudeGateway, ClaudeUnavailable
+from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.schemas import Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
 
 pytestmark = [pytest.mark.reliability]
@@ -144,7 +144,9 @@ def test_budget_holds_under_concurrent_calls():
 
         async def one(i: int):
             try:
-                return await gateway.answer(f"r{i}", "Where is Paris?", PASSAGES, "redact")
+                return await gateway.call(
+                    "answer", ClaudeCall(f"r{i}", "Where is Paris?", PASSAGES, "redact")
+                )
             except ClaudeUnavailable as exc:
                 return exc.reason
 

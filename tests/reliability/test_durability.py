@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from cluster.config import HybridServeConfig
-from retrieval.chunking import chunk_text
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.retrieval.chunking import chunk_text
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import Up
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from deployments.middleware import APIKeyMiddleware
+from hybrid_serve.deployments.middleware import APIKeyMiddleware
 from tests.support.ray_logs import ray_log_lines
 
 OPEN = {"/healthz", "/readyz"}

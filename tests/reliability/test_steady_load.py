@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.load import RunSpec, run_load, summarize
+from hybrid_serve.benchmarks.load import RunSpec, run_load, summarize
 from tests.reliability.conftest import replicas
 from tests.reliability.steady import QUERIES
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "cluster.cli"]
+CLI = [sys.executable, "-m", "hybrid_serve.cluster.cli"]
 
 
 def clean_env() -> dict[str, str]:
@@ -25,8 +25,10 @@ MARK = "HYBRID_SERVE_TEST_UP"  # set in every `up` a test starts; its processes 
 
 
 def engine_env(engine: str) -> dict[str, str]:
-    """Environment that selects a test engine from tests.support (importable by Ray workers)."""
-    return {"HYBRID_SERVE_SLM__ENGINE": engine, "PYTHONPATH": str(REPO)}
+    """Environment that selects a test engine from tests.support (importable by Ray workers:
+    the checkout goes at the end of the path, after whatever provides `hybrid_serve`)."""
+    path = [p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p]
+    return {"HYBRID_SERVE_SLM__ENGINE": engine, "PYTHONPATH": os.pathsep.join(path)}
 
 
 class Up:

@@ -13,8 +13,8 @@ import ctypes
 from collections.abc import AsyncIterator
 from typing import Any
 
-from agents.schemas import GenerationRequest, GenerationResult
-from cluster.config import SLMConfig
+from hybrid_serve.config import SLMConfig
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
 def segfault() -> None:

@@ -27,6 +27,7 @@ class Fault:
     delay_s: float = 0.0  # sleep before answering (past the client's timeout = a timeout)
     reset: bool = False  # drop the connection without a response
     malformed: bool = False  # tool input that violates the schema
+    trickle_s: float = 0.0  # send the reply a few bytes at a time, this long apart
 
 
 @dataclass
@@ -74,6 +75,8 @@ class MessagesAPIServer:
     faults: deque[Fault] = field(default_factory=deque)
     requests: list[Recorded] = field(default_factory=list)
     on_request: Callable[[Recorded], None] | None = None
+    # A fault for every request the queue has none for: an upstream that hangs or is slow.
+    always: Fault | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -99,7 +102,7 @@ class MessagesAPIServer:
                 )
                 with server._lock:
                     server.requests.append(rec)
-                    fault = server.faults.popleft() if server.faults else None
+                    fault = server.faults.popleft() if server.faults else server.always
                 if server.on_request:
                     server.on_request(rec)
                 if not self.path.startswith("/v1/messages"):
@@ -125,9 +128,15 @@ class MessagesAPIServer:
                 if body.get("stream"):
                     self._sse(message)
                 else:
-                    self._json(200, message)
+                    self._json(200, message, trickle_s=fault.trickle_s if fault else 0.0)
 
-            def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None):
+            def _json(
+                self,
+                status: int,
+                payload: Any,
+                headers: dict[str, str] | None = None,
+                trickle_s: float = 0.0,
+            ):
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -136,7 +145,13 @@ class MessagesAPIServer:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(data)
+                if not trickle_s:
+                    self.wfile.write(data)
+                    return
+                for i in range(0, len(data), 16):
+                    self.wfile.write(data[i : i + 16])
+                    self.wfile.flush()
+                    time.sleep(trickle_s)
 
             def _sse(self, message: dict[str, Any]) -> None:
                 self.send_response(200)

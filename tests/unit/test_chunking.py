@@ -1,6 +1,6 @@
 import pytest
 
-from retrieval.chunking import chunk_text
+from hybrid_serve.retrieval.chunking import chunk_text
 
 
 def words(n: int, prefix: str = "w") -> str:

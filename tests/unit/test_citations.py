@@ -1,5 +1,5 @@
-from agents.citations import finalize, markers, support
-from agents.schemas import Passage
+from hybrid_serve.agents.citations import finalize, markers, support
+from hybrid_serve.schemas import Passage
 
 
 def passage(i: int, text: str, doc: str | None = None) -> Passage:
@@ -74,7 +74,7 @@ def test_support():
 
 
 def test_as_numbered_keeps_the_models_numbers():
-    from agents.citations import as_numbered
+    from hybrid_serve.agents.citations import as_numbered
 
     cites = as_numbered("Berlin is German [3]. Paris [1, 9]. Again [3].", PASSAGES)
     assert [(c.number, c.doc_id) for c in cites] == [(3, "d3"), (1, "d1")]

@@ -6,9 +6,15 @@ import time
 import pytest
 from anthropic import AsyncAnthropic
 
-from agents.claude import ClaudeGateway, ClaudeUnavailable, Grade, RewritePlan
-from agents.schemas import Passage
-from cluster.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.agents.claude import (
+    ClaudeCall,
+    ClaudeGateway,
+    ClaudeUnavailable,
+    Grade,
+    RewritePlan,
+)
+from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.schemas import Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
 
 PASSAGES = [Passage(chunk_id="a#0", doc_id="a", title="Paris", text="Paris is in France.")]
@@ -22,13 +28,17 @@ def server():
 
 
 def gateway(server, **claude) -> ClaudeGateway:
-    cfg = ClaudeConfig(**{"backoff_base_s": 0.01, "backoff_max_s": 0.05, **claude})
-    client = AsyncAnthropic(api_key="sk-test", base_url=server.url, max_retries=0)
+    cfg = ClaudeConfig(**claude)
+    client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
     return ClaudeGateway(cfg, PolicyConfig(pii_names=["Alice Smith"]), client)
 
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def ask(g: ClaudeGateway, role: str, rid: str, query: str, pii: str = "redact", answer: str = ""):
+    return g.call(role, ClaudeCall(rid, query, PASSAGES, pii, answer=answer))
 
 
 def test_rewrite_is_structured_through_tool_use(server):
@@ -41,7 +51,7 @@ def test_rewrite_is_structured_through_tool_use(server):
         },
     )
     g = gateway(server)
-    result = run(g.rewrite("r1", "paris where", PASSAGES, "redact"))
+    result = run(ask(g, "rewrite", "r1", "paris where", "redact"))
     assert isinstance(result.output, RewritePlan)
     assert result.output.search_queries == ["Paris country"]
     body = server.calls("rewrite_query")[0].body
@@ -54,8 +64,8 @@ def test_rewrite_is_structured_through_tool_use(server):
 
 def test_prompt_cache_reads_are_counted_and_priced(server):
     g = gateway(server)
-    first = run(g.verify("r", "q", "a [1]", PASSAGES, "redact"))
-    second = run(g.verify("r", "q", "a [1]", PASSAGES, "redact"))
+    first = run(ask(g, "verify", "r", "q", "redact", answer="a [1]"))
+    second = run(ask(g, "verify", "r", "q", "redact", answer="a [1]"))
     assert isinstance(second.output, Grade)
     assert first.usage.cache_write_tokens > 0 and second.usage.cache_read_tokens > 0
     assert g.ledger.totals.cache_read_tokens == second.usage.cache_read_tokens
@@ -64,7 +74,7 @@ def test_prompt_cache_reads_are_counted_and_priced(server):
 def test_retries_honour_retry_after(server):
     server.inject(Fault(status=429, retry_after="1"), Fault(status=529))
     g = gateway(server)
-    result = run(g.answer("r", "q", PASSAGES, "redact"))
+    result = run(ask(g, "answer", "r", "q", "redact"))
     assert result.usage.attempts == 3 and g.retries == 2
     t = [r.at for r in server.calls()]
     assert t[1] - t[0] >= 0.95  # waited for retry-after, not the short backoff
@@ -73,14 +83,14 @@ def test_retries_honour_retry_after(server):
 def test_too_long_retry_after_fails_fast(server):
     server.inject(Fault(status=429, retry_after="120"))
     with pytest.raises(ClaudeUnavailable) as e:
-        run(gateway(server).answer("r", "q", PASSAGES, "redact"))
+        run(ask(gateway(server), "answer", "r", "q", "redact"))
     assert e.value.reason == "claude_rate_limited" and len(server.calls()) == 1
 
 
 def test_timeouts_and_resets_are_retried(server):
     server.inject(Fault(delay_s=1.5), Fault(reset=True))
     g = gateway(server, timeout_s=0.5)
-    result = run(g.answer("r", "q", PASSAGES, "redact"))
+    result = run(ask(g, "answer", "r", "q", "redact"))
     assert result.usage.attempts == 3 and "answer" in result.output
 
 
@@ -90,7 +100,7 @@ def test_529_storm_opens_the_circuit_and_it_recovers(server):
     reasons = []
     for _ in range(4):
         try:
-            run(g.answer("r", "q", PASSAGES, "redact"))
+            run(ask(g, "answer", "r", "q", "redact"))
         except ClaudeUnavailable as exc:
             reasons.append(exc.reason)
     assert reasons == ["claude_error"] * 3 + ["claude_circuit_open"]
@@ -98,27 +108,27 @@ def test_529_storm_opens_the_circuit_and_it_recovers(server):
     assert sent == 6  # the open circuit sent nothing
     assert g.status()["circuit"] == "open"
     time.sleep(0.6)
-    assert run(g.answer("r", "q", PASSAGES, "redact")).output  # half-open trial succeeds
+    assert run(ask(g, "answer", "r", "q", "redact")).output  # half-open trial succeeds
     assert g.status()["circuit"] == "closed"
 
 
 def test_malformed_tool_output_is_a_clear_failure(server):
     server.inject(Fault(malformed=True))
     with pytest.raises(ClaudeUnavailable) as e:
-        run(gateway(server).verify("r", "q", "a", PASSAGES, "redact"))
+        run(ask(gateway(server), "verify", "r", "q", "redact", answer="a"))
     assert e.value.reason == "claude_malformed_output"
 
 
 def test_budget_exhaustion_stops_calls(server):
     g = gateway(server, daily_budget_usd=0.01, request_budget_usd=0.01)
     with pytest.raises(ClaudeUnavailable) as e:
-        run(g.answer("r", "q", PASSAGES, "redact"))  # worst case: 1024 output tokens > budget
+        run(ask(g, "answer", "r", "q", "redact"))  # worst case: 1024 output tokens > budget
     assert e.value.reason == "budget_exhausted" and server.calls() == []
     g2 = gateway(server, daily_budget_usd=1.0, request_budget_usd=0.012)
     spent = 0.0
     with pytest.raises(ClaudeUnavailable) as e:
         for _ in range(200):
-            spent += run(g2.rewrite("same-request", "q", PASSAGES, "redact")).usage.cost_usd
+            spent += run(ask(g2, "rewrite", "same-request", "q", "redact")).usage.cost_usd
     assert e.value.reason == "budget_exhausted"
     assert 0 < spent <= 0.012 and g2.ledger.spent_today == pytest.approx(spent)
 
@@ -127,10 +137,10 @@ def test_pii_block_never_sends_and_redact_sends_placeholders(server):
     g = gateway(server)
     query = "Email alice@corp.com about Alice Smith's card 4111 1111 1111 1111"
     with pytest.raises(ClaudeUnavailable) as e:
-        run(g.rewrite("r", query, PASSAGES, "block"))
+        run(ask(g, "rewrite", "r", query, "block"))
     assert e.value.reason == "pii_blocked" and server.calls() == []
     server.answer_text = "Write to [EMAIL_1] about [NAME_1] [1]."
-    result = run(g.answer("r", query, PASSAGES, "redact"))
+    result = run(ask(g, "answer", "r", query, "redact"))
     sent = server.calls()[0].text
     for secret in ["alice@corp.com", "Alice Smith", "4111 1111 1111 1111"]:
         assert secret not in sent
@@ -141,7 +151,7 @@ def test_pii_block_never_sends_and_redact_sends_placeholders(server):
 def test_no_key_is_unavailable_without_a_call():
     g = ClaudeGateway(ClaudeConfig(), PolicyConfig(), None, unavailable_reason="no_api_key")
     with pytest.raises(ClaudeUnavailable) as e:
-        run(g.answer("r", "q", PASSAGES, "redact"))
+        run(ask(g, "answer", "r", "q", "redact"))
     assert e.value.reason == "claude_unavailable"
     assert g.status()["available"] is False and g.status()["reason"] == "no_api_key"
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from agents.citations import finalize
-from agents.confidence import (
+from hybrid_serve.agents.citations import finalize
+from hybrid_serve.agents.confidence import (
     is_refusal,
     query_shape,
     retrieval_confidence,
@@ -11,7 +11,7 @@ from agents.confidence import (
     score_answer,
     token_confidence,
 )
-from agents.schemas import Passage
+from hybrid_serve.schemas import Passage
 
 
 def P(text="Paris is the capital of France.", dense=0.7, doc="a"):

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from cluster.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig
 
 
 def test_defaults_work_out_of_the_box(monkeypatch):

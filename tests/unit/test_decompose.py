@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from agents.merge import PartialAnswer, merge
-from agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
-from agents.schemas import Citation, Passage
-from agents.subagent import bridge_entity, fill, run_plan, short_answer
+from hybrid_serve.agents.merge import PartialAnswer, merge
+from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
+from hybrid_serve.agents.subagent import bridge_entity, fill, run_plan, short_answer
+from hybrid_serve.schemas import Citation, Passage
 
 
 def passage(cid: str, doc: str) -> Passage:

@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-from agents.schemas import GenerationRequest, GenerationResult
-from cluster.config import HybridServeConfig, SLMConfig
-from engines import Engine, EngineFailed, engine_class, make_engine, warm_up
-from engines.hardware import cpu_flags, has_amx
-from engines.llama_cpp import LlamaCppEngine, extra_buffers_enabled
-from engines.openai_compat import OpenAICompatEngine
+from hybrid_serve.config import HybridServeConfig, SLMConfig
+from hybrid_serve.engines import Engine, EngineFailed, engine_class, make_engine, warm_up
+from hybrid_serve.engines.hardware import cpu_flags, has_amx
+from hybrid_serve.engines.llama_cpp import LlamaCppEngine, extra_buffers_enabled
+from hybrid_serve.engines.openai_compat import OpenAICompatEngine
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
 def test_extra_buffers_default_is_auto_and_off_where_amx_or_unknown():
@@ -34,7 +34,7 @@ def test_llama_cpp_passes_the_safe_setting_to_llama_cpp(monkeypatch):
     types, as llama.cpp's own model parameters show; the process-wide defaults are untouched."""
     import llama_cpp.llama_cpp as low
 
-    monkeypatch.setattr("engines.llama_cpp.has_amx", lambda: True)
+    monkeypatch.setattr("hybrid_serve.engines.llama_cpp.has_amx", lambda: True)
     cfg = HybridServeConfig.load(overrides={"slm.threads": 1})
     engine = make_engine(cfg.slm)
     assert isinstance(engine, LlamaCppEngine)

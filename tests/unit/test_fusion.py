@@ -1,6 +1,6 @@
 import pytest
 
-from retrieval.fusion import reciprocal_rank_fusion
+from hybrid_serve.retrieval.fusion import reciprocal_rank_fusion
 
 
 def test_rrf_scores_by_hand():

@@ -9,10 +9,10 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster import k8s
-from cluster.config import HybridServeConfig
-from deployments.app import cpu_actor_options, slm_options
-from engines.vllm_options import gpus_per_replica, llm_config_kwargs
+from hybrid_serve.cluster import k8s
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.app import cpu_actor_options, slm_options
+from hybrid_serve.engines.vllm_options import gpus_per_replica, llm_config_kwargs
 from tests.conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,7 +204,7 @@ def test_slm_options_follow_the_configuration():
 
 
 def test_cli_render_writes_files(tmp_path):
-    from cluster.cli import main
+    from hybrid_serve.cluster.cli import main
 
     assert main(["k8s", "render", "--profile", "gpu", "--out", str(tmp_path / "m")]) == 0
     names = sorted(p.name for p in (tmp_path / "m").iterdir())

@@ -2,16 +2,17 @@
 through the real SDK against the local Messages-API server."""
 
 import asyncio
+import time
 
 import pytest
 from anthropic import AsyncAnthropic
 
-from agents.claude import ClaudeGateway
-from agents.lead import Lead, LeadSettings
-from agents.schemas import AnswerRequest, Passage
-from cluster.config import ClaudeConfig, PolicyConfig
-from engines.llama_cpp import LlamaCppEngine
-from retrieval.models import bundled_gguf
+from hybrid_serve.agents.claude import ClaudeGateway
+from hybrid_serve.agents.lead import DeadlineExceeded, Lead
+from hybrid_serve.bundled import bundled_gguf
+from hybrid_serve.config import ClaudeConfig, HybridServeConfig, PolicyConfig
+from hybrid_serve.engines.llama_cpp import LlamaCppEngine
+from hybrid_serve.schemas import AnswerRequest, Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
 
 PASSAGES = [
@@ -47,23 +48,25 @@ def server():
     s.stop()
 
 
+SETTINGS = {
+    "threshold": "escalation.threshold",
+    "verify": "escalation.verify",
+    "verify_min_score": "escalation.verify_min_score",
+    "subtask_timeout_s": "escalation.subtask_timeout_s",
+    "sensitive_patterns": "policies.sensitive_patterns",
+    "sensitive_tags": "policies.sensitive_tags",
+}
+
+
 def make_lead(engine, server, **settings) -> Lead:
     async def retrieve(query, top_k):
         return PASSAGES[:top_k]
 
-    client = AsyncAnthropic(api_key="sk-test", base_url=server.url, max_retries=0)
-    gateway = ClaudeGateway(ClaudeConfig(backoff_base_s=0.01), PolicyConfig(), client)
-
-    class Port:  # the same shape the orchestrator gives the lead over the Ray handle
-        rewrite = gateway.rewrite
-        plan = gateway.plan
-        verify = gateway.verify
-        answer = gateway.answer
-
-        async def finish_request(self, *args):
-            gateway.finish_request(*args)
-
-    lead = Lead(retrieve, engine.generate, LeadSettings(max_tokens=40, **settings), Port())
+    client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
+    gateway = ClaudeGateway(ClaudeConfig(), PolicyConfig(), client)
+    overrides = {"slm.max_tokens": 40, **{SETTINGS[k]: v for k, v in settings.items()}}
+    # The gateway is the lead's ClaudeRoles here, as the handle adapter is in the cluster.
+    lead = Lead(retrieve, engine.generate, HybridServeConfig.load(overrides=overrides), gateway)
     lead.gateway = gateway
     return lead
 
@@ -260,3 +263,27 @@ def test_subtask_timeout_gives_a_partial_answer(engine, server):
     )
     assert r.route == "decomposed" and {s.status for s in r.subtasks} == {"timeout"}
     assert "Not answered" in r.answer and r.confidence == 0.0
+
+
+def test_a_hung_claude_is_cut_at_the_deadline_and_the_slm_answers(engine, server):
+    server.always = Fault(delay_s=30)
+    lead = make_lead(engine, server, threshold=1.0, verify="always")
+    started = time.monotonic()
+    r = asyncio.run(
+        lead.answer(
+            AnswerRequest(query="When was the Eiffel Tower completed?", mode="claude"),
+            "trace-d",
+            timeout_s=3.0,
+        )
+    )
+    assert time.monotonic() - started < 3.5
+    assert r.route == "slm" and r.answer and "deadline" in r.degraded
+    assert r.deadline.cut == ["claude", "verify"] or r.deadline.cut == ["claude"]
+    assert r.deadline.used_s <= 3.0 and lead.gateway.ledger.reserved == 0
+
+
+def test_nothing_ready_by_the_deadline_raises(engine, server):
+    lead = make_lead(engine, server)
+    with pytest.raises(DeadlineExceeded) as e:
+        asyncio.run(lead.answer(AnswerRequest(query="q?"), "t", timeout_s=0.01))
+    assert e.value.step == "retrieve"

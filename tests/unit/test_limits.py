@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from agents.limits import (
+from hybrid_serve.agents.limits import (
     BudgetExhausted,
     CircuitBreaker,
     Ledger,

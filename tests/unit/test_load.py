@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from benchmarks.load import (
+from hybrid_serve.benchmarks.load import (
     BUNDLED_QUERIES,
     CostAssumptions,
     Result,

@@ -1,6 +1,12 @@
 import pytest
 
-from benchmarks.metrics import auroc, exact_match, f1_score, normalize_answer, recall_at_k
+from hybrid_serve.benchmarks.metrics import (
+    auroc,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    recall_at_k,
+)
 
 
 def test_squad_normalisation():

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from cluster import k8s, monitoring
-from cluster.config import HybridServeConfig
-from deployments.metrics import BY_NAME, CATALOGUE
+from hybrid_serve.cluster import k8s, monitoring
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.metrics import BY_NAME, CATALOGUE
 
 ROOT = Path(__file__).resolve().parents[2]
 SUFFIXES = {"histogram": ("_bucket", "_count", "_sum")}

@@ -5,9 +5,9 @@ import asyncio
 
 import pytest
 
-from agents.schemas import GenerationRequest, GenerationResult
-from benchmarks.fixed_latency_server import FixedLatencyServer
-from engines.openai_compat import OpenAICompatEngine
+from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
+from hybrid_serve.engines.openai_compat import OpenAICompatEngine
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 REQ = GenerationRequest(messages=[{"role": "user", "content": "What port?"}], max_tokens=16)
 

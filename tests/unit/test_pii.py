@@ -1,4 +1,4 @@
-from agents.pii import Redactor, contains_pii
+from hybrid_serve.agents.pii import Redactor, contains_pii
 
 
 def test_redacts_and_restores_every_kind():

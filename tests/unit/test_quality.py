@@ -3,7 +3,7 @@ ALCE sense (a citation is right when it is a gold passage), thresholds and calib
 
 import json
 
-from benchmarks.quality import (
+from hybrid_serve.benchmarks.quality import (
     Outcome,
     Question,
     calibrate,

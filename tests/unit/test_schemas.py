@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from agents.schemas import AnswerRequest, DocumentBatch, DocumentIn
+from hybrid_serve.schemas import AnswerRequest, DocumentBatch, DocumentIn
 
 
 @pytest.mark.parametrize(

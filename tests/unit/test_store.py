@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from retrieval.embedder import Embedder
-from retrieval.store import IndexStore, NewDocument
+from hybrid_serve.retrieval.embedder import Embedder
+from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_crash_leftovers_are_ignored(tmp_path, embedder):
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, embedder, kind, caplog):
-    from retrieval.ann import ANNSpec
+    from hybrid_serve.retrieval.ann import ANNSpec
 
     spec = ANNSpec(kind=kind, ivf_nlist=2, ivf_nprobe=2)
     store = make(tmp_path, embedder, ann_spec=spec)
@@ -117,7 +117,7 @@ def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, embedder,
     assert store.search("Which river flows north through Africa?", top_k=1)[0].doc_id == "nile"
     folder = tmp_path / "snapshots" / "v00000001"
     assert (folder / f"ann-{kind}.faiss").is_file()
-    caplog.set_level("INFO", logger="retrieval.store")
+    caplog.set_level("INFO", logger="hybrid_serve.retrieval.store")
     again = make(tmp_path, embedder, ann_spec=spec)
     again.refresh()
     assert not any("building" in r.message for r in caplog.records)
@@ -132,8 +132,8 @@ def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, embedder,
 def test_approximate_indexes_agree_with_exact_search_on_random_vectors():
     import numpy as np
 
-    from retrieval import ann
-    from retrieval.ann import ANNSpec
+    from hybrid_serve.retrieval import ann
+    from hybrid_serve.retrieval.ann import ANNSpec
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4000, 32)).astype("float32")

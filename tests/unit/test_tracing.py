@@ -7,9 +7,9 @@ import secrets
 
 import pytest
 
-from agents import tracing
-from cluster.config import TracingConfig
-from deployments.middleware import JSONLineFormatter, endpoint_of
+from hybrid_serve.agents import tracing
+from hybrid_serve.config import TracingConfig
+from hybrid_serve.deployments.middleware import JSONLineFormatter, endpoint_of
 
 
 def test_off_by_default_and_no_carrier(monkeypatch):

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
-    field_validator,
+    StringConstraints,
 )
 
 Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
@@ -26,21 +27,36 @@ class StrictModel(BaseModel):
 Mode = Literal["auto", "slm", "decompose", "claude"]
 VerifyPolicy = Literal["auto", "always", "never"]
 PIIPolicy = Literal["block", "redact"]
+SubtaskStatus = Literal["ok", "failed", "timeout", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
-def _not_blank(v: str) -> str:
-    if not v.strip():
-        raise ValueError("query must not be empty or whitespace")
-    return v
+def _whole_number(v: Any) -> Any:
+    """JSON has one number type: 40.0 is the integer 40, as JSON Schema counts it; 40.5 and "40"
+    are not integers."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-# A query of any request: a string with something in it.
-Query = Annotated[StrictStr, AfterValidator(_not_blank)]
+# Request fields: typed as their schema says, neither stricter nor looser.
+Integer = Annotated[StrictInt, BeforeValidator(_whole_number)]
+Number = StrictFloat
+
+
+def integer(**bounds: int) -> Any:
+    """An Integer within `bounds` (ge, le, ...), the bounds on the integer itself so that the
+    schema states them also where the field is optional."""
+    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+# A string with something in it, as a pattern so that the OpenAPI schema states the rule too.
+NON_BLANK = r"\S"
+NonBlank = Annotated[StrictStr, StringConstraints(pattern=NON_BLANK)]
+Query = NonBlank
 
 
 class AnswerRequest(StrictModel):
     query: Query = Field(..., description="The question, in natural language.")
-    top_k: StrictInt = Field(5, ge=1, le=50, description="Passages retrieved for the answer.")
+    top_k: Integer = Field(5, ge=1, le=50, description="Passages retrieved for the answer.")
     mode: Mode = Field(
         "auto",
         description="auto: SLM first, escalate when unsure; slm: never call Claude; "
@@ -58,11 +74,16 @@ class AnswerRequest(StrictModel):
     stream: StrictBool = Field(
         False, description="Server-Sent Events: plan, subtask, answer, verification, done."
     )
+    timeout_s: Annotated[Number, Field(gt=0, le=3600)] | None = Field(
+        None,
+        description="This request's deadline in seconds (over the X-Request-Timeout header and "
+        "http.request_timeout_s); the best answer ready by then is returned, marked degraded.",
+    )
 
 
 class SearchRequest(StrictModel):
     query: Query = Field(..., description="What to look for.")
-    top_k: StrictInt = Field(10, ge=1, le=100, description="Passages returned.")
+    top_k: Integer = Field(10, ge=1, le=100, description="Passages returned.")
 
 
 class Passage(BaseModel):
@@ -109,7 +130,7 @@ class Subtask(BaseModel):
     answer: str = ""
     citations: list[Citation] = Field(default_factory=list)
     latency_ms: float = 0.0
-    status: Literal["ok", "failed", "timeout", "cancelled"] = "ok"
+    status: SubtaskStatus = "ok"
 
 
 class Usage(BaseModel):
@@ -127,6 +148,16 @@ class Usage(BaseModel):
     )
 
 
+class Deadline(BaseModel):
+    timeout_s: float = Field(..., description="The request's deadline.")
+    used_s: float = Field(..., description="Time spent of it.")
+    cut: list[str] = Field(
+        default_factory=list,
+        description="Steps cut short or skipped to answer in time (plan, subtasks, escalate, "
+        "claude, verify).",
+    )
+
+
 class AnswerResponse(BaseModel):
     answer: str
     citations: list[Citation]
@@ -137,6 +168,7 @@ class AnswerResponse(BaseModel):
     subtasks: list[Subtask] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     degraded: list[str] = Field(default_factory=list)
+    deadline: Deadline | None = None
     trace_id: str
 
 
@@ -156,7 +188,7 @@ class GenerationResult(BaseModel):
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["stop", "length", "cancelled"] = "stop"
+    finish_reason: FinishReason = "stop"
     # Log-probability of each generated token: a cheap confidence signal.
     token_logprobs: list[float] = Field(default_factory=list)
     model: str = ""
@@ -166,15 +198,8 @@ class GenerationResult(BaseModel):
 class DocumentIn(StrictModel):
     id: StrictStr | None = Field(None, min_length=1, max_length=256)
     title: StrictStr = Field("", max_length=1000)
-    text: StrictStr = Field(..., min_length=1)
+    text: NonBlank = Field(..., description="The document's text; not blank.")
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("text")
-    @classmethod
-    def _text_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("text must not be empty or whitespace")
-        return v
 
 
 class DocumentBatch(StrictModel):

