@@ -72,6 +72,9 @@ T = TypeVar("T")
 RESPONSE_MARGIN_S = 0.25
 # An SLM answer's time before any was measured (SmolLM2 on 2 CPU cores: about 2 s).
 SLM_ANSWER_S_PRIOR = 3.0
+# A Claude answer still pending when this share of the request's time is left gets an SLM answer
+# started beside it, so the fallback does not queue behind every other one at the deadline.
+HEDGE_AT_SHARE = 0.5
 
 
 @dataclass
@@ -460,20 +463,49 @@ class Lead:
         confidence = score_answer(query, text, citations, passages, None)
         return Attempt(text, citations, passages, confidence, "claude", sources)
 
+    def hedge_after_s(self, ctx: RequestContext) -> float:
+        """How long a Claude answer runs alone before an SLM answer is started beside it."""
+        if ctx.timeout_s is None:
+            return math.inf
+        keep = max(self.slm_fallback_s(), HEDGE_AT_SHARE * ctx.timeout_s)
+        return max(ctx.remaining() - keep, 0.0)
+
     async def _claude_or_slm(
         self, ctx: RequestContext, query: str, passages: list[Passage]
     ) -> Attempt:
+        """Claude's answer, or the SLM's when Claude cannot give one in time. A Claude call still
+        running late in the deadline gets the SLM's answer started beside it (a hedged request):
+        the fallback is in hand when the deadline comes however many requests fall back at once,
+        and Claude keeps the whole deadline to answer."""
         if ctx.claude is None:
             ctx.degrade(ctx.no_claude_reason)
-        else:
+            return await ctx.within("generate", self._slm_attempt(ctx, query, passages))
+        claude = asyncio.ensure_future(
+            ctx.within("claude", self._claude_attempt(ctx, ctx.claude, query, passages))
+        )
+        fallback: asyncio.Future[Attempt] | None = None
+        try:
+            await asyncio.wait({claude}, timeout=self.hedge_after_s(ctx))
+            if not claude.done():
+                fallback = asyncio.ensure_future(
+                    ctx.within("generate", self._slm_attempt(ctx, query, passages))
+                )
+                await asyncio.wait({claude})  # bounded by the deadline
             try:
-                work = self._claude_attempt(ctx, ctx.claude, query, passages)
-                return await ctx.within("claude", work, reserve_s=self.slm_fallback_s())
+                return claude.result()
             except ClaudeUnavailable as exc:
                 ctx.degrade(exc.reason)
             except DeadlineExceeded:
                 ctx.cut_short("claude")
-        return await ctx.within("generate", self._slm_attempt(ctx, query, passages))
+            return await (
+                fallback or ctx.within("generate", self._slm_attempt(ctx, query, passages))
+            )
+        finally:
+            pending = [t for t in (claude, fallback) if t is not None and not t.done()]
+            for task in pending:
+                task.cancel()
+            # Cancelled before the response goes out: no call outlives its request.
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- escalation ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import logging
 import os
 import statistics
 import tempfile
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         logging_level="ERROR",
     )
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    # Importing vLLM turns on INFO logging in this process: one line per request from httpx.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     data_dir = tempfile.mkdtemp(prefix="hs-engines-")  # one converted model for the run
     try:
         rows = [measure(e, args, data_dir, progress) for e in args.engines.split(",")]

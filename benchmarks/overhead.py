@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "| measure | cluster | direct | result | target |",
             "|---|---|---|---|---|",
             f"| `/v1/answer` (mode slm) p50 | {p50_http:.0f} ms | {p50_direct:.0f} ms | "
-            f"+{o['overhead_p50']:.1%} | <= +10 % |",
+            f"{o['overhead_p50']:+.1%} | <= +10 % |",
             f"| generated tokens/s at saturation | {t['cluster_tokens_per_s']:.1f} | "
             f"{t['direct_tokens_per_s']:.1f} | x{t['ratio']:.2f} | >= 0.9 |",
         ]

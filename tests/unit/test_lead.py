@@ -282,6 +282,22 @@ def test_a_hung_claude_is_cut_at_the_deadline_and_the_slm_answers(engine, server
     assert r.deadline.used_s <= 3.0 and lead.gateway.ledger.reserved == 0
 
 
+def test_a_late_claude_answer_within_the_deadline_wins_over_the_hedge(engine, server):
+    """Late in the deadline the SLM's answer is started beside a pending Claude call; Claude's
+    answer, when it comes in time, is still the one returned."""
+    server.always = Fault(delay_s=1.5)
+    lead = make_lead(engine, server, verify="never")
+    r = asyncio.run(
+        lead.answer(
+            AnswerRequest(query="When was the Eiffel Tower completed?", mode="claude"),
+            "trace-h",
+            timeout_s=4.0,
+        )
+    )
+    assert r.route == "claude" and "deadline" not in r.degraded and r.deadline.cut == []
+    assert len(server.calls()) == 1 and lead.gateway.ledger.reserved == 0
+
+
 def test_nothing_ready_by_the_deadline_raises(engine, server):
     lead = make_lead(engine, server)
     with pytest.raises(DeadlineExceeded) as e:
