@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from hybrid_serve.benchmarks.report import Progress, publish
+from hybrid_serve.benchmarks.report import Progress, publish, start_private_ray
 
 PROMPT = "Write a short paragraph about the history of Paris."
 PORT = 8767
@@ -106,15 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     progress = Progress("engines")
-    os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    start_private_ray(4, PORT)
     # Importing vLLM turns on INFO logging in this process: one line per request from httpx.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     data_dir = tempfile.mkdtemp(prefix="hs-engines-")  # one converted model for the run

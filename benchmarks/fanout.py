@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
-from hybrid_serve.benchmarks.report import Progress, publish
+from hybrid_serve.benchmarks.report import Progress, publish, start_private_ray
 
 # The same question k times: with greedy decoding every sub-task generates the same tokens, so
 # the comparison is between schedules, not between answers of different lengths.
@@ -150,15 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     progress = Progress("fanout")
-    os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": 8766})
+    start_private_ray(8, 8766)
     server = FixedLatencyServer(args.latency_ms / 1000).start()
     rows: list[dict[str, Any]] = []
     try:

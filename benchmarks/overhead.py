@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from hybrid_serve.benchmarks.load import BUNDLED_QUERIES
-from hybrid_serve.benchmarks.report import Progress, percentile, write_report
+from hybrid_serve.benchmarks.report import Progress, percentile, start_private_ray, write_report
 
 PORT = 8767
 
@@ -71,15 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     progress.say("starting the cluster")
-    os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    start_private_ray(4, PORT)
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
     url = f"http://127.0.0.1:{PORT}"
     client = httpx.Client(base_url=url, timeout=600)

@@ -1,9 +1,11 @@
-"""Shared by every benchmark: percentiles, a progress line, and JSON + Markdown + PNG output."""
+"""Shared by every benchmark: a private Ray cluster, percentiles, a progress line, and JSON +
+Markdown + PNG output."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +21,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def start_private_ray(num_cpus: int, serve_port: int | None = None) -> None:
+    """A new local Ray cluster of `num_cpus` logical CPUs for one benchmark run (never one that
+    is running here), with Serve's HTTP proxy on `serve_port` when given. Benchmarks measure the
+    local path: a Claude key in the environment is dropped so no run bills the API."""
+    import ray
+    from ray import serve
+
+    os.environ.pop("ANTHROPIC_API_KEY", None)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    if serve_port is not None:
+        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
 
 
 def require_plotting() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from hybrid_serve.benchmarks.report import Progress, percentile, write_report
+from hybrid_serve.benchmarks.report import Progress, percentile, start_private_ray, write_report
 from hybrid_serve.schemas import GenerationRequest
 
 PROMPT = [
@@ -59,15 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides={"data_dir": data_dir, "http.port": port, "slm.threads": args.threads}
     )
     progress.say("starting Ray and the application")
-    os.environ.pop("ANTHROPIC_API_KEY", None)
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_private_ray(4, port)
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
     slm = serve.get_deployment_handle("SLM", app_name="hybrid-serve")
     url = f"http://127.0.0.1:{port}"

@@ -27,7 +27,7 @@ import httpx
 
 from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
-from hybrid_serve.benchmarks.report import Progress, percentile, publish
+from hybrid_serve.benchmarks.report import Progress, percentile, publish, start_private_ray
 from hybrid_serve.cluster.local import free_port
 
 TARGET_PCT = 3.0
@@ -112,13 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     receiver = OTLPReceiver().start()
     server = FixedLatencyServer(args.latency_ms / 1000).start() if args.engine == "openai" else None
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
+    start_private_ray(8)
     latencies: dict[str, list[float]] = {"off": [], "on": []}
     on_traces: list[str] = []
     off_traces: list[str] = []
