@@ -501,11 +501,12 @@ class Lead:
                 fallback or ctx.within("generate", self._slm_attempt(ctx, query, passages))
             )
         finally:
-            pending = [t for t in (claude, fallback) if t is not None and not t.done()]
-            for task in pending:
-                task.cancel()
-            # Cancelled before the response goes out: no call outlives its request.
-            await asyncio.gather(*pending, return_exceptions=True)
+            tasks = [t for t in (claude, fallback) if t is not None]
+            for task in tasks:
+                task.cancel()  # a no-op for a finished one
+            # Cancelled before the response goes out: no call outlives its request; and the
+            # loser's error, if it had one, is retrieved rather than logged as never retrieved.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- escalation ------------------------------------------------------------------------
 
