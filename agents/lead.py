@@ -39,6 +39,7 @@ from hybrid_serve.agents.claude import (
     estimate_tokens,
 )
 from hybrid_serve.agents.confidence import Confidence, query_shape, score_answer
+from hybrid_serve.agents.followup import is_follow_up, parse_condensed, with_previous
 from hybrid_serve.agents.merge import PartialAnswer, merge
 from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
 from hybrid_serve.agents.subagent import run_plan
@@ -114,6 +115,7 @@ class RequestContext:
     timeout_s: float | None = None
     started: float = field(default_factory=time.time)
     cut: list[str] = field(default_factory=list)
+    searched_query: str | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -283,6 +285,7 @@ class Lead:
         ctx = self._context(req, trace_id, claude_down, sampling, history, emit, timeout_s)
         attributes = {"hybrid.mode": req.mode, "hybrid.top_k": req.top_k}
         with tracing.span("Lead.answer", attributes=attributes):
+            req = await self._standalone(ctx)
             passages = await ctx.within("retrieve", self.retrieve(req.query, req.top_k))
             if self.is_sensitive(req, passages):
                 ctx.keep_local()
@@ -310,6 +313,8 @@ class Lead:
         model's citation numbers are kept rather than renumbered. Returns the finish reason too."""
         ctx = self._context(req, trace_id, None, sampling, history, emit, timeout_s)
         with tracing.span("Lead.answer", attributes={"hybrid.mode": "slm", "hybrid.chat": True}):
+            if retrieval:
+                req = await self._standalone(ctx)
             passages = (
                 await ctx.within("retrieve", self.retrieve(req.query, req.top_k))
                 if retrieval
@@ -328,6 +333,36 @@ class Lead:
             response = await self._respond(ctx, passages, attempt)
             tracing.annotate(answer_attributes(response))
             return response, attempt.finish_reason
+
+    async def _standalone(self, ctx: RequestContext) -> AnswerRequest:
+        """A follow-up question made self-contained (conversation.follow_ups) and used from
+        here on, by retrieval and by every prompt; the request itself when it is not one. The
+        SLM writes the rewrite, so nothing of the conversation leaves the cluster for it."""
+        how = self.cfg.conversation.follow_ups
+        if how == "off" or not is_follow_up(ctx.history):
+            return ctx.req
+        question = ctx.req.query
+        rewritten = None
+        if how == "condense":
+            gen_req = GenerationRequest(
+                messages=prompts.condense_messages(ctx.history, question),
+                max_tokens=self.cfg.conversation.condense_max_tokens,
+                temperature=0.0,
+                stop=["\n"],
+                logprobs=False,
+            )
+            try:
+                reserve = self.slm_fallback_s()  # the answer must still fit after it
+                gen = await ctx.within("condense", self.generate(gen_req), reserve_s=reserve)
+                ctx.count_slm(gen)
+                rewritten = parse_condensed(gen.text, question)
+            except DeadlineExceeded:
+                ctx.cut_short("condense")
+        searched = rewritten or with_previous(ctx.history, question)
+        ctx.searched_query = searched
+        ctx.req = ctx.req.model_copy(update={"query": searched})
+        tracing.annotate({"hybrid.follow_up": True, "hybrid.condensed": rewritten is not None})
+        return ctx.req
 
     async def _route(self, ctx: RequestContext, passages: list[Passage]) -> Attempt:
         """Decomposed, Claude's, or the SLM's answer, escalated when it is not confident."""
@@ -376,6 +411,8 @@ class Lead:
             subtasks=attempt.subtasks,
             usage=usage,
             degraded=ctx.degraded,
+            sensitive=ctx.sensitive,
+            searched_query=ctx.searched_query,
             deadline=(
                 None
                 if ctx.timeout_s is None

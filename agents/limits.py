@@ -219,3 +219,115 @@ class Ledger:
             self.totals = Totals(**data["totals"])
         except (ValueError, KeyError, TypeError):
             pass  # a corrupt ledger starts a new day's count rather than blocking start-up
+
+
+@dataclass
+class KeyUsage:
+    """One API key's counts: since start-up, and its Claude spend today (UTC)."""
+
+    requests: int = 0
+    rate_limited: int = 0
+    cache_hits: int = 0
+    budget_degraded: int = 0
+    claude_cost_usd: float = 0.0
+    slm_cost_usd: float = 0.0
+    saved_usd: float = 0.0
+    day: str = ""
+    claude_cost_usd_today: float = 0.0
+
+
+@dataclass
+class Admission:
+    allowed: bool
+    retry_after_s: float = 0.0
+    budget_exhausted: bool = False
+
+
+class KeyLimits:
+    """Requests per minute and daily Claude budget per API key, for the whole cluster (it lives
+    in one replica, and its check-and-update steps have no `await` in between).
+
+    The budget is checked when a request is admitted and charged when it ends, so requests
+    admitted together may pass it by at most their own budgets (claude.request_budget_usd each).
+    Keys are known by label only (a name, or a prefix of the key's hash); the day's spend is kept
+    in `path` so a restart does not reset it.
+    """
+
+    def __init__(
+        self,
+        limits: dict[str, tuple[float | None, float | None]],
+        path: Path | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        """`limits`: label -> (requests per minute, daily Claude budget in USD), None: no limit."""
+        self.limits = limits
+        self.buckets = {k: TokenBucket(rpm, clock) for k, (rpm, _) in limits.items() if rpm}
+        self.usage: dict[str, KeyUsage] = {k: KeyUsage() for k in limits}
+        self.path = path
+        self._load()
+
+    def _today(self, usage: KeyUsage) -> KeyUsage:
+        today = dt.datetime.now(dt.UTC).date().isoformat()
+        if usage.day != today:
+            usage.day, usage.claude_cost_usd_today = today, 0.0
+        return usage
+
+    def admit(self, label: str) -> Admission:
+        usage = self._today(self.usage.setdefault(label, KeyUsage()))
+        bucket = self.buckets.get(label)
+        if bucket is not None:
+            wait = bucket.wait_time(1)
+            if wait > 0:
+                usage.rate_limited += 1
+                return Admission(False, retry_after_s=wait)
+            bucket.take(1)
+        usage.requests += 1
+        budget = self.limits.get(label, (None, None))[1]
+        exhausted = budget is not None and usage.claude_cost_usd_today >= budget
+        usage.budget_degraded += exhausted
+        return Admission(True, budget_exhausted=exhausted)
+
+    def record(
+        self, label: str, claude_usd: float, slm_usd: float, saved_usd: float, cache_hit: bool
+    ) -> None:
+        usage = self._today(self.usage.setdefault(label, KeyUsage()))
+        usage.claude_cost_usd += claude_usd
+        usage.claude_cost_usd_today += claude_usd
+        usage.slm_cost_usd += slm_usd
+        usage.saved_usd += saved_usd
+        usage.cache_hits += cache_hit
+        if claude_usd:
+            self._save()
+
+    def report(self) -> dict[str, dict[str, float | int | str | None]]:
+        out: dict[str, dict[str, float | int | str | None]] = {}
+        for label, usage in self.usage.items():
+            rpm, budget = self.limits.get(label, (None, None))
+            u = self._today(usage)
+            out[label] = {
+                **asdict(u),
+                "requests_per_minute": rpm,
+                "daily_claude_budget_usd": budget,
+                "claude_budget_remaining_usd": (
+                    None if budget is None else max(0.0, budget - u.claude_cost_usd_today)
+                ),
+            }
+        return out
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        days = {k: [u.day, u.claude_cost_usd_today] for k, u in self.usage.items()}
+        tmp.write_text(json.dumps(days))
+        os.replace(tmp, self.path)
+
+    def _load(self) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        try:
+            for label, (day, spent) in json.loads(self.path.read_text()).items():
+                usage = self.usage.setdefault(label, KeyUsage())
+                usage.day, usage.claude_cost_usd_today = str(day), float(spent)
+        except (ValueError, TypeError, AttributeError):
+            pass  # a corrupt file starts the day's count again rather than blocking start-up

@@ -35,6 +35,28 @@ ANSWER_STOP = ["\n\n", "\nPassage", "\nQuestion:"]
 HISTORY_TURNS = 4
 
 
+CONDENSE_SYSTEM = (
+    "You rewrite the user's last question so that it can be understood without the "
+    "conversation: replace words like it, he, she, they, there and that with the names they "
+    "refer to. Reply with the rewritten question only."
+)
+
+
+def condense_messages(history: Sequence[dict[str, str]], question: str) -> list[dict[str, str]]:
+    """Chat messages asking for the follow-up `question` as a self-contained question."""
+    lines = []
+    for m in list(history)[-HISTORY_TURNS:]:
+        if m.get("role") in ("user", "assistant"):
+            who = "User" if m["role"] == "user" else "Assistant"
+            lines.append(f"{who}: {' '.join(m['content'].split())[:PASSAGE_CHARS]}")
+    user = (
+        "Conversation:\n"
+        + "\n".join(lines)
+        + f"\n\nLast question: {question.strip()}\nRewritten question:"
+    )
+    return [{"role": "system", "content": CONDENSE_SYSTEM}, {"role": "user", "content": user}]
+
+
 def answer_messages(
     query: str, passages: Sequence[Passage], history: Sequence[dict[str, str]] = ()
 ) -> list[dict[str, str]]:

@@ -164,6 +164,7 @@ class RunSpec:
     timeout: float = 120.0
     api_key: str | None = None
     seed: int = 0
+    use_cache: bool = False
 
 
 async def run_load(
@@ -171,6 +172,10 @@ async def run_load(
 ) -> list[Result]:
     rng = random.Random(spec.seed)
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    if not spec.use_cache:
+        # A load test repeats its queries: served from the answer cache, they would measure
+        # the cache rather than the cluster's capacity.
+        headers["cache-control"] = "no-cache"
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     total = spec.warmup + spec.duration
     results: list[Result] = []
@@ -483,6 +488,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     ap.add_argument("--api-key", help="bearer key (default: $HYBRID_SERVE_API_KEY)")
+    ap.add_argument(
+        "--use-cache",
+        action="store_true",
+        help="let repeated queries be served from the answer cache (default: every request is "
+        "answered afresh, Cache-Control: no-cache, so the run measures capacity)",
+    )
     ap.add_argument("--slo-p95-ms", type=float, default=5000.0)
     ap.add_argument("--max-error-rate", type=float, default=0.01)
     ap.add_argument("--target-rps", type=float, default=10.0, help="capacity plan: peak rate")
@@ -513,6 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timeout=args.timeout,
             api_key=api_key,
             seed=args.seed,
+            use_cache=args.use_cache,
         )
 
     def measure(rate: float | None) -> dict[str, Any]:

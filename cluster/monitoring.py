@@ -309,6 +309,34 @@ def render_dashboard() -> dict[str, Any]:
             56,
             "reqps",
         ),
+        _panel(
+            "Answer cache: lookups / s by result; saved USD per hour; entries",
+            [
+                (
+                    f"sum by (result) (rate({_m('hybrid_serve_answer_cache_total')}{RATE}))",
+                    "{{result}}",
+                ),
+                (
+                    f"sum(rate({_m('hybrid_serve_answer_cache_saved_usd_total')}{RATE})) * 3600",
+                    "saved USD / h",
+                ),
+                (f"max({_m('hybrid_serve_answer_cache_entries')})", "entries"),
+            ],
+            12,
+            56,
+        ),
+        _panel(
+            "Requests refused / s by API key (over requests_per_minute)",
+            [
+                (
+                    f"sum by (key) (rate({_m('hybrid_serve_key_rate_limited_total')}{RATE}))",
+                    "{{key}}",
+                )
+            ],
+            0,
+            64,
+            "reqps",
+        ),
     ]
     for i, panel in enumerate(panels, start=1):
         panel["id"] = i

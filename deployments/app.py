@@ -12,7 +12,9 @@ from typing import Any
 from ray.serve import Application
 
 from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.deployments.answer_cache import AnswerCache
 from hybrid_serve.deployments.claude_proxy import ClaudeProxy
+from hybrid_serve.deployments.key_limits import KeyLimits
 from hybrid_serve.deployments.orchestrator import Orchestrator
 from hybrid_serve.deployments.retriever import RetrieverDeployment
 from hybrid_serve.deployments.slm import SLMDeployment
@@ -68,12 +70,19 @@ def build(cfg: HybridServeConfig, progress: Callable[[str], None] | None = None)
     claude = ClaudeProxy.options(
         num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.claude.num_cpus)
     ).bind(args)
+    # One replica each: the cache and the key limits are state every orchestrator shares.
+    cache = AnswerCache.options(
+        num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.cache.num_cpus)
+    ).bind(args)
+    key_limits = KeyLimits.options(
+        num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.cache.num_cpus)
+    ).bind(args)
     return Orchestrator.options(
         num_replicas=cfg.orchestrator.replicas,
         max_ongoing_requests=cfg.orchestrator.max_ongoing_requests,
         max_queued_requests=cfg.orchestrator.max_queued_requests,
         ray_actor_options=cpu_actor_options(cfg, cfg.orchestrator.num_cpus),
-    ).bind(retriever, slm, claude, args)
+    ).bind(retriever, slm, claude, cache, key_limits, args)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -1,4 +1,6 @@
-"""HTTP errors in one shape, `{"error": {"message", "type", "code"}}` (OpenAI's), on every route.
+"""HTTP errors in one shape per API: `{"error": {"message", "type", "code"}}` (OpenAI's) on every
+route but `/v1/messages`, which answers as the Messages API does, `{"type": "error", "error":
+{"type", "message"}}`, so that each SDK raises its own typed errors with the message intact.
 
 No traceback and no bare 500 ever reaches a client: bad input is a 4xx that says what to fix,
 an overloaded or still-loading cluster a 503 with Retry-After, our own bug a 500 with a trace id.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import Scope
 
 from hybrid_serve.schemas import NON_BLANK
 
@@ -35,6 +38,9 @@ _TYPES = {
 }
 
 
+MESSAGES_PATH = "/v1/messages"
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -47,18 +53,40 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+class MessagesErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class MessagesErrorBody(BaseModel):
+    """Every error response of /v1/messages, as the Messages API shapes them."""
+
+    type: Literal["error"]
+    error: MessagesErrorDetail
+
+
+def path_of(scope: Scope) -> str:
+    """The request's path below the application's root path."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def error_responses(
+    *statuses: int, model: type[BaseModel] = ErrorBody
+) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the error statuses a route can return."""
     words = {
         400: "Body is not valid UTF-8 or JSON",
         401: "Missing or invalid API key",
         404: "Not found",
         413: "Body too large",
+        429: "Over the API key's request rate (see Retry-After)",
         422: "Invalid input",
         503: "Overloaded or not ready (see Retry-After)",
         504: "Nothing was ready by the request's deadline (X-Request-Timeout)",
     }
-    return {s: {"model": ErrorBody, "description": words.get(s, "Error")} for s in statuses}
+    return {s: {"model": model, "description": words.get(s, "Error")} for s in statuses}
 
 
 class APIError(Exception):
@@ -76,20 +104,26 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"),
-            "code": code,
-        }
-    }
+def error_body(
+    status: int, message: str, code: str | None = None, path: str = ""
+) -> dict[str, Any]:
+    """The error as the API at `path` shapes it."""
+    kind = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    if path == MESSAGES_PATH:
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": kind, "code": code}}
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(status, message, code, path), status_code=status, headers=headers
+    )
 
 
 def _describe(errors: list[dict[str, Any]]) -> tuple[str, str]:
@@ -134,11 +168,14 @@ def allowed_methods(request: Request) -> list[str]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(
+            exc.status, exc.message, exc.code, exc.headers, path_of(request.scope)
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        path = path_of(request.scope)
         errors = list(exc.errors())
         model = next((e for e in errors if tuple(e.get("loc", ()))[-1:] == ("model",)), None)
         if model is not None and model.get("type") == "literal_error":
@@ -148,10 +185,11 @@ def install_error_handlers(app: FastAPI) -> None:
                 404,
                 f"The model {model.get('input')!r} does not exist; available: {expected}",
                 "model_not_found",
+                path=path,
             )
         message, code = _describe(errors)
         # A body that is not JSON at all is the same error however the parser got there.
-        return error_response(400 if code == "invalid_json" else 422, message, code)
+        return error_response(400 if code == "invalid_json" else 422, message, code, path=path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -163,12 +201,17 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))
             message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
-        return error_response(exc.status_code, message, code, headers or None)
+        return error_response(
+            exc.status_code, message, code, headers or None, path_of(request.scope)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         trace_id = getattr(request.state, "trace_id", "")
         log.exception("unhandled error (trace %s)", trace_id)
         return error_response(
-            500, f"internal error; quote trace id {trace_id} when reporting it", "internal_error"
+            500,
+            f"internal error; quote trace id {trace_id} when reporting it",
+            "internal_error",
+            path=path_of(request.scope),
         )

@@ -104,6 +104,27 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         ("kind",),
         unit="usd",
     ),
+    MetricSpec(
+        "hybrid_serve_answer_cache_total",
+        "counter",
+        "Answer-cache lookups by result: hit, miss, bypass (not cacheable, or the client asked).",
+        ("result",),
+    ),
+    MetricSpec(
+        "hybrid_serve_answer_cache_saved_usd_total",
+        "counter",
+        "What the cache hits would have cost again (Claude spend + SLM replica time).",
+        (),
+        unit="usd",
+    ),
+    MetricSpec(
+        "hybrid_serve_key_rate_limited_total",
+        "counter",
+        "Requests refused 429 by their API key's requests_per_minute, by key label.",
+        ("key",),
+    ),
+    # AnswerCache.
+    MetricSpec("hybrid_serve_answer_cache_entries", "gauge", "Answers held by the cache."),
     # SLM replicas.
     MetricSpec(
         "hybrid_serve_slm_tokens_total",

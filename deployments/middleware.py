@@ -1,8 +1,8 @@
 """ASGI middleware in front of every route: telemetry, API keys, admission control, body size.
 
 Order, outermost first: telemetry (every request, refused or not, has a span, a metric and a log
-line), keys (a stranger learns nothing, not even a limit), admission (shed load before reading
-bodies), body size.
+line), keys (a stranger learns nothing, not even a limit), the key's own limits, admission (shed
+load before reading bodies), body size.
 """
 
 from __future__ import annotations
@@ -11,70 +11,109 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hybrid_serve.agents import tracing
-from hybrid_serve.deployments.errors import error_response
+from hybrid_serve.config import APIKey
+from hybrid_serve.deployments.errors import error_response, path_of
 from hybrid_serve.deployments.metrics import metrics
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-def _digests(keys: Sequence[str]) -> list[bytes]:
-    """Every configured key as a sha256 digest: plain keys are hashed here, never kept."""
-    out = []
-    for k in keys:
-        if k.startswith("sha256:"):
-            out.append(bytes.fromhex(k.removeprefix("sha256:")))
-        else:
-            out.append(hashlib.sha256(k.encode()).digest())
-    return out
-
-
 class APIKeyMiddleware:
-    """`Authorization: Bearer KEY` on every route but health; 401 that names no key."""
+    """`Authorization: Bearer KEY` or `x-api-key: KEY` (the Anthropic SDK's header) on every
+    route but health; 401 that names no key. The key's label goes in the request's state for its
+    limits and usage."""
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[str]]) -> None:
+    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[APIKey]]) -> None:
         self.app = app
         self.keys = keys
-        self._cache: tuple[tuple[str, ...], list[bytes]] = ((), [])
+        self._cache: tuple[tuple[APIKey, ...], list[tuple[bytes, str]]] = ((), [])
 
-    def _configured(self) -> list[bytes]:
+    def _configured(self) -> list[tuple[bytes, str]]:
         keys = tuple(self.keys())
         if keys != self._cache[0]:
-            self._cache = (keys, _digests(keys))
+            self._cache = (keys, [(k.digest(), k.label()) for k in keys])
         return self._cache[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        digests = self._configured() if scope["type"] == "http" else []
-        if not digests or _path(scope) in OPEN_PATHS:
+        configured = self._configured() if scope["type"] == "http" else []
+        if not configured or path_of(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         presented = b""
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 presented = value[7:].strip()
+            elif name == b"x-api-key" and not presented:
+                presented = value.strip()
         digest = hashlib.sha256(presented).digest()
         # Constant time, and no early exit: every configured key is compared.
-        ok = False
-        for d in digests:
-            ok |= hmac.compare_digest(digest, d)
-        if presented and ok:
+        label = None
+        for d, name in configured:
+            if hmac.compare_digest(digest, d):
+                label = name
+        if presented and label is not None:
+            scope.setdefault("state", {})["api_key"] = label
             await self.app(scope, receive, send)
             return
         response = error_response(
             401,
-            "missing or invalid API key; send Authorization: Bearer <key>",
+            "missing or invalid API key; send Authorization: Bearer <key> or x-api-key: <key>",
             "invalid_api_key",
             {"WWW-Authenticate": "Bearer"},
+            path_of(scope),
         )
         await response(scope, receive, send)
+
+
+Admit = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+class KeyLimitMiddleware:
+    """A key over its requests_per_minute gets 429 + Retry-After; a key over its daily Claude
+    budget goes on, marked for answers from the SLM alone. `admit` asks the KeyLimits replica,
+    so the limits hold over every orchestrator replica; when it cannot answer, requests pass
+    (a limit is not worth an outage)."""
+
+    def __init__(self, app: ASGIApp, admit: Callable[[], Admit | None]) -> None:
+        self.app = app
+        self.admit = admit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state") or {}
+        admit = self.admit()
+        label = state.get("api_key")
+        if scope["type"] != "http" or label is None or admit is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            verdict = await admit(label)
+        except Exception:
+            logging.getLogger("ray.serve").warning("KeyLimits unreachable; request admitted")
+            verdict = {"allowed": True}
+        if not verdict.get("allowed", True):
+            wait = max(1, math.ceil(verdict.get("retry_after_s", 1.0)))
+            metrics.inc("hybrid_serve_key_rate_limited_total", key=label)
+            response = error_response(
+                429,
+                f"API key {label!r} is over its requests_per_minute; retry in {wait} s",
+                "rate_limited",
+                {"Retry-After": str(wait)},
+                path_of(scope),
+            )
+            await response(scope, receive, send)
+            return
+        state["key_budget_exhausted"] = bool(verdict.get("budget_exhausted"))
+        await self.app(scope, receive, send)
 
 
 def request_timeout(value: str, max_s: float) -> float:
@@ -119,7 +158,7 @@ class AdmissionMiddleware:
         self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _path(scope) in OPEN_PATHS:
+        if scope["type"] != "http" or path_of(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         if self.in_progress >= self.limit():
@@ -136,12 +175,6 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
-
-
-def _path(scope: Scope) -> str:
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class _TooLarge(StarletteHTTPException):
@@ -210,6 +243,7 @@ ENDPOINTS = frozenset(
         "/v1/answer",
         "/v1/search",
         "/v1/chat/completions",
+        "/v1/messages",
         "/v1/models",
         "/v1/documents",
         "/v1/usage",
@@ -232,6 +266,8 @@ OUTCOME_FIELDS = (
     "subtasks",
     "tokens_in",
     "tokens_out",
+    "cache",
+    "api_key",
 )
 
 
@@ -282,7 +318,7 @@ class RequestTelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = endpoint_of(_path(scope))
+        endpoint = endpoint_of(path_of(scope))
         method = scope.get("method", "GET")
         carrier = {
             k.decode("latin-1"): v.decode("latin-1")
@@ -309,6 +345,10 @@ class RequestTelemetryMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 annotate()
+                if cache := state.get("cache"):  # every answer endpoint, streamed or not
+                    headers = list(message.get("headers", []))
+                    headers.append((b"x-hybrid-serve-cache", cache.encode()))
+                    message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 annotate()  # a stream's outcome is known at its end; an outer span may end here
             await send(message)
@@ -323,6 +363,8 @@ class RequestTelemetryMiddleware:
                 outcome = {
                     k: v for k, v in (state.get("outcome") or {}).items() if k in OUTCOME_FIELDS
                 }
+                if "api_key" in state:  # the key's label, never the key
+                    outcome["api_key"] = state["api_key"]
                 self._record(method, endpoint, status, latency_ms, state["trace_id"], outcome)
 
     def _record(

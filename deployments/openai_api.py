@@ -74,6 +74,9 @@ class HybridOptions(StrictModel):
     verify: VerifyPolicy | None = None
     sensitive: StrictBool = False
     pii: PIIPolicy | None = None
+    use_cache: StrictBool = Field(
+        True, description="false: answer afresh (as Cache-Control: no-cache does)."
+    )
 
 
 class ChatCompletionRequest(StrictModel):

@@ -1,6 +1,7 @@
 """The OpenAPI document as the server behaves: what FastAPI derives from the models, plus what
 only the configuration knows (length and count limits, the deadline header, API keys) and the
-statuses every operation can answer, each with the one error body all errors share.
+statuses every operation can answer, each with its API's error body (the Messages API's on
+`/v1/messages`, OpenAI's everywhere else).
 
 Generated clients and gateways validate against this document, and the API fuzzer in CI checks the
 server against it, so a rule the server enforces and the schema omits is a bug either way.
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from hybrid_serve.config import HTTPConfig
-from hybrid_serve.deployments.errors import error_responses
+from hybrid_serve.deployments.errors import MESSAGES_PATH, error_responses
 
 BODY_METHODS = {"post", "put", "patch"}
 
@@ -27,8 +28,17 @@ def document(app: FastAPI, http: HTTPConfig) -> dict[str, Any]:
         routes=app.routes,
     )
     _limits(schema.get("components", {}).get("schemas", {}), http)
-    errors = {str(status): _plain(spec) for status, spec in error_responses(401, 422, 504).items()}
-    body_errors = {str(status): _plain(spec) for status, spec in error_responses(400, 413).items()}
+    statuses = (
+        (401, 422, 504, 429)
+        if any(k.requests_per_minute for k in http.keys())
+        else (
+            401,
+            422,
+            504,
+        )
+    )
+    errors = {str(status): spec for status, spec in error_responses(*statuses).items()}
+    body_errors = {str(status): spec for status, spec in error_responses(400, 413).items()}
     header = {
         "name": "X-Request-Timeout",
         "in": "header",
@@ -42,28 +52,31 @@ def document(app: FastAPI, http: HTTPConfig) -> dict[str, Any]:
     }
     if http.api_keys:
         schema.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"}
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
         }
     for path, operations in schema.get("paths", {}).items():
         open_path = path in ("/healthz", "/readyz")
+        body = "MessagesErrorBody" if path == MESSAGES_PATH else "ErrorBody"
         for method, op in operations.items():
             responses = op.setdefault("responses", {})
             for status, spec in errors.items():
-                if status == "401" and (open_path or not http.api_keys):
+                if status in ("401", "429") and (open_path or not http.api_keys):
                     continue
-                responses[status] = spec  # replaces FastAPI's own 422 shape, which we never send
+                # replaces FastAPI's own 422 shape, which we never send
+                responses[status] = _plain(spec, body)
             if method in BODY_METHODS:
-                responses.update(body_errors)
+                responses.update({s: _plain(spec, body) for s, spec in body_errors.items()})
             op.setdefault("parameters", []).append(header)
             if http.api_keys and not open_path:
-                op["security"] = [{"bearer": []}]
+                op["security"] = [{"bearer": []}, {"apiKey": []}]
     return schema
 
 
-def _plain(spec: dict[str, Any]) -> dict[str, Any]:
+def _plain(spec: dict[str, Any], body: str) -> dict[str, Any]:
     return {
         "description": spec["description"],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
     }
 
 
@@ -77,9 +90,19 @@ def _limits(schemas: dict[str, Any], http: HTTPConfig) -> None:
     for branch in message.get("anyOf", []):
         if branch.get("type") == "string":
             branch["maxLength"] = http.max_query_chars
-    text = schemas.get("TextPart", {}).get("properties", {}).get("text")
-    if text is not None:
-        text["maxLength"] = http.max_query_chars
+    for name in ("TextPart", "TextBlockIn"):
+        text = schemas.get(name, {}).get("properties", {}).get("text")
+        if text is not None:
+            text["maxLength"] = http.max_query_chars
+    for name, field in (("MessageIn", "content"), ("MessagesRequest", "system")):
+        for branch in schemas.get(name, {}).get("properties", {}).get(field, {}).get("anyOf", []):
+            if branch.get("type") == "string":
+                branch["maxLength"] = http.max_query_chars
+    messages = schemas.get("MessagesRequest", {}).get("properties", {})
+    if "messages" in messages:
+        messages["messages"]["maxItems"] = http.max_messages
+    if "max_tokens" in messages:
+        messages["max_tokens"]["maximum"] = http.max_tokens_ceiling
     chat = schemas.get("ChatCompletionRequest", {}).get("properties", {})
     if "messages" in chat:
         chat["messages"]["maxItems"] = http.max_messages

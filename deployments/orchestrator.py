@@ -1,10 +1,13 @@
 """Orchestrator: the HTTP ingress. Validates, hands the request to the lead agent, shapes errors."""
 
 import asyncio
+import hashlib
+import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Request
@@ -19,10 +22,13 @@ from hybrid_serve.agents import tracing
 from hybrid_serve.agents.claude import ClaudeCall, ClaudeResult, ClaudeUnavailable, Role
 from hybrid_serve.agents.lead import DeadlineExceeded, Lead, SLMStreamEnded
 from hybrid_serve.config import HTTPConfig, HybridServeConfig
+from hybrid_serve.deployments import anthropic_api as aapi
 from hybrid_serve.deployments import openai_api as oai
 from hybrid_serve.deployments import openapi, sse
 from hybrid_serve.deployments.errors import (
+    MESSAGES_PATH,
     APIError,
+    MessagesErrorBody,
     error_responses,
     install_error_handlers,
 )
@@ -33,6 +39,7 @@ from hybrid_serve.deployments.middleware import (
     APIKeyMiddleware,
     BodyLimitMiddleware,
     DeadlineHeaderMiddleware,
+    KeyLimitMiddleware,
     RequestTelemetryMiddleware,
     request_timeout,
 )
@@ -50,6 +57,7 @@ from hybrid_serve.schemas import (
     Passage,
     SearchRequest,
     SearchResponse,
+    Usage,
 )
 
 app = FastAPI(
@@ -60,6 +68,7 @@ app = FastAPI(
 install_error_handlers(app)
 # Limits are configuration, read per request from app.state (set by the replica's constructor).
 app.state.http = HTTPConfig()
+app.state.admit = None  # KeyLimits' admission, set by a replica whose keys are configured
 
 
 def _openapi() -> dict[str, Any]:
@@ -77,7 +86,8 @@ app.add_middleware(
     retry_after_s=lambda: app.state.http.retry_after_s,
 )
 app.add_middleware(DeadlineHeaderMiddleware, max_s=lambda: app.state.http.max_request_timeout_s)
-app.add_middleware(APIKeyMiddleware, keys=lambda: app.state.http.api_keys)
+app.add_middleware(KeyLimitMiddleware, admit=lambda: app.state.admit)
+app.add_middleware(APIKeyMiddleware, keys=lambda: app.state.http.keys())
 app.add_middleware(RequestTelemetryMiddleware)
 
 log = logging.getLogger("ray.serve")
@@ -100,10 +110,78 @@ def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def _observed(request: Request, answer: AnswerResponse) -> AnswerResponse:
-    """The answer's metrics, and its outcome for the request's log line and span."""
-    request.state.outcome = record_answer(answer)
-    return answer
+@dataclass
+class CacheProbe:
+    """A cache lookup that missed: what storing the answer needs."""
+
+    key: str
+    text: str
+    vector: list[float]
+    index_version: int
+
+
+def cache_scope(
+    kind: str,
+    req: AnswerRequest,
+    claude_down: str | None,
+    history: list[dict[str, str]] | None = None,
+    **options: Any,
+) -> str:
+    """Everything besides the question that shapes an answer: an entry serves only requests
+    that agree on all of it (the conversation before the question too, by digest)."""
+    turns = json.dumps(history or [], sort_keys=True).encode()
+    return json.dumps(
+        {
+            "kind": kind,
+            "mode": req.mode,
+            "verify": req.verify,
+            "sensitive": req.sensitive,
+            "pii": req.pii,
+            "top_k": req.top_k,
+            "claude": claude_down,
+            "history": hashlib.sha256(turns).hexdigest() if history else None,
+            **options,
+        },
+        sort_keys=True,
+    )
+
+
+@dataclass
+class _Chat:
+    """A chat request of either API, reduced to what the lead needs."""
+
+    model: str
+    req: AnswerRequest
+    history: list[dict[str, str]]
+    retrieval: bool
+    sampling: dict[str, Any]
+
+
+def _conversation(
+    turns: list[dict[str, str]], h: oai.HybridOptions
+) -> tuple[AnswerRequest, list[dict[str, str]]]:
+    """The last user message as the request; the turns before it as its history (what follows
+    it, such as an assistant prefill, is not used)."""
+    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    req = AnswerRequest(
+        query=turns[last]["content"],
+        top_k=h.top_k,
+        mode=h.mode,
+        verify=h.verify,
+        sensitive=h.sensitive,
+        pii=h.pii,
+        use_cache=h.use_cache,
+    )
+    return req, turns[:last]
+
+
+async def _iterate(items: Any) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
+def saved_usd(answer: AnswerResponse) -> float:
+    return answer.usage.cost_usd + answer.usage.slm_cost_usd
 
 
 async def remote(method: Any, *args: Any) -> Any:
@@ -195,6 +273,8 @@ class Orchestrator:
         retriever: DeploymentHandle,
         slm: DeploymentHandle,
         claude: DeploymentHandle,
+        cache: DeploymentHandle,
+        key_limits: DeploymentHandle,
         config: dict[str, Any],
     ) -> None:
         self.cfg = HybridServeConfig.from_args(config)
@@ -202,6 +282,9 @@ class Orchestrator:
         self.retriever = retriever
         self.slm = slm
         self.claude = claude
+        self.cache = cache
+        self.key_limits = key_limits
+        self._background: set[asyncio.Task[Any]] = set()
         self.lead = Lead(
             retrieve=self._retrieve,
             generate=self._generate,
@@ -212,6 +295,7 @@ class Orchestrator:
         self._claude_status: tuple[float, dict[str, Any]] | None = None
         self._health_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         app.state.http = self.cfg.http
+        app.state.admit = self._admit if self.cfg.http.api_keys else None
 
     # -- calls to other deployments, with their failures mapped to HTTP ---------------------
 
@@ -285,13 +369,122 @@ class Orchestrator:
         self._claude_status = (now, status)
         return status
 
-    async def _claude_down(self) -> str | None:
-        """Only a missing key (or a dead proxy) is known ahead; circuit and budget are checked
-        call by call inside the proxy."""
+    async def _claude_down(self, request: Request) -> str | None:
+        """Only a missing key (or a dead proxy), and a client key over its daily Claude budget,
+        are known ahead; the cluster's circuit and budget are checked call by call inside the
+        proxy."""
         status = await self._claude()
         if status.get("reason") == "no_api_key" or not status.get("ready", True):
             return "claude_unavailable"
+        if getattr(request.state, "key_budget_exhausted", False):
+            return "key_budget_exhausted"
         return None
+
+    # -- API keys, the answer cache --------------------------------------------------------------
+
+    async def _admit(self, label: str) -> dict[str, Any]:
+        return await asyncio.wait_for(self.key_limits.admit.remote(label), STATUS_TIMEOUT_S)
+
+    def _later(self, work: Any) -> None:
+        """Bookkeeping the response does not wait for (cache stores, key usage)."""
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception as exc:
+                log.warning("background %s failed: %s", type(work).__name__, exc)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _probe(
+        self, request: Request, req: AnswerRequest, scope: str
+    ) -> tuple[CacheProbe | None, AnswerResponse | None]:
+        """The cached answer to `req` asked under `scope`, or the probe to store a new one by
+        (None when the request may not use the cache)."""
+        c = self.cfg.cache
+        asked_not = "no-cache" in request.headers.get("cache-control", "").lower()
+        sensitive = req.sensitive or self.lead.is_sensitive(req, [])
+        if not c.enabled or asked_not or not req.use_cache or (sensitive and not c.sensitive):
+            request.state.cache = "bypass"
+            return None, None
+        try:
+            embed = self.retriever.embed_versioned
+            vector, version = await self._call(embed, req.query, retry=True)
+            found = await remote(self.cache.lookup, scope, req.query, vector, version)
+        except APIError:
+            raise
+        except Exception as exc:  # the cache is an optimisation: without it, answer afresh
+            log.warning("answer cache unavailable: %s", type(_cause(exc)).__name__)
+            request.state.cache = "bypass"
+            return None, None
+        if found is None:
+            request.state.cache = "miss"
+            return CacheProbe(scope, req.query, vector, version), None
+        cached = AnswerResponse.model_validate(found[0])
+        saved = saved_usd(cached)
+        metrics.inc("hybrid_serve_answer_cache_saved_usd_total", saved)
+        request.state.cache = "hit"
+        hit = cached.model_copy(
+            update={
+                "usage": Usage(),
+                "cache": "hit",
+                "deadline": None,
+                "trace_id": request.state.trace_id,
+            }
+        )
+        tracing.annotate({"hybrid.cache": "hit", "hybrid.cache.similarity": found[1]})
+        self._count_key(request, hit, saved)
+        return None, hit
+
+    def _observed(
+        self,
+        request: Request,
+        answer: AnswerResponse,
+        probe: CacheProbe | None = None,
+        claude_down: str | None = None,
+    ) -> AnswerResponse:
+        """The answer's metrics and its outcome for the request's log line and span; a fresh
+        answer is cached (when it may be) and counted against the client's key."""
+        cache = getattr(request.state, "cache", "bypass")
+        metrics.inc("hybrid_serve_answer_cache_total", result=cache)
+        if answer.cache == "hit":
+            request.state.outcome = {
+                "answer_route": answer.route,
+                "confidence": answer.confidence,
+                "cache": "hit",
+            }
+            return answer
+        answer.cache = cache
+        request.state.outcome = {**record_answer(answer), "cache": cache}
+        self._count_key(request, answer, 0.0)
+        cut = answer.deadline is not None and answer.deadline.cut
+        transient = set(answer.degraded) - {claude_down}
+        if probe is not None and not cut and not transient and answer.answer.strip():
+            if not answer.sensitive or self.cfg.cache.sensitive:
+                body = answer.model_dump(mode="json")
+                store = self.cache.store
+                self._later(
+                    remote(
+                        store,
+                        probe.key,
+                        probe.text,
+                        probe.vector,
+                        body,
+                        probe.index_version,
+                        saved_usd(answer),
+                    )
+                )
+        return answer
+
+    def _count_key(self, request: Request, answer: AnswerResponse, saved: float) -> None:
+        label = getattr(request.state, "api_key", None)
+        if label is None:
+            return
+        u = answer.usage
+        hit = answer.cache == "hit"
+        self._later(remote(self.key_limits.record, label, u.cost_usd, u.slm_cost_usd, saved, hit))
 
     def _check_query(self, query: str) -> None:
         limit = self.cfg.http.max_query_chars
@@ -318,25 +511,38 @@ class Orchestrator:
         trace_id = request.state.trace_id
         timeout = _timeout(request, self.cfg.http, body.timeout_s)
         self._check_query(body.query)
-        down = await self._claude_down()
+        down = await self._claude_down(request)
+        probe, hit = await self._probe(request, body, cache_scope("answer", body, down))
         if body.stream:
-            return await self._stream_answer(body, request, down, timeout)
+            return await self._stream_answer(body, request, down, timeout, probe, hit)
+        if hit is not None:
+            return self._observed(request, hit)
         answer = self.lead.answer(body, trace_id, claude_down=down, timeout_s=timeout)
-        return _observed(request, await _bounded(answer, timeout, DEADLINE_GRACE_S))
+        answer = await _bounded(answer, timeout, DEADLINE_GRACE_S)
+        return self._observed(request, answer, probe, down)
 
     async def _stream_answer(
-        self, body: AnswerRequest, request: Request, down: str | None, timeout: float
+        self,
+        body: AnswerRequest,
+        request: Request,
+        down: str | None,
+        timeout: float,
+        probe: CacheProbe | None,
+        hit: AnswerResponse | None,
     ) -> StreamingResponse:
         """Events as the lead makes progress. Nothing is sent until the first event, so a request
         that fails early (overload, index not ready) still gets its HTTP status; one that reaches
         its deadline after that ends with an in-band `error` event."""
 
         async def run(emit: sse.Emit) -> dict[str, Any]:
+            if hit is not None:
+                await emit("answer", {"delta": hit.answer})
+                return self._observed(request, hit).model_dump(mode="json")
             work = self.lead.answer(
                 body, request.state.trace_id, claude_down=down, emit=emit, timeout_s=timeout
             )
             answer = await _bounded(work, timeout, DEADLINE_GRACE_S)
-            return _observed(request, answer).model_dump(mode="json")
+            return self._observed(request, answer, probe, down).model_dump(mode="json")
 
         events = sse.emitted(run)
         first = await anext(events)
@@ -377,80 +583,130 @@ class Orchestrator:
         },
     )
     async def chat_completions(self, body: oai.ChatCompletionRequest, request: Request) -> Any:
-        trace_id = request.state.trace_id
+        self._check_chat(len(body.messages), body.limit_tokens, body.texts())
+        turns = [{"role": m.role, "content": m.text()} for m in body.messages]
+        req, history = _conversation(turns, body.hybrid)
+        chat = _Chat(body.model, req, history, body.hybrid.retrieval, body.sampling())
+        chunks = oai.Chunks(oai.completion_id(), body.model)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         timeout = _timeout(request, self.cfg.http)
+        if body.model == "slm" and body.stream:
+            probe, hit = await self._probe(request, req, self._chat_scope(chat, None))
+            if hit is None:
+                events = self._slm_events(request, chat, timeout, probe)
+                return sse.response(self._stream_slm(chunks, events, include_usage))
+            answer, finish = self._observed(request, hit), "stop"
+        else:
+            answer, finish = await self._chat_answer(request, chat, timeout)
+        if body.stream:
+            return sse.response(self._stream_settled(chunks, answer, include_usage))
+        return oai.completion(chunks.cid, body.model, finish, answer)
+
+    @app.post(
+        MESSAGES_PATH,
+        summary="Messages (Anthropic Messages API; `hybrid` extension field)",
+        description="The `anthropic` SDK's `messages.create` with `base_url` set to the cluster. "
+        "With `stream: true`, Server-Sent Events as the Messages API sends them (message_start, "
+        "content_block_start/delta/stop, message_delta, message_stop; `error` in-band).",
+        responses={
+            **error_responses(401, 404, 413, 422, 429, 503, 504, model=MessagesErrorBody),
+            200: {"content": {"application/json": {}, "text/event-stream": {}}},
+        },
+    )
+    async def messages(self, body: aapi.MessagesRequest, request: Request) -> Any:
+        self._check_chat(len(body.messages), body.max_tokens, body.texts())
+        req, history = _conversation(body.turns(), body.hybrid)
+        sampling = body.sampling()
+        if body.model == "hybrid":
+            # max_tokens is required here, so clients send a generous ceiling (1024 is common):
+            # the pipeline keeps its own shorter SLM answers under it.
+            sampling["max_tokens"] = min(body.max_tokens, self.cfg.slm.max_tokens)
+        chat = _Chat(body.model, req, history, body.hybrid.retrieval, sampling)
+        events = aapi.Events(aapi.message_id(), body.model)
+        timeout = _timeout(request, self.cfg.http)
+        if body.model == "slm" and body.stream:
+            probe, hit = await self._probe(request, req, self._chat_scope(chat, None))
+            if hit is None:
+                slm = self._slm_events(request, chat, timeout, probe)
+                stream = self._stream_message(events, slm)
+                return sse.response(stream, error_event="error", path=MESSAGES_PATH)
+            answer, finish = self._observed(request, hit), "stop"
+        else:
+            answer, finish = await self._chat_answer(request, chat, timeout)
+        reason = aapi.stop_reason(finish)
+        if body.stream:
+            stream = _iterate(events.settled(answer, reason))
+            return sse.response(stream, error_event="error", path=MESSAGES_PATH)
+        return aapi.message(events.mid, body.model, answer, reason)
+
+    # -- chat, for both APIs ---------------------------------------------------------------------
+
+    def _check_chat(self, messages: int, max_tokens: int | None, texts: list[str]) -> None:
         http = self.cfg.http
-        if len(body.messages) > http.max_messages:
+        if messages > http.max_messages:
             raise APIError(
-                422,
-                f"{len(body.messages)} messages; the limit is {http.max_messages}",
-                "too_many_messages",
+                422, f"{messages} messages; the limit is {http.max_messages}", "too_many_messages"
             )
-        if (body.limit_tokens or 0) > http.max_tokens_ceiling:
+        if (max_tokens or 0) > http.max_tokens_ceiling:
             raise APIError(
                 422,
-                f"max_tokens is {body.limit_tokens}; the limit is {http.max_tokens_ceiling}",
+                f"max_tokens is {max_tokens}; the limit is {http.max_tokens_ceiling}",
                 "max_tokens_too_large",
             )
-        # The query is the last user message (the schema requires one); what follows it, such as
-        # an assistant prefill, is not used.
-        last = max(i for i, m in enumerate(body.messages) if m.role == "user")
-        query = body.messages[last].text()
-        for text in body.texts():
+        for text in texts:
             self._check_query(text)
-        history = [{"role": m.role, "content": m.text()} for m in body.messages[:last]]
-        h = body.hybrid
-        req = AnswerRequest(
-            query=query,
-            top_k=h.top_k,
-            mode=h.mode,
-            verify=h.verify,
-            sensitive=h.sensitive,
-            pii=h.pii,
+
+    def _chat_scope(self, chat: _Chat, down: str | None) -> str:
+        return cache_scope(
+            "chat",
+            chat.req,
+            down,
+            chat.history,
+            model=chat.model,
+            retrieval=chat.retrieval,
+            sampling=chat.sampling,
         )
-        chunks = oai.Chunks(oai.completion_id(), body.model)
-        if body.model == "slm" and body.stream:
-            return sse.response(self._stream_slm(chunks, body, req, history, request, timeout))
+
+    async def _chat_answer(
+        self, request: Request, chat: _Chat, timeout: float
+    ) -> tuple[AnswerResponse, oai.Finish]:
+        """A chat answer, whole (the hybrid pipeline settles its text before it streams)."""
+        trace_id = request.state.trace_id
+        down = await self._claude_down(request) if chat.model == "hybrid" else None
+        probe, hit = await self._probe(request, chat.req, self._chat_scope(chat, down))
+        if hit is not None:
+            return self._observed(request, hit), "stop"
         finish: oai.Finish = "stop"
-        if body.model == "slm":
+        if chat.model == "slm":
             work = self.lead.answer_slm(
-                req, trace_id, body.hybrid.retrieval, body.sampling(), history, timeout_s=timeout
+                chat.req, trace_id, chat.retrieval, chat.sampling, chat.history, timeout_s=timeout
             )
             answer, finish = await _bounded(work, timeout, DEADLINE_GRACE_S)
         else:
             work = self.lead.answer(
-                req,
+                chat.req,
                 trace_id,
-                claude_down=await self._claude_down(),
-                sampling=body.sampling(),
-                history=history,
+                claude_down=down,
+                sampling=chat.sampling,
+                history=chat.history,
                 timeout_s=timeout,
             )
             answer = await _bounded(work, timeout, DEADLINE_GRACE_S)
-        _observed(request, answer)
-        if body.stream:
-            return sse.response(self._stream_settled(chunks, body, answer))
-        return oai.completion(chunks.cid, body.model, finish, answer)
+        return self._observed(request, answer, probe, down), finish
 
-    async def _stream_slm(
-        self,
-        chunks: oai.Chunks,
-        body: oai.ChatCompletionRequest,
-        req: AnswerRequest,
-        history: list[dict[str, str]],
-        request: Request,
-        timeout: float,
-    ) -> AsyncIterator[str]:
-        """Tokens as the SLM writes them, then the final chunk with the `hybrid` extension."""
-        yield chunks.delta("", role=True)
+    async def _slm_events(
+        self, request: Request, chat: _Chat, timeout: float, probe: CacheProbe | None
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """The `slm` model's text deltas as it writes them, ("delta", text), then ("done",
+        (answer, finish))."""
 
         async def run(emit: sse.Emit) -> tuple[AnswerResponse, oai.Finish]:
             work = self.lead.answer_slm(
-                req,
+                chat.req,
                 request.state.trace_id,
-                body.hybrid.retrieval,
-                body.sampling(),
-                history,
+                chat.retrieval,
+                chat.sampling,
+                chat.history,
                 emit,
                 timeout_s=timeout,
             )
@@ -459,28 +715,60 @@ class Orchestrator:
         try:
             async for name, data in sse.emitted(run):
                 if name == "answer":
-                    yield chunks.delta(data["delta"])
+                    yield "delta", data["delta"]
                 elif name == "done":
                     answer, finish = data
-                    _observed(request, answer)
-                    yield chunks.final(finish, answer)
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield chunks.usage(answer)
+                    yield "done", (self._observed(request, answer, probe), finish)
         except SLMStreamEnded as exc:
             raise APIError(503, "the SLM stream ended early; retry", "slm_stream_ended") from exc
+
+    async def _stream_slm(
+        self,
+        chunks: oai.Chunks,
+        events: AsyncIterator[tuple[str, Any]],
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        """Tokens as the SLM writes them, then the final chunk with the `hybrid` extension."""
+        yield chunks.delta("", role=True)
+        async for name, data in events:
+            if name == "delta":
+                yield chunks.delta(data)
+            else:
+                answer, finish = data
+                yield chunks.final(finish, answer)
+                if include_usage:
+                    yield chunks.usage(answer)
         yield sse.DONE
 
     async def _stream_settled(
-        self, chunks: oai.Chunks, body: oai.ChatCompletionRequest, answer: AnswerResponse
+        self, chunks: oai.Chunks, answer: AnswerResponse, include_usage: bool
     ) -> AsyncIterator[str]:
         """The hybrid pipeline settles its text (citations, verification) before it streams."""
         yield chunks.delta("", role=True)
         for piece in re.findall(r"\S+\s*|\s+", answer.answer):
             yield chunks.delta(piece)
         yield chunks.final("stop", answer)
-        if body.stream_options and body.stream_options.include_usage:
+        if include_usage:
             yield chunks.usage(answer)
         yield sse.DONE
+
+    async def _stream_message(
+        self, events: aapi.Events, slm: AsyncIterator[tuple[str, Any]]
+    ) -> AsyncIterator[str]:
+        """The `slm` model's tokens as one text block; its citations follow as citations_delta
+        events once they are known, before the block closes."""
+        yield events.start()
+        yield events.open_block()
+        async for name, data in slm:
+            if name == "delta":
+                yield events.text(data)
+            else:
+                answer, finish = data
+                for event in events.citations(aapi.locations(answer, answer.answer)):
+                    yield event
+                yield events.close_block()
+                for event in events.finish(answer, aapi.stop_reason(finish)):
+                    yield event
 
     # -- documents ---------------------------------------------------------------------------
 
@@ -543,19 +831,37 @@ class Orchestrator:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         return {"id": doc_id, "deleted": True, "index_version": result["index_version"]}
 
-    @app.get("/v1/usage", summary="Totals of the cost ledger: Claude spend, SLM cost, savings")
+    @app.get(
+        "/v1/usage",
+        summary="Totals of the cost ledger (Claude spend, SLM cost, savings), the answer "
+        "cache's, and each API key's",
+    )
     async def usage(self, request: Request) -> dict[str, Any]:
-        work = self._call(self.claude.status, retry=True)
-        status = await _bounded(work, _timeout(request, self.cfg.http))
+        timeout = _timeout(request, self.cfg.http)
+        status, cache = await _bounded(
+            asyncio.gather(
+                self._call(self.claude.status, retry=True),
+                self._call(self.cache.status, retry=True),
+            ),
+            timeout,
+        )
         totals = status.get("totals", {})
         estimate = totals.get("all_claude_cost_usd_estimate", 0.0)
         spent = totals.get("cost_usd", 0.0) + totals.get("slm_cost_usd", 0.0)
-        return {
+        out = {
             "totals": totals,
             "budget_remaining_usd": status.get("budget_remaining_usd"),
             "circuit": status.get("circuit"),
             "saving_ratio": round(estimate / spent, 3) if spent > 0 else None,
+            "cache": {k: v for k, v in cache.items() if k not in ("ready", "placement")},
         }
+        if self.cfg.http.api_keys:
+            keys = await _bounded(self._call(self.key_limits.report, retry=True), timeout)
+            label = getattr(request.state, "api_key", None)
+            admins = {k.label() for k in self.cfg.http.keys() if k.admin}
+            # A key sees its own line; an admin key sees every line.
+            out["keys"] = keys if label in admins else {label: keys.get(label, {})}
+        return out
 
     async def status(self) -> dict[str, Any]:
         """For the deployment handle (not a route): where this replica runs."""
@@ -571,8 +877,8 @@ class Orchestrator:
         whose constructor finished, and an SLM replica's constructor ends with a generation. Every
         component also carries how many of its replicas crashed, so a replica that keeps dying
         shows as such rather than as starting."""
-        names = ("retriever", "slm", "claude")
-        handles = (self.retriever, self.slm, self.claude)
+        names = ("retriever", "slm", "claude", "answer_cache", "key_limits")
+        handles = (self.retriever, self.slm, self.claude, self.cache, self.key_limits)
 
         async def one(handle: DeploymentHandle) -> dict[str, Any]:
             try:

@@ -134,6 +134,17 @@ class RetrieverDeployment:
             )
             return hits, version
 
+    async def embed_versioned(
+        self, text: str, trace_context: TraceContext = None
+    ) -> tuple[list[float], int]:
+        """The text's embedding and the index version served: what the answer cache keys on."""
+        with tracing.span("Retriever.embed", trace_context, SpanKind.SERVER):
+            self._require_ready()
+            self.store.refresh()
+            snapshot = self.store.snapshot
+            vector = await asyncio.to_thread(self.embedder.encode, [text])
+            return vector[0].tolist(), snapshot.version if snapshot else 0
+
     async def upsert(
         self, documents: list[NewDocument], trace_context: TraceContext = None
     ) -> dict[str, Any]:

@@ -29,19 +29,22 @@ def event(data: Any, name: str | None = None) -> str:
     return (f"event: {name}\n" if name else "") + f"data: {body}\n\n"
 
 
-def response(events: AsyncIterator[str], error_event: str | None = None) -> StreamingResponse:
+def response(
+    events: AsyncIterator[str], error_event: str | None = None, path: str = ""
+) -> StreamingResponse:
     """The stream as a response. Headers are sent with the first event, so a failure after it is
-    reported in-band, as an `error_event` event (or a bare data line, as OpenAI does)."""
+    reported in-band, as an `error_event` event (or a bare data line, as OpenAI does), in the
+    error shape of the API at `path`."""
 
     async def guarded() -> AsyncIterator[str]:
         try:
             async for item in events:
                 yield item
         except APIError as exc:
-            yield event(error_body(exc.status, exc.message, exc.code), error_event)
+            yield event(error_body(exc.status, exc.message, exc.code, path), error_event)
         except Exception:
             log.exception("stream failed")
-            yield event(error_body(500, "stream failed", "internal_error"), error_event)
+            yield event(error_body(500, "stream failed", "internal_error", path), error_event)
 
     return StreamingResponse(
         guarded(),

@@ -8,6 +8,7 @@ Secrets (the Anthropic key) are never part of this model: they come from the env
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -313,6 +314,43 @@ class CostConfig(_Section):
     )
 
 
+class APIKey(_Section):
+    """A client's key with its own limits; a plain string in `http.api_keys` is a key without."""
+
+    key: str = Field(..., min_length=1, description="The key, plain or 'sha256:<hex>'.")
+    name: str | None = Field(
+        None, description="Shown in /v1/usage and logs (default: 'key-' + 8 hex of its hash)."
+    )
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Requests per minute over the cluster; over it: 429 + Retry-After."
+    )
+    daily_claude_budget_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Claude spend per UTC day; over it, answers stay on the SLM "
+        "(degraded: key_budget_exhausted).",
+    )
+    admin: bool = Field(False, description="/v1/usage shows every key's line, not only its own.")
+
+    def digest(self) -> bytes:
+        """The key as a sha256 digest: a plain key is hashed here and never kept elsewhere."""
+        if self.key.startswith("sha256:"):
+            return bytes.fromhex(self.key.removeprefix("sha256:"))
+        return hashlib.sha256(self.key.encode()).digest()
+
+    def label(self) -> str:
+        return self.name or "key-" + self.digest().hex()[:8]
+
+    @field_validator("key")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        if v.startswith("sha256:"):
+            hexpart = v.removeprefix("sha256:")
+            if len(hexpart) != 64 or any(c not in "0123456789abcdefABCDEF" for c in hexpart):
+                raise ValueError("a 'sha256:' key must be followed by 64 hex digits")
+        return v
+
+
 class HTTPConfig(_Section):
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 inside Kubernetes.")
     port: int = Field(8000, ge=1, le=65535)
@@ -324,9 +362,11 @@ class HTTPConfig(_Section):
         64, ge=1, description="Requests in progress per ingress replica before 503 + Retry-After."
     )
     retry_after_s: int = Field(2, ge=0, description="Retry-After sent with 503 when overloaded.")
-    api_keys: list[str] = Field(
+    api_keys: list[str | APIKey] = Field(
         default_factory=list,
-        description="Accepted bearer keys, plain or 'sha256:<hex>'; empty: the API is open.",
+        description="Accepted keys (Authorization: Bearer or x-api-key), plain or "
+        "'sha256:<hex>', or objects with a name, requests_per_minute and "
+        "daily_claude_budget_usd; empty: the API is open.",
     )
     request_timeout_s: float = Field(
         60.0,
@@ -338,6 +378,41 @@ class HTTPConfig(_Section):
     max_request_timeout_s: float = Field(
         600.0, gt=0, description="The longest deadline a request may ask for."
     )
+
+    def keys(self) -> list[APIKey]:
+        return [APIKey(key=k) if isinstance(k, str) else k for k in self.api_keys]
+
+
+class ConversationConfig(_Section):
+    """Chat requests with earlier turns."""
+
+    follow_ups: Literal["condense", "previous", "off"] = Field(
+        "condense",
+        description="What retrieval searches for a follow-up question: condense: the SLM "
+        "rewrites it as a self-contained question (the previous user question is added when "
+        "the rewrite is unusable); previous: the previous user question and this one; off: "
+        "this one alone.",
+    )
+    condense_max_tokens: int = Field(48, ge=8, le=256)
+
+
+class CacheConfig(_Section):
+    """The answer cache, shared by the orchestrator replicas (one AnswerCache replica)."""
+
+    enabled: bool = True
+    similarity: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="Cosine similarity of two questions' embeddings above which one's answer is "
+        "reused for the other (1.0: the same text after case and spacing only).",
+    )
+    ttl_s: float = Field(3600.0, gt=0, description="An entry's lifetime.")
+    max_entries: int = Field(10_000, ge=1, description="Bound on entries (least recently used go).")
+    sensitive: bool = Field(
+        False, description="Cache answers to sensitive requests too (they never leave the cluster)."
+    )
+    num_cpus: float = Field(0.05, ge=0.0)
 
 
 class TracingConfig(_Section):
@@ -489,6 +564,8 @@ class HybridServeConfig(BaseSettings):
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     claude: ClaudeConfig = Field(default_factory=ClaudeConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    conversation: ConversationConfig = Field(default_factory=ConversationConfig)
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
     escalation: EscalationConfig = Field(default_factory=EscalationConfig)
     policies: PolicyConfig = Field(default_factory=PolicyConfig)

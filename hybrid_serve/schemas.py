@@ -29,6 +29,7 @@ VerifyPolicy = Literal["auto", "always", "never"]
 PIIPolicy = Literal["block", "redact"]
 SubtaskStatus = Literal["ok", "failed", "timeout", "cancelled"]
 FinishReason = Literal["stop", "length", "cancelled"]
+CacheResult = Literal["hit", "miss", "bypass"]
 
 
 def _whole_number(v: Any) -> Any:
@@ -78,6 +79,11 @@ class AnswerRequest(StrictModel):
         None,
         description="This request's deadline in seconds (over the X-Request-Timeout header and "
         "http.request_timeout_s); the best answer ready by then is returned, marked degraded.",
+    )
+    use_cache: StrictBool = Field(
+        True,
+        description="false: answer afresh, neither reading nor filling the answer cache (as the "
+        "header Cache-Control: no-cache does on every answer endpoint).",
     )
 
 
@@ -169,6 +175,21 @@ class AnswerResponse(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     degraded: list[str] = Field(default_factory=list)
     deadline: Deadline | None = None
+    cache: CacheResult = Field(
+        "bypass",
+        description="hit: reused from an earlier answer to the same or a near-identical question "
+        "(its usage is then zero); miss: answered afresh and cached; bypass: not cacheable.",
+    )
+    sensitive: bool = Field(
+        False,
+        description="Kept inside the cluster: asked so, matched a sensitive pattern, or "
+        "retrieved a tagged document.",
+    )
+    searched_query: str | None = Field(
+        None,
+        description="The self-contained question retrieval used, when the request's question "
+        "was a follow-up in a conversation.",
+    )
     trace_id: str
 
 

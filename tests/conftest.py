@@ -101,6 +101,10 @@ def app(tmp_path_factory, claude_server, otlp_receiver) -> Iterator[App]:
             "http.max_query_chars": 500,
             "http.max_body_bytes": 64 * 1024,
             "slm.max_tokens": 48,
+            # The tests here assert what each request does (Claude calls, routes, streams): a
+            # repeated question must not be answered from the cache. The cache has its own app
+            # (tests/e2e/test_answer_cache.py).
+            "cache.enabled": False,
         }
     )
     # Replicas inherit the environment of the cluster this process starts: ClaudeProxy's SDK

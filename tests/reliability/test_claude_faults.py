@@ -59,7 +59,12 @@ def test_fault_storm_under_concurrency_degrades_and_never_5xx(rel):
     for _ in range(rounds):
         claude.inject(*storm * 3)
         bodies = [
-            {"query": f"{Q} ({i})", "mode": "claude" if i % 2 else "auto", "verify": "always"}
+            {
+                "query": f"{Q} ({i})",
+                "mode": "claude" if i % 2 else "auto",
+                "verify": "always",
+                "use_cache": False,  # every round meets the faults afresh
+            }
             for i in range(12)
         ]
         responses = asyncio.run(_burst(rel, bodies))

@@ -82,3 +82,25 @@ def test_per_request_budget():
     with pytest.raises(BudgetExhausted, match="per-request"):
         ledger.reserve("a", 0.05)
     ledger.reserve("b", 0.05)
+
+
+def test_key_limits_rate_budget_and_persistence(tmp_path):
+    from hybrid_serve.agents.limits import KeyLimits
+
+    now = [0.0]
+    path = tmp_path / "keys.json"
+    limits = {"team-a": (2.0, None), "team-b": (None, 0.05)}
+    k = KeyLimits(limits, path, clock=lambda: now[0])
+    assert k.admit("team-a").allowed and k.admit("team-a").allowed
+    refused = k.admit("team-a")
+    assert not refused.allowed and refused.retry_after_s == pytest.approx(30.0)
+    now[0] = 30.0
+    assert k.admit("team-a").allowed  # one request per 30 s refills
+    assert not k.admit("team-b").budget_exhausted
+    k.record("team-b", claude_usd=0.05, slm_usd=0.001, saved_usd=0.0, cache_hit=False)
+    assert k.admit("team-b").budget_exhausted
+    report = k.report()
+    assert report["team-a"]["rate_limited"] == 1 and report["team-a"]["requests"] == 3
+    assert report["team-b"]["claude_budget_remaining_usd"] == 0.0
+    again = KeyLimits(limits, path, clock=lambda: now[0])  # a restart keeps today's spend
+    assert again.admit("team-b").budget_exhausted

@@ -1,0 +1,73 @@
+"""Follow-up questions: the rewrite is taken when it is a question, the fallback otherwise; the
+lead searches and answers with the self-contained question."""
+
+import asyncio
+
+from hybrid_serve.agents.followup import is_follow_up, parse_condensed, with_previous
+from hybrid_serve.agents.lead import Lead
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.schemas import AnswerRequest, GenerationResult, Passage
+
+HISTORY = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Who invented the Zorblax protocol?"},
+    {"role": "assistant", "content": "Mira Quen [1]."},
+]
+
+
+def test_parse_condensed():
+    q = "Where was it invented?"
+    assert parse_condensed("Where was the Zorblax protocol invented?\nMore", q) == (
+        "Where was the Zorblax protocol invented?"
+    )
+    assert parse_condensed('Rewritten question: "Where was Zorblax invented?"', q) == (
+        "Where was Zorblax invented?"
+    )
+    assert parse_condensed("   ", q) is None
+    assert parse_condensed("I'm sorry, I cannot", q) is None
+    assert parse_condensed("x " * 200, q) is None
+
+
+def test_follow_up_and_fallback():
+    assert not is_follow_up(HISTORY[:1]) and is_follow_up(HISTORY)
+    assert with_previous(HISTORY, "Where was it invented?") == (
+        "Who invented the Zorblax protocol? Where was it invented?"
+    )
+
+
+def run_lead(rewrite: str, follow_ups: str = "condense"):
+    cfg = HybridServeConfig.load(overrides={"conversation.follow_ups": follow_ups})
+    searched, prompts = [], []
+
+    async def retrieve(query: str, top_k: int) -> list[Passage]:
+        searched.append(query)
+        text = "The Zorblax protocol was invented by Mira Quen in 1987 in Tallinn."
+        return [Passage(chunk_id="z#0", doc_id="z", title="Zorblax", text=text, score=1.0)]
+
+    async def generate(req):
+        prompts.append(req.messages)
+        text = rewrite if "rewrite" in req.messages[0]["content"] else "In Tallinn [1]."
+        return GenerationResult(text=text, prompt_tokens=10, completion_tokens=5)
+
+    lead = Lead(retrieve=retrieve, generate=generate, config=cfg, claude=None)
+    req = AnswerRequest(query="Where was it invented?", mode="slm")
+    answer = asyncio.run(
+        lead.answer(req, "t" * 32, claude_down="claude_unavailable", history=HISTORY)
+    )
+    return answer, searched, prompts
+
+
+def test_lead_searches_and_answers_the_condensed_question():
+    answer, searched, prompts = run_lead("Where was the Zorblax protocol invented?")
+    assert searched == ["Where was the Zorblax protocol invented?"]
+    assert answer.searched_query == "Where was the Zorblax protocol invented?"
+    assert "Where was the Zorblax protocol invented?" in prompts[-1][-1]["content"]
+    assert answer.usage.slm_completion_tokens == 10  # the rewrite is counted
+
+
+def test_unusable_rewrite_falls_back_and_off_searches_the_question_alone():
+    answer, searched, _ = run_lead("")
+    assert searched == ["Who invented the Zorblax protocol? Where was it invented?"]
+    answer, searched, prompts = run_lead("unused", follow_ups="off")
+    assert searched == ["Where was it invented?"] and answer.searched_query is None
+    assert len(prompts) == 1  # no rewrite asked for
