@@ -72,6 +72,12 @@ class RewritePlan(StrictModel):
     steps: list[str] = Field(description="Short plan steps; empty when the question is simple.")
 
 
+class Condensed(StrictModel):
+    """A follow-up question rewritten to stand on its own."""
+
+    question: str = Field(description="The last question, understandable without the chat.")
+
+
 class Grade(StrictModel):
     """A 0-1 grade of a candidate answer against the passages it cites."""
 
@@ -101,7 +107,7 @@ class ClaudeResult:
 
 # -- the roles ----------------------------------------------------------------------------------
 
-Role = Literal["rewrite", "plan", "verify", "answer"]
+Role = Literal["rewrite", "plan", "verify", "answer", "condense"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,8 @@ class ClaudeCall:
     notes: str = ""
     # When the request's answer is due (wall clock): no attempt starts or runs past it.
     deadline: float | None = None
+    # The chat before `query` (for `condense`).
+    history: Sequence[dict[str, str]] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,12 @@ ROLES: dict[Role, RoleSpec] = {
         lambda c: prompts.claude_verify_user(c.query, c.answer, c.passages),
         ("grade_answer", Grade),
         512,
+    ),
+    "condense": RoleSpec(
+        prompts.CONDENSE_SYSTEM,
+        lambda c: prompts.claude_condense_user(c.query, c.history),
+        ("condense_question", Condensed),
+        200,
     ),
     "answer": RoleSpec(
         prompts.CLAUDE_ANSWER_SYSTEM,

@@ -24,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from hybrid_serve.agents import prompts, tracing
@@ -116,6 +116,7 @@ class RequestContext:
     started: float = field(default_factory=time.time)
     cut: list[str] = field(default_factory=list)
     searched_query: str | None = None
+    condensed_by: str | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -334,6 +335,15 @@ class Lead:
             tracing.annotate(answer_attributes(response))
             return response, attempt.finish_reason
 
+    async def followup_query(self, question: str, history: Sequence[dict[str, str]]) -> str | None:
+        """What retrieval would search for `question` asked after `history`; None when it is not
+        a follow-up (for measuring the rewrite on its own)."""
+        ctx = self._context(
+            AnswerRequest(query=question), "followup", None, None, history, None, None
+        )
+        await self._standalone(ctx)
+        return ctx.searched_query
+
     async def _standalone(self, ctx: RequestContext) -> AnswerRequest:
         """A follow-up question made self-contained (conversation.follow_ups) and used from
         here on, by retrieval and by every prompt; the request itself when it is not one. The
@@ -343,7 +353,10 @@ class Lead:
             return ctx.req
         question = ctx.req.query
         rewritten = None
-        if how == "condense":
+        with_what = self.cfg.conversation.condense_with
+        if how == "condense" and with_what == "claude":
+            rewritten = await self._condense_by_claude(ctx)
+        elif how == "condense":
             gen_req = GenerationRequest(
                 messages=prompts.condense_messages(ctx.history, question),
                 max_tokens=self.cfg.conversation.condense_max_tokens,
@@ -356,13 +369,32 @@ class Lead:
                 gen = await ctx.within("condense", self.generate(gen_req), reserve_s=reserve)
                 ctx.count_slm(gen)
                 rewritten = parse_condensed(gen.text, question)
+                ctx.condensed_by = "slm"
             except DeadlineExceeded:
                 ctx.cut_short("condense")
         searched = rewritten or with_previous(ctx.history, question)
+        ctx.condensed_by = "previous" if rewritten is None else ctx.condensed_by
         ctx.searched_query = searched
         ctx.req = ctx.req.model_copy(update={"query": searched})
-        tracing.annotate({"hybrid.follow_up": True, "hybrid.condensed": rewritten is not None})
+        tracing.annotate({"hybrid.follow_up": True, "hybrid.condensed_by": ctx.condensed_by})
         return ctx.req
+
+    async def _condense_by_claude(self, ctx: RequestContext) -> str | None:
+        """Claude's rewrite, when the request may use Claude: not sensitive by its flag or by a
+        pattern anywhere in the conversation. None when it may not, or the call fails."""
+        if ctx.claude is None:
+            return None
+        texts = [ctx.req.query, *(m["content"] for m in ctx.history)]
+        if any(self.is_sensitive(ctx.req.model_copy(update={"query": t}), []) for t in texts):
+            return None
+        call = replace(ctx.call(ctx.req.query, []), history=ctx.history)
+        try:
+            result = await ctx.within("condense", ctx.claude.call("condense", call))
+        except (ClaudeUnavailable, DeadlineExceeded):
+            return None
+        ctx.count_claude(result)
+        ctx.condensed_by = "claude"
+        return parse_condensed(result.output.question, ctx.req.query)
 
     async def _route(self, ctx: RequestContext, passages: list[Passage]) -> Attempt:
         """Decomposed, Claude's, or the SLM's answer, escalated when it is not confident."""

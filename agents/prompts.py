@@ -42,19 +42,30 @@ CONDENSE_SYSTEM = (
 )
 
 
-def condense_messages(history: Sequence[dict[str, str]], question: str) -> list[dict[str, str]]:
-    """Chat messages asking for the follow-up `question` as a self-contained question."""
+def _conversation_lines(history: Sequence[dict[str, str]]) -> str:
     lines = []
     for m in list(history)[-HISTORY_TURNS:]:
         if m.get("role") in ("user", "assistant"):
             who = "User" if m["role"] == "user" else "Assistant"
             lines.append(f"{who}: {' '.join(m['content'].split())[:PASSAGE_CHARS]}")
+    return "\n".join(lines)
+
+
+def condense_messages(history: Sequence[dict[str, str]], question: str) -> list[dict[str, str]]:
+    """Chat messages asking the SLM for the follow-up `question` as a self-contained question."""
     user = (
         "Conversation:\n"
-        + "\n".join(lines)
+        + _conversation_lines(history)
         + f"\n\nLast question: {question.strip()}\nRewritten question:"
     )
     return [{"role": "system", "content": CONDENSE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def claude_condense_user(question: str, history: Sequence[dict[str, str]]) -> str:
+    return (
+        f"{_fenced('conversation', _conversation_lines(history))}\n\n"
+        f"{_fenced('question', question)}"
+    )
 
 
 def answer_messages(

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from hybrid_serve.benchmarks.report import Progress, publish, start_private_ray
+from hybrid_serve.benchmarks.report import NO_CACHE, Progress, publish, start_private_ray
 
 PROMPT = "Write a short paragraph about the history of Paris."
 PORT = 8767
@@ -68,7 +68,7 @@ def measure(
     progress.say(f"{engine}: deploying")
     serve.run(build(cfg, progress=progress.say), name="hybrid-serve", route_prefix="/")
     out: dict[str, Any] = {"engine": engine}
-    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=600) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=600, headers=NO_CACHE) as client:
         while client.get("/readyz").status_code != 200:
             time.sleep(0.5)
         one(client, args.max_tokens)  # warm

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
-from hybrid_serve.benchmarks.report import Progress, publish, start_private_ray
+from hybrid_serve.benchmarks.report import NO_CACHE, Progress, publish, start_private_ray
 
 # The same question k times: with greedy decoding every sub-task generates the same tokens, so
 # the comparison is between schedules, not between answers of different lengths.
@@ -95,7 +95,7 @@ def run_config(
     progress.say(f"{engine} r={replicas}: deploying")
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=600) as client:
+    with httpx.Client(base_url=url, timeout=600, headers=NO_CACHE) as client:
         while client.get("/readyz").status_code != 200:
             time.sleep(0.5)
         for _ in range(replicas):  # every replica warm

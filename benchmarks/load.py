@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from hybrid_serve.benchmarks.report import Progress, percentile, publish
+from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BUNDLED_QUERIES = [
@@ -175,7 +175,7 @@ async def run_load(
     if not spec.use_cache:
         # A load test repeats its queries: served from the answer cache, they would measure
         # the cache rather than the cluster's capacity.
-        headers["cache-control"] = "no-cache"
+        headers.update(NO_CACHE)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     total = spec.warmup + spec.duration
     results: list[Result] = []

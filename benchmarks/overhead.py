@@ -25,7 +25,13 @@ from typing import Any
 import httpx
 
 from hybrid_serve.benchmarks.load import BUNDLED_QUERIES
-from hybrid_serve.benchmarks.report import Progress, percentile, start_private_ray, write_report
+from hybrid_serve.benchmarks.report import (
+    NO_CACHE,
+    Progress,
+    percentile,
+    start_private_ray,
+    write_report,
+)
 
 PORT = 8767
 
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     start_private_ray(4, PORT)
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
     url = f"http://127.0.0.1:{PORT}"
-    client = httpx.Client(base_url=url, timeout=600)
+    client = httpx.Client(base_url=url, timeout=600, headers=NO_CACHE)
     while client.get("/readyz").status_code != 200:
         time.sleep(0.5)
 

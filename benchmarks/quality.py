@@ -48,7 +48,7 @@ from hybrid_serve.benchmarks.metrics import (
     recall_at_k,
     strip_citations,
 )
-from hybrid_serve.benchmarks.report import Progress, percentile, publish
+from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = (0.1, 0.2, 0.3)
@@ -254,7 +254,7 @@ def evaluate(
     progress: Progress,
 ) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=url, timeout=600, headers=headers) as client:
+    with httpx.Client(base_url=url, timeout=600, headers={**headers, **NO_CACHE}) as client:
         docs = [d for ds, _ in datasets for d in ds]
         rate = ingest(client, docs, progress)
         with_claude = claude_usable(client)

@@ -42,6 +42,11 @@ def start_private_ray(num_cpus: int, serve_port: int | None = None) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
 
 
+# Benchmarks repeat their questions (rounds, configurations, modes): each must be answered
+# afresh, not from the answer cache, or they would measure the cache.
+NO_CACHE = {"cache-control": "no-cache"}
+
+
 def require_plotting() -> None:
     """Fail before measuring, not after: every report is written with its plots."""
     import importlib.util

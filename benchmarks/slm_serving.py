@@ -20,7 +20,13 @@ from typing import Any
 
 import httpx
 
-from hybrid_serve.benchmarks.report import Progress, percentile, start_private_ray, write_report
+from hybrid_serve.benchmarks.report import (
+    NO_CACHE,
+    Progress,
+    percentile,
+    start_private_ray,
+    write_report,
+)
 from hybrid_serve.schemas import GenerationRequest
 
 PROMPT = [
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     latencies = []
-    with httpx.Client(timeout=300) as client:
+    with httpx.Client(timeout=300, headers=NO_CACHE) as client:
         client.post(f"{url}/v1/answer", json={"query": QUESTION})  # warm
         for i in range(args.answers):
             progress.step(i + 1, args.answers, "/v1/answer")

@@ -27,7 +27,13 @@ import httpx
 
 from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
-from hybrid_serve.benchmarks.report import Progress, percentile, publish, start_private_ray
+from hybrid_serve.benchmarks.report import (
+    NO_CACHE,
+    Progress,
+    percentile,
+    publish,
+    start_private_ray,
+)
 from hybrid_serve.cluster.local import free_port
 
 TARGET_PCT = 3.0
@@ -122,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.say("deploying /off and /on")
         deploy("off", args.engine, base_url, {"exporters": ["none"]})
         deploy("on", args.engine, base_url, {"exporters": ["otlp"], "endpoint": receiver.endpoint})
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=300, headers=NO_CACHE
+        ) as client:
             for arm in ("off", "on"):
                 wait_ready(client, f"/{arm}")
                 for i in range(args.warmup):

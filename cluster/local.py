@@ -30,6 +30,7 @@ def required_cpus(cfg: HybridServeConfig) -> float:
         + cfg.retriever.replicas * cfg.retriever.num_cpus
         + cfg.orchestrator.replicas * cfg.orchestrator.num_cpus
         + cfg.claude.num_cpus
+        + 2 * cfg.cache.num_cpus  # AnswerCache and KeyLimits
     )
 
 
@@ -184,9 +185,9 @@ def fit_to_cluster(cfg: HybridServeConfig) -> tuple[HybridServeConfig, str | Non
         name: section.model_copy(update={"num_cpus": round(section.num_cpus * factor, 3)})
         for name, section in sections.items()
     }
-    update["claude"] = cfg.claude.model_copy(
-        update={"num_cpus": round(cfg.claude.num_cpus * factor, 3)}
-    )
+    for name in ("claude", "cache"):
+        section = getattr(cfg, name)
+        update[name] = section.model_copy(update={"num_cpus": round(section.num_cpus * factor, 3)})
     fitted = cfg.model_copy(update=update)
     return fitted, (
         f"the deployments ask for {need:g} CPUs and the cluster has {have:g} free: CPU "

@@ -83,7 +83,7 @@ def test_errors_come_in_the_messages_shape(ac, app):
     assert "max_tokens" in e.value.body["error"]["message"]
 
 
-def test_a_follow_up_is_searched_as_a_self_contained_question(ac, client):
+def test_a_follow_up_is_searched_as_a_self_contained_question(ac, client, app):
     r = client.post("/v1/documents", json={"id": "zorblax", "title": "Zorblax", "text": ZORBLAX})
     assert r.status_code == 201
     turns = [
@@ -91,14 +91,28 @@ def test_a_follow_up_is_searched_as_a_self_contained_question(ac, client):
         {"role": "assistant", "content": "Mira Quen invented it."},
         {"role": "user", "content": "Where was it invented?"},
     ]
+    options = {"mode": "slm", "verify": "never", "top_k": 2}
+    app.claude.reset()
+    app.claude.queue_tool_input(
+        "condense_question", {"question": "Where was the Zorblax protocol invented?"}
+    )
+    m = ac.messages.create(
+        model="hybrid", max_tokens=64, messages=turns, extra_body={"hybrid": options}
+    )
+    ext = m.model_extra["hybrid"]
+    assert ext["searched_query"] == "Where was the Zorblax protocol invented?"
+    (call,) = app.claude.calls("condense_question")
+    assert "Mira Quen invented it." in call.text  # Claude saw the conversation
+    assert "zorblax" in {c["doc_id"] for c in ext["citations"]}, ext["citations"]
+    # A sensitive conversation stays local: the previous question is searched with this one.
+    app.claude.reset()
     m = ac.messages.create(
         model="hybrid",
         max_tokens=64,
         messages=turns,
-        extra_body={"hybrid": {"mode": "slm", "verify": "never", "top_k": 2}},
+        extra_body={"hybrid": {**options, "sensitive": True}},
     )
     ext = m.model_extra["hybrid"]
-    searched = ext["searched_query"]
-    assert searched and searched != "Where was it invented?"
-    assert "zorblax" in {c["doc_id"] for c in ext["citations"]}, (searched, ext["citations"])
-    assert "zorblax" in searched.lower()  # what "it" is, carried over from the first turn
+    assert ext["searched_query"] == "Who invented the Zorblax protocol? Where was it invented?"
+    assert app.claude.calls() == [] and ext["sensitive"]
+    assert "zorblax" in {c["doc_id"] for c in ext["citations"]}

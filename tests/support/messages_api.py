@@ -57,6 +57,8 @@ def default_tool_input(name: str, body: dict[str, Any]) -> dict[str, Any]:
         return {"rewritten_query": q, "search_queries": [q], "steps": []}
     if name == "plan_subtasks":  # no split; tests queue the plans they need
         return {"subtasks": [{"id": "s1", "question": q, "search_queries": [q], "depends_on": []}]}
+    if name == "condense_question":  # the question as sent; tests queue real rewrites
+        return {"question": q}
     if name == "grade_answer":
         return {
             "factual_support": 0.9,

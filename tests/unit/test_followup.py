@@ -36,7 +36,9 @@ def test_follow_up_and_fallback():
 
 
 def run_lead(rewrite: str, follow_ups: str = "condense"):
-    cfg = HybridServeConfig.load(overrides={"conversation.follow_ups": follow_ups})
+    cfg = HybridServeConfig.load(
+        overrides={"conversation.follow_ups": follow_ups, "conversation.condense_with": "slm"}
+    )
     searched, prompts = [], []
 
     async def retrieve(query: str, top_k: int) -> list[Passage]:
@@ -71,3 +73,10 @@ def test_unusable_rewrite_falls_back_and_off_searches_the_question_alone():
     answer, searched, prompts = run_lead("unused", follow_ups="off")
     assert searched == ["Where was it invented?"] and answer.searched_query is None
     assert len(prompts) == 1  # no rewrite asked for
+
+
+def test_a_rewrite_that_answers_or_drifts_is_not_taken():
+    q = "Of what group in the periodic table is it a member?"
+    assert parse_condensed("Oxygen is a member of the periodic table.", q) is None  # an answer
+    assert parse_condensed("Who discovered oxygen?", q) is None  # not what was asked
+    assert parse_condensed("Of what group in the periodic table is oxygen a member?", q)

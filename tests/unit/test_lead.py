@@ -303,3 +303,26 @@ def test_nothing_ready_by_the_deadline_raises(engine, server):
     with pytest.raises(DeadlineExceeded) as e:
         asyncio.run(lead.answer(AnswerRequest(query="q?"), "t", timeout_s=0.01))
     assert e.value.step == "retrieve"
+
+
+FOLLOW_UP = [
+    {"role": "user", "content": "Tell me about the Eiffel Tower."},
+    {"role": "assistant", "content": "It is a wrought-iron tower in Paris [1]."},
+]
+
+
+def test_claude_rewrites_a_follow_up_unless_the_conversation_is_sensitive(engine, server):
+    lead = make_lead(
+        engine, server, threshold=0.0, verify="never", sensitive_patterns=[r"(?i)payroll"]
+    )
+    server.queue_tool_input("condense_question", {"question": "When was the Eiffel Tower built?"})
+    req = AnswerRequest(query="When was it built?", mode="auto")
+    r = asyncio.run(lead.answer(req, "trace-f", history=FOLLOW_UP))
+    assert r.searched_query == "When was the Eiffel Tower built?"
+    (call,) = server.calls("condense_question")
+    assert "wrought-iron tower in Paris" in call.text  # the conversation went with it
+    assert r.usage.claude_input_tokens > 0
+    server.reset()
+    secret = [{"role": "user", "content": "Whose payroll is in the Eiffel Tower file?"}]
+    r = asyncio.run(lead.answer(req, "trace-g", history=secret))
+    assert server.calls() == [] and r.searched_query  # rewritten locally, or the fallback
