@@ -46,6 +46,7 @@ def signature(text: str) -> tuple[frozenset[str], frozenset[str], bool]:
 
 @dataclass
 class Entry:
+    question: str  # as asked
     text: str
     signature: tuple[frozenset[str], frozenset[str], bool]
     vector: np.ndarray
@@ -97,8 +98,8 @@ class AnswerCache:
 
     def lookup(
         self, key: str, text: str, vector: np.ndarray, index_version: int
-    ) -> tuple[dict[str, Any], float] | None:
-        """The cached answer and its similarity, or None."""
+    ) -> tuple[dict[str, Any], float, str] | None:
+        """The cached answer, its similarity, and the question it was made for; or None."""
         self._invalidate(index_version)
         now = self.clock()
         group = self._by_key.get(key, {})
@@ -125,7 +126,7 @@ class AnswerCache:
         self._lru.move_to_end(ids[best])
         self.stats.hits += 1
         self.stats.saved_usd += entry.saved_usd
-        return entry.answer, float(sims[best])
+        return entry.answer, float(sims[best]), entry.question
 
     def store(
         self,
@@ -142,6 +143,7 @@ class AnswerCache:
             return False
         entry_id, self._next = self._next, self._next + 1
         self._by_key.setdefault(key, {})[entry_id] = Entry(
+            question=text,
             text=normalise(text),
             signature=signature(text),
             vector=np.asarray(vector, dtype=np.float32),

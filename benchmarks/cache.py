@@ -5,9 +5,9 @@ The workload: `--unique` SQuAD questions (../shared/data), asked `--requests` ti
 Zipf-distributed popularity (s = `--zipf`), as real traffic repeats its head. Each repeat is sent
 as written, with different case and spacing, or as a paraphrase by rewrite rules that keep the
 meaning (contractions, "How do/does" and "What is" variants, a polite prefix, dropped articles).
-Besides, questions of the same paragraphs that are *different* questions are asked once each:
-a hit on one of them is a wrong hit. Answers are the SLM's (`mode: slm`), so the cluster needs no
-Claude key.
+Besides, questions of the same paragraphs that are *different* questions are asked once each. A
+hit is wrong when the answer it reuses was made for another question (`cached_question`).
+Answers are the SLM's (`mode: slm`), so the cluster needs no Claude key.
 
     hybrid-serve up &   # or any cluster
     python -m hybrid_serve.benchmarks.cache --url http://127.0.0.1:8000 \\
@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from hybrid_serve.agents.answer_cache import normalise
 from hybrid_serve.benchmarks.confidence import load_squad
 from hybrid_serve.benchmarks.quality import ingest
 from hybrid_serve.benchmarks.report import Progress, percentile, publish
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     docs, stream = workload(args.squad, args.unique, args.requests, args.zipf, args.seed)
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     rows = []
-    answer_of: dict[str, int] = {}  # first answer text -> the question it answered
+    forms: dict[int, set[str]] = {}  # every way the workload asks each question
+    for item in stream:
+        forms.setdefault(item["qid"], set()).add(normalise(item["query"]))
     with httpx.Client(base_url=args.url, timeout=600, headers=headers) as client:
         if not args.no_ingest:
             ingest(client, docs, progress)
@@ -105,9 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             body = r.json()
             latency_ms = (time.perf_counter() - t0) * 1000
             cache = r.headers.get("x-hybrid-serve-cache", body["cache"])
-            if cache != "hit":
-                answer_of.setdefault(body["answer"], item["qid"])
-            wrong = cache == "hit" and answer_of.get(body["answer"], item["qid"]) != item["qid"]
+            # a hit is wrong when the answer it reuses was made for another question
+            made_for = body.get("cached_question") or ""
+            wrong = cache == "hit" and normalise(made_for) not in forms[item["qid"]]
             rows.append({**item, "cache": cache, "latency_ms": latency_ms, "wrong_hit": wrong})
     progress.done()
     return summarize(rows, args)

@@ -35,7 +35,7 @@ class AnswerCache:
         vector: list[float],
         index_version: int,
         trace_context: TraceContext = None,
-    ) -> tuple[dict[str, Any], float] | None:
+    ) -> tuple[dict[str, Any], float, str] | None:
         return self.cache.lookup(key, text, np.asarray(vector, np.float32), index_version)
 
     async def store(

@@ -430,6 +430,7 @@ class Orchestrator:
             update={
                 "usage": Usage(),
                 "cache": "hit",
+                "cached_question": found[2],
                 "deadline": None,
                 "trace_id": request.state.trace_id,
             }

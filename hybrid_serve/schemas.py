@@ -180,6 +180,9 @@ class AnswerResponse(BaseModel):
         description="hit: reused from an earlier answer to the same or a near-identical question "
         "(its usage is then zero); miss: answered afresh and cached; bypass: not cacheable.",
     )
+    cached_question: str | None = Field(
+        None, description="On a cache hit: the question the reused answer was made for."
+    )
     sensitive: bool = Field(
         False,
         description="Kept inside the cluster: asked so, matched a sensitive pattern, or "

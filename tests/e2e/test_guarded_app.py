@@ -49,6 +49,7 @@ def test_every_route_but_health_needs_a_key(guarded):
         ("GET", "/v1/models"),
         ("POST", "/v1/answer"),
         ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/messages"),
         ("GET", "/v1/documents/x"),
         ("DELETE", "/v1/documents/x"),
         ("POST", "/v1/documents"),
@@ -56,7 +57,12 @@ def test_every_route_but_health_needs_a_key(guarded):
         ("GET", "/openapi.json"),
         ("GET", "/nope"),
     ]:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": KEY},
+            {"x-api-key": "wrong"},
+        ):
             r = httpx.request(method, guarded + path, headers=headers, json={})
             assert r.status_code == 401, (method, path, headers)
             body = r.json()["error"]
@@ -64,6 +70,7 @@ def test_every_route_but_health_needs_a_key(guarded):
             assert r.headers["www-authenticate"] == "Bearer"
     ok = httpx.get(f"{guarded}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200
+    assert httpx.get(f"{guarded}/v1/models", headers={"x-api-key": KEY}).status_code == 200
     assert (
         httpx.get(f"{guarded}/v1/models", headers={"Authorization": "Bearer other-key"}).status_code
         == 200
