@@ -53,6 +53,8 @@ def vllm(tmp_path_factory):
             "HYBRID_SERVE_SLM__ENGINE": "vllm",
             "HYBRID_SERVE_SLM__VLLM__MAX_MODEL_LEN": "4096",
             "HYBRID_SERVE_SLM__VLLM__MAX_NUM_SEQS": "8",
+            # every request here must reach the engine, repeated questions too
+            "HYBRID_SERVE_CACHE__ENABLED": "false",
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
