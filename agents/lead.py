@@ -158,6 +158,14 @@ class RequestContext:
         if reason not in self.degraded:
             self.degraded.append(reason)
 
+    def claude_failed(self, step: str, exc: ClaudeUnavailable) -> None:
+        """A Claude step that gave nothing: cut short when the deadline stopped it (whether the
+        lead's timer or the proxy noticed first), degraded with its reason otherwise."""
+        if exc.reason == "deadline":
+            self.cut_short(step)
+        else:
+            self.degrade(exc.reason)
+
     def keep_local(self) -> None:
         self.sensitive, self.claude = True, None
 
@@ -563,7 +571,7 @@ class Lead:
             try:
                 return claude.result()
             except ClaudeUnavailable as exc:
-                ctx.degrade(exc.reason)
+                ctx.claude_failed("claude", exc)
             except DeadlineExceeded:
                 ctx.cut_short("claude")
             return await (
@@ -608,7 +616,7 @@ class Lead:
         try:
             result = await claude.call("rewrite", ctx.call(query, first.passages))
         except ClaudeUnavailable as exc:
-            ctx.degrade(exc.reason)
+            ctx.claude_failed("escalate", exc)
             return first
         ctx.count_claude(result)
         plan: RewritePlan = result.output
@@ -624,7 +632,7 @@ class Lead:
         try:
             return await self._claude_attempt(ctx, claude, query, passages)
         except ClaudeUnavailable as exc:
-            ctx.degrade(exc.reason)
+            ctx.claude_failed("claude", exc)
             return max(first, second, key=lambda a: a.confidence.score)
 
     async def _retrieve_many(self, queries: Sequence[str], top_k: int) -> list[Passage]:
@@ -734,7 +742,7 @@ class Lead:
                     }
                 )
         except ClaudeUnavailable as exc:
-            ctx.degrade(exc.reason)
+            ctx.claude_failed("verify", exc)
             return attempt
         except DeadlineExceeded:
             ctx.cut_short("verify")

@@ -33,13 +33,13 @@ class APIKeyMiddleware:
     route but health; 401 that names no key. The key's label goes in the request's state for its
     limits and usage."""
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[APIKey]]) -> None:
+    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[APIKey | str]]) -> None:
         self.app = app
         self.keys = keys
         self._cache: tuple[tuple[APIKey, ...], list[tuple[bytes, str]]] = ((), [])
 
     def _configured(self) -> list[tuple[bytes, str]]:
-        keys = tuple(self.keys())
+        keys = tuple(APIKey(key=k) if isinstance(k, str) else k for k in self.keys())
         if keys != self._cache[0]:
             self._cache = (keys, [(k.digest(), k.label()) for k in keys])
         return self._cache[1]
@@ -142,7 +142,9 @@ class DeadlineHeaderMiddleware:
                     try:
                         request_timeout(value.decode("latin-1"), self.max_s())
                     except ValueError as exc:
-                        response = error_response(422, str(exc), "invalid_timeout")
+                        response = error_response(
+                            422, str(exc), "invalid_timeout", path=path_of(scope)
+                        )
                         await response(scope, receive, send)
                         return
         await self.app(scope, receive, send)
@@ -167,6 +169,7 @@ class AdmissionMiddleware:
                 f"the server is at capacity ({self.limit()} requests in progress); retry shortly",
                 "overloaded",
                 {"Retry-After": str(self.retry_after_s())},
+                path_of(scope),
             )
             await response(scope, receive, send)
             return
@@ -231,7 +234,10 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = error_response(
-            413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+            413,
+            f"request body is larger than the limit of {limit} bytes",
+            "body_too_large",
+            path=path_of(scope),
         )
         await response(scope, receive, send)
 

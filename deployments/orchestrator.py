@@ -584,7 +584,9 @@ class Orchestrator:
         },
     )
     async def chat_completions(self, body: oai.ChatCompletionRequest, request: Request) -> Any:
-        self._check_chat(len(body.messages), body.limit_tokens, body.texts())
+        self._check_chat(
+            len(body.messages), [body.max_tokens, body.max_completion_tokens], body.texts()
+        )
         turns = [{"role": m.role, "content": m.text()} for m in body.messages]
         req, history = _conversation(turns, body.hybrid)
         chat = _Chat(body.model, req, history, body.hybrid.retrieval, body.sampling())
@@ -615,7 +617,7 @@ class Orchestrator:
         },
     )
     async def messages(self, body: aapi.MessagesRequest, request: Request) -> Any:
-        self._check_chat(len(body.messages), body.max_tokens, body.texts())
+        self._check_chat(len(body.messages), [body.max_tokens], body.texts())
         req, history = _conversation(body.turns(), body.hybrid)
         sampling = body.sampling()
         if body.model == "hybrid":
@@ -642,18 +644,21 @@ class Orchestrator:
 
     # -- chat, for both APIs ---------------------------------------------------------------------
 
-    def _check_chat(self, messages: int, max_tokens: int | None, texts: list[str]) -> None:
+    def _check_chat(self, messages: int, max_tokens: list[int | None], texts: list[str]) -> None:
+        """The configured limits: every token ceiling a client set, not only the one in effect
+        (the OpenAI API has two)."""
         http = self.cfg.http
         if messages > http.max_messages:
             raise APIError(
                 422, f"{messages} messages; the limit is {http.max_messages}", "too_many_messages"
             )
-        if (max_tokens or 0) > http.max_tokens_ceiling:
-            raise APIError(
-                422,
-                f"max_tokens is {max_tokens}; the limit is {http.max_tokens_ceiling}",
-                "max_tokens_too_large",
-            )
+        for asked in max_tokens:
+            if (asked or 0) > http.max_tokens_ceiling:
+                raise APIError(
+                    422,
+                    f"max_tokens is {asked}; the limit is {http.max_tokens_ceiling}",
+                    "max_tokens_too_large",
+                )
         for text in texts:
             self._check_query(text)
 

@@ -41,7 +41,8 @@ def test_every_non_health_route_of_the_api_needs_the_key(rel):
             {"Authorization": f"Bearer {near_miss}"},
             {"Authorization": f"Bearer {rel.key}0"},  # a longer key is not the key ...
             {"Authorization": rel.key},  # ... nor is the key without its scheme
-            {"X-API-Key": rel.key},
+            {"X-API-Key": near_miss},  # the Anthropic SDK's header holds to the same rule
+            {"X-API-Key": f"Bearer {rel.key}"},
         ):
             r = httpx.request(method, rel.url + path, headers=headers, json={}, timeout=30)
             if path in OPEN:

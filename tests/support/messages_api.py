@@ -208,6 +208,10 @@ class MessagesAPIServer:
                 event("message_stop", {})
 
         class Server(ThreadingHTTPServer):
+            # http.server's listen backlog is 5: under load, a burst of concurrent calls got
+            # connections refused, which the real API never does.
+            request_queue_size = 128
+
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # clients dropping keep-alive connections are not news
 
