@@ -96,19 +96,15 @@ def load_squad(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return docs, questions
 
 
-def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progress):
-    from hybrid_serve.bundled import bundled_gguf
-    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
+def squad_index(docs: list[dict[str, Any]], progress: Progress) -> Any:
+    """An in-process index of the SQuAD paragraphs, as the retriever would build it."""
     from hybrid_serve.retrieval.embedder import Embedder
     from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
     cfg = HybridServeConfig.load()
-    docs, questions = load_squad(squad)
-    random.Random(seed).shuffle(questions)
-    questions = questions[:limit]
     embedder = Embedder()
     store = IndexStore(
-        tempfile.mkdtemp(prefix="hs-conf-"),
+        tempfile.mkdtemp(prefix="hs-squad-"),
         embedder.encode,
         embedder.dim,
         chunk_words=cfg.retriever.chunk_words,
@@ -118,6 +114,18 @@ def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progr
         [NewDocument(**d) for d in docs],
         progress=lambda done, total: progress.step(done, total, "embedding paragraphs"),
     )
+    return store
+
+
+def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progress):
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.engines.llama_cpp import LlamaCppEngine
+
+    cfg = HybridServeConfig.load()
+    docs, questions = load_squad(squad)
+    random.Random(seed).shuffle(questions)
+    questions = questions[:limit]
+    store = squad_index(docs, progress)
     engine = LlamaCppEngine(bundled_gguf(), n_threads=threads)
 
     async def retrieve(query: str, top_k: int):

@@ -17,12 +17,11 @@ import argparse
 import asyncio
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from hybrid_serve.agents.lead import Lead
-from hybrid_serve.benchmarks.confidence import load_squad
+from hybrid_serve.benchmarks.confidence import load_squad, squad_index
 from hybrid_serve.benchmarks.report import Progress, publish
 from hybrid_serve.config import HybridServeConfig
 
@@ -62,24 +61,10 @@ def conversations(squad: Path, limit: int, seed: int) -> tuple[list[dict[str, An
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from hybrid_serve.bundled import bundled_gguf
     from hybrid_serve.engines.llama_cpp import LlamaCppEngine
-    from hybrid_serve.retrieval.embedder import Embedder
-    from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
     progress = Progress("followups")
     docs, convs = conversations(args.squad, args.limit, args.seed)
-    embedder = Embedder()
-    cfg = HybridServeConfig.load()
-    store = IndexStore(
-        tempfile.mkdtemp(prefix="hs-followups-"),
-        embedder.encode,
-        embedder.dim,
-        chunk_words=cfg.retriever.chunk_words,
-        chunk_overlap_words=cfg.retriever.chunk_overlap_words,
-    )
-    store.upsert(
-        [NewDocument(**d) for d in docs],
-        progress=lambda done, total: progress.step(done, total, "embedding paragraphs"),
-    )
+    store = squad_index(docs, progress)
     engine = LlamaCppEngine(bundled_gguf(), n_threads=args.threads)
 
     async def retrieve(query: str, top_k: int):

@@ -36,7 +36,12 @@ from anthropic.types.raw_message_delta_event import Delta
 from pydantic import Field, StrictBool, StrictStr, model_validator
 
 from hybrid_serve.deployments import sse
-from hybrid_serve.deployments.openai_api import MAX_PARTS, USER_MESSAGE, HybridOptions
+from hybrid_serve.deployments.openai_api import (
+    MAX_PARTS,
+    USER_MESSAGE,
+    HybridOptions,
+    hybrid_extension,
+)
 from hybrid_serve.schemas import (
     AnswerResponse,
     Citation,
@@ -187,11 +192,6 @@ def usage(answer: AnswerResponse) -> Usage:
         cache_read_input_tokens=u.claude_cache_read_tokens,
         cache_creation_input_tokens=u.claude_cache_write_tokens,
     )
-
-
-def hybrid_extension(answer: AnswerResponse) -> dict[str, Any]:
-    """Everything of /v1/answer but the text, which is the content."""
-    return answer.model_dump(mode="json", exclude={"answer"})
 
 
 def message(mid: str, model: str, answer: AnswerResponse, reason: StopReason) -> dict[str, Any]:
