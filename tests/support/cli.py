@@ -78,19 +78,7 @@ class Up:
     def leftover_processes(self) -> list[int]:
         """Live processes that inherited this `up`'s environment (Ray's GCS, raylet, workers),
         wherever they were re-parented: what `up` left behind."""
-        needle = f"{MARK}={self.mark}".encode()
-        left = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                environ = (proc / "environ").read_bytes()
-            except OSError:
-                continue
-            if state != "Z" and needle in environ.split(b"\0"):
-                left.append(int(proc.name))
-        return left
+        return marked_processes(self.mark)
 
     def stop(self, sig: int = signal.SIGINT) -> int:
         self.proc.send_signal(sig)
@@ -120,13 +108,54 @@ class Up:
         return out
 
     def kill_all(self) -> list[int]:
-        """SIGKILL `up` and every Ray process under it at once: a node losing power."""
+        """SIGKILL `up` and every Ray process it started at once: a node losing power. The tree
+        under `up` goes first, then whatever was outside it (re-parented, or started while the
+        tree was read), until nothing of this `up` is left to outlive the "power loss"."""
         pids = self.descendants()
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(pid)
         self.proc.wait(timeout=30)
         self.out.close()
+        deadline = time.monotonic() + 30
+        while (left := self.leftover_processes()) and time.monotonic() < deadline:
+            for pid in left:
+                _kill(pid)
+            pids.extend(p for p in left if p not in pids)
+            time.sleep(0.2)
         return pids
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def marked_processes(mark: str | None = None) -> list[int]:
+    """Live processes started by a test's `up` (that one's when `mark` is given, else any)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        found = next((e for e in environ if e.startswith(f"{MARK}=".encode())), None)
+        if state != "Z" and found and (mark is None or found == f"{MARK}={mark}".encode()):
+            left.append(int(proc.name))
+    return left
+
+
+def wait_quiet(timeout: float = 90.0) -> list[int]:
+    """Wait until every test `up`'s processes have exited (a Ray cluster winds down for a few
+    seconds after `up` returns); SIGKILL what is still there after `timeout`, so the next cluster
+    starts on a machine that is not still busy with the last one. Returns what was killed."""
+    deadline = time.monotonic() + timeout
+    while (left := marked_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        _kill(pid)
+    return left
