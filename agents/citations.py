@@ -10,9 +10,9 @@ import re
 from collections.abc import Sequence
 
 from hybrid_serve.schemas import Citation, Passage
+from hybrid_serve.text import sentence_spans, split_sentences
 
 MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
     "a an and are as at be been by for from has have in is it its of on or that the this to was "
@@ -49,10 +49,6 @@ def markers(text: str) -> list[int]:
     return out
 
 
-def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE.split(text.strip()) if s.strip()]
-
-
 def _snippet(passage: Passage, claim: str) -> str:
     """The passage sentence that best supports the claim, else its opening."""
     sentences = split_sentences(passage.text)
@@ -84,8 +80,10 @@ def attribute(text: str, passages: Sequence[Passage], min_support: float = 0.5) 
 
 
 def _claim_before(text: str, pos: int) -> str:
-    """The sentence a marker at `pos` closes: the text since the previous full stop."""
-    return text[text.rfind(".", 0, pos) + 1 : pos]
+    """The sentence a marker at `pos` closes: the last sentence before it ("… Tallinn. [1]"
+    cites the sentence it follows)."""
+    spans = sentence_spans(text[:pos])
+    return text[spans[-1][0] : pos] if spans else ""
 
 
 def _citation(number: int, passage: Passage, claim: str) -> Citation:

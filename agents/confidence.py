@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hybrid_serve.agents.citations import content_words, markers, split_sentences, support
+from hybrid_serve.agents.citations import content_words, markers, strip_markers, support
 from hybrid_serve.schemas import Citation, Passage
+from hybrid_serve.text import Evidence, claims, split_sentences
 
 _REFUSAL = re.compile(
     r"\b(i don'?t know|i do not know|not (?:mentioned|stated|provided|given|specified)|"
@@ -103,18 +104,42 @@ def support_confidence(
     answer: str, cited: Sequence[Citation], passages: Sequence[Passage]
 ) -> float:
     """Mean lexical support of each answer sentence by the passages it cites."""
-    by_doc: dict[str, list[str]] = {}
-    for p in passages:
-        by_doc.setdefault(p.doc_id, []).append(p.text)
     sentences = split_sentences(answer)
     if not sentences or not cited:
         return 0.0
-    evidence = {c.number: " ".join(by_doc.get(c.doc_id, [c.snippet])) for c in cited}
+    evidence = _evidence_by_citation(cited, passages)
     scores = []
     for s in sentences:
         nums = [n for n in markers(s) if n in evidence]
         scores.append(max((support(s, evidence[n]) for n in nums), default=0.0))
     return sum(scores) / len(scores)
+
+
+def _evidence_by_citation(cited: Sequence[Citation], passages: Sequence[Passage]) -> dict[int, str]:
+    by_doc: dict[str, list[str]] = {}
+    for p in passages:
+        by_doc.setdefault(p.doc_id, []).append(p.text)
+    return {c.number: " ".join(by_doc.get(c.doc_id, [c.snippet])) for c in cited}
+
+
+def unsupported_claims(
+    query: str, answer: str, cited: Sequence[Citation], passages: Sequence[Passage]
+) -> tuple[int, list[str]]:
+    """(names and numbers the answer asserts, those that neither the passages a sentence cites
+    nor the question state). A sentence without a marker is held to all the cited passages; with
+    no citation at all, to every retrieved passage. "Tallinn, Turkey" from a passage that says
+    Tallinn is a sentence with good lexical support and one unsupported name."""
+    evidence = _evidence_by_citation(cited, passages)
+    every = " ".join(evidence.values()) or " ".join(p.text for p in passages)
+    total, unsupported = 0, []
+    for sentence in split_sentences(answer):
+        nums = [n for n in markers(sentence) if n in evidence]
+        source = Evidence.of(query, *(evidence[n] for n in nums) if nums else (every,))
+        for claim in claims(strip_markers(sentence)):
+            total += 1
+            if not source.supports(claim) and claim.text not in unsupported:
+                unsupported.append(claim.text)
+    return total, unsupported
 
 
 def is_refusal(answer: str) -> bool:
@@ -127,20 +152,54 @@ def too_short(answer: str, shape: QueryShape) -> bool:
     return len(words) < max(1, shape.questions) or (shape.comparison and len(words) < 2)
 
 
+def copied_share(answer: str, passages: Sequence[Passage], n: int = 8) -> float:
+    """Share of the answer's word n-grams found verbatim in one passage: near 1 when the answer
+    is a passage pasted back rather than an answer to the question."""
+    words = strip_markers(answer).lower().split()
+    if len(words) < n:
+        return 0.0
+    grams = {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    best = 0.0
+    for p in passages:
+        pw = p.text.lower().split()
+        found = grams & {tuple(pw[i : i + n]) for i in range(len(pw) - n + 1)}
+        best = max(best, len(found) / len(grams))
+    return best
+
+
+# An answer this long and this much a copy of one passage is marked `copied_passage`.
+COPIED_WORDS, COPIED_SHARE = 30, 0.8
+# Score factors for the signs a kept answer is wrong or not an answer.
+PENALTY = {
+    "unsupported_entity": 0.6,
+    "prompt_echo": 0.8,
+    "copied_passage": 0.85,
+    "multi_part_query": 0.7,
+    "comparison_query": 0.85,
+    "ambiguous_query": 0.8,
+    "long_query": 0.9,
+}
+
+
 def score_answer(
     query: str,
     answer: str,
     citations: Sequence[Citation],
     passages: Sequence[Passage],
     token_logprobs: Sequence[float] | None,
+    echoed: bool = False,
+    penalties: Mapping[str, float] = PENALTY,
 ) -> Confidence:
-    """`token_logprobs` None means the answer did not come from the SLM (no token signal)."""
+    """`token_logprobs` None means the answer did not come from the SLM (no token signal);
+    `echoed`: prompt structure was stripped from the model's text (`prompts.strip_echo`)."""
     shape = query_shape(query)
+    asserted, unsupported = unsupported_claims(query, answer, citations, passages)
     signals = {
         "retrieval": retrieval_confidence(passages),
         "margin": retrieval_margin(passages),
         "support": support_confidence(answer, citations, passages),
         "cited": 1.0 if citations else 0.0,
+        "entities": 1.0 - len(unsupported) / asserted if asserted else 1.0,
     }
     weights = dict(WEIGHTS)
     if token_logprobs is None:
@@ -167,18 +226,24 @@ def score_answer(
     elif too_short(answer, shape):
         reasons.append("short_answer")
         score = min(score, 0.4)
+    # A name or number no cited passage states is the commonest wrong answer that reads well.
+    if unsupported:
+        reasons.append("unsupported_entity")
+    if echoed:
+        reasons.append("prompt_echo")
+    words = len(strip_markers(answer).split())
+    if words >= COPIED_WORDS and copied_share(answer, passages) >= COPIED_SHARE:
+        reasons.append("copied_passage")
     # The query's shape lowers the score: a small model fails these more often.
     if shape.multi_part:
         reasons.append("multi_part_query")
-        score *= 0.7
     if shape.comparison:
         reasons.append("comparison_query")
-        score *= 0.85
     if shape.ambiguous:
         reasons.append("ambiguous_query")
-        score *= 0.8
     if shape.words > 40:
         reasons.append("long_query")
-        score *= 0.9
+    for reason in reasons:
+        score *= penalties.get(reason, 1.0)
     signals = {k: round(v, 4) for k, v in signals.items()}
     return Confidence(score=round(min(1.0, max(0.0, score)), 4), signals=signals, reasons=reasons)

@@ -503,13 +503,15 @@ class Lead:
         gen = await (self._streamed(ctx, gen_req) if stream else self.generate(gen_req))
         self.slm_answer_s = 0.8 * self.slm_answer_s + 0.2 * (time.monotonic() - started)
         ctx.count_slm(gen)
+        echoed = False
         if stream:
             text, citations, sources = gen.text, as_numbered(gen.text, passages), []
         elif chat and not passages:
             text, citations, sources = gen.text, [], []
         else:
-            text, citations, sources = finalize_sources(gen.text, passages)
-        confidence = score_answer(query, text, citations, passages, gen.token_logprobs)
+            raw, echoed = prompts.strip_echo(gen.text, passages)
+            text, citations, sources = finalize_sources(raw, passages)
+        confidence = score_answer(query, text, citations, passages, gen.token_logprobs, echoed)
         finish: Literal["stop", "length"] = "length" if gen.finish_reason == "length" else "stop"
         return Attempt(text, citations, passages, confidence, route, sources, finish_reason=finish)
 

@@ -12,6 +12,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hybrid_serve.agents.citations import content_words
+
 # A sub-task may refer to an earlier one's answer as {s1}; it is filled in before it runs.
 REF = re.compile(r"\{(s\d+)\}")
 
@@ -161,7 +163,9 @@ def local_plan(query: str) -> Plan:
         )
         if p.strip(" ,?")
     ]
-    if len(parts) > 1:
+    # "Who invented X and where?" is one question: a part with nothing to search for ("where?")
+    # would be asked on its own, and a small model answers it with the prompt's layout.
+    if len(parts) > 1 and all(content_words(p) for p in parts):
         return validate_plan(
             Plan(
                 subtasks=[

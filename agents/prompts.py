@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from hybrid_serve.schemas import Passage
@@ -28,8 +29,33 @@ def format_passages(passages: Sequence[Passage], max_chars: int = PASSAGE_CHARS)
     return "\n\n".join(blocks)
 
 
-# Where a small model's short answer is over: it tends to run on into the prompt's own layout.
-ANSWER_STOP = ["\n\n", "\nPassage", "\nQuestion:"]
+# Where a small model's short answer is over: it tends to run on into the prompt's own layout,
+# on a new line or on the same one.
+ANSWER_STOP = ["\n\n", "\nPassage", "Question:", "Passages:", "<<<", ">>>"]
+
+# The layout `answer_messages` writes, as a model echoes it: labels, fences, passage headers.
+_LEADING_LABEL = re.compile(r"^\s*(?:Answer|Response)\s*:\s*", re.IGNORECASE)
+_ECHO = re.compile(
+    r"(?:\b(?:Question|Passages?|Answer|Context|Rewritten question|Last question)\s*:|<<<|>>>"
+    r"|No passages were found\.|Answer in one or two sentences)"
+)
+
+
+def strip_echo(text: str, passages: Sequence[Passage] = ()) -> tuple[str, bool]:
+    """The answer without the prompt structure a small model writes back ("… Question: Where
+    [2]? Answer: [3] (Configuration)"): a leading "Answer:" goes, the text is cut where a label
+    or fence of the prompt starts, and passage headers' "(title)" after a marker are dropped.
+    Returns (text, whether anything was removed)."""
+    out = _LEADING_LABEL.sub("", text, count=1)
+    m = _ECHO.search(out)
+    if m:
+        out = out[: m.start()]
+    for p in passages:
+        if p.title:
+            out = re.sub(r"(\[\d+\])\s*\(" + re.escape(p.title) + r"\)", r"\1", out)
+    out = out.rstrip()
+    return out, out != text.rstrip()
+
 
 # Earlier chat turns kept as context: a small model loses the thread in long histories.
 HISTORY_TURNS = 4

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from hybrid_serve.agents.citations import strip_markers
 from hybrid_serve.agents.merge import PartialAnswer
 from hybrid_serve.agents.planner import REF, Plan, SubtaskPlan
+from hybrid_serve.text import NAME, NUMBER, split_sentences
 
 # (the sub-task, its question and search queries with dependencies filled in) -> its answer
 RunSubtask = Callable[[SubtaskPlan, str, list[str]], Awaitable[PartialAnswer]]
@@ -26,12 +27,12 @@ def short_answer(text: str) -> str:
     """An answer's first sentence without markers: the next hop's fallback when no name is new."""
     text = strip_markers(text)
     text = _PREAMBLE.sub("", text.split("\n", 1)[0]).strip()
-    first = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0].rstrip(".!? ")
+    first = next(iter(split_sentences(text)), "").rstrip(".!? ")
     return first if len(first) <= ANSWER_CHARS else first[: ANSWER_CHARS - 1].rstrip() + "…"
 
 
-_TOKEN = r"(?:[A-Z]\.|[A-Z0-9][\w'’-]*)"
-_NAME = re.compile(_TOKEN + r"(?:\s+(?:(?:of|de|la|von|van|the|and|&)\s+)?" + _TOKEN + r")*")
+# A name or a number ("… in 1998"), whichever comes first.
+_ENTITY = re.compile(f"{NAME.pattern}|{NUMBER.pattern}")
 
 
 def bridge_entity(answer: str, question: str) -> str:
@@ -40,7 +41,7 @@ def bridge_entity(answer: str, question: str) -> str:
     Falls back to the short answer, so the next hop asks about the answer, not its wording."""
     text = _PREAMBLE.sub("", strip_markers(answer).split("\n", 1)[0]).strip()
     asked = {w.lower() for w in re.findall(r"[\w'’]+", question)}
-    for m in _NAME.finditer(text):
+    for m in _ENTITY.finditer(text):
         words = [w for w in re.findall(r"[\w'’]+", m.group(0)) if w.lower() not in {"the", "a"}]
         if words and any(w.lower() not in asked for w in words):
             return m.group(0).strip(" .,")

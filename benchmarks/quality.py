@@ -34,12 +34,14 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from hybrid_serve.agents.calibration import risk_threshold
 from hybrid_serve.benchmarks.confidence import load_squad
 from hybrid_serve.benchmarks.metrics import (
     auroc,
@@ -289,8 +291,23 @@ def evaluate(
     }
 
 
+def risk_control(
+    confidences: list[float], right: list[bool], alpha: float, delta: float
+) -> dict[str, Any]:
+    """The threshold that bounds the error rate of SLM-kept answers (F1 ≤ 0.5 is an error) at
+    α with confidence 1 − δ (agents/calibration.py), and the escalation that costs."""
+    if not confidences:
+        return {"alpha": alpha, "delta": delta, "n": 0, "feasible": False, "steps": []}
+    return risk_threshold(confidences, [not r for r in right], alpha, delta).to_dict()
+
+
 def summarize(
-    run: dict[str, Any], threshold: float, seed: int, files: dict[str, str]
+    run: dict[str, Any],
+    threshold: float,
+    seed: int,
+    files: dict[str, str],
+    alpha: float = 0.2,
+    delta: float = 0.1,
 ) -> dict[str, Any]:
     outcomes: list[Outcome] = run["outcomes"]
 
@@ -361,7 +378,17 @@ def summarize(
             "claude_only": answer_metrics(outcomes, "claude") or None,
         },
         "calibration": calibrate(outcomes, seed),
+        "risk_control": risk_control(confidences, right, alpha, delta),
         "datasets": datasets,
+        # what `hybrid-serve calibrate --report` re-fits from, without asking again
+        "questions": [
+            {
+                "dataset": o.q.dataset,
+                "confidence": o.slm["confidence"],
+                "f1": round(f1_score(strip_citations(o.slm["answer"]), o.q.answers), 4),
+            }
+            for o in answered
+        ],
     }
 
 
@@ -415,6 +442,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {p['target_escalation']:.0%} | {p['threshold']} | {p['escalation_rate']:.1%} | "
             f"{f1} | {kept} | {p['cost_usd_per_question']:.6f} |"
         )
+    lines += ["", *risk_markdown(report["risk_control"])]
     if not report["claude_measured"]:
         lines += [
             "",
@@ -425,20 +453,80 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def risk_markdown(risk: dict[str, Any]) -> list[str]:
+    head = (
+        f"## Risk control: error rate of SLM-kept answers ≤ {risk['alpha']:.0%} with "
+        f"confidence {1 - risk['delta']:.0%} ({risk['n']} answers)"
+    )
+    if not risk.get("feasible"):
+        return [
+            head,
+            "",
+            "No threshold can be certified on this sample: escalate everything, "
+            "or calibrate on more questions.",
+        ]
+    return [
+        head,
+        "",
+        f"Threshold **{risk['threshold']:.4f}**: {risk['kept']} answers kept, {risk['errors']} "
+        f"wrong, upper bound {risk['bound']:.3f}; escalation rate {risk['escalation_rate']:.1%}. "
+        "Set it with `escalation.threshold` (or `hybrid-serve calibrate`).",
+    ]
+
+
+def risk_plot(risk: dict[str, Any]) -> Callable[[Any], None]:
+    def draw(ax: Any) -> None:
+        steps = risk.get("steps", [])
+        if steps:
+            xs = [s["threshold"] for s in steps]
+            ax.plot(xs, [s["bound"] for s in steps], "o-", ms=3, label="upper bound on error")
+            ax.plot(xs, [s["escalation_rate"] for s in steps], "s-", ms=3, label="escalation")
+        ax.axhline(risk["alpha"], color="red", ls="--", lw=1, label=f"α = {risk['alpha']}")
+        if risk.get("feasible"):
+            ax.axvline(risk["threshold"], color="gray", ls=":", lw=1, label="chosen threshold")
+        ax.set_xlabel("confidence threshold (tested from strict to lenient)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Risk control (δ = {risk['delta']})")
+        ax.legend(fontsize=7)
+
+    return draw
+
+
+def curve_points(
+    curve: list[dict[str, Any]], claude_measured: bool
+) -> list[tuple[float, float, str]]:
+    """The cost-quality points to plot: (USD per 1,000 questions, F1, escalation targets). A
+    point whose quality was not measured (escalated answers when Claude was not) is left out,
+    not drawn at 0; targets that land on the same point share one label."""
+    merged: dict[tuple[float, float], list[str]] = {}
+    for p in curve:
+        f1 = p["f1"] if claude_measured else p["f1_of_answers_kept_on_slm"]
+        if f1 is None or (not claude_measured and p["escalation_rate"] >= 1.0):
+            continue
+        xy = (p["cost_usd_per_question"] * 1000, f1)
+        merged.setdefault(xy, []).append(f"{p['target_escalation']:.0%}")
+    return [(x, y, "/".join(labels)) for (x, y), labels in sorted(merged.items())]
+
+
 def plots(report: dict[str, Any]) -> dict[str, Any]:
     curve = report["calibration"]["curve"]
 
     def cost_quality(ax: Any) -> None:
-        xs = [p["cost_usd_per_question"] * 1000 for p in curve]
+        points = curve_points(curve, report["claude_measured"])
         if report["claude_measured"]:
-            ys = [p["f1"] for p in curve]
             label = "F1 (held out)"
         else:
-            ys = [p["f1_of_answers_kept_on_slm"] or 0.0 for p in curve]
             label = "F1 of answers kept on the SLM (Claude not measured)"
-        ax.plot(xs, ys, "o-", label="hybrid at target escalation")
-        for p, x, y in zip(curve, xs, ys):
-            ax.annotate(f"{p['target_escalation']:.0%}", (x, y), fontsize=7)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="hybrid")
+        for i, (x, y, text) in enumerate(points):
+            # alternate above and below the line so neighbouring labels do not overlap
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=(4, 6 if i % 2 == 0 else -11),
+                textcoords="offset points",
+                fontsize=7,
+            )
         ends = report["ends"]
         if ends["slm_only"]:
             ax.scatter(
@@ -482,7 +570,11 @@ def plots(report: dict[str, Any]) -> dict[str, Any]:
         ax.set_title("Retrieval recall")
         ax.legend(fontsize=8)
 
-    return {"cost_quality.png": cost_quality, "retrieval_recall.png": recall}
+    return {
+        "cost_quality.png": cost_quality,
+        "retrieval_recall.png": recall,
+        "risk_control.png": risk_plot(report["risk_control"]),
+    }
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -496,6 +588,33 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--url", help="a running cluster (default: start one with a fresh index)")
     ap.add_argument("--api-key", help="bearer key (default: $HYBRID_SERVE_API_KEY)")
     ap.add_argument("--out", required=True)
+    add_risk_arguments(ap)
+
+
+def add_risk_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--alpha", type=float, default=0.2, help="target error rate of SLM-kept answers"
+    )
+    ap.add_argument("--delta", type=float, default=0.1, help="allowed chance of missing it")
+
+
+def recalibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """`hybrid-serve calibrate`: the risk-controlled threshold from a quality report's answers."""
+    data = json.loads(Path(args.report).read_text())
+    questions = data.get("questions")
+    if not questions:
+        raise ValueError(f"{args.report} has no per-question answers: run bench quality again")
+    risk = risk_control(
+        [q["confidence"] for q in questions],
+        [q["f1"] > 0.5 for q in questions],
+        args.alpha,
+        args.delta,
+    )
+    lines = risk_markdown(risk)
+    if risk.get("feasible"):
+        lines += ["", "```yaml", "escalation:", f"  threshold: {risk['threshold']:.4f}", "```"]
+    publish(Path(args.out), risk, "\n".join(lines), {"risk_control.png": risk_plot(risk)})
+    return risk
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -540,7 +659,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if started is not None:
             local.shutdown(*started)
     progress.done()
-    report = summarize(result, threshold, args.seed, files)
+    report = summarize(result, threshold, args.seed, files, args.alpha, args.delta)
     publish(Path(args.out), report, markdown(report), plots(report))
     return report
 

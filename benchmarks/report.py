@@ -58,26 +58,35 @@ def require_plotting() -> None:
 
 
 class Progress:
-    """One self-overwriting line on a terminal; plain lines when output is a file. Every
-    benchmark starts with one, so it is also where a missing plotting library is caught."""
+    """One self-overwriting line on a terminal. Off a terminal (CI logs, files), step lines are
+    printed every `interval_s` seconds, at the last step and when the phase changes, not once
+    per step: thousands of per-question lines bury the rest of a log. Every benchmark starts
+    with one, so it is also where a missing plotting library is caught."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, interval_s: float = 5.0) -> None:
         require_plotting()
         self.name = name
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
+        self.interval_s = interval_s
+        self._last_line = -math.inf
+        self._last_what = ""
 
     def say(self, text: str) -> None:
-        elapsed = time.monotonic() - self.started
-        line = f"[{self.name} {elapsed:6.1f}s] {text}"
+        now = time.monotonic()
+        line = f"[{self.name} {now - self.started:6.1f}s] {text}"
         if self.tty:
             sys.stderr.write("\r\033[K" + line)
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        self._last_line = now
 
     def step(self, done: int, total: int, what: str) -> None:
-        self.say(f"{what}: {done}/{total}")
+        due = time.monotonic() - self._last_line >= self.interval_s
+        if self.tty or due or done >= total or what != self._last_what:
+            self.say(f"{what}: {done}/{total}")
+        self._last_what = what
 
     def done(self) -> None:
         if self.tty:

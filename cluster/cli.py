@@ -283,6 +283,17 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from hybrid_serve.benchmarks import quality
+
+    try:
+        risk = quality.recalibrate(args)
+    except (ValueError, OSError, KeyError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return 2
+    return 0 if risk.get("feasible") else 1
+
+
 # -- index add -----------------------------------------------------------------------------------
 
 
@@ -503,6 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     quality_bench.add_arguments(quality)
     quality.set_defaults(func=cmd_bench_quality)
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="the escalation threshold that bounds the error rate of SLM-kept answers",
+    )
+    calibrate.add_argument("--report", required=True, help="a `bench quality` report.json")
+    calibrate.add_argument("--out", default="bench-out/calibrate")
+    quality_bench.add_risk_arguments(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

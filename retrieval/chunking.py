@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+from hybrid_serve.text import split_sentences
+
 _PARAGRAPH = re.compile(r"\n\s*\n")
 
 
@@ -12,7 +13,7 @@ def _units(text: str) -> list[list[str]]:
     """Sentences as word lists; paragraph breaks also end a sentence."""
     units: list[list[str]] = []
     for para in _PARAGRAPH.split(text):
-        for sentence in _SENTENCE_END.split(para):
+        for sentence in split_sentences(para):
             words = sentence.split()
             if words:
                 units.append(words)

@@ -79,3 +79,18 @@ def test_as_numbered_keeps_the_models_numbers():
     cites = as_numbered("Berlin is German [3]. Paris [1, 9]. Again [3].", PASSAGES)
     assert [(c.number, c.doc_id) for c in cites] == [(3, "d3"), (1, "d1")]
     assert cites[0].snippet == "Berlin is the capital of Germany."
+
+
+def test_abbreviations_and_initials_stay_inside_their_sentence():
+    passages = [
+        Passage(
+            chunk_id="f#0",
+            doc_id="f",
+            title="Film",
+            text="L.A. Confidential is a 1997 film scored by Jerry Goldsmith.",
+            score=1.0,
+        )
+    ]
+    text, cites = finalize("The film is L.A. Confidential, scored by Jerry Goldsmith.", passages)
+    assert text == "The film is L.A. Confidential, scored by Jerry Goldsmith [1]."
+    assert len(cites) == 1

@@ -90,3 +90,50 @@ def test_answer_without_token_signal_uses_the_others():
     text, cites = finalize("Paris is the capital of France [1].", [P()])
     c = score_answer(Q, text, cites, [P()], None)
     assert "token" not in c.signals and c.score > 0.8
+
+
+ZORBLAX = "The Zorblax protocol was invented by Mira Quen in 1987 in Tallinn."
+
+
+def test_a_name_or_number_no_cited_passage_states_lowers_confidence_and_says_so():
+    q = "In which city was the Zorblax protocol invented?"
+    passages = [P(ZORBLAX, doc="z")]
+
+    def scored(answer):
+        text, cites = finalize(answer, passages)
+        return score_answer(q, text, cites, passages, GOOD_LP)
+
+    right = scored("The Zorblax protocol was invented in Tallinn [1].")
+    assert "unsupported_entity" not in right.reasons and right.signals["entities"] == 1.0
+    # Lexically almost the same answer: one name no passage has.
+    wrong = scored("The Zorblax protocol was invented in Tallinn, Turkey [1].")
+    assert "unsupported_entity" in wrong.reasons and wrong.score < right.score
+    assert wrong.signals["entities"] == pytest.approx(
+        2 / 3, abs=1e-3
+    )  # Zorblax, Tallinn ok; Turkey not
+    year = scored("It was invented by Mira Quen in 1978 [1].")
+    assert "unsupported_entity" in year.reasons
+    # The question's own names need no passage; numbers written out in the passage count.
+    ok = score_answer(
+        "Who invented the Frobnitz Engine?",
+        "Mira Quen and two colleagues invented the Frobnitz Engine [1].",
+        finalize("x [1].", [P("Mira Quen built it with 2 colleagues.", doc="f")])[1],
+        [P("Mira Quen built it with 2 colleagues.", doc="f")],
+        GOOD_LP,
+    )
+    assert "unsupported_entity" not in ok.reasons
+
+
+def test_an_answer_that_pastes_a_passage_back_is_marked():
+    long = (
+        "The cluster starts with one command and serves the HTTP API on port 8000, with the "
+        "retriever, the small model and the orchestrator each deployed as its own Ray Serve "
+        "deployment that scales with load and recovers from failures on its own."
+    )
+    passages = [P(long, doc="d")]
+    text, cites = finalize(long + " [1]", passages)
+    copied = score_answer("How does the cluster start?", text, cites, passages, GOOD_LP)
+    assert "copied_passage" in copied.reasons
+    short, cites = finalize("With one command, on port 8000 [1].", passages)
+    answer = score_answer("How does the cluster start?", short, cites, passages, GOOD_LP)
+    assert "copied_passage" not in answer.reasons

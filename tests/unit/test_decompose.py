@@ -6,6 +6,7 @@ import pytest
 
 from hybrid_serve.agents.merge import PartialAnswer, merge
 from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
+from hybrid_serve.agents.prompts import strip_echo
 from hybrid_serve.agents.subagent import bridge_entity, fill, run_plan, short_answer
 from hybrid_serve.schemas import Citation, Passage
 
@@ -206,3 +207,30 @@ def test_cancelling_the_request_cancels_every_running_subtask():
 
     asyncio.run(main())
     assert sorted(rec.cancelled) == ["s1", "s2"] and rec.running == 0
+
+
+def test_a_part_with_nothing_to_search_for_is_not_a_question_of_its_own():
+    plan = local_plan("Who invented the Zorblax protocol and where?")
+    assert [s.question for s in plan.subtasks] == ["Who invented the Zorblax protocol and where?"]
+    two = local_plan("Who invented the Zorblax protocol and where is Tallinn?")
+    assert len(two.subtasks) == 2
+
+
+def test_an_initialism_is_one_bridge_entity():
+    answer = "The film scored by Jerry Goldsmith is L.A. Confidential [1]."
+    assert bridge_entity(answer, "Which film was scored by Jerry Goldsmith?") == "L.A. Confidential"
+
+
+def test_echoed_prompt_structure_never_reaches_the_answer():
+    passages = [
+        Passage(chunk_id="c#0", doc_id="c", title="Configuration", text="Port 8000.", score=1.0)
+    ]
+    text, echoed = strip_echo(
+        "Invented by Mira Quen [1]. Question: Where [2]? Answer: [3] (Configuration)", passages
+    )
+    assert (text, echoed) == ("Invented by Mira Quen [1].", True)
+    assert strip_echo("Answer: Port 8000 [1] (Configuration).", passages) == (
+        "Port 8000 [1].",
+        True,
+    )
+    assert strip_echo("Port 8000 [1].", passages) == ("Port 8000 [1].", False)

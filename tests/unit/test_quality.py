@@ -115,3 +115,74 @@ def test_summary_without_claude_says_what_the_threshold_would_escalate():
     assert report["ends"]["claude_only"] is None
     for key in ("retrieval", "answer", "citations", "escalation_rate", "routes", "cost"):
         assert key in report
+
+
+def test_the_chart_leaves_out_what_was_not_measured_and_merges_shared_points():
+    from hybrid_serve.benchmarks.quality import curve_points
+
+    curve = [
+        {
+            "target_escalation": 0.0,
+            "escalation_rate": 0.0,
+            "cost_usd_per_question": 0.001,
+            "f1": None,
+            "f1_of_answers_kept_on_slm": 0.4,
+        },
+        {
+            "target_escalation": 0.1,
+            "escalation_rate": 0.0,
+            "cost_usd_per_question": 0.001,
+            "f1": None,
+            "f1_of_answers_kept_on_slm": 0.4,
+        },
+        {
+            "target_escalation": 0.5,
+            "escalation_rate": 0.5,
+            "cost_usd_per_question": 0.01,
+            "f1": None,
+            "f1_of_answers_kept_on_slm": 0.6,
+        },
+        {
+            "target_escalation": 1.0,
+            "escalation_rate": 1.0,
+            "cost_usd_per_question": 0.02,
+            "f1": None,
+            "f1_of_answers_kept_on_slm": None,
+        },
+    ]
+    assert curve_points(curve, claude_measured=False) == [(1.0, 0.4, "0%/10%"), (10.0, 0.6, "50%")]
+    assert curve_points(curve, claude_measured=True) == []  # no F1 was measured at all
+
+
+def test_risk_control_in_the_report_and_recalibrated_from_it(tmp_path):
+    import json
+
+    from hybrid_serve.cluster.cli import main
+
+    run = {
+        "outcomes": outcomes(with_claude=False),
+        "ingest_docs_per_s": 30.0,
+        "search_ms": [5.0, 7.0],
+        "with_claude": False,
+    }
+    report = summarize(run, threshold=0.5, seed=0, files={}, alpha=0.3, delta=0.1)
+    risk = report["risk_control"]
+    # 20 answers is below any useful sample: the procedure says it cannot certify a threshold
+    assert risk["n"] == 20 and not risk["feasible"] and len(report["questions"]) == 20
+    questions = [
+        {"dataset": "squad", "confidence": 0.5 + i / 400, "f1": 1.0 if i % 10 else 0.0}
+        for i in range(200)
+    ]  # one in ten wrong, whatever the confidence
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"questions": questions}))
+    out = tmp_path / "cal"
+    code = main(
+        ["calibrate", "--report", str(path), "--alpha", "0.25", "--delta", "0.1", "--out", str(out)]
+    )
+    fitted = json.loads((out / "report.json").read_text())
+    assert code == 0 and fitted["feasible"] and fitted["escalation_rate"] == 0.0
+    assert fitted["bound"] <= 0.2 and (out / "risk_control.png").is_file()
+    code = main(
+        ["calibrate", "--report", str(path), "--alpha", "0.05", "--delta", "0.1", "--out", str(out)]
+    )
+    assert code == 1  # 10 % wrong cannot be bounded by 5 %
