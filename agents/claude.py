@@ -176,7 +176,11 @@ class ClaudeRoles(Protocol):
     async def call(self, role: Role, request: ClaudeCall) -> ClaudeResult: ...
 
     async def finish_request(
-        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+        self,
+        request_id: str,
+        slm_cost_usd: float,
+        all_claude_estimate_usd: float,
+        requests: int = 1,
     ) -> None: ...
 
 
@@ -341,12 +345,17 @@ class ClaudeGateway:
         )
 
     async def finish_request(
-        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+        self,
+        request_id: str,
+        slm_cost_usd: float,
+        all_claude_estimate_usd: float,
+        requests: int = 1,
     ) -> None:
-        """Close a request's ledger entry and add it to the totals a report shows."""
+        """Close a request's ledger entry and add it to the totals a report shows (`requests`
+        0: background work such as a shadow verification, not a request)."""
         self.ledger.forget(request_id)
         t = self.ledger.totals
-        t.requests += 1
+        t.requests += requests
         t.slm_cost_usd += slm_cost_usd
         t.all_claude_cost_usd_estimate += all_claude_estimate_usd
 

@@ -19,8 +19,11 @@ Policies are code here, not prompt text: nothing a passage says can change them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import logging
 import math
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -42,6 +45,7 @@ from hybrid_serve.agents.confidence import Confidence, query_shape, score_answer
 from hybrid_serve.agents.followup import is_follow_up, parse_condensed, with_previous
 from hybrid_serve.agents.merge import PartialAnswer, merge
 from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
+from hybrid_serve.agents.shadow import Verdict, now
 from hybrid_serve.agents.subagent import run_plan
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.retrieval.fusion import reciprocal_rank_fusion
@@ -68,7 +72,10 @@ GenerateStream = Callable[[GenerationRequest], AsyncIterator[str | GenerationRes
 # Progress for a streaming client: (event name, JSON-able data). Names: plan, subtask, answer,
 # verification; the caller sends `done` with the response.
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+# Where a shadow verification's verdict goes (the orchestrator: a log and a metric).
+OnVerdict = Callable[[Verdict], Awaitable[None]]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # Kept back from the deadline for writing the response and the ledger's bookkeeping.
 RESPONSE_MARGIN_S = 0.25
 # An SLM answer's time before any was measured (SmolLM2 on 2 CPU cores: about 2 s).
@@ -217,12 +224,16 @@ class Lead:
         config: HybridServeConfig,
         claude: ClaudeRoles | None = None,
         generate_stream: GenerateStream | None = None,
+        on_verdict: OnVerdict | None = None,
     ) -> None:
         self.retrieve = retrieve
         self.generate = generate
         self.generate_stream = generate_stream
         self.cfg = config
         self.claude = claude
+        self.on_verdict = on_verdict
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._random = random.Random()
         self._sensitive = [re.compile(p, re.IGNORECASE) for p in config.policies.sensitive_patterns]
         # What an SLM answer takes here, end to end (a moving average): the time a step that
         # may fall back to the SLM leaves for it before the deadline.
@@ -305,6 +316,7 @@ class Lead:
                 attempt = await self._verification(ctx, attempt)
             response = await self._respond(ctx, passages, attempt)
             tracing.annotate(answer_attributes(response))
+            self._maybe_shadow(ctx, attempt)
             return response
 
     async def answer_slm(
@@ -799,6 +811,55 @@ class Lead:
         grade: Grade = result.output
         clamp = min(1.0, max(0.0, float(grade.score)))
         return grade.model_copy(update={"score": round(clamp, 4)})
+
+    # -- shadow verification -----------------------------------------------------------------
+
+    def _maybe_shadow(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """Grade this answer in the background if it was kept on the SLM by the threshold
+        (mode auto, not escalated, not verified, nothing cut) and the request may use Claude
+        (not sensitive), for the configured share of such answers."""
+        share = self.cfg.escalation.shadow_verify_share
+        kept = ctx.req.mode == "auto" and attempt.route == "slm" and ctx.verification is None
+        if not kept or share <= 0 or ctx.claude is None or ctx.cut or not attempt.text.strip():
+            return
+        if self._random.random() >= share:
+            return
+        task = asyncio.create_task(self._shadow_verify(ctx.claude, ctx, attempt))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow_verify(
+        self, claude: ClaudeRoles, ctx: RequestContext, attempt: Attempt
+    ) -> None:
+        request_id = f"{ctx.trace_id}:shadow"
+        call = ClaudeCall(request_id, ctx.req.query, attempt.passages, ctx.pii, answer=attempt.text)
+        try:
+            with tracing.span("Lead.shadow_verify"):
+                result = await claude.call("verify", call)
+        except ClaudeUnavailable:
+            return  # budget, circuit, rate limit: no verdict, and nobody waiting for one
+        except Exception:
+            log.warning("shadow verification of %s failed", ctx.trace_id, exc_info=True)
+            return
+        finally:
+            with contextlib.suppress(Exception):  # the ledger forgets a day's entries at midnight
+                await claude.finish_request(request_id, 0.0, 0.0, requests=0)
+        score = round(min(1.0, max(0.0, float(result.output.score))), 4)
+        verdict = Verdict(
+            at=now(),
+            trace_id=ctx.trace_id,
+            confidence=attempt.confidence.score,
+            threshold=self.cfg.escalation.threshold,
+            score=score,
+            wrong=score < self.cfg.escalation.verify_min_score,
+        )
+        if self.on_verdict is not None:
+            await self.on_verdict(verdict)
+
+    async def shadow_idle(self) -> None:
+        """Wait for the shadow verifications in flight (tests; a draining replica)."""
+        while self._shadow_tasks:
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
 
 
 class SLMStreamEnded(RuntimeError):

@@ -1,9 +1,13 @@
 """Does the confidence notice a wrong name or number? AUROC on answers built from SQuAD.
 
-For each question whose gold answer is a name or a number, the answer is the gold paragraph's
-sentence that contains it, cited as [1] (how a small model answers: by copying), in two forms:
-as written (right), and with the answer swapped for another question's answer of the same kind
-that the paragraph does not contain (wrong: reads as well, lexically almost the same). Each is
+For each question whose gold answer is a name or a number, an answer is written in two styles:
+the gold paragraph's sentence that contains the answer, cited as [1] (`sentence`: a small model
+copying), and the question restated with the answer ("In which city was X invented: Tallinn [1].",
+`restated`: words the passage may not have, as a paraphrase has). Each comes in three forms:
+as written (right); with the answer swapped for another question's answer of the same kind that
+the paragraph does not contain (`swapped`: reads as well, lexically almost the same); and with
+that other answer added after it ("… in Tallinn, Turkey [1]": `added`, the right answer plus one
+unsupported name, which lexical support averages away). Each is
 scored as the SLM's answer is, with the gold paragraph and two others of its article as the
 retrieved passages and no token signal (no model runs here). Reported: AUROC for "right" of the
 lexical support signal, of the claim signal (`entities`), and of the combined confidence without
@@ -56,7 +60,7 @@ def build_pairs(path: Path, limit: int, seed: int) -> list[dict[str, Any]]:
             pool[kind].append((q["doc_id"].rsplit("-", 1)[0], answer))
     pairs = []
     for q in questions:
-        if len(pairs) >= limit:
+        if len(pairs) >= limit * 2:  # two styles per question
             break
         answer = q["answers"][0].strip()
         kind = kind_of(answer)
@@ -84,18 +88,24 @@ def build_pairs(path: Path, limit: int, seed: int) -> list[dict[str, Any]]:
             )
             for i, d in enumerate([gold, *others])
         ]
-        cited = re.sub(r"([.!?]?)$", r" [1]\1", sentence.rstrip(), count=1)
-        pairs.append(
-            {
-                "question": q["question"],
-                "kind": kind,
-                "passages": passages,
-                "right": cited,
-                "wrong": cited.replace(answer, swap, 1),
-                "answer": answer,
-                "swap": swap,
-            }
-        )
+        styles = {
+            "sentence": re.sub(r"([.!?]?)$", r" [1]\1", sentence.rstrip(), count=1),
+            "restated": f"{q['question'].strip().rstrip('?').strip()}: {answer} [1].",
+        }
+        for style, cited in styles.items():
+            pairs.append(
+                {
+                    "question": q["question"],
+                    "kind": kind,
+                    "style": style,
+                    "passages": passages,
+                    "right": cited,
+                    "swapped": cited.replace(answer, swap, 1),
+                    "added": cited.replace(answer, f"{answer}, {swap}", 1),
+                    "answer": answer,
+                    "swap": swap,
+                }
+            )
     return pairs
 
 
@@ -103,7 +113,7 @@ def score_pairs(pairs: list[dict[str, Any]], progress: Progress) -> list[dict[st
     rows = []
     for i, pair in enumerate(pairs):
         progress.step(i + 1, len(pairs), "scoring")
-        for label in ("right", "wrong"):
+        for label in ("right", *VARIANTS):
             text, cites = finalize(pair[label], pair["passages"])
             after = score_answer(pair["question"], text, cites, pair["passages"], None)
             before = score_answer(
@@ -112,6 +122,8 @@ def score_pairs(pairs: list[dict[str, Any]], progress: Progress) -> list[dict[st
             rows.append(
                 {
                     "kind": pair["kind"],
+                    "style": pair["style"],
+                    "form": label,
                     "right": label == "right",
                     "support": after.signals["support"],
                     "entities": after.signals["entities"],
@@ -125,17 +137,27 @@ def score_pairs(pairs: list[dict[str, Any]], progress: Progress) -> list[dict[st
 
 
 SIGNALS = ("support", "entities", "before", "after")
+VARIANTS = ("swapped", "added")
+STYLES = ("sentence", "restated")
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """AUROC of each signal for right vs each wrong form, over all answers and by kind."""
     out: dict[str, Any] = {}
-    for kind in ("all", "name", "number"):
-        sel = [r for r in rows if kind == "all" or r["kind"] == kind]
+    groups = [(s, v, k) for s in STYLES for v in VARIANTS for k in ("all", "name", "number")]
+    for style, variant, kind in groups:
+        sel = [
+            r
+            for r in rows
+            if r["style"] == style
+            and r["form"] in ("right", variant)
+            and (kind == "all" or r["kind"] == kind)
+        ]
         if not sel:
             continue
         right = [r for r in sel if r["right"]]
         wrong = [r for r in sel if not r["right"]]
-        out[kind] = {
+        out[f"{style}/{variant}/{kind}"] = {
             "answers": len(sel),
             **{
                 f"auroc_{s}": auroc([r[s] for r in sel], [r["right"] for r in sel]) for s in SIGNALS
@@ -165,14 +187,16 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Callable[[Any],
     }
 
     def draw(ax: Any) -> None:
-        labels = [r["right"] for r in rows]
+        sel = [r for r in rows if r["style"] == "restated" and r["form"] in ("right", "added")]
+        labels = [r["right"] for r in sel]
         for s in SIGNALS:
-            fpr, tpr = roc([r[s] for r in rows], labels)
-            ax.plot(fpr, tpr, label=f"{names[s]} (AUROC {summary['all'][f'auroc_{s}']:.3f})")
+            fpr, tpr = roc([r[s] for r in sel], labels)
+            auc = summary["restated/added/all"][f"auroc_{s}"]
+            ax.plot(fpr, tpr, label=f"{names[s]} (AUROC {auc:.3f})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
         ax.set_xlabel("wrong answers kept (false positive rate)")
         ax.set_ylabel("right answers kept (true positive rate)")
-        ax.set_title("Right vs entity-swapped answers (SQuAD)")
+        ax.set_title("Restated answers: right vs one unsupported name or number added")
         ax.legend(loc="lower right", fontsize=8)
 
     return draw
@@ -180,9 +204,13 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Callable[[Any],
 
 def markdown(summary: dict[str, Any], n: int) -> str:
     lines = [
-        f"## Claim support: right vs entity-swapped answers ({n} pairs, SQuAD)",
+        f"## Claim support: right vs wrong answers ({n} questions, SQuAD)",
         "",
-        "| answers | n | lexical support | claim support | confidence before | confidence after "
+        'AUROC for "right"; *swapped*: the answer replaced by another of its kind, *added*: '
+        "another of its kind added after it.",
+        "",
+        "| style / wrong form / answers | n | lexical support | claim support | confidence before "
+        "| confidence after "
         "| wrong flagged | right flagged |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -198,7 +226,7 @@ def markdown(summary: dict[str, Any], n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--squad", type=Path, required=True)
-    ap.add_argument("--limit", type=int, default=1000, help="question pairs")
+    ap.add_argument("--limit", type=int, default=1000, help="questions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench-out/claims"))
     args = ap.parse_args(argv)
@@ -206,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = build_pairs(args.squad, args.limit, args.seed)
     rows = score_pairs(pairs, progress)
     summary = summarize(rows)
-    report = {"squad": str(args.squad), "pairs": len(pairs), "summary": summary, "rows": rows}
-    publish(args.out, report, markdown(summary, len(pairs)), {"roc.png": plot(rows, summary)})
+    n = len(pairs) // len(STYLES)
+    report = {"squad": str(args.squad), "questions": n, "summary": summary, "rows": rows}
+    publish(args.out, report, markdown(summary, n), {"roc.png": plot(rows, summary)})
     return 0
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 
 from hybrid_serve.agents.calibration import risk_threshold
+from hybrid_serve.agents.shadow import kept_error_rate, read_verdicts
 from hybrid_serve.benchmarks.confidence import load_squad
 from hybrid_serve.benchmarks.metrics import (
     auroc,
@@ -65,6 +66,7 @@ class Question:
     question: str
     answers: list[str]
     gold: set[str]  # doc ids of the gold paragraphs
+    kind: str = "single-hop"  # HotpotQA's own type: bridge, comparison
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Outcome:
     slm: dict[str, Any] | None = None
     claude: dict[str, Any] | None = None
     auto: dict[str, Any] | None = None
+    # the answers in each of --modes (the routing table)
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -95,7 +99,8 @@ def hotpot(path: Path, limit: int | None, seed: int) -> tuple[list[dict[str, Any
             doc_id = f"hotpot:{title}"
             docs[doc_id] = {"id": doc_id, "title": title, "text": "".join(sentences)}
         gold = {f"hotpot:{t}" for t in row["supporting_facts"]["title"]}
-        questions.append(Question("hotpot", row["question"], [row["answer"]], gold))
+        kind = row.get("type", "multi-hop")
+        questions.append(Question("hotpot", row["question"], [row["answer"]], gold, kind))
     return list(docs.values()), questions
 
 
@@ -114,8 +119,15 @@ def citation_scores(citations: list[dict[str, Any]], gold: set[str]) -> tuple[in
     return sum(d in gold for d in cited), len(cited), len(gold.intersection(cited))
 
 
+def answer_of(o: Outcome, side: str) -> dict[str, Any] | None:
+    """The answer in mode `side`: asked for --modes, or as a side of the calibration."""
+    if side in o.modes:
+        return o.modes[side]
+    return getattr(o, side) if side in ("slm", "claude", "auto") else None
+
+
 def answer_metrics(outcomes: list[Outcome], side: str) -> dict[str, Any]:
-    rows = [(o.q, getattr(o, side)) for o in outcomes if getattr(o, side) is not None]
+    rows = [(o.q, answer_of(o, side)) for o in outcomes if answer_of(o, side) is not None]
     if not rows:
         return {}
     em = [exact_match(strip_citations(r["answer"]), q.answers) for q, r in rows]
@@ -254,6 +266,7 @@ def evaluate(
     seed: int,
     api_key: str | None,
     progress: Progress,
+    modes: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url, timeout=600, headers={**headers, **NO_CACHE}) as client:
@@ -283,6 +296,9 @@ def evaluate(
                 if with_claude:
                     o.claude = ask(client, o.q.question, "claude")
                     o.auto = ask(client, o.q.question, "auto")
+                for mode in modes:
+                    done = {"slm": o.slm, "claude": o.claude, "auto": o.auto}.get(mode)
+                    o.modes[mode] = done or ask(client, o.q.question, mode)
     return {
         "outcomes": outcomes,
         "ingest_docs_per_s": rate,
@@ -378,6 +394,7 @@ def summarize(
             "claude_only": answer_metrics(outcomes, "claude") or None,
         },
         "calibration": calibrate(outcomes, seed),
+        "routing": routing(outcomes),
         "risk_control": risk_control(confidences, right, alpha, delta),
         "datasets": datasets,
         # what `hybrid-serve calibrate --report` re-fits from, without asking again
@@ -390,6 +407,75 @@ def summarize(
             for o in answered
         ],
     }
+
+
+def routing(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """Answer quality per question type and mode (--modes): what the `auto` policy is set from.
+    For `auto`, also the share of questions it decomposed."""
+    answered = [o for o in outcomes if o.modes]
+    rows = []
+    kinds = sorted({(o.q.dataset, o.q.kind) for o in answered})
+    modes = list(dict.fromkeys(m for o in answered for m in o.modes))
+    for dataset, kind in kinds:
+        group = [o for o in answered if (o.q.dataset, o.q.kind) == (dataset, kind)]
+        for mode in modes:
+            m = answer_metrics(group, mode)
+            if not m:
+                continue
+            answers = [o.modes[mode] for o in group if mode in o.modes]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "type": kind,
+                    "mode": mode,
+                    "n": m["n"],
+                    "f1": m["f1"],
+                    "exact_match": m["exact_match"],
+                    "citation_precision": m["citations"]["precision"],
+                    "citation_recall": m["citations"]["recall"],
+                    "latency_ms_p50": m["latency_ms"]["p50"],
+                    "decomposed": round(
+                        sum(a["route"] == "decomposed" for a in answers) / len(answers), 4
+                    ),
+                }
+            )
+    return rows
+
+
+def routing_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Routing: answer quality by question type and mode",
+        "",
+        "| data | type | mode | n | F1 | EM | citation P / R | decomposed | p50 latency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['type']} | {r['mode']} | {r['n']} | {r['f1']:.3f} | "
+            f"{r['exact_match']:.3f} | {r['citation_precision']:.3f} / {r['citation_recall']:.3f}"
+            f" | {r['decomposed']:.0%} | {r['latency_ms_p50'] / 1000:.1f} s |"
+        )
+    return ["", *lines]
+
+
+def routing_plot(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    def draw(ax: Any) -> None:
+        groups = list(dict.fromkeys(f"{r['dataset']}\n{r['type']}" for r in rows))
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        width = 0.8 / max(1, len(modes))
+        for j, mode in enumerate(modes):
+            f1 = {f"{r['dataset']}\n{r['type']}": r["f1"] for r in rows if r["mode"] == mode}
+            xs = [i + j * width for i in range(len(groups))]
+            ax.bar(xs, [f1.get(g, 0.0) for g in groups], width, label=f"mode {mode}")
+        ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(groups))])
+        ax.set_xticklabels(groups, fontsize=8)
+        ax.set_ylabel("answer F1")
+        ax.set_title("Answer F1 by question type and mode")
+        ax.legend(fontsize=7)
+
+    return draw
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -443,6 +529,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{f1} | {kept} | {p['cost_usd_per_question']:.6f} |"
         )
     lines += ["", *risk_markdown(report["risk_control"])]
+    lines += routing_markdown(report.get("routing", []))
     if not report["claude_measured"]:
         lines += [
             "",
@@ -574,7 +661,7 @@ def plots(report: dict[str, Any]) -> dict[str, Any]:
         "cost_quality.png": cost_quality,
         "retrieval_recall.png": recall,
         "risk_control.png": risk_plot(report["risk_control"]),
-    }
+    } | ({"routing.png": routing_plot(report["routing"])} if report.get("routing") else {})
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -588,6 +675,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--url", help="a running cluster (default: start one with a fresh index)")
     ap.add_argument("--api-key", help="bearer key (default: $HYBRID_SERVE_API_KEY)")
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--modes",
+        default="",
+        help="also answer each question in these modes (comma-separated: decompose, auto, "
+        "claude) for the routing table by question type",
+    )
     add_risk_arguments(ap)
 
 
@@ -599,7 +692,10 @@ def add_risk_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def recalibrate(args: argparse.Namespace) -> dict[str, Any]:
-    """`hybrid-serve calibrate`: the risk-controlled threshold from a quality report's answers."""
+    """`hybrid-serve calibrate`: the risk-controlled threshold from a quality report's answers
+    (`--report`), or from production's shadow verdicts (`--from-log`)."""
+    if args.from_log:
+        return recalibrate_from_log([Path(p) for p in args.from_log], args)
     data = json.loads(Path(args.report).read_text())
     questions = data.get("questions")
     if not questions:
@@ -610,11 +706,44 @@ def recalibrate(args: argparse.Namespace) -> dict[str, Any]:
         args.alpha,
         args.delta,
     )
-    lines = risk_markdown(risk)
+    _publish_risk(risk_markdown(risk), risk, args)
+    return risk
+
+
+def recalibrate_from_log(paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """The same from Claude's shadow verdicts. They exist only for answers that were kept, so
+    only thresholds at or above the one in force then can be certified; escalation is counted
+    among those answers."""
+    verdicts = read_verdicts(paths)
+    if not verdicts:
+        raise ValueError(
+            "no shadow verdicts in " + ", ".join(map(str, paths)) + ": set "
+            "escalation.shadow_verify_share and let the cluster answer for a while"
+        )
+    rate = kept_error_rate(verdicts)
+    risk = risk_control(
+        [v.confidence for v in verdicts], [not v.wrong for v in verdicts], args.alpha, args.delta
+    )
+    risk["observed"] = {
+        **vars(rate),
+        "thresholds_in_force": sorted({v.threshold for v in verdicts}),
+    }
+    lines = [
+        f"Kept answers graded by Claude: {rate.verdicts}, {rate.wrong} wrong: error rate "
+        f"{rate.rate:.1%} (95 % interval {rate.lower:.1%}–{rate.upper:.1%}) at threshold(s) "
+        + ", ".join(f"{t:g}" for t in risk["observed"]["thresholds_in_force"])
+        + ". Escalation below is the share of these kept answers a new threshold would send on.",
+        "",
+        *risk_markdown(risk),
+    ]
+    _publish_risk(lines, risk, args)
+    return risk
+
+
+def _publish_risk(lines: list[str], risk: dict[str, Any], args: argparse.Namespace) -> None:
     if risk.get("feasible"):
         lines += ["", "```yaml", "escalation:", f"  threshold: {risk['threshold']:.4f}", "```"]
     publish(Path(args.out), risk, "\n".join(lines), {"risk_control.png": risk_plot(risk)})
-    return risk
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -622,6 +751,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.squad and not args.hotpot:
         raise ValueError("give --squad FILE and/or --hotpot FILE")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = set(modes) - {"slm", "decompose", "auto", "claude"}
+    if unknown:
+        raise ValueError(f"unknown --modes: {', '.join(sorted(unknown))}")
     datasets = []
     files = {}
     if args.squad:
@@ -653,7 +786,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         threshold = HybridServeConfig.load().escalation.threshold
     try:
         result = evaluate(
-            url, datasets, args.limit, args.retrieval_limit, args.seed, api_key, progress
+            url, datasets, args.limit, args.retrieval_limit, args.seed, api_key, progress, modes
         )
     finally:
         if started is not None:

@@ -518,7 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="the escalation threshold that bounds the error rate of SLM-kept answers",
     )
-    calibrate.add_argument("--report", required=True, help="a `bench quality` report.json")
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--report", help="a `bench quality` report.json")
+    source.add_argument(
+        "--from-log",
+        nargs="+",
+        metavar="PATH",
+        help="shadow-verdict logs (files, or folders such as DATA_DIR/shadow)",
+    )
     calibrate.add_argument("--out", default="bench-out/calibrate")
     quality_bench.add_risk_arguments(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)

@@ -100,6 +100,29 @@ def _quantiles(metric: str, by: str = "", where: str = "") -> list[tuple[str, st
     ]
 
 
+# The window the kept-answer error rate is estimated over: a few percent of a day's answers.
+SHADOW_WINDOW = "[1d]"
+
+
+def _kept_error_rate() -> list[tuple[str, str]]:
+    """Shadow verdicts' wrong share over the window with its 95 % Wilson interval, in PromQL
+    from the summed counters (per-replica estimates could not be combined; counts can)."""
+    metric = _m("hybrid_serve_shadow_verdicts_total")
+    wrong = f'sum(increase({metric}{{verdict="wrong"}}{SHADOW_WINDOW}))'
+    n = f"sum(increase({metric}{SHADOW_WINDOW}))"
+    p = f"({wrong} / {n})"
+    z2 = 1.96**2
+    centre = f"(({p} + {z2 / 2:.4f} / {n}) / (1 + {z2:.4f} / {n}))"
+    half = (
+        f"(1.96 * sqrt({p} * (1 - {p}) / {n} + {z2 / 4:.4f} / ({n} * {n})) / (1 + {z2:.4f} / {n}))"
+    )
+    return [
+        (p, "kept-answer error rate"),
+        (f"clamp_min({centre} - {half}, 0)", "95 % lower"),
+        (f"clamp_max({centre} + {half}, 1)", "95 % upper"),
+    ]
+
+
 def render_dashboard() -> dict[str, Any]:
     """Why was a request slow, why did it escalate, what did it cost: one row each."""
     answers = 'endpoint=~"/v1/answer|/v1/chat/completions"'
@@ -336,6 +359,17 @@ def render_dashboard() -> dict[str, Any]:
             0,
             64,
             "reqps",
+        ),
+        _panel(
+            "Kept-answer error rate (shadow-verified by Claude, last day, 95 % interval)",
+            _kept_error_rate(),
+            12,
+            64,
+            "percentunit",
+            description="Answers kept on the SLM that Claude graded below "
+            "escalation.verify_min_score, of those it graded in the background "
+            "(escalation.shadow_verify_share). Re-fit the threshold from the verdicts with "
+            "`hybrid-serve calibrate --from-log DATA_DIR/shadow`.",
         ),
     ]
     for i, panel in enumerate(panels, start=1):

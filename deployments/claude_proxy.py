@@ -121,9 +121,12 @@ class ClaudeProxy:
         request_id: str,
         slm_cost_usd: float,
         all_claude_estimate_usd: float,
+        requests: int = 1,
         trace_context: TraceContext = None,
     ) -> None:
-        await self.gateway.finish_request(request_id, slm_cost_usd, all_claude_estimate_usd)
+        await self.gateway.finish_request(
+            request_id, slm_cost_usd, all_claude_estimate_usd, requests
+        )
 
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         self._sync_metrics()  # readiness probes keep the circuit and budget gauges fresh

@@ -118,6 +118,14 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         unit="usd",
     ),
     MetricSpec(
+        "hybrid_serve_shadow_verdicts_total",
+        "counter",
+        "Claude's background grades of answers kept on the SLM (escalation.shadow_verify_share),"
+        " by verdict (right, wrong: below escalation.verify_min_score): the kept-answer error "
+        "rate is wrong / (right + wrong).",
+        ("verdict",),
+    ),
+    MetricSpec(
         "hybrid_serve_key_rate_limited_total",
         "counter",
         "Requests refused 429 by their API key's requests_per_minute, by key label.",

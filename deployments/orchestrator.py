@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Request
@@ -21,6 +22,7 @@ from hybrid_serve import __version__
 from hybrid_serve.agents import tracing
 from hybrid_serve.agents.claude import ClaudeCall, ClaudeResult, ClaudeUnavailable, Role
 from hybrid_serve.agents.lead import DeadlineExceeded, Lead, SLMStreamEnded
+from hybrid_serve.agents.shadow import Verdict, VerdictLog, shadow_log_path
 from hybrid_serve.config import HTTPConfig, HybridServeConfig
 from hybrid_serve.deployments import anthropic_api as aapi
 from hybrid_serve.deployments import openai_api as oai
@@ -258,10 +260,18 @@ class ClaudeViaHandle:
         return await self._remote(self.handle.call, role, request)
 
     async def finish_request(
-        self, request_id: str, slm_cost_usd: float, all_claude_estimate_usd: float
+        self,
+        request_id: str,
+        slm_cost_usd: float,
+        all_claude_estimate_usd: float,
+        requests: int = 1,
     ) -> None:
         await self._remote(
-            self.handle.finish_request, request_id, slm_cost_usd, all_claude_estimate_usd
+            self.handle.finish_request,
+            request_id,
+            slm_cost_usd,
+            all_claude_estimate_usd,
+            requests,
         )
 
 
@@ -285,17 +295,27 @@ class Orchestrator:
         self.cache = cache
         self.key_limits = key_limits
         self._background: set[asyncio.Task[Any]] = set()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.verdicts = VerdictLog(shadow_log_path(Path(self.cfg.data_dir), replica))
         self.lead = Lead(
             retrieve=self._retrieve,
             generate=self._generate,
             generate_stream=self._generate_stream,
             config=self.cfg,
             claude=ClaudeViaHandle(claude),
+            on_verdict=self._shadow_verdict,
         )
         self._claude_status: tuple[float, dict[str, Any]] | None = None
         self._health_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         app.state.http = self.cfg.http
         app.state.admit = self._admit if self.cfg.http.api_keys else None
+
+    async def _shadow_verdict(self, verdict: Verdict) -> None:
+        """A background grade of a kept answer: counted, and logged for `calibrate --from-log`."""
+        metrics.inc(
+            "hybrid_serve_shadow_verdicts_total", verdict="wrong" if verdict.wrong else "right"
+        )
+        await asyncio.to_thread(self.verdicts.append, verdict)
 
     # -- calls to other deployments, with their failures mapped to HTTP ---------------------
 

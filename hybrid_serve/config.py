@@ -280,6 +280,15 @@ class EscalationConfig(_Section):
     subtask_timeout_s: float = Field(
         60.0, gt=0, description="A decomposed sub-task that takes longer is reported, not awaited."
     )
+    shadow_verify_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of the answers kept on the SLM (mode auto) that Claude grades after "
+        "the response, never for sensitive requests and within the budget: the kept-answer "
+        "error rate on real traffic (hybrid_serve_shadow_verdicts_total, `hybrid-serve "
+        "calibrate --from-log`). 0.02 measures it to about ±3 % after a thousand verdicts.",
+    )
 
 
 class PolicyConfig(_Section):

@@ -77,6 +77,12 @@ class Claim:
 STEM = 5  # characters of a word compared for an "opening" claim: found ~ founded ~ founding
 
 
+def _norm(word: str) -> str:
+    """Lower case, without a possessive ("Quen's" is Quen)."""
+    w = word.lower()
+    return w[:-2] if w.endswith(("'s", "’s")) else w
+
+
 def _number_key(raw: str) -> str:
     digits = raw.replace(",", "")
     return digits.rstrip("0").rstrip(".") if "." in digits else digits
@@ -93,10 +99,10 @@ def claims(text: str) -> list[Claim]:
             if opens and words[0].lower() in _FUNCTION_WORDS:
                 words = words[1:]
             elif opens and len(words) == 1:
-                out.append(Claim(words[0], "opening", (words[0].lower(),)))
+                out.append(Claim(words[0], "opening", (_norm(words[0]),)))
                 continue
             key = tuple(
-                w.lower()
+                _norm(w)
                 for w in words
                 if w.lower() not in _FUNCTION_WORDS and not re.fullmatch(_JOIN, w.lower())
             )
@@ -118,7 +124,7 @@ class Evidence:
     @classmethod
     def of(cls, *texts: str) -> Evidence:
         joined = " ".join(texts)
-        words = {w.lower() for w in _WORD.findall(joined.replace(".", " "))}
+        words = {_norm(w) for w in _WORD.findall(joined.replace(".", " "))}
         numbers = {_number_key(m.group(0)) for m in NUMBER.finditer(joined)}
         numbers |= {NUMBER_WORDS[w] for w in words if w in NUMBER_WORDS}
         return cls(frozenset(words), frozenset(w[:STEM] for w in words), frozenset(numbers))

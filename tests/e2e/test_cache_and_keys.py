@@ -2,13 +2,17 @@
 own limits: hits on repeated and paraphrased questions, misses after an index write and after
 the TTL; a key over its request rate, a key over its Claude budget, usage per key."""
 
+import json
+import re
 import time
+from pathlib import Path
 
 import anthropic
 import httpx
 import pytest
 from ray import serve
 
+from hybrid_serve.cluster.cli import main
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.app import build
 from tests.conftest import wait_ready
@@ -22,10 +26,15 @@ Q = "How do I add documents?"
 
 
 @pytest.fixture(scope="module")
-def teams(app, tmp_path_factory):
+def teams_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("teams")
+
+
+@pytest.fixture(scope="module")
+def teams(app, teams_dir):
     cfg = HybridServeConfig.load(
         overrides={
-            "data_dir": str(tmp_path_factory.mktemp("teams")),
+            "data_dir": str(teams_dir),
             "http.port": app.cfg.http.port,
             "http.api_keys": [
                 {"key": ADMIN, "name": "ops", "admin": True},
@@ -33,6 +42,9 @@ def teams(app, tmp_path_factory):
                 {"key": THRIFTY, "name": "team-b", "daily_claude_budget_usd": 0.0001},
             ],
             "cache.ttl_s": TTL_S,
+            # every answer in mode auto is kept on the SLM, and every kept one graded afterwards
+            "escalation.threshold": 0.0,
+            "escalation.shadow_verify_share": 1.0,
             "slm.max_tokens": 24,
             "retriever.index_sample_corpus": True,
         }
@@ -145,3 +157,41 @@ def test_usage_per_key(teams):
     assert everyone["cache"]["hits"] >= 3 and everyone["cache"]["saved_usd"] > 0
     text = "".join(str(v) for v in keys.values())
     assert ADMIN not in text and LIMITED not in text  # labels only, never keys
+
+
+def test_kept_answers_are_graded_by_claude_in_the_background(teams, teams_dir, app, tmp_path):
+    app.claude.reset()
+    body = ask(teams, "What does the retriever do?", mode="auto", use_cache=False).json()
+    assert body["route"] == "slm" and body["verification"] is None
+    assert body["usage"]["claude_calls"] == 0  # the grade is not the request's
+    deadline = time.monotonic() + 60
+    while not app.claude.calls("grade_answer"):
+        assert time.monotonic() < deadline, "no shadow verification reached Claude"
+        time.sleep(0.5)
+    logs = list((teams_dir / "shadow").glob("*.jsonl"))
+    while not any(body["trace_id"] in f.read_text() for f in logs):
+        assert time.monotonic() < deadline, "the verdict was not logged"
+        time.sleep(0.5)
+        logs = list((teams_dir / "shadow").glob("*.jsonl"))
+    verdict = next(
+        json.loads(line)
+        for f in logs
+        for line in f.read_text().splitlines()
+        if body["trace_id"] in line
+    )
+    assert verdict["score"] == 0.9 and verdict["wrong"] is False  # the test server's grade
+    assert verdict["confidence"] == body["confidence"]
+    counted = re.compile(r'ray_hybrid_serve_shadow_verdicts_total\{[^}]*verdict="right"')
+    while not counted.search(httpx.get(app.metrics_url, timeout=10).text):
+        assert time.monotonic() < deadline + 60, "shadow verdicts not counted"
+        time.sleep(2)
+    # The threshold re-fitted from the log: one verdict certifies nothing, and says so.
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--from-log", str(teams_dir / "shadow"), "--out", str(out)]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["observed"]["verdicts"] >= 1 and report["feasible"] is False
+    # Sensitive requests are never graded.
+    app.claude.reset()
+    ask(teams, "What does the retriever do?", mode="auto", sensitive=True, use_cache=False)
+    time.sleep(2)
+    assert app.claude.calls("grade_answer") == []

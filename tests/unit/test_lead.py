@@ -55,6 +55,7 @@ SETTINGS = {
     "subtask_timeout_s": "escalation.subtask_timeout_s",
     "sensitive_patterns": "policies.sensitive_patterns",
     "sensitive_tags": "policies.sensitive_tags",
+    "shadow_verify_share": "escalation.shadow_verify_share",
 }
 
 
@@ -170,6 +171,36 @@ def test_verification_passes_first_time(engine, server):
     r = ask(lead, query="When was the Eiffel Tower completed?")
     assert r.verification.passed and r.verification.attempts == 1 and r.verification.score == 0.9
     assert r.route == "slm"
+
+
+def test_a_share_of_kept_answers_is_graded_in_the_background(engine, server):
+    verdicts = []
+
+    async def on_verdict(v):
+        verdicts.append(v)
+
+    lead = make_lead(engine, server, threshold=0.0, shadow_verify_share=1.0)
+    lead.on_verdict = on_verdict
+    low = {"factual_support": 0.2, "citation_match": 0.3, "completeness": 0.3, "score": 0.3}
+    server.queue_tool_input("grade_answer", {**low, "notes": "wrong year"})
+
+    async def answer_then_wait(**req):
+        r = await lead.answer(AnswerRequest(**req), "trace-shadow")
+        await lead.shadow_idle()
+        return r
+
+    r = asyncio.run(answer_then_wait(query="When was the Eiffel Tower completed?"))
+    # The response did not wait for the grade, nor did it change or carry it.
+    assert r.route == "slm" and r.verification is None and r.usage.claude_calls == 0
+    assert [(v.trace_id, v.score, v.wrong) for v in verdicts] == [("trace-shadow", 0.3, True)]
+    assert verdicts[0].confidence == r.confidence and verdicts[0].threshold == 0.0
+    assert len(server.calls("grade_answer")) == 1
+    assert lead.gateway.ledger.totals.requests == 1  # the grade is not a request of its own
+    assert lead.gateway.ledger.per_request == {}
+    # Never for a sensitive request, nor for an answer that was not kept by the threshold.
+    asyncio.run(answer_then_wait(query="When was the Eiffel Tower completed?", sensitive=True))
+    asyncio.run(answer_then_wait(query="When was the Eiffel Tower completed?", mode="slm"))
+    assert len(verdicts) == 1 and len(server.calls("grade_answer")) == 1
 
 
 def test_claude_down_degrades_but_answers(engine, server):

@@ -9,6 +9,8 @@ from hybrid_serve.benchmarks.quality import (
     calibrate,
     citation_scores,
     hotpot,
+    routing,
+    routing_markdown,
     squad,
     summarize,
     threshold_for,
@@ -186,3 +188,30 @@ def test_risk_control_in_the_report_and_recalibrated_from_it(tmp_path):
         ["calibrate", "--report", str(path), "--alpha", "0.05", "--delta", "0.1", "--out", str(out)]
     )
     assert code == 1  # 10 % wrong cannot be bounded by 5 %
+
+
+def test_routing_table_by_question_type_and_mode():
+    def routed(text, doc, route):
+        return {**answer(text, 0.5, doc), "route": route}
+
+    out = []
+    for i, kind in enumerate(["bridge", "bridge", "comparison"]):
+        q = Question("hotpot", f"q{i}?", [f"ans{i}"], {f"d{i}", "x"}, kind)
+        o = Outcome(q, slm=answer(f"ans{i} [1]", 0.5, f"d{i}"))
+        o.modes = {
+            "slm": o.slm,
+            "decompose": routed("wrong [1]", "other", "decomposed"),
+            "auto": routed(f"ans{i} [1]", f"d{i}", "decomposed" if i == 2 else "slm"),
+        }
+        out.append(o)
+    rows = {(r["type"], r["mode"]): r for r in routing(out)}
+    assert set(rows) == {
+        (k, m) for k in ("bridge", "comparison") for m in ("slm", "decompose", "auto")
+    }
+    assert rows[("bridge", "slm")]["n"] == 2 and rows[("bridge", "slm")]["f1"] == 1.0
+    assert rows[("bridge", "decompose")]["f1"] == 0.0
+    assert rows[("bridge", "decompose")]["citation_precision"] == 0.0
+    assert rows[("bridge", "slm")]["citation_recall"] == 0.5  # one of two gold passages cited
+    assert rows[("comparison", "auto")]["decomposed"] == 1.0
+    assert rows[("bridge", "auto")]["decomposed"] == 0.0
+    assert "| hotpot | comparison | auto | 1 |" in "\n".join(routing_markdown(routing(out)))

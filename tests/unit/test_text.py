@@ -35,3 +35,8 @@ def test_evidence_supports_what_it_states():
         "2": True,
         "3": False,
     }
+
+
+def test_possessives_and_case_do_not_make_a_name_unsupported():
+    ev = Evidence.of("MIRA QUEN's protocol was adopted by the Bank of England.")
+    assert all(ev.supports(c) for c in claims("It was Mira Quen's protocol, says the Bank."))
