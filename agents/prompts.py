@@ -45,8 +45,8 @@ def strip_echo(text: str, passages: Sequence[Passage] = ()) -> tuple[str, bool]:
     """The answer without the prompt structure a small model writes back ("… Question: Where
     [2]? Answer: [3] (Configuration)"): a leading "Answer:" goes, the text is cut where a label
     or fence of the prompt starts, and passage headers' "(title)" after a marker are dropped.
-    Returns (text, whether anything was removed)."""
-    out = _LEADING_LABEL.sub("", text, count=1)
+    Returns (text, whether more than a leading label was removed)."""
+    out = unlabelled = _LEADING_LABEL.sub("", text, count=1).rstrip()
     m = _ECHO.search(out)
     if m:
         out = out[: m.start()]
@@ -54,7 +54,7 @@ def strip_echo(text: str, passages: Sequence[Passage] = ()) -> tuple[str, bool]:
         if p.title:
             out = re.sub(r"(\[\d+\])\s*\(" + re.escape(p.title) + r"\)", r"\1", out)
     out = out.rstrip()
-    return out, out != text.rstrip()
+    return out, out != unlabelled
 
 
 # Earlier chat turns kept as context: a small model loses the thread in long histories.

@@ -38,8 +38,9 @@ def sentence_spans(text: str, language: str = "en") -> list[tuple[int, int]]:
     return spans
 
 
-# A capitalised word, or an initial ("L.", "J.").
-_CAP = r"(?:[A-Z]\.(?:[A-Z]\.)*|[A-Z][\w'’-]*)"
+# A capitalised word (Latin capitals, accented too: "Östersund"), or an initial ("L.", "J.").
+_UPPER = "A-ZÀ-ÖØ-Þ"
+_CAP = rf"(?:[{_UPPER}]\.(?:[{_UPPER}]\.)*|[{_UPPER}][\w'’-]*)"
 # Names of several words may be joined by these ("Bank of England", "Leonardo da Vinci").
 _JOIN = r"(?:of|de|da|del|della|di|du|la|le|von|van|der|den|the|and|&|y|bin|al)"
 NAME = re.compile(rf"{_CAP}(?:\s+(?:{_JOIN}\s+)?{_CAP})*")

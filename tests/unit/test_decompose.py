@@ -234,3 +234,4 @@ def test_echoed_prompt_structure_never_reaches_the_answer():
         True,
     )
     assert strip_echo("Port 8000 [1].", passages) == ("Port 8000 [1].", False)
+    assert strip_echo("Answer: Port 8000 [1].", passages) == ("Port 8000 [1].", False)
