@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import anthropic
+import pydantic_core
 from pydantic import BaseModel, Field, ValidationError
 
 from hybrid_serve.agents import prompts
@@ -297,6 +298,7 @@ class ClaudeGateway:
         self.breaker = CircuitBreaker(cfg.circuit_failures, cfg.circuit_cooldown_s)
         self.ledger = Ledger(cfg.daily_budget_usd, cfg.request_budget_usd, ledger_path)
         self.retries = 0  # attempts beyond each call's first, since start
+        self.recovered_tool_calls = 0  # tool calls taken from the reply's text
 
     # -- costs -----------------------------------------------------------------------------
 
@@ -326,6 +328,7 @@ class ClaudeGateway:
             "budget_remaining_usd": round(self.ledger.remaining_today(), 6),
             "reserved_usd": round(self.ledger.reserved, 8),
             "retries": self.retries,
+            "recovered_tool_calls": self.recovered_tool_calls,
             "totals": self.ledger.totals.__dict__,
         }
 
@@ -468,23 +471,62 @@ class ClaudeGateway:
         return message
 
     def _parse(self, message: Any, tool: tuple[str, type[T]] | None, redactor: Redactor) -> Any:
+        text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
         if tool is None:
-            text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
             return redactor.restore(text)
         name, model = tool
+        found: Any = None
+        recovered = False
         for block in message.content:
             if getattr(block, "type", "") == "tool_use" and block.name == name:
-                try:
-                    parsed = model.model_validate(block.input)
-                except ValidationError as exc:
-                    raise ClaudeUnavailable(
-                        "claude_malformed_output", f"{name}: {exc.error_count()} schema errors"
-                    ) from exc
-                return _restore_model(parsed, redactor)
-        raise ClaudeUnavailable("claude_malformed_output", f"no {name} tool call in the reply")
+                found = block.input
+                break
+        else:
+            # A model served without enforced tool calls may write the call as text instead.
+            found = recover_tool_input(text, name)
+            if found is None:
+                raise ClaudeUnavailable(
+                    "claude_malformed_output", f"no {name} tool call in the reply"
+                )
+            recovered = True
+        try:
+            parsed = model.model_validate(found)
+        except ValidationError as exc:
+            raise ClaudeUnavailable(
+                "claude_malformed_output", f"{name}: {exc.error_count()} schema errors"
+            ) from exc
+        self.recovered_tool_calls += recovered
+        return _restore_model(parsed, redactor)
 
 
 _PLACEHOLDER = re.compile(r"\[[A-Z]+_\d+\]")
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+
+
+def recover_tool_input(text: str, name: str) -> dict[str, Any] | None:
+    """The tool input a model wrote as text: a fenced JSON block or the outermost {...}, cut
+    short JSON completed by pydantic's partial parser, and a {"name": …, "arguments": …} wrapper
+    unwrapped. None when there is no JSON object to take."""
+    candidates = [m.group(1) for m in _FENCE.finditer(text)]
+    start, end = text.find("{"), text.rfind("}")
+    if start >= 0:
+        candidates += [text[start : end + 1]] if end > start else []
+        candidates.append(text[start:])
+    for candidate in candidates:
+        try:
+            value = pydantic_core.from_json(candidate.strip(), allow_partial="trailing-strings")
+        except ValueError:
+            continue
+        if not isinstance(value, dict):
+            continue
+        for key in ("input", "arguments", "parameters"):
+            inner = value.get(key)
+            if value.get("name") == name and isinstance(inner, dict):
+                return inner
+            if value.get("name") == name and isinstance(inner, str):
+                return recover_tool_input(inner, name)
+        return value
+    return None
 
 
 def _restore_model(model: T, redactor: Redactor) -> T:

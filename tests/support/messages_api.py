@@ -27,6 +27,9 @@ class Fault:
     delay_s: float = 0.0  # sleep before answering (past the client's timeout = a timeout)
     reset: bool = False  # drop the connection without a response
     malformed: bool = False  # tool input that violates the schema
+    # A text reply instead of the tool_use block, "{input}" standing for the tool input's JSON:
+    # how open models served without enforced tool calls often answer.
+    as_text: str | None = None
     trickle_s: float = 0.0  # send the reply a few bytes at a time, this long apart
 
 
@@ -126,7 +129,11 @@ class MessagesAPIServer:
                     )
                     self._json(fault.status, _error(kind, f"injected {fault.status}"), headers)
                     return
-                message = server._message(body, malformed=bool(fault and fault.malformed))
+                message = server._message(
+                    body,
+                    malformed=bool(fault and fault.malformed),
+                    as_text=fault.as_text if fault else None,
+                )
                 if body.get("stream"):
                     self._sse(message)
                 else:
@@ -257,7 +264,9 @@ class MessagesAPIServer:
 
     # -- responses ---------------------------------------------------------------------------
 
-    def _message(self, body: dict[str, Any], malformed: bool) -> dict[str, Any]:
+    def _message(
+        self, body: dict[str, Any], malformed: bool, as_text: str | None = None
+    ) -> dict[str, Any]:
         tool_choice = body.get("tool_choice") or {}
         if tool_choice.get("type") == "tool":
             name = tool_choice["name"]
@@ -276,6 +285,10 @@ class MessagesAPIServer:
             ]
             stop = "tool_use"
             out_text = json.dumps(tool_input)
+            if as_text is not None:
+                out_text = as_text.replace("{input}", out_text)
+                content = [{"type": "text", "text": out_text}]
+                stop = "end_turn"
         else:
             content = [{"type": "text", "text": self.answer_text}]
             stop = "end_turn"

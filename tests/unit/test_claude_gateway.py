@@ -1,6 +1,7 @@
 """ClaudeGateway with the real anthropic SDK against the local Messages-API server."""
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -117,6 +118,41 @@ def test_malformed_tool_output_is_a_clear_failure(server):
     with pytest.raises(ClaudeUnavailable) as e:
         run(ask(gateway(server), "verify", "r", "q", "redact", answer="a"))
     assert e.value.reason == "claude_malformed_output"
+
+
+def test_a_tool_call_written_as_text_is_recovered_or_fails_clearly(server):
+    """Open models served without enforced tool calls answer in text: the JSON is taken from
+    it (fenced, bare, wrapped, cut short), and text without a usable one is a named failure."""
+    g = gateway(server)
+    grade = {
+        "factual_support": 0.8,
+        "citation_match": 0.7,
+        "completeness": 0.9,
+        "score": 0.8,
+        "notes": "fine",
+    }
+    wrapped = json.dumps({"name": "grade_answer", "arguments": json.dumps(grade)})
+    replies = (
+        "Here is my grade:\n```json\n{input}\n```",
+        "Sure! {input} Hope this helps.",
+        wrapped,
+        json.dumps(grade)[:-3],  # cut short in the notes: the partial parser completes it
+    )
+
+    async def calls() -> list[float | str]:  # one event loop: the client's pool lives in it
+        out: list[float | str] = []
+        for reply in [*replies, "I cannot grade this.", '{"score": "high"}']:
+            server.queue_tool_input("grade_answer", grade)
+            server.inject(Fault(as_text=reply))
+            try:
+                out.append((await ask(g, "verify", "r", "q", "redact", answer="a")).output.score)
+            except ClaudeUnavailable as exc:
+                out.append(exc.reason)
+        return out
+
+    assert run(calls()) == [0.8] * len(replies) + ["claude_malformed_output"] * 2
+    assert g.status()["recovered_tool_calls"] == len(replies)
+    assert len(server.calls("grade_answer")) == len(replies) + 2  # nothing retried
 
 
 def test_budget_exhaustion_stops_calls(server):
