@@ -511,33 +511,50 @@ class Lead:
         gen_req = GenerationRequest(
             messages=messages or prompts.answer_messages(query, passages, ctx.history), **params
         )
+        # The answer prompt's layout (passages, labels) may be echoed; a plain chat's cannot.
+        layout = not (chat and not passages)
         started = time.monotonic()
-        gen = await (self._streamed(ctx, gen_req) if stream else self.generate(gen_req))
+        if stream:
+            gen = await self._streamed(ctx, gen_req, passages if layout else None)
+        else:
+            gen = await self.generate(gen_req)
         self.slm_answer_s = 0.8 * self.slm_answer_s + 0.2 * (time.monotonic() - started)
         ctx.count_slm(gen)
-        echoed = False
+        raw, echoed = prompts.strip_echo(gen.text, passages) if layout else (gen.text, False)
         if stream:
-            text, citations, sources = gen.text, as_numbered(gen.text, passages), []
-        elif chat and not passages:
-            text, citations, sources = gen.text, [], []
+            text, citations, sources = raw, as_numbered(raw, passages), []
+        elif not layout:
+            text, citations, sources = raw, [], []
         else:
-            raw, echoed = prompts.strip_echo(gen.text, passages)
             text, citations, sources = finalize_sources(raw, passages)
         confidence = score_answer(query, text, citations, passages, gen.token_logprobs, echoed)
         finish: Literal["stop", "length"] = "length" if gen.finish_reason == "length" else "stop"
         return Attempt(text, citations, passages, confidence, route, sources, finish_reason=finish)
 
-    async def _streamed(self, ctx: RequestContext, gen_req: GenerationRequest) -> GenerationResult:
+    async def _streamed(
+        self,
+        ctx: RequestContext,
+        gen_req: GenerationRequest,
+        passages: Sequence[Passage] | None,
+    ) -> GenerationResult:
+        """The SLM's tokens out as they come; with `passages`, through the echo filter, so what
+        is sent is what the answer will be."""
         if self.generate_stream is None or ctx.emit is None:
             raise RuntimeError("streaming needs generate_stream and an emit callback")
+        echo = prompts.EchoFilter(passages) if passages is not None else None
         result: GenerationResult | None = None
         async for item in self.generate_stream(gen_req):
             if isinstance(item, GenerationResult):
                 result = item
             elif item:
-                await ctx.emit("answer", {"delta": item})
+                out = echo.push(item) if echo is not None else item
+                if out:
+                    await ctx.emit("answer", {"delta": out})
         if result is None:
             raise SLMStreamEnded("the SLM stream ended without a result")
+        rest = echo.flush() if echo is not None else ""
+        if rest:
+            await ctx.emit("answer", {"delta": rest})
         return result
 
     async def _claude_attempt(

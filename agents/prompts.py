@@ -29,24 +29,32 @@ def format_passages(passages: Sequence[Passage], max_chars: int = PASSAGE_CHARS)
     return "\n\n".join(blocks)
 
 
-# Where a small model's short answer is over: it tends to run on into the prompt's own layout,
-# on a new line or on the same one.
-ANSWER_STOP = ["\n\n", "\nPassage", "Question:", "Passages:", "<<<", ">>>"]
+# Where a small model's short answer is over: it tends to run on into the prompt's own layout.
+# At most four: the OpenAI API's limit, which vLLM's server enforces. Echoes on the same line
+# ("… Question: Where [2]? Answer: [3]") are cut by `strip_echo`, not stopped: a model may
+# open its answer by restating "Question: …".
+ANSWER_STOP = ["\n\n", "\nPassage", "\nQuestion:"]
 
 # The layout `answer_messages` writes, as a model echoes it: labels, fences, passage headers.
 _LEADING_LABEL = re.compile(r"^\s*(?:Answer|Response)\s*:\s*", re.IGNORECASE)
-_ECHO = re.compile(
-    r"(?:\b(?:Question|Passages?|Answer|Context|Rewritten question|Last question)\s*:|<<<|>>>"
-    r"|No passages were found\.|Answer in one or two sentences)"
-)
+_ECHO = re.compile(r"\b(?:Question|Passages?|Answer|Context)\s*:|<<<|>>>")
+_ANSWER_LABEL = re.compile(r"\b(?:Answer|Response)\s*:\s*")
+# What `EchoFilter` holds back: a label or fence not yet complete ("Question:" is 9 characters).
+_ECHO_HOLD = 10
 
 
 def strip_echo(text: str, passages: Sequence[Passage] = ()) -> tuple[str, bool]:
     """The answer without the prompt structure a small model writes back ("… Question: Where
     [2]? Answer: [3] (Configuration)"): a leading "Answer:" goes, the text is cut where a label
     or fence of the prompt starts, and passage headers' "(title)" after a marker are dropped.
-    Returns (text, whether more than a leading label was removed)."""
+    An answer that opens by restating the prompt ("Question: … Answer: X") keeps X. Returns
+    (text, whether more than a leading label was removed)."""
     out = unlabelled = _LEADING_LABEL.sub("", text, count=1).rstrip()
+    while (m := _ECHO.search(out)) and not out[: m.start()].strip():
+        answer = _ANSWER_LABEL.search(out, m.end())
+        if answer is None:
+            return "", True  # nothing but the prompt's layout
+        out = out[answer.end() :].lstrip()
     m = _ECHO.search(out)
     if m:
         out = out[: m.start()]
@@ -55,6 +63,37 @@ def strip_echo(text: str, passages: Sequence[Passage] = ()) -> tuple[str, bool]:
             out = re.sub(r"(\[\d+\])\s*\(" + re.escape(p.title) + r"\)", r"\1", out)
     out = out.rstrip()
     return out, out != unlabelled
+
+
+class EchoFilter:
+    """`strip_echo` for text that goes out as it is written: a streamed answer is the same text
+    as the same answer unstreamed. Holds back what could still become an echo: the last few
+    characters (a label being written) and a "(…" after a citation marker not yet closed."""
+
+    def __init__(self, passages: Sequence[Passage]) -> None:
+        self.passages = passages
+        self.raw = ""
+        self.sent = 0
+
+    def push(self, delta: str) -> str:
+        """The part of the answer that is now certain, not sent before."""
+        self.raw += delta
+        clean, _ = strip_echo(self.raw, self.passages)
+        safe = len(clean) - _ECHO_HOLD
+        opened = clean.rfind("(")
+        marker_end = clean.rfind("]", 0, opened) + 1 if opened >= 0 else 0
+        if marker_end and ")" not in clean[opened:] and not clean[marker_end:opened].strip():
+            safe = min(safe, marker_end)  # "[1] (What hybr…": perhaps a passage header
+        if safe <= self.sent:
+            return ""
+        out, self.sent = clean[self.sent : safe], safe
+        return out
+
+    def flush(self) -> str:
+        """The rest, once the answer is complete."""
+        clean, _ = strip_echo(self.raw, self.passages)
+        out, self.sent = clean[self.sent :], len(clean)
+        return out
 
 
 # Earlier chat turns kept as context: a small model loses the thread in long histories.

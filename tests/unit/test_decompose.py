@@ -6,7 +6,7 @@ import pytest
 
 from hybrid_serve.agents.merge import PartialAnswer, merge
 from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
-from hybrid_serve.agents.prompts import strip_echo
+from hybrid_serve.agents.prompts import EchoFilter, strip_echo
 from hybrid_serve.agents.subagent import bridge_entity, fill, run_plan, short_answer
 from hybrid_serve.schemas import Citation, Passage
 
@@ -235,3 +235,31 @@ def test_echoed_prompt_structure_never_reaches_the_answer():
     )
     assert strip_echo("Port 8000 [1].", passages) == ("Port 8000 [1].", False)
     assert strip_echo("Answer: Port 8000 [1].", passages) == ("Port 8000 [1].", False)
+    restated = "Question: Which port? Answer: Port 8000 [1]. Question: Why?"
+    assert strip_echo(restated, passages) == ("Port 8000 [1].", True)
+    assert strip_echo("Question: Which port?", passages) == ("", True)
+
+
+def test_a_streamed_answer_is_the_same_text_as_the_unstreamed_one():
+    passages = [
+        Passage(chunk_id="c#0", doc_id="c", title="What hybrid-serve is", text="x", score=1.0)
+    ]
+    for raw in (
+        "Answer: It runs on Ray [1] (What hybrid-serve is). Fine.",
+        "It runs on Ray [1]. Question: Where [2]? Answer: [3] (Configuration)",
+        "Costs (in USD) are reported [1] (What hybrid",
+        "Plain text without anything to strip, a little longer than the hold-back.",
+        "Short.",
+        "Question: Which port? Answer: Port 8000 [1]. Question: Why?",
+    ):
+        for step in (1, 3, 7):
+            echo = EchoFilter(passages)
+            streamed = "".join(echo.push(raw[i : i + step]) for i in range(0, len(raw), step))
+            streamed += echo.flush()
+            assert streamed == strip_echo(raw, passages)[0], (raw, step)
+
+
+def test_answer_stop_sequences_fit_the_openai_limit():
+    from hybrid_serve.agents.prompts import ANSWER_STOP
+
+    assert len(ANSWER_STOP) <= 4  # vLLM's OpenAI server refuses more
