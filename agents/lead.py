@@ -681,6 +681,12 @@ class Lead:
         plan, planner, planner_down = await self._plan(ctx, passages)
         if ctx.req.mode == "auto" and len(plan.subtasks) < 2:
             return None
+        if (
+            ctx.req.mode == "auto"
+            and planner == "local"
+            and not self.cfg.escalation.auto_local_plan
+        ):
+            return None  # answered whole instead (README: routing table)
         ctx.escalation.escalated = planner == "claude"
         ctx.escalation.reasons = [
             "mode_decompose" if ctx.req.mode == "decompose" else "complex_query"

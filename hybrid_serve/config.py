@@ -280,6 +280,11 @@ class EscalationConfig(_Section):
     subtask_timeout_s: float = Field(
         60.0, gt=0, description="A decomposed sub-task that takes longer is reported, not awaited."
     )
+    auto_local_plan: bool = Field(
+        True,
+        description="In mode auto, split a complex query with the local planner when Claude "
+        "cannot plan it; off: answer it whole. Set from the routing table (README).",
+    )
     shadow_verify_share: float = Field(
         0.0,
         ge=0.0,

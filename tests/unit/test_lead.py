@@ -56,6 +56,7 @@ SETTINGS = {
     "sensitive_patterns": "policies.sensitive_patterns",
     "sensitive_tags": "policies.sensitive_tags",
     "shadow_verify_share": "escalation.shadow_verify_share",
+    "auto_local_plan": "escalation.auto_local_plan",
 }
 
 
@@ -284,6 +285,20 @@ def test_auto_mode_decomposes_a_comparison(engine, server):
     server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
     r = ask(lead, query="Which is older, the Eiffel Tower or the Louvre?")
     assert r.route == "decomposed" and r.escalation.reasons == ["complex_query"]
+
+
+def test_auto_splits_with_the_local_planner_only_if_configured(engine, server):
+    q = "Which is older, the Eiffel Tower or the Louvre?"
+    local = ask(make_lead(engine, server, verify="never"), query=q, sensitive=True)
+    assert local.route == "decomposed" and "local_planner" in local.escalation.reasons
+    whole = ask(
+        make_lead(engine, server, verify="never", auto_local_plan=False), query=q, sensitive=True
+    )
+    assert whole.route == "slm" and not whole.subtasks
+    # Claude's plans are still followed
+    server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
+    planned = ask(make_lead(engine, server, verify="never", auto_local_plan=False), query=q)
+    assert planned.route == "decomposed" and planned.escalation.reasons == ["complex_query"]
 
 
 def test_subtask_timeout_gives_a_partial_answer(engine, server):
