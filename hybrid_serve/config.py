@@ -281,9 +281,10 @@ class EscalationConfig(_Section):
         60.0, gt=0, description="A decomposed sub-task that takes longer is reported, not awaited."
     )
     auto_local_plan: bool = Field(
-        True,
+        False,
         description="In mode auto, split a complex query with the local planner when Claude "
-        "cannot plan it; off: answer it whole. Set from the routing table (README).",
+        "cannot plan it (off: answer it whole; mode decompose always splits). Off because the "
+        "routing table (README) measured the bundled SLM worse on split questions.",
     )
     shadow_verify_share: float = Field(
         0.0,

@@ -289,15 +289,14 @@ def test_auto_mode_decomposes_a_comparison(engine, server):
 
 def test_auto_splits_with_the_local_planner_only_if_configured(engine, server):
     q = "Which is older, the Eiffel Tower or the Louvre?"
-    local = ask(make_lead(engine, server, verify="never"), query=q, sensitive=True)
+    lead = make_lead(engine, server, verify="never", auto_local_plan=True)
+    local = ask(lead, query=q, sensitive=True)
     assert local.route == "decomposed" and "local_planner" in local.escalation.reasons
-    whole = ask(
-        make_lead(engine, server, verify="never", auto_local_plan=False), query=q, sensitive=True
-    )
+    whole = ask(make_lead(engine, server, verify="never"), query=q, sensitive=True)
     assert whole.route == "slm" and not whole.subtasks
     # Claude's plans are still followed
     server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
-    planned = ask(make_lead(engine, server, verify="never", auto_local_plan=False), query=q)
+    planned = ask(make_lead(engine, server, verify="never"), query=q)
     assert planned.route == "decomposed" and planned.escalation.reasons == ["complex_query"]
 
 
