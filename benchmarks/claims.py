@@ -47,7 +47,8 @@ def kind_of(answer: str) -> str | None:
 
 
 def build_pairs(path: Path, limit: int, seed: int) -> list[dict[str, Any]]:
-    """(question, passages, right answer, wrong answer, kind) for up to `limit` questions."""
+    """For up to `limit` questions, one row per answer style: the question, its passages, the
+    right answer and its two wrong forms (`swapped`, `added`), the kind of answer."""
     docs, questions = load_squad(path)
     by_id = {d["id"]: d for d in docs}
     rng = random.Random(seed)
