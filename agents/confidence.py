@@ -130,11 +130,11 @@ def unsupported_claims(
     no citation at all, to every retrieved passage. "Tallinn, Turkey" from a passage that says
     Tallinn is a sentence with good lexical support and one unsupported name."""
     evidence = _evidence_by_citation(cited, passages)
-    every = " ".join(evidence.values()) or " ".join(p.text for p in passages)
+    every = Evidence.of(query, " ".join(evidence.values()) or " ".join(p.text for p in passages))
     total, unsupported = 0, []
     for sentence in split_sentences(answer):
         nums = [n for n in markers(sentence) if n in evidence]
-        source = Evidence.of(query, *(evidence[n] for n in nums) if nums else (every,))
+        source = Evidence.of(query, *(evidence[n] for n in nums)) if nums else every
         for claim in claims(strip_markers(sentence)):
             total += 1
             if not source.supports(claim) and claim.text not in unsupported:

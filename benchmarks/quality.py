@@ -724,9 +724,8 @@ def recalibrate_from_log(paths: list[Path], args: argparse.Namespace) -> dict[st
             "escalation.shadow_verify_share and let the cluster answer for a while"
         )
     rate = kept_error_rate(verdicts)
-    risk = risk_control(
-        [v.confidence for v in verdicts], [not v.wrong for v in verdicts], args.alpha, args.delta
-    )
+    wrong = [v.wrong for v in verdicts]
+    risk = risk_threshold([v.confidence for v in verdicts], wrong, args.alpha, args.delta).to_dict()
     risk["observed"] = {
         **vars(rate),
         "thresholds_in_force": sorted({v.threshold for v in verdicts}),
