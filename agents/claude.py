@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import anthropic
 import pydantic_core
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
 from hybrid_serve.agents import prompts
 from hybrid_serve.agents.limits import (
@@ -37,9 +37,9 @@ from hybrid_serve.agents.limits import (
     RateLimiter,
 )
 from hybrid_serve.agents.pii import Redactor
-from hybrid_serve.agents.planner import Plan
+from hybrid_serve.agents.planner import Plan, SearchQuery
 from hybrid_serve.config import ClaudeConfig, PolicyConfig
-from hybrid_serve.schemas import Passage, PIIPolicy, StrictModel
+from hybrid_serve.schemas import Passage, PIIHandling, StrictModel
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -66,17 +66,23 @@ class ClaudeUnavailable(Exception):
 class RewritePlan(StrictModel):
     """The question restated for a retrieval-augmented small model, and what to search for."""
 
-    rewritten_query: str = Field(description="The question, self-contained and unambiguous.")
-    search_queries: list[str] = Field(
-        description="One to three short search queries that find the needed passages."
+    rewritten_query: str = Field(
+        max_length=600, description="The question, self-contained and unambiguous."
     )
-    steps: list[str] = Field(description="Short plan steps; empty when the question is simple.")
+    search_queries: list[SearchQuery] = Field(
+        max_length=3, description="One to three short search queries that find the needed passages."
+    )
+    steps: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        max_length=6, description="Short plan steps; empty when the question is simple."
+    )
 
 
 class Condensed(StrictModel):
     """A follow-up question rewritten to stand on its own."""
 
-    question: str = Field(description="The last question, understandable without the chat.")
+    question: str = Field(
+        max_length=600, description="The last question, understandable without the chat."
+    )
 
 
 class Grade(StrictModel):
@@ -86,7 +92,9 @@ class Grade(StrictModel):
     citation_match: float = Field(description="0-1: each [n] points at a passage saying that.")
     completeness: float = Field(description="0-1: the answer addresses the whole question.")
     score: float = Field(description="0-1 overall.")
-    notes: str = Field(description="Short, concrete notes on what to fix; empty if nothing.")
+    notes: str = Field(
+        max_length=1000, description="Short, concrete notes on what to fix; empty if nothing."
+    )
 
 
 @dataclass
@@ -97,6 +105,7 @@ class CallUsage:
     cache_write_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 0
+    seconds: float = 0.0  # wall time of the call, retries included
 
 
 @dataclass
@@ -104,6 +113,7 @@ class ClaudeResult:
     output: Any
     usage: CallUsage = field(default_factory=CallUsage)
     redacted: bool = False
+    model: str | None = None  # as the tier reported it
 
 
 # -- the roles ----------------------------------------------------------------------------------
@@ -119,7 +129,7 @@ class ClaudeCall:
     request_id: str
     query: str
     passages: Sequence[Passage]
-    pii: PIIPolicy
+    pii: PIIHandling
     answer: str = ""
     notes: str = ""
     # When the request's answer is due (wall clock): no attempt starts or runs past it.
@@ -185,13 +195,17 @@ class ClaudeRoles(Protocol):
     ) -> None: ...
 
 
-def tool_spec(name: str, model: type[BaseModel]) -> dict[str, Any]:
+def tool_spec(name: str, model: type[BaseModel], full_schema: bool = False) -> dict[str, Any]:
+    """A strict tool. Anthropic's API takes a subset of JSON Schema (the SDK moves the rest, such
+    as length bounds, into descriptions); `full_schema` sends every bound, for a server that
+    enforces the whole schema while decoding (vLLM's structured outputs) — what keeps a small
+    open model's arguments short and valid."""
     from anthropic.lib._parse._transform import transform_schema
 
     return {
         "name": name,
         "description": (model.__doc__ or name).strip(),
-        "input_schema": transform_schema(model),
+        "input_schema": model.model_json_schema() if full_schema else transform_schema(model),
         "strict": True,
     }
 
@@ -269,6 +283,19 @@ class AttemptGuard(anthropic.Middleware):
         return response
 
 
+def tier_client(
+    base_url: str | None, key: str | None
+) -> tuple[anthropic.AsyncAnthropic | None, str | None]:
+    """The SDK client for the tier, or None and why. The SDK sends the key as a bearer token,
+    which Anthropic's API and vLLM's --api-key both check. Anthropic's API (base_url None: the
+    SDK's default or ANTHROPIC_BASE_URL) needs a key; another server may have none."""
+    # The gateway sets the retries and timeout from the configuration.
+    if base_url is None:
+        return (anthropic.AsyncAnthropic(api_key=key), None) if key else (None, "no_api_key")
+    # The SDK insists on some credential; a server without a key ignores this one.
+    return anthropic.AsyncAnthropic(base_url=base_url, api_key=key or "none"), None
+
+
 class ClaudeGateway:
     """`client`: an AsyncAnthropic (key and base URL as the caller built it), or None when no key
     is set. The gateway uses a copy with its own retries, timeout and middleware."""
@@ -303,6 +330,10 @@ class ClaudeGateway:
     # -- costs -----------------------------------------------------------------------------
 
     def cost(self, usage: CallUsage) -> float:
+        """Per token for a hosted API; for a self-hosted tier (`gpu_hours`) the call's time at
+        its replica-hour price, as the SLM's cost is counted."""
+        if self.cfg.price_model == "gpu_hours":
+            return usage.seconds * self.cfg.gpu_hour_usd / 3600
         p = self.cfg.price()
         return (
             usage.input_tokens * p.input
@@ -312,6 +343,11 @@ class ClaudeGateway:
         ) / 1e6
 
     def estimate_cost(self, input_tokens: int, output_tokens: int) -> float:
+        """What the budget reserves before a call. A self-hosted tier's cost is its time, known
+        only after the call: nothing is reserved, and the budgets stop the calls after the one
+        that crosses them."""
+        if self.cfg.price_model == "gpu_hours":
+            return 0.0
         p = self.cfg.price()
         return (input_tokens * p.input + output_tokens * p.output) / 1e6
 
@@ -324,6 +360,7 @@ class ClaudeGateway:
             "reason": self.unavailable_reason
             or ("claude_circuit_open" if self.breaker.state == "open" else None),
             "model": self.cfg.model,
+            "tier": self.cfg.tier,
             "circuit": self.breaker.state,
             "budget_remaining_usd": round(self.ledger.remaining_today(), 6),
             "reserved_usd": round(self.ledger.reserved, 8),
@@ -369,7 +406,7 @@ class ClaudeGateway:
         request_id: str,
         system: str,
         user: str,
-        pii: PIIPolicy,
+        pii: PIIHandling,
         tool: tuple[str, type[T]] | None,
         max_tokens: int,
         deadline: float | None = None,
@@ -380,7 +417,8 @@ class ClaudeGateway:
         if left is not None and left < MIN_ATTEMPT_S:
             raise ClaudeUnavailable("deadline", "no time left in the request for a call")
         redactor = Redactor(names=self.policy.pii_names)
-        outgoing = redactor.redact(user)
+        # `keep` (an on-premises tier only, checked by the configuration) sends the prompt as is.
+        outgoing = user if pii == "keep" else redactor.redact(user)
         if redactor.found and pii == "block":
             raise ClaudeUnavailable("pii_blocked", "the prompt contains PII and pii=block")
         if not self.breaker.allow():
@@ -410,15 +448,18 @@ class ClaudeGateway:
             }
             if tool:
                 name, model = tool
-                kwargs["tools"] = [tool_spec(name, model)]
+                # An on-premises tier serves an open model: its server enforces the full schema.
+                kwargs["tools"] = [tool_spec(name, model, full_schema=self.cfg.on_premises)]
                 kwargs["tool_choice"] = {"type": "tool", "name": name}
             usage = CallUsage()
+            started = time.perf_counter()
             try:
                 message = await self._send(kwargs, usage, deadline)
             except ClaudeUnavailable:
                 verdict = False
                 raise
             finally:
+                usage.seconds = time.perf_counter() - started
                 usage.cost_usd = self.cost(usage)
                 self.ledger.settle(request_id, reserved, usage.cost_usd)
                 reserved = 0.0
@@ -431,7 +472,8 @@ class ClaudeGateway:
                 t.cache_write_tokens += usage.cache_write_tokens
             verdict = True
             output = self._parse(message, tool, redactor)
-            return ClaudeResult(output=output, usage=usage, redacted=redactor.found)
+            model = getattr(message, "model", None) or self.cfg.model
+            return ClaudeResult(output=output, usage=usage, redacted=redactor.found, model=model)
         finally:
             if reserved:
                 self.ledger.settle(request_id, reserved, 0.0)

@@ -58,7 +58,7 @@ from hybrid_serve.schemas import (
     GenerationRequest,
     GenerationResult,
     Passage,
-    PIIPolicy,
+    PIIHandling,
     Route,
     Subtask,
     Usage,
@@ -106,13 +106,14 @@ class RequestContext:
 
     req: AnswerRequest
     trace_id: str
-    pii: PIIPolicy
+    pii: PIIHandling
     claude: ClaudeRoles | None
     claude_down: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, str]] = field(default_factory=list)
     emit: Emit | None = None
     sensitive: bool = False
+    on_premises: bool = False  # the LLM tier runs inside the cluster (claude.on_premises)
     degraded: list[str] = field(default_factory=list)
     escalation: Escalation = field(default_factory=Escalation)
     verification: Verification | None = None
@@ -174,11 +175,20 @@ class RequestContext:
             self.degrade(exc.reason)
 
     def keep_local(self) -> None:
-        self.sensitive, self.claude = True, None
+        """A sensitive request: nothing about it leaves the cluster. An on-premises LLM tier is
+        inside it, so the request may still escalate there."""
+        self.sensitive = True
+        if not self.on_premises:
+            self.claude = None
+
+    @property
+    def local_only(self) -> bool:
+        """Sensitive, and the LLM tier is outside the cluster."""
+        return self.sensitive and not self.on_premises
 
     @property
     def no_claude_reason(self) -> str:
-        return "sensitive_local_only" if self.sensitive else "claude_unavailable"
+        return "sensitive_local_only" if self.local_only else "claude_unavailable"
 
     def call(
         self, query: str, passages: Sequence[Passage], answer: str = "", notes: str = ""
@@ -206,6 +216,8 @@ class RequestContext:
         u.claude_cache_write_tokens += cu.cache_write_tokens
         u.claude_calls += cu.attempts
         u.cost_usd = round(u.cost_usd + cu.cost_usd, 8)
+        u.llm_tier = "on_premises" if self.on_premises else "hosted"
+        u.llm_model = result.model
 
 
 class DeadlineExceeded(Exception):
@@ -282,6 +294,7 @@ class Lead:
             history=list(history),
             emit=emit,
             degraded=[claude_down] if claude_down else [],
+            on_premises=self.cfg.claude.on_premises,
         )
 
     # -- the request -----------------------------------------------------------------------
@@ -405,7 +418,9 @@ class Lead:
         if ctx.claude is None:
             return None
         texts = [ctx.req.query, *(m["content"] for m in ctx.history)]
-        if any(self.is_sensitive(ctx.req.model_copy(update={"query": t}), []) for t in texts):
+        if not ctx.on_premises and any(
+            self.is_sensitive(ctx.req.model_copy(update={"query": t}), []) for t in texts
+        ):
             return None
         call = replace(ctx.call(ctx.req.query, []), history=ctx.history)
         try:
@@ -621,7 +636,7 @@ class Lead:
     async def _escalate(self, ctx: RequestContext, first: Attempt) -> Attempt:
         """A low-confidence SLM answer: rewritten by Claude and tried again, then Claude's own."""
         ctx.escalation.reasons = first.confidence.reasons or ["low_confidence"]
-        if ctx.sensitive:
+        if ctx.local_only:
             ctx.escalation.reasons.append("sensitive_kept_local")
             ctx.degrade("sensitive_local_only")
             return first
@@ -693,7 +708,7 @@ class Lead:
         ]
         if planner == "local":
             ctx.escalation.reasons.append("local_planner")
-            if ctx.sensitive:
+            if ctx.local_only:
                 ctx.escalation.reasons.append("sensitive_kept_local")
             ctx.degrade(planner_down)
         if ctx.emit is not None:
@@ -840,10 +855,13 @@ class Lead:
     def _maybe_shadow(self, ctx: RequestContext, attempt: Attempt) -> None:
         """Grade this answer in the background if it was kept on the SLM by the threshold
         (mode auto, not escalated, not verified, nothing cut) and the request may use Claude
-        (not sensitive), for the configured share of such answers."""
+        (never a sensitive one, even with an on-premises tier: its question would go to the
+        verdict log), for the configured share of such answers."""
         share = self.cfg.escalation.shadow_verify_share
         kept = ctx.req.mode == "auto" and attempt.route == "slm" and ctx.verification is None
-        if not kept or share <= 0 or ctx.claude is None or ctx.cut or not attempt.text.strip():
+        if not kept or share <= 0 or ctx.claude is None or ctx.sensitive or ctx.cut:
+            return
+        if not attempt.text.strip():
             return
         if self._random.random() >= share:
             return

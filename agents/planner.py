@@ -9,8 +9,9 @@ otherwise plans a single sub-task, so decomposition never depends on Claude bein
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from hybrid_serve.agents.citations import content_words
 
@@ -18,15 +19,27 @@ from hybrid_serve.agents.citations import content_words
 REF = re.compile(r"\{(s\d+)\}")
 
 
+# Bounds on what a planner writes: generous for Claude, and what keeps a small open model whose
+# output a server constrains to the schema (vLLM) from filling its whole token budget.
+SubtaskId = Annotated[str, StringConstraints(max_length=8)]
+SearchQuery = Annotated[str, StringConstraints(max_length=120)]
+MAX_SUBTASKS = 6
+
+
 class SubtaskPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="s1, s2, ... in order.")
+    id: SubtaskId = Field(description="s1, s2, ... in order.")
     question: str = Field(
-        description="A self-contained question; write {s1} where the answer of s1 is needed."
+        max_length=300,
+        description="A self-contained question; write {s1} where the answer of s1 is needed.",
     )
-    search_queries: list[str] = Field(description="One or two short search queries.")
-    depends_on: list[str] = Field(description="Ids whose answers this sub-task needs.")
+    search_queries: list[SearchQuery] = Field(
+        max_length=3, description="One or two short search queries."
+    )
+    depends_on: list[SubtaskId] = Field(
+        max_length=MAX_SUBTASKS, description="Ids whose answers this sub-task needs."
+    )
 
 
 class Plan(BaseModel):
@@ -34,10 +47,9 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subtasks: list[SubtaskPlan] = Field(description="Two to five sub-tasks.")
-
-
-MAX_SUBTASKS = 8
+    subtasks: list[SubtaskPlan] = Field(
+        min_length=1, max_length=MAX_SUBTASKS, description="Two to five sub-tasks."
+    )
 
 
 def validate_plan(plan: Plan) -> Plan:

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hybrid_serve import __version__
-from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.config import PROFILES, HybridServeConfig
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -102,6 +102,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
         )
         console.print(f'  try: hybrid-serve ask "How do I add documents?" --url {url}')
+        if cfg.claude.deploy.enabled:
+            console.print(
+                f"  LLM tier: {cfg.claude.model} on vLLM, Messages API at "
+                f"{url}{cfg.claude.deploy.route_prefix}/v1/messages"
+                + ("" if os.environ.get(cfg.claude.api_key_env) else " (no key: open)")
+            )
         if args.metrics_port and not target.joined:
             console.print(
                 f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics (Prometheus; "
@@ -418,7 +424,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
 
 def _profile_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", choices=["local", "gpu"], default="local")
+    parser.add_argument("--profile", choices=list(PROFILES), default="local")
     parser.add_argument("--config", help="YAML configuration file (over the profile)")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -283,8 +284,11 @@ def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
     from hybrid_serve.engines.vllm_options import llm_config_kwargs, vllm_device
 
     require_vllm()
-    device = vllm_device(cfg, float(len(nvidia_gpus())))
-    kwargs = llm_config_kwargs(cfg, device, model_source(cfg))
+    device = vllm_device(cfg.slm.vllm, float(len(nvidia_gpus())))
+    v = cfg.slm.vllm
+    kwargs = llm_config_kwargs(
+        cfg, device, model_source(v.model_source, cfg.slm.model_name, cfg.data_dir)
+    )
     from vllm import LLM, SamplingParams
 
     source = kwargs["model_loading_config"]["model_source"]
@@ -325,32 +329,50 @@ def _probe_engine() -> int:
 
 
 def check_claude(cfg: HybridServeConfig) -> Check:
-    """A minimal Messages API call, only when a key is set (it costs a few tokens)."""
-    if not os.environ.get("ANTHROPIC_API_KEY"):
+    """A minimal Messages API call to the LLM tier, when it can be reached now: Anthropic's API
+    with a key (it costs a few tokens), or a tier at claude.base_url. A tier the cluster deploys
+    itself is checked by `up` (its warm-up) and /readyz."""
+    import anthropic
+
+    from hybrid_serve.agents.claude import tier_client
+
+    c = cfg.claude
+    if c.deploy.enabled and not c.base_url:
+        vllm = "" if importlib.util.find_spec("vllm") else "; vLLM is not installed here"
+        return Check(
+            "claude",
+            "skip" if not vllm else "warn",
+            f"{c.model} is deployed by the cluster on vLLM ({c.deploy.model_source}, "
+            f"{c.deploy.tensor_parallel_size} GPU(s) a replica); `up` waits for its warm-up, "
+            f"/readyz shows tier_ready{vllm}",
+        )
+    client, reason = tier_client(cfg.llm_base_url(), os.environ.get(c.api_key_env))
+    if client is None:
         return Check(
             "claude",
             "skip",
-            "ANTHROPIC_API_KEY not set: answers come from the SLM alone (degraded: "
+            f"{c.api_key_env} not set ({reason}): answers come from the SLM alone (degraded: "
             "claude_unavailable)",
         )
-    import anthropic
-
-    client = anthropic.Anthropic(timeout=CLAUDE_TIMEOUT_S, max_retries=1)
+    client = client.with_options(timeout=CLAUDE_TIMEOUT_S, max_retries=1)
     started = time.monotonic()
     try:
-        message = client.messages.create(
-            model=cfg.claude.model,
-            max_tokens=1,
-            messages=[{"role": "user", "content": "Reply with one word: ok"}],
+        message = asyncio.run(
+            client.messages.create(
+                model=c.model,
+                max_tokens=1,
+                messages=[{"role": "user", "content": "Reply with one word: ok"}],
+            )
         )
     except anthropic.APIStatusError as exc:
-        return Check("claude", "warn", f"{cfg.claude.model}: HTTP {exc.status_code}: {exc.message}")
+        return Check("claude", "warn", f"{c.model}: HTTP {exc.status_code}: {exc.message}")
     except anthropic.APIError as exc:
-        return Check("claude", "warn", f"{cfg.claude.model}: {type(exc).__name__}: {exc}")
+        return Check("claude", "warn", f"{c.model}: {type(exc).__name__}: {exc}")
     return Check(
         "claude",
         "ok",
-        f"{message.model} answered in {time.monotonic() - started:.2f} s ({client.base_url.host})",
+        f"{message.model} ({c.tier}) answered in {time.monotonic() - started:.2f} s "
+        f"({client.base_url.host})",
     )
 
 

@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from hybrid_serve.config import HybridServeConfig, WorkerGroupConfig
-from hybrid_serve.engines.vllm_options import gpus_per_replica
+from hybrid_serve.engines.vllm_options import gpus_per_replica, tier_gpus
 
 IMPORT_PATH = "hybrid_serve.deployments.app:build_app"
+LLM_TIER_IMPORT_PATH = "hybrid_serve.deployments.llm_tier:build_app"
 SERVE_PORT = 8000
 # Ray's metrics export port, which KubeRay sets on every node (`--metrics-export-port`). Named in
 # the pod spec, because KubeRay exposes only the ports a spec lists once it lists any.
@@ -27,6 +28,8 @@ DATA_DIR = "/data/hybrid-serve"
 SECRET_FIELDS = {"http": ["api_keys"]}
 SECRET_ENV = [
     ("ANTHROPIC_API_KEY", "anthropic-api-key"),
+    # The cluster's own LLM tier (claude.deploy), as claude.api_key_env names it in the profile.
+    ("HYBRID_SERVE_LLM_TIER_KEY", "llm-tier-key"),
     ("HYBRID_SERVE_HTTP__API_KEYS", "api-keys"),  # a JSON list; plain keys or sha256:<hex>
     ("HF_TOKEN", "hf-token"),  # gated model weights for vLLM
 ]
@@ -54,18 +57,29 @@ def serve_args(cfg: HybridServeConfig) -> dict[str, Any]:
 
 
 def serve_config(cfg: HybridServeConfig) -> dict[str, Any]:
-    """Ray Serve's config file format (what `serve deploy` takes and `serveConfigV2` holds)."""
+    """Ray Serve's config file format (what `serve deploy` takes and `serveConfigV2` holds): the
+    application, and the LLM tier's beside it when the cluster serves its own."""
+    applications = [
+        {
+            "name": cfg.app_name,
+            "import_path": IMPORT_PATH,
+            "route_prefix": "/",
+            "args": serve_args(cfg),
+        }
+    ]
+    if cfg.claude.deploy.enabled:
+        applications.append(
+            {
+                "name": cfg.llm_app_name,
+                "import_path": LLM_TIER_IMPORT_PATH,
+                "route_prefix": cfg.claude.deploy.route_prefix,
+                "args": serve_args(cfg),
+            }
+        )
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [
-            {
-                "name": cfg.app_name,
-                "import_path": IMPORT_PATH,
-                "route_prefix": "/",
-                "args": serve_args(cfg),
-            }
-        ],
+        "applications": applications,
     }
 
 
@@ -241,6 +255,9 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                 _gpu_pods(cfg, per_replica),
             )
         )
+    llm_gpus = tier_gpus(cfg)
+    if llm_gpus:
+        groups.append(_llm_worker_group(cfg, claim))
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -257,6 +274,34 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
             },
         },
     }
+
+
+def _llm_worker_group(cfg: HybridServeConfig, claim: str) -> dict[str, Any]:
+    """The LLM tier's GPU group, sized from the model: a pod per replica with as many GPUs as its
+    tensor parallelism (or the configured GPUs, several replicas a pod), marked with the
+    tier's resource so that its bundles land there."""
+    k, tier = cfg.k8s, cfg.claude.deploy
+    group = k.llm_workers
+    per_pod = group.gpus or tier.tensor_parallel_size
+    if per_pod < tier.tensor_parallel_size:
+        raise ValueError(
+            f"an LLM tier replica needs {tier.tensor_parallel_size} GPUs (tensor_parallel_size) "
+            f"but k8s.llm_workers.gpus is {per_pod}"
+        )
+    pods = math.ceil(tier.replicas / (per_pod // tier.tensor_parallel_size))
+    params: dict[str, str] = {}
+    if cfg.placement.llm_node_resource:
+        params["resources"] = f'"{{\\"{cfg.placement.llm_node_resource}\\": {per_pod}}}"'
+    return _worker_group(
+        "llm-gpu",
+        group,
+        k.gpu_image,
+        k.secret_name,
+        claim,
+        per_pod,
+        params,
+        (pods, pods, pods),  # the tier has a fixed number of replicas
+    )
 
 
 def render_volume(cfg: HybridServeConfig) -> dict[str, Any]:

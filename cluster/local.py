@@ -25,8 +25,10 @@ class StartupError(RuntimeError):
 def required_cpus(cfg: HybridServeConfig) -> float:
     from hybrid_serve.engines.vllm_options import cpus_per_replica
 
+    tier = cfg.claude.deploy
     return (
         cfg.slm.replicas * cpus_per_replica(cfg)
+        + (tier.replicas * (tier.num_cpus + max(1.0, tier.num_cpus)) if tier.enabled else 0.0)
         + cfg.retriever.replicas * cfg.retriever.num_cpus
         + cfg.orchestrator.replicas * cfg.orchestrator.num_cpus
         + cfg.claude.num_cpus
@@ -196,10 +198,14 @@ def fit_to_cluster(cfg: HybridServeConfig) -> tuple[HybridServeConfig, str | Non
 
 
 def gpus_required(cfg: HybridServeConfig) -> float:
-    from hybrid_serve.engines.vllm_options import gpus_per_replica
+    from hybrid_serve.engines.vllm_options import gpus_per_replica, tier_gpus
 
     replicas = cfg.slm.autoscaling.min_replicas if cfg.slm.autoscaling else cfg.slm.replicas
-    return replicas * gpus_per_replica(cfg) + cfg.retriever.replicas * cfg.retriever.num_gpus
+    return (
+        replicas * gpus_per_replica(cfg)
+        + tier_gpus(cfg)
+        + cfg.retriever.replicas * cfg.retriever.num_gpus
+    )
 
 
 def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = None) -> str:
@@ -210,34 +216,58 @@ def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = Non
     from hybrid_serve.engines.vllm_model import ModelPreparationError
 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    apps = {cfg.app_name: "/"}
     try:
-        app = build(cfg, progress=on_status)
+        built = {cfg.app_name: build(cfg, progress=on_status)}
+        if cfg.claude.deploy.enabled:
+            from hybrid_serve.deployments.llm_tier import build_llm_tier
+
+            built[cfg.llm_app_name] = build_llm_tier(cfg, progress=on_status)
+            apps[cfg.llm_app_name] = cfg.claude.deploy.route_prefix
     except ModelPreparationError as exc:
         raise StartupError(str(exc)) from None
     errors: list[BaseException] = []
+    # Together, so the tier's model loads while the rest starts.
+    targets = [serve.RunTarget(built[n], name=n, route_prefix=p) for n, p in apps.items()]
 
     def run() -> None:
         try:
-            serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
+            serve.run_many(targets)
         except BaseException as exc:  # reported by the waiting loop below
             errors.append(exc)
 
     threading.Thread(target=run, daemon=True, name="serve-run").start()
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "") else cfg.http.host
     url = f"http://{host}:{serve_http_port(cfg)}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    tier = cfg.claude.deploy
+    timeout = READY_TIMEOUT_S + (tier.warmup_timeout_s if tier.enabled else 0.0)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if errors:
             raise StartupError(explain_failure(cfg, errors[0]))
         line = describe_progress(url)
+        if line == "ready" and cfg.claude.deploy.enabled:
+            line = _tier_progress(cfg)
         if line == "ready":
             return url
         if on_status:
             on_status(line)
         time.sleep(0.5)
     raise StartupError(
-        f"not ready after {READY_TIMEOUT_S:.0f} s: {describe_progress(url)}; see the Ray logs"
+        f"not ready after {timeout:.0f} s: {describe_progress(url)}; see the Ray logs"
     )
+
+
+def _tier_progress(cfg: HybridServeConfig) -> str:
+    """'ready' once the LLM tier's application runs, or its deployment's state."""
+    from ray import serve
+
+    app = serve.status().applications.get(cfg.llm_app_name)
+    if app is not None and str(app.status.value) == "RUNNING":
+        return "ready"
+    deployments = app.deployments if app is not None else {}
+    states = [f"{n}: {str(d.status.value).lower()}" for n, d in deployments.items()]
+    return "LLM tier — " + (", ".join(states) or "deploying")
 
 
 def serve_http_port(cfg: HybridServeConfig) -> int:
@@ -270,6 +300,12 @@ def _remedy(cfg: HybridServeConfig, deployment: str, cause: str) -> str:
             f"check the slm settings (engine {cfg.slm.engine!r}); `hybrid-serve doctor` runs the "
             "engine on its own and shows its error"
         )
+    if deployment.startswith("LLM:"):
+        return (
+            "check the claude.deploy settings (model_source, device, tensor_parallel_size, "
+            "max_model_len against the memory there); the replica's log is under "
+            "/tmp/ray/session_latest/logs/serve"
+        )
     return "see the replica's log under /tmp/ray/session_latest/logs (serve/ and worker-*.err)"
 
 
@@ -280,14 +316,20 @@ def explain_failure(cfg: HybridServeConfig, error: BaseException) -> str:
     from hybrid_serve.deployments.health import replica_deaths, startup_error
 
     try:
-        deployments = serve.status().applications[cfg.app_name].deployments
+        applications = serve.status().applications
+        deployments = [
+            (app, name, status)
+            for app in (cfg.app_name, cfg.llm_app_name)
+            if app in applications
+            for name, status in applications[app].deployments.items()
+        ]
     except Exception:
         return f"deployment failed: {error}"
     parts: list[str] = []
-    for name, status in deployments.items():
+    for app, name, status in deployments:
         if str(status.status.value) not in ("DEPLOY_FAILED", "UNHEALTHY"):
             continue
-        deaths = replica_deaths(cfg.app_name, name)
+        deaths = replica_deaths(app, name)
         if deaths:
             last = deaths[-1]
             cause = last.cause
@@ -349,6 +391,8 @@ def shutdown(cfg: HybridServeConfig, target: RayTarget | None) -> None:
     try:
         if target is not None and target.joined:
             serve.delete(cfg.app_name)
+            if cfg.claude.deploy.enabled:
+                serve.delete(cfg.llm_app_name)
         else:
             serve.shutdown()
     finally:

@@ -1,13 +1,16 @@
-"""ClaudeProxy: the one place that talks to Anthropic, so that the ledger, the budget, the rate
-limits and the circuit breaker stay exact however many orchestrator replicas there are. Without a
-key it reports itself unavailable and the cluster keeps answering from the SLM."""
+"""ClaudeProxy: the one place that talks to the LLM tier (Anthropic's API, or any server of the
+Messages API such as the cluster's own vLLM tier), so that the ledger, the budget, the rate limits
+and the circuit breaker stay exact however many orchestrator replicas there are. Without a key
+for Anthropic's API it reports itself unavailable and the cluster keeps answering from the SLM."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 from opentelemetry.trace import SpanKind
 from ray import serve
 
@@ -18,11 +21,14 @@ from hybrid_serve.agents.claude import (
     ClaudeResult,
     ClaudeUnavailable,
     Role,
+    tier_client,
 )
 from hybrid_serve.agents.tracing import TraceContext
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
 from hybrid_serve.deployments.placement import placement
+
+TIER_PROBE_TIMEOUT_S = 0.5
 
 
 @serve.deployment(name="ClaudeProxy")
@@ -30,16 +36,9 @@ class ClaudeProxy:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = HybridServeConfig.from_args(config)
         tracing.setup("ClaudeProxy", cfg.tracing)
-        client = None
-        reason = None
-        if os.environ.get("ANTHROPIC_API_KEY"):
-            from anthropic import AsyncAnthropic
-
-            # Key and base URL come from ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL, read by the SDK;
-            # the gateway sets the retries and timeout from the configuration.
-            client = AsyncAnthropic()
-        else:
-            reason = "no_api_key"
+        self.cfg = cfg
+        self.base_url = cfg.llm_base_url()
+        client, reason = tier_client(self.base_url, os.environ.get(cfg.claude.api_key_env))
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.gateway = ClaudeGateway(
             cfg.claude,
@@ -85,10 +84,14 @@ class ClaudeProxy:
         """One role's call under its span (GenAI conventions), with its metrics."""
         attributes = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": "anthropic",
+            "gen_ai.provider.name": self.provider,
             "gen_ai.request.model": self.gateway.cfg.model,
             "hybrid.claude.role": role,
+            "hybrid.llm.tier": self.gateway.cfg.tier,
         }
+        if self.base_url:
+            url = urlsplit(self.base_url)
+            attributes.update({"server.address": url.hostname, "server.port": url.port})
         outcome = "ok"
         with tracing.span(f"ClaudeProxy.{role}", trace_context, SpanKind.CLIENT, attributes):
             try:
@@ -104,6 +107,7 @@ class ClaudeProxy:
             score = getattr(result.output, "score", None) if role == "verify" else None
             tracing.annotate(
                 {
+                    "gen_ai.response.model": result.model,
                     "gen_ai.usage.input_tokens": u.input_tokens,
                     "gen_ai.usage.output_tokens": u.output_tokens,
                     "gen_ai.usage.cache_read.input_tokens": u.cache_read_tokens,
@@ -128,6 +132,32 @@ class ClaudeProxy:
             request_id, slm_cost_usd, all_claude_estimate_usd, requests
         )
 
+    @property
+    def provider(self) -> str:
+        """gen_ai.provider.name: Anthropic's API, the cluster's own vLLM, or another server."""
+        if self.base_url is None:
+            return "anthropic"
+        return (
+            "vllm"
+            if self.cfg.claude.deploy.enabled and not self.cfg.claude.base_url
+            else ("messages_api")
+        )
+
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         self._sync_metrics()  # readiness probes keep the circuit and budget gauges fresh
-        return {**self.gateway.status(), "placement": placement()}
+        status = {**self.gateway.status(), "placement": placement()}
+        if self.base_url is not None:
+            status["base_url"] = self.base_url
+        if self.cfg.claude.deploy.enabled and not self.cfg.claude.base_url:
+            status["tier_ready"] = await self._tier_ready()
+        return status
+
+    async def _tier_ready(self) -> bool:
+        """The cluster's own tier answers its health route (it loads long after the rest). A
+        short probe, as readiness checks call it: until the tier has a replica, Serve's proxy
+        holds the request rather than refusing it."""
+        try:
+            async with httpx.AsyncClient(timeout=TIER_PROBE_TIMEOUT_S) as http:
+                return (await http.get(f"{self.base_url}/health")).status_code == 200
+        except httpx.HTTPError:
+            return False

@@ -133,7 +133,8 @@ def build_vllm_slm(
     """The SLM deployment for the `vllm` engine, named `SLM:<model>`: on the cluster's GPUs, or
     on its CPUs where it has none (`slm.vllm.device`), with the weights prepared first."""
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
-    kwargs = llm_config_kwargs(cfg, vllm_device(cfg, cluster_gpus), model_source(cfg, progress))
+    source = model_source(cfg.slm.vllm.model_source, cfg.slm.model_name, cfg.data_dir, progress)
+    kwargs = llm_config_kwargs(cfg, vllm_device(cfg.slm.vllm, cluster_gpus), source)
     return build_llm_deployment(
         LLMConfig(**kwargs), name_prefix="SLM:", deployment_cls=HybridLLMServer
     )

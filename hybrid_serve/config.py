@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -23,7 +23,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from hybrid_serve.schemas import PIIPolicy, VerifyPolicy
+from hybrid_serve.schemas import PIIHandling, VerifyPolicy
 
 ENV_PREFIX = "HYBRID_SERVE_"
 
@@ -226,11 +226,58 @@ class ModelPrice(_Section):
 SONNET_PRICE = {"input": 3.0, "output": 15.0, "cache_read": 0.30, "cache_write": 3.75}
 
 
+class LLMTierDeployment(VLLMEngineConfig):
+    """The LLM tier served by the cluster itself: an open model on vLLM through Ray Serve LLM, a
+    Serve application of its own at `route_prefix` speaking the Messages API (and OpenAI's), with
+    tensor parallelism over a placement group. `claude.model` is the id it serves under."""
+
+    enabled: bool = Field(False, description="Deploy the tier in the cluster.")
+    replicas: int = Field(1, ge=1, le=64)
+    num_cpus: float = Field(1.0, ge=0.0, description="Logical CPUs of the replica actor.")
+    max_ongoing_requests: int = Field(64, ge=1)
+    tool_call_parser: str = Field(
+        "hermes",
+        description="vLLM's tool-call parser for the model (hermes: Qwen, Hermes and similar; "
+        "llama3_json: Llama 3.x; mistral: Mistral). vLLM requires one for forced tool calls, "
+        "whose arguments it then constrains to the tool's JSON schema.",
+    )
+    route_prefix: str = Field("/llm", pattern=r"^/[A-Za-z0-9_\-/]*[A-Za-z0-9_\-]$")
+    warmup_timeout_s: float = Field(600.0, gt=0, description="Bound on the first generation.")
+
+
 class ClaudeConfig(_Section):
+    """The LLM tier: Anthropic's API by default, or any server of the Messages API (`base_url`),
+    such as vLLM on the cluster's own GPUs (`deploy`). The name stays `claude` for every model."""
+
     model: str = Field(
         "claude-sonnet-5-5",
-        description="Anthropic model id (a current Sonnet-class model by default).",
+        description="Model id sent to the tier (a current Sonnet-class model by default).",
     )
+    base_url: str | None = Field(
+        None,
+        description="The tier's Messages API root (without /v1). Unset: Anthropic's API (or "
+        "ANTHROPIC_BASE_URL), or the cluster's own tier when deploy.enabled.",
+    )
+    api_key_env: str = Field(
+        "ANTHROPIC_API_KEY",
+        description="Environment variable holding the tier's key (never config), sent as a "
+        "bearer token (what Anthropic's API and vLLM's --api-key check); a tier at a base_url "
+        "may have no key.",
+    )
+    on_premises: bool = Field(
+        False,
+        description="The tier runs inside your network: sensitive requests may escalate to it, "
+        "and policies.pii may be `keep`.",
+    )
+    price_model: Literal["tokens", "gpu_hours"] = Field(
+        "tokens",
+        description="tokens: a hosted API's per-token `prices`; gpu_hours: a self-hosted tier, "
+        "a call costing its duration at gpu_hour_usd, like the SLM's cost.",
+    )
+    gpu_hour_usd: float = Field(
+        0.0, ge=0, description="gpu_hours: the price of one tier replica-hour, all its GPUs."
+    )
+    deploy: LLMTierDeployment = Field(default_factory=LLMTierDeployment)
     max_tokens: int = Field(1024, ge=1, description="Output ceiling of one call.")
     timeout_s: float = Field(30.0, gt=0, description="Per attempt.")
     max_retries: int = Field(
@@ -260,6 +307,11 @@ class ClaudeConfig(_Section):
 
     def price(self, model: str | None = None) -> ModelPrice:
         return self.prices.get(model or self.model) or self.prices["default"]
+
+    @property
+    def tier(self) -> Literal["on_premises", "hosted"]:
+        """What the response and traces call the tier that answered."""
+        return "on_premises" if self.on_premises else "hosted"
 
     @field_validator("prices")
     @classmethod
@@ -298,8 +350,10 @@ class EscalationConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    pii: PIIPolicy = Field(
-        "redact", description="PII in what would leave the cluster: block the call or redact it."
+    pii: PIIHandling = Field(
+        "redact",
+        description="PII in what reaches the LLM tier: block the call, redact it, or (only with "
+        "claude.on_premises) keep it.",
     )
     sensitive_patterns: list[str] = Field(
         default_factory=list, description="Regexes; a matching query never leaves the cluster."
@@ -473,6 +527,12 @@ class PlacementConfig(_Section):
         "retriever and ClaudeProxy ask for a sliver of it, so they never take GPU nodes.",
     )
 
+    llm_node_resource: str | None = Field(
+        None,
+        description="A custom Ray resource only the LLM tier's GPU nodes have, one unit per GPU; "
+        "when set, each GPU bundle of the tier (claude.deploy) asks for one.",
+    )
+
     def cpu_resources(self) -> dict[str, float]:
         return {self.cpu_node_resource: 0.001} if self.cpu_node_resource else {}
 
@@ -508,6 +568,12 @@ def _gpu_group() -> WorkerGroupConfig:
     )
 
 
+def _llm_group() -> WorkerGroupConfig:
+    # gpus 0: as many as the tier's tensor parallelism, one replica per pod. The pod count
+    # follows claude.deploy.replicas (replicas/min/max here are not used).
+    return _gpu_group().model_copy(update={"cpu": "16", "memory": "192Gi", "gpus": 0})
+
+
 class KubernetesConfig(_Section):
     """What `hybrid-serve k8s render` needs beyond the application itself."""
 
@@ -522,6 +588,11 @@ class KubernetesConfig(_Section):
     head_memory: str = "8Gi"
     cpu_workers: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig)
     gpu_workers: WorkerGroupConfig = Field(default_factory=_gpu_group)
+    llm_workers: WorkerGroupConfig = Field(
+        default_factory=_llm_group,
+        description="The LLM tier's own GPU group (with claude.deploy); its pods and GPUs are "
+        "sized from the tier's replicas and tensor parallelism.",
+    )
     secret_name: str = Field(
         "hybrid-serve-secrets",
         description="Secret with `anthropic-api-key` (and optionally `api-keys`, a JSON list).",
@@ -564,6 +635,28 @@ PROFILES: dict[str, dict[str, Any]] = {
         "placement": {"cpu_node_resource": "hybrid_cpu"},
     },
 }
+# GPU nodes with the LLM tier in the cluster too: a 70B-class open model over 4 GPUs per replica,
+# on premises, so sensitive questions may escalate and nothing leaves the network.
+PROFILES["gpu-on-premises"] = {
+    **PROFILES["gpu"],
+    "claude": {
+        "model": "llama-3.3-70b-instruct",
+        "api_key_env": "HYBRID_SERVE_LLM_TIER_KEY",
+        "on_premises": True,
+        "price_model": "gpu_hours",
+        "gpu_hour_usd": 4 * 2.50,
+        "deploy": {
+            "enabled": True,
+            "model_source": "meta-llama/Llama-3.3-70B-Instruct",
+            "device": "cuda",
+            "tensor_parallel_size": 4,
+            "max_model_len": 16384,
+            "max_num_seqs": 32,
+            "tool_call_parser": "llama3_json",
+        },
+    },
+    "placement": {"cpu_node_resource": "hybrid_cpu", "llm_node_resource": "hybrid_llm_gpu"},
+}
 
 
 def default_data_dir() -> Path:
@@ -596,6 +689,31 @@ class HybridServeConfig(BaseSettings):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     k8s: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+    @model_validator(mode="after")
+    def _pii_kept_on_premises_only(self) -> HybridServeConfig:
+        if self.policies.pii == "keep" and not self.claude.on_premises:
+            raise ValueError(
+                "policies.pii 'keep' sends PII to the LLM tier as is: only with "
+                "claude.on_premises: true"
+            )
+        return self
+
+    @property
+    def llm_app_name(self) -> str:
+        """The Serve application of the cluster's own LLM tier (claude.deploy)."""
+        return f"{self.app_name}-llm"
+
+    def llm_base_url(self) -> str | None:
+        """Where ClaudeProxy sends its Messages API calls: the configured base_url, the
+        cluster's own tier (through the Serve proxy on the caller's node), or None for the SDK's
+        default (Anthropic's API, or ANTHROPIC_BASE_URL)."""
+        if self.claude.base_url:
+            return self.claude.base_url.rstrip("/")
+        if self.claude.deploy.enabled:
+            host = "127.0.0.1" if self.http.host in ("0.0.0.0", "", "::") else self.http.host
+            return f"http://{host}:{self.http.port}{self.claude.deploy.route_prefix}"
+        return None
 
     @classmethod
     def settings_customise_sources(

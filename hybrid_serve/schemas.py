@@ -27,6 +27,9 @@ class StrictModel(BaseModel):
 Mode = Literal["auto", "slm", "decompose", "claude"]
 VerifyPolicy = Literal["auto", "always", "never"]
 PIIPolicy = Literal["block", "redact"]
+# What the configuration may set: `keep` sends PII as is, to an on-premises tier only.
+PIIHandling = Literal["block", "redact", "keep"]
+LLMTier = Literal["hosted", "on_premises"]
 SubtaskStatus = Literal["ok", "failed", "timeout", "cancelled"]
 FinishReason = Literal["stop", "length", "cancelled"]
 CacheResult = Literal["hit", "miss", "bypass"]
@@ -152,6 +155,12 @@ class Usage(BaseModel):
     all_claude_cost_usd_estimate: float = Field(
         0.0, description="What Claude alone would have cost with the same evidence."
     )
+    llm_tier: LLMTier | None = Field(
+        None,
+        description="Which LLM tier the claude_* fields count: hosted (an external API) or "
+        "on_premises (a model inside your network); null when no call was made.",
+    )
+    llm_model: str | None = Field(None, description="The LLM tier's model, when it was called.")
 
 
 class Deadline(BaseModel):

@@ -199,3 +199,54 @@ def test_default_model_is_current():
     model = ClaudeConfig().model
     assert model not in DEPRECATED_MODELS
     assert model in ModelParam.__args__[0].__args__ and "sonnet" in model
+
+
+def test_a_self_hosted_tier_costs_its_gpu_time_and_may_keep_pii(server):
+    g = gateway(server, price_model="gpu_hours", gpu_hour_usd=36.0, on_premises=True)
+    query = "Email alice@corp.com about the budget"
+    result = run(ask(g, "answer", "r", query, "keep"))
+    assert "alice@corp.com" in server.calls()[0].text  # keep: sent as is, nothing redacted
+    assert not result.redacted and result.model
+    u = result.usage
+    assert u.seconds > 0 and u.cost_usd == pytest.approx(u.seconds * 36.0 / 3600)
+    assert g.status()["tier"] == "on_premises"
+    # GPU time is known only after a call: nothing is reserved, the spend is settled after.
+    assert g.estimate_cost(10_000, 1_000) == 0.0
+    assert g.ledger.totals.cost_usd == pytest.approx(u.cost_usd)
+
+
+def test_tier_client_sends_the_key_as_the_endpoint_expects(server, monkeypatch):
+    from hybrid_serve.agents.claude import tier_client
+
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    assert tier_client(None, None) == (None, "no_api_key")  # Anthropic's API needs a key
+    hosted, _ = tier_client(None, "sk-ant-1")
+    assert hosted.api_key == "sk-ant-1"
+    # Another Messages-API server: the key as the bearer token vLLM's --api-key checks.
+    client, reason = tier_client(server.url, "tier-key")
+    assert reason is None
+    g = ClaudeGateway(ClaudeConfig(), PolicyConfig(), client)
+    run(ask(g, "answer", "r", "q"))
+    assert server.calls()[0].headers["authorization"] == "Bearer tier-key"
+    # A tier without a key is still usable (vLLM started without --api-key).
+    client, reason = tier_client(server.url, None)
+    assert client is not None and reason is None
+
+
+def test_doctor_reaches_a_tier_at_its_base_url(server, monkeypatch):
+    from hybrid_serve.cluster.doctor import check_claude
+    from hybrid_serve.config import HybridServeConfig
+
+    monkeypatch.setenv("MY_TIER_KEY", "tier-key")
+    cfg = HybridServeConfig.load(
+        overrides={
+            "claude.base_url": server.url,
+            "claude.api_key_env": "MY_TIER_KEY",
+            "claude.on_premises": True,
+        }
+    )
+    check = check_claude(cfg)
+    assert check.status == "ok" and "(on_premises)" in check.detail, check
+    assert server.calls()[0].headers["authorization"] == "Bearer tier-key"
+    deployed = HybridServeConfig.load(overrides={"claude.deploy.enabled": True})
+    assert "deployed by the cluster" in check_claude(deployed).detail

@@ -64,3 +64,31 @@ def test_chunk_overlap_must_be_smaller():
         HybridServeConfig.load(
             overrides={"retriever.chunk_words": 20, "retriever.chunk_overlap_words": 20}
         )
+
+
+def test_llm_tier_is_configuration(tmp_path, monkeypatch):
+    cfg = HybridServeConfig.load()
+    assert cfg.llm_base_url() is None and cfg.claude.tier == "hosted"  # today's behaviour
+    assert cfg.claude.price_model == "tokens" and not cfg.claude.deploy.enabled
+    monkeypatch.setenv("HYBRID_SERVE_CLAUDE__BASE_URL", "http://llm.internal:9000/")
+    monkeypatch.setenv("HYBRID_SERVE_CLAUDE__ON_PREMISES", "true")
+    monkeypatch.setenv("HYBRID_SERVE_CLAUDE__API_KEY_ENV", "MY_TIER_KEY")
+    cfg = HybridServeConfig.load()
+    assert cfg.llm_base_url() == "http://llm.internal:9000" and cfg.claude.tier == "on_premises"
+    assert cfg.claude.api_key_env == "MY_TIER_KEY"
+    monkeypatch.delenv("HYBRID_SERVE_CLAUDE__BASE_URL")
+    f = tmp_path / "c.yaml"
+    f.write_text("claude:\n  deploy:\n    enabled: true\n    route_prefix: /tier\n")
+    cfg = HybridServeConfig.load(f, overrides={"http.port": 8123})
+    assert cfg.llm_base_url() == "http://127.0.0.1:8123/tier"  # the cluster's own tier
+    assert cfg.llm_app_name == "hybrid-serve-llm"
+
+
+def test_pii_is_kept_only_for_an_on_premises_tier(monkeypatch):
+    monkeypatch.delenv("HYBRID_SERVE_CLAUDE__ON_PREMISES", raising=False)
+    with pytest.raises(ValidationError, match="on_premises"):
+        HybridServeConfig.load(overrides={"policies.pii": "keep"})
+    cfg = HybridServeConfig.load(overrides={"policies.pii": "keep", "claude.on_premises": True})
+    assert cfg.policies.pii == "keep"
+    with pytest.raises(ValidationError):
+        HybridServeConfig.load(overrides={"claude.deploy.route_prefix": "no-slash"})

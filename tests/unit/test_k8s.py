@@ -12,7 +12,11 @@ import yaml
 from hybrid_serve.cluster import k8s
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.app import cpu_actor_options, slm_options
-from hybrid_serve.engines.vllm_options import gpus_per_replica, llm_config_kwargs
+from hybrid_serve.engines.vllm_options import (
+    gpus_per_replica,
+    llm_config_kwargs,
+    tier_llm_config_kwargs,
+)
 from tests.conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +63,7 @@ def load(profile: str, **overrides) -> HybridServeConfig:
     return HybridServeConfig.load(profile=profile, overrides=overrides)
 
 
-@pytest.mark.parametrize("profile", ["local", "gpu"])
+@pytest.mark.parametrize("profile", ["local", "gpu", "gpu-on-premises"])
 def test_render_validates_against_the_kuberay_crd(schema, profile):
     manifest = k8s.render_rayservice(load(profile))
     validate(schema, manifest)
@@ -73,16 +77,19 @@ def test_committed_manifests_are_the_current_renders(schema):
     files = k8s.render_all(load("local"))
     for name, manifest in files.items():
         assert yaml.safe_load((ROOT / "k8s/base" / name).read_text()) == manifest, name
-    gpu = k8s.render_rayservice(load("gpu"))
-    assert yaml.safe_load((ROOT / "k8s/overlays/prod-gpu/rayservice.yaml").read_text()) == gpu
+    for profile, overlay in (("gpu", "prod-gpu"), ("gpu-on-premises", "prod-gpu-on-premises")):
+        rendered = k8s.render_rayservice(load(profile))
+        committed = ROOT / "k8s/overlays" / overlay / "rayservice.yaml"
+        assert yaml.safe_load(committed.read_text()) == rendered, overlay
 
 
 def test_overlays_build_valid_rayservices(schema):
     base = yaml.safe_load((ROOT / "k8s/base/rayservice.yaml").read_text())
-    prod = yaml.safe_load((ROOT / "k8s/overlays/prod-gpu/rayservice.yaml").read_text())
-    merged = merge_patch(base, prod)
-    assert merged == prod  # the GPU render fully replaces the base's spec
-    validate(schema, merged)
+    for overlay in ("prod-gpu", "prod-gpu-on-premises"):
+        prod = yaml.safe_load((ROOT / "k8s/overlays" / overlay / "rayservice.yaml").read_text())
+        merged = merge_patch(base, prod)
+        assert merged == prod  # the GPU render fully replaces the base's spec
+        validate(schema, merged)
     dev = yaml.safe_load((ROOT / "k8s/overlays/dev-cpu/kustomization.yaml").read_text())
     assert dev["resources"] == ["../../base"]
     for patch in dev["patches"]:
@@ -91,12 +98,19 @@ def test_overlays_build_valid_rayservices(schema):
     assert {"path": "rayservice.yaml"} in prod_k["patches"]
 
 
-@pytest.mark.parametrize("profile", ["local", "gpu"])
+@pytest.mark.parametrize("profile", ["local", "gpu", "gpu-on-premises"])
 def test_serve_config_runs_this_package_with_the_same_configuration(profile):
     cfg = load(profile)
     manifest = k8s.render_rayservice(cfg)
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    (app,) = serve_config["applications"]
+    app, *tier = serve_config["applications"]
+    if profile == "gpu-on-premises":  # the LLM tier: its own application and route
+        (tier_app,) = tier
+        assert tier_app["name"] == "hybrid-serve-llm" and tier_app["route_prefix"] == "/llm"
+        assert tier_app["import_path"] == "hybrid_serve.deployments.llm_tier:build_app"
+        assert tier_app["args"] == app["args"]
+    else:
+        assert tier == []
     module, attr = app["import_path"].split(":")
     builder = getattr(importlib.import_module(module), attr)
     assert callable(builder)
@@ -211,3 +225,31 @@ def test_cli_render_writes_files(tmp_path):
     assert names == ["ingress.yaml", "kustomization.yaml", "pvc.yaml", "rayservice.yaml"]
     pvc = yaml.safe_load((tmp_path / "m/pvc.yaml").read_text())
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_on_premises_tier_gets_its_own_gpu_group_sized_from_the_model():
+    cfg = load("gpu-on-premises", **{"claude.deploy.replicas": 2})
+    groups = k8s.render_rayservice(cfg)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["cpu", "gpu", "llm-gpu"]
+    llm = groups[2]
+    limits = llm["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 4  # tensor_parallel_size 4: one replica a pod
+    assert llm["replicas"] == llm["minReplicas"] == llm["maxReplicas"] == 2
+    assert llm["rayStartParams"]["resources"] == '"{\\"hybrid_llm_gpu\\": 4}"'
+    kw = tier_llm_config_kwargs(cfg)
+    assert (
+        kw["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1, "hybrid_llm_gpu": 1}] * 4
+    )
+    assert kw["model_loading_config"]["model_id"] == "llama-3.3-70b-instruct"
+    assert kw["engine_kwargs"]["tool_call_parser"] == "llama3_json"
+    assert kw["engine_kwargs"]["enable_auto_tool_choice"] is True
+    assert kw["deployment_config"]["num_replicas"] == 2
+    # The key is never in the config: only the name of the variable the replica reads.
+    assert kw["runtime_env"]["env_vars"]["HYBRID_SERVE_LLM_TIER_KEY_ENV"] == (
+        "HYBRID_SERVE_LLM_TIER_KEY"
+    )
+    eight = load("gpu-on-premises", **{"k8s.llm_workers.gpus": 8, "claude.deploy.replicas": 3})
+    llm = k8s.render_rayservice(eight)["spec"]["rayClusterConfig"]["workerGroupSpecs"][2]
+    assert llm["replicas"] == 2  # two 4-GPU replicas on each 8-GPU pod
+    with pytest.raises(ValueError, match="needs 4 GPUs"):
+        k8s.render_rayservice(load("gpu-on-premises", **{"k8s.llm_workers.gpus": 2}))

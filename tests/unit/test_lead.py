@@ -10,7 +10,7 @@ from anthropic import AsyncAnthropic
 from hybrid_serve.agents.claude import ClaudeGateway
 from hybrid_serve.agents.lead import DeadlineExceeded, Lead
 from hybrid_serve.bundled import bundled_gguf
-from hybrid_serve.config import ClaudeConfig, HybridServeConfig, PolicyConfig
+from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.engines.llama_cpp import LlamaCppEngine
 from hybrid_serve.schemas import AnswerRequest, Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
@@ -57,6 +57,8 @@ SETTINGS = {
     "sensitive_tags": "policies.sensitive_tags",
     "shadow_verify_share": "escalation.shadow_verify_share",
     "auto_local_plan": "escalation.auto_local_plan",
+    "on_premises": "claude.on_premises",
+    "pii": "policies.pii",
 }
 
 
@@ -65,10 +67,11 @@ def make_lead(engine, server, **settings) -> Lead:
         return PASSAGES[:top_k]
 
     client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
-    gateway = ClaudeGateway(ClaudeConfig(), PolicyConfig(), client)
     overrides = {"slm.max_tokens": 40, **{SETTINGS[k]: v for k, v in settings.items()}}
+    cfg = HybridServeConfig.load(overrides=overrides)
+    gateway = ClaudeGateway(cfg.claude, cfg.policies, client)
     # The gateway is the lead's ClaudeRoles here, as the handle adapter is in the cluster.
-    lead = Lead(retrieve, engine.generate, HybridServeConfig.load(overrides=overrides), gateway)
+    lead = Lead(retrieve, engine.generate, cfg, gateway)
     lead.gateway = gateway
     return lead
 
@@ -123,6 +126,20 @@ def test_sensitive_query_never_reaches_claude(engine, server):
     lead = make_lead(engine, server, threshold=1.0, sensitive_patterns=[r"\bproject\s+x\b"])
     ask(lead, query="What is the budget of Project X?")
     assert server.calls() == []
+
+
+def test_sensitive_query_escalates_only_to_an_on_premises_tier(engine, server):
+    query = "When was the Eiffel Tower completed? Ask jane.doe@example.com"
+    hosted = make_lead(engine, server, threshold=1.0, verify="never")
+    r = ask(hosted, query=query, sensitive=True)
+    assert server.calls() == [] and r.usage.llm_tier is None
+    lead = make_lead(engine, server, threshold=1.0, verify="never", on_premises=True, pii="keep")
+    r = ask(lead, query=query, sensitive=True)
+    assert r.sensitive and r.escalation.escalated and r.route == "claude"
+    assert "sensitive_local_only" not in r.degraded
+    assert "sensitive_kept_local" not in r.escalation.reasons
+    assert r.usage.llm_tier == "on_premises" and r.usage.llm_model
+    assert "jane.doe@example.com" in server.calls()[0].text  # pii keep, inside the network
 
 
 def test_sensitive_document_tag_keeps_the_query_local(engine, server):
