@@ -859,9 +859,8 @@ class Lead:
         verdict log), for the configured share of such answers."""
         share = self.cfg.escalation.shadow_verify_share
         kept = ctx.req.mode == "auto" and attempt.route == "slm" and ctx.verification is None
-        if not kept or share <= 0 or ctx.claude is None or ctx.sensitive or ctx.cut:
-            return
-        if not attempt.text.strip():
+        skip = ctx.claude is None or ctx.sensitive or ctx.cut or not attempt.text.strip()
+        if not kept or share <= 0 or skip:
             return
         if self._random.random() >= share:
             return

@@ -220,9 +220,8 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
     }
     cpu_params: dict[str, str] = {}
     if cfg.placement.cpu_node_resource:
-        # KubeRay passes this to `ray start --resources`: a JSON object inside a quoted string.
-        cpu_params["resources"] = (
-            f'"{{\\"{cfg.placement.cpu_node_resource}\\": {CPU_NODE_RESOURCE_UNITS}}}"'
+        cpu_params["resources"] = _resource_param(
+            cfg.placement.cpu_node_resource, CPU_NODE_RESOURCE_UNITS
         )
     cw = k.cpu_workers
     groups = [
@@ -243,6 +242,9 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
             raise ValueError(
                 f"an SLM replica needs {per_replica:g} GPUs but k8s.gpu_workers.gpus is {gw.gpus}"
             )
+        gpu_params: dict[str, str] = {}
+        if cfg.placement.slm_node_resource:
+            gpu_params["resources"] = _resource_param(cfg.placement.slm_node_resource, gw.gpus)
         groups.append(
             _worker_group(
                 "gpu",
@@ -251,7 +253,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                 k.secret_name,
                 claim,
                 gw.gpus,
-                {},
+                gpu_params,
                 _gpu_pods(cfg, per_replica),
             )
         )
@@ -276,6 +278,12 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
     }
 
 
+def _resource_param(name: str, units: int) -> str:
+    """A custom resource as KubeRay passes it to `ray start --resources`: a JSON object inside a
+    quoted string."""
+    return f'"{{\\"{name}\\": {units}}}"'
+
+
 def _llm_worker_group(cfg: HybridServeConfig, claim: str) -> dict[str, Any]:
     """The LLM tier's GPU group, sized from the model: a pod per replica with as many GPUs as its
     tensor parallelism (or the configured GPUs, several replicas a pod), marked with the
@@ -291,7 +299,7 @@ def _llm_worker_group(cfg: HybridServeConfig, claim: str) -> dict[str, Any]:
     pods = math.ceil(tier.replicas / (per_pod // tier.tensor_parallel_size))
     params: dict[str, str] = {}
     if cfg.placement.llm_node_resource:
-        params["resources"] = f'"{{\\"{cfg.placement.llm_node_resource}\\": {per_pod}}}"'
+        params["resources"] = _resource_param(cfg.placement.llm_node_resource, per_pod)
     return _worker_group(
         "llm-gpu",
         group,

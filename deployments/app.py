@@ -45,6 +45,8 @@ def slm_options(cfg: HybridServeConfig) -> dict[str, Any]:
         options["num_replicas"] = slm.replicas
     if not slm.num_gpus and cfg.placement.cpu_resources():
         options["ray_actor_options"]["resources"] = cfg.placement.cpu_resources()
+    if slm.num_gpus and cfg.placement.slm_node_resource:
+        options["ray_actor_options"]["resources"] = {cfg.placement.slm_node_resource: slm.num_gpus}
     return options
 
 

@@ -38,6 +38,8 @@ class ClaudeProxy:
         tracing.setup("ClaudeProxy", cfg.tracing)
         self.cfg = cfg
         self.base_url = cfg.llm_base_url()
+        # The cluster serves the tier itself (claude.deploy, no base_url of its own).
+        self.own_tier = cfg.claude.deploy.enabled and not cfg.claude.base_url
         client, reason = tier_client(self.base_url, os.environ.get(cfg.claude.api_key_env))
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.gateway = ClaudeGateway(
@@ -137,18 +139,14 @@ class ClaudeProxy:
         """gen_ai.provider.name: Anthropic's API, the cluster's own vLLM, or another server."""
         if self.base_url is None:
             return "anthropic"
-        return (
-            "vllm"
-            if self.cfg.claude.deploy.enabled and not self.cfg.claude.base_url
-            else ("messages_api")
-        )
+        return "vllm" if self.own_tier else "messages_api"
 
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         self._sync_metrics()  # readiness probes keep the circuit and budget gauges fresh
         status = {**self.gateway.status(), "placement": placement()}
         if self.base_url is not None:
             status["base_url"] = self.base_url
-        if self.cfg.claude.deploy.enabled and not self.cfg.claude.base_url:
+        if self.own_tier:
             status["tier_ready"] = await self._tier_ready()
         return status
 

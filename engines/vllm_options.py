@@ -91,6 +91,7 @@ def llm_config_kwargs(
     else:
         deployment["num_replicas"] = slm.replicas
     env = {**cfg.tracing.env(), WARMUP_TIMEOUT_ENV: str(slm.warmup_timeout_s)}
+    pin = cfg.placement.slm_node_resource
     return _llm_config(
         slm.vllm,
         slm.model_name,
@@ -99,6 +100,7 @@ def llm_config_kwargs(
         deployment,
         slm.num_cpus,
         env,
+        {pin: 1} if pin else None,
     )
 
 

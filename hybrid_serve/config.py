@@ -527,6 +527,11 @@ class PlacementConfig(_Section):
         "retriever and ClaudeProxy ask for a sliver of it, so they never take GPU nodes.",
     )
 
+    slm_node_resource: str | None = Field(
+        None,
+        description="A custom Ray resource only the SLM's GPU nodes have, one unit per GPU; when "
+        "set, each SLM GPU asks for one, so SLM replicas never take the LLM tier's GPUs.",
+    )
     llm_node_resource: str | None = Field(
         None,
         description="A custom Ray resource only the LLM tier's GPU nodes have, one unit per GPU; "
@@ -655,7 +660,11 @@ PROFILES["gpu-on-premises"] = {
             "tool_call_parser": "llama3_json",
         },
     },
-    "placement": {"cpu_node_resource": "hybrid_cpu", "llm_node_resource": "hybrid_llm_gpu"},
+    "placement": {
+        "cpu_node_resource": "hybrid_cpu",
+        "slm_node_resource": "hybrid_slm_gpu",
+        "llm_node_resource": "hybrid_llm_gpu",
+    },
 }
 
 

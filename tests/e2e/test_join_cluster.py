@@ -146,7 +146,12 @@ def test_up_joins_a_running_cluster_and_leaves_it_running(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=30).status_code == 404
 
         # --new-cluster: a private cluster beside the running one, stopped with `up`.
-        mine = Up(tmp_path / "data2", free_port(), "--new-cluster")
+        mine = Up(
+            tmp_path / "data2",
+            free_port(),
+            "--new-cluster",
+            env={"HYBRID_SERVE_RETRIEVER__INDEX_SAMPLE_CORPUS": "false"},  # not asked anything
+        )
         try:
             assert "local Ray cluster" in mine.wait_for("serving on")
         finally:

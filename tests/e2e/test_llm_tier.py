@@ -38,7 +38,7 @@ if importlib.util.find_spec("vllm") is None:
 MODEL = "smollm2-135m-instruct"
 KEY_ENV = "HYBRID_SERVE_TEST_TIER_KEY"
 KEY = "tier-key-SENTINEL"
-GPU_HOUR_USD = 36.0
+GPU_HOUR_USD = 2.5
 
 
 class Tier:
@@ -63,6 +63,8 @@ def tier(tmp_path_factory):
             "HYBRID_SERVE_CLAUDE__ON_PREMISES": "true",
             "HYBRID_SERVE_CLAUDE__PRICE_MODEL": "gpu_hours",
             "HYBRID_SERVE_CLAUDE__GPU_HOUR_USD": str(GPU_HOUR_USD),
+            # A minute of plan on these cores must leave budget for the grade after it.
+            "HYBRID_SERVE_CLAUDE__REQUEST_BUDGET_USD": "1.0",
             "HYBRID_SERVE_CLAUDE__API_KEY_ENV": KEY_ENV,
             KEY_ENV: KEY,
             "HYBRID_SERVE_CLAUDE__MAX_TOKENS": "48",  # the answer role's output
@@ -138,9 +140,14 @@ def test_plan_with_subtasks_and_a_verification_score(tier):
     reasons = body["escalation"]["reasons"]
     assert body["escalation"]["escalated"] and "local_planner" not in reasons, body
     assert body["subtasks"] and all(st["question"] for st in body["subtasks"])
-    v = body["verification"]
-    assert v is not None and 0.0 <= v["score"] <= 1.0 and v["attempts"] >= 1
     assert body["usage"]["llm_tier"] == "on_premises"
+    # The grade: a score, or — the 135M model writes a usable grade about 2 times in 3
+    # (benchmarks/llm_tier.py) — the step degraded by name, never an error.
+    v = body["verification"]
+    if v is None:
+        assert "claude_malformed_output" in body["degraded"], body
+    else:
+        assert 0.0 <= v["score"] <= 1.0 and v["attempts"] >= 1
 
 
 def test_sensitive_query_escalates_because_the_tier_is_on_premises(tier):

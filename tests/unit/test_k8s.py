@@ -253,3 +253,7 @@ def test_on_premises_tier_gets_its_own_gpu_group_sized_from_the_model():
     assert llm["replicas"] == 2  # two 4-GPU replicas on each 8-GPU pod
     with pytest.raises(ValueError, match="needs 4 GPUs"):
         k8s.render_rayservice(load("gpu-on-premises", **{"k8s.llm_workers.gpus": 2}))
+    # The SLM's GPUs are marked too, so neither kind of replica takes the other's nodes.
+    assert groups[1]["rayStartParams"]["resources"] == '"{\\"hybrid_slm_gpu\\": 1}"'
+    slm_bundles = llm_config_kwargs(cfg)["placement_group_config"]["bundles"]
+    assert slm_bundles == [{"GPU": 1, "CPU": 1, "hybrid_slm_gpu": 1}]
