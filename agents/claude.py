@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import anthropic
 import pydantic_core
-from pydantic import BaseModel, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from hybrid_serve.agents import prompts
 from hybrid_serve.agents.limits import (
@@ -37,7 +37,7 @@ from hybrid_serve.agents.limits import (
     RateLimiter,
 )
 from hybrid_serve.agents.pii import Redactor
-from hybrid_serve.agents.planner import Plan, SearchQuery
+from hybrid_serve.agents.planner import Plan, SearchQuery, bounded
 from hybrid_serve.config import ClaudeConfig, PolicyConfig
 from hybrid_serve.schemas import Passage, PIIHandling, StrictModel
 
@@ -66,22 +66,22 @@ class ClaudeUnavailable(Exception):
 class RewritePlan(StrictModel):
     """The question restated for a retrieval-augmented small model, and what to search for."""
 
-    rewritten_query: str = Field(
-        max_length=600, description="The question, self-contained and unambiguous."
+    rewritten_query: bounded(str, 600) = Field(
+        description="The question, self-contained and unambiguous."
     )
-    search_queries: list[SearchQuery] = Field(
-        max_length=3, description="One to three short search queries that find the needed passages."
+    search_queries: bounded(list[SearchQuery], 3) = Field(
+        description="One to three short search queries that find the needed passages."
     )
-    steps: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
-        max_length=6, description="Short plan steps; empty when the question is simple."
+    steps: bounded(list[bounded(str, 200)], 6) = Field(
+        description="Short plan steps; empty when the question is simple."
     )
 
 
 class Condensed(StrictModel):
     """A follow-up question rewritten to stand on its own."""
 
-    question: str = Field(
-        max_length=600, description="The last question, understandable without the chat."
+    question: bounded(str, 600) = Field(
+        description="The last question, understandable without the chat."
     )
 
 
@@ -92,8 +92,8 @@ class Grade(StrictModel):
     citation_match: float = Field(description="0-1: each [n] points at a passage saying that.")
     completeness: float = Field(description="0-1: the answer addresses the whole question.")
     score: float = Field(description="0-1 overall.")
-    notes: str = Field(
-        max_length=1000, description="Short, concrete notes on what to fix; empty if nothing."
+    notes: bounded(str, 500) = Field(
+        description="Short, concrete notes on what to fix; empty if nothing."
     )
 
 

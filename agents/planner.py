@@ -9,9 +9,9 @@ otherwise plans a single sub-task, so decomposition never depends on Claude bein
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from hybrid_serve.agents.citations import content_words
 
@@ -19,10 +19,21 @@ from hybrid_serve.agents.citations import content_words
 REF = re.compile(r"\{(s\d+)\}")
 
 
-# Bounds on what a planner writes: generous for Claude, and what keeps a small open model whose
-# output a server constrains to the schema (vLLM) from filling its whole token budget.
-SubtaskId = Annotated[str, StringConstraints(max_length=8)]
-SearchQuery = Annotated[str, StringConstraints(max_length=120)]
+def bounded(kind: Any, max_length: int) -> Any:
+    """`kind` (a string or a list) with a length bound that the JSON schema states — a server that
+    enforces the schema while decoding (vLLM) keeps a small open model's output short with it —
+    and that validation cuts to rather than rejects: Anthropic's API reads it only as a hint."""
+
+    def cut(value: Any) -> Any:
+        return value[:max_length] if isinstance(value, (str, list)) else value
+
+    return Annotated[kind, BeforeValidator(cut), Field(max_length=max_length)]
+
+
+# Bounds on what a planner writes: generous for Claude, and what keeps a small open model from
+# filling its whole token budget.
+SubtaskId = bounded(str, 8)
+SearchQuery = bounded(str, 120)
 MAX_SUBTASKS = 6
 
 
@@ -30,15 +41,14 @@ class SubtaskPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: SubtaskId = Field(description="s1, s2, ... in order.")
-    question: str = Field(
-        max_length=300,
-        description="A self-contained question; write {s1} where the answer of s1 is needed.",
+    question: bounded(str, 300) = Field(
+        description="A self-contained question; write {s1} where the answer of s1 is needed."
     )
-    search_queries: list[SearchQuery] = Field(
-        max_length=3, description="One or two short search queries."
+    search_queries: bounded(list[SearchQuery], 3) = Field(
+        description="One or two short search queries."
     )
-    depends_on: list[SubtaskId] = Field(
-        max_length=MAX_SUBTASKS, description="Ids whose answers this sub-task needs."
+    depends_on: bounded(list[SubtaskId], MAX_SUBTASKS) = Field(
+        description="Ids whose answers this sub-task needs."
     )
 
 
@@ -47,8 +57,8 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subtasks: list[SubtaskPlan] = Field(
-        min_length=1, max_length=MAX_SUBTASKS, description="Two to five sub-tasks."
+    subtasks: bounded(list[SubtaskPlan], MAX_SUBTASKS) = Field(
+        min_length=1, description="Two to five sub-tasks."
     )
 
 

@@ -15,11 +15,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
 def test_quality_run_on_both_data_files_writes_every_output(tmp_path):
     # Four SQuAD articles (~190 paragraphs, ~1,000 questions) rather than the file's 24: the same
-    # format and code path at a fifth of the indexing time.
+    # format and code path at a fraction of the indexing time.
     full = json.loads(shared_file("data/squad/squad-v1.1-dev-part-a.json").read_text())
     squad = tmp_path / "squad-4-articles.json"
     squad.write_text(json.dumps({**full, "data": full["data"][:4]}))
-    hotpot = shared_file("data/hotpotqa/hotpotqa-dev-distractor-0-59.json")
+    # Likewise the first 12 HotpotQA questions and their paragraphs (8 are asked).
+    questions = json.loads(
+        shared_file("data/hotpotqa/hotpotqa-dev-distractor-0-59.json").read_text()
+    )
+    hotpot = tmp_path / "hotpot-12.json"
+    hotpot.write_text(json.dumps(questions[:12]))
     out = tmp_path / "quality"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RAY_"))}
     proc = subprocess.run(

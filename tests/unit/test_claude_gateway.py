@@ -13,6 +13,7 @@ from hybrid_serve.agents.claude import (
     ClaudeUnavailable,
     Grade,
     RewritePlan,
+    tool_spec,
 )
 from hybrid_serve.config import ClaudeConfig, PolicyConfig
 from hybrid_serve.schemas import Passage
@@ -250,3 +251,17 @@ def test_doctor_reaches_a_tier_at_its_base_url(server, monkeypatch):
     assert server.calls()[0].headers["authorization"] == "Bearer tier-key"
     deployed = HybridServeConfig.load(overrides={"claude.deploy.enabled": True})
     assert "deployed by the cluster" in check_claude(deployed).detail
+
+
+def test_length_bounds_are_in_the_full_schema_and_cut_to_not_rejected():
+    from hybrid_serve.agents.planner import Plan
+
+    full = tool_spec("grade_answer", Grade, full_schema=True)["input_schema"]
+    assert full["properties"]["notes"]["maxLength"] == 500  # what vLLM enforces while decoding
+    hint = tool_spec("grade_answer", Grade)["input_schema"]
+    assert "maxLength" not in hint["properties"]["notes"]  # Anthropic's strict subset
+    long = {"id": "s1-too-long", "question": "q" * 400, "search_queries": ["x" * 300] * 5}
+    plan = Plan.model_validate({"subtasks": [{**long, "depends_on": []}]})
+    st = plan.subtasks[0]  # a model that overshoots is cut to the bounds, not failed
+    assert len(st.question) == 300 and len(st.search_queries) == 3 and st.id == "s1-too-l"
+    assert all(len(q) == 120 for q in st.search_queries)
