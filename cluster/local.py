@@ -237,8 +237,7 @@ def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = Non
             errors.append(exc)
 
     threading.Thread(target=run, daemon=True, name="serve-run").start()
-    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "") else cfg.http.host
-    url = f"http://{host}:{serve_http_port(cfg)}"
+    url = f"http://{cfg.local_host}:{serve_http_port(cfg)}"
     tier = cfg.claude.deploy
     timeout = READY_TIMEOUT_S + (tier.warmup_timeout_s if tier.enabled else 0.0)
     deadline = time.monotonic() + timeout

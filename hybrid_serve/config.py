@@ -713,6 +713,11 @@ class HybridServeConfig(BaseSettings):
         """The Serve application of the cluster's own LLM tier (claude.deploy)."""
         return f"{self.app_name}-llm"
 
+    @property
+    def local_host(self) -> str:
+        """The address this machine reaches the HTTP proxy at (a wildcard bind is loopback)."""
+        return "127.0.0.1" if self.http.host in ("0.0.0.0", "", "::") else self.http.host
+
     def llm_base_url(self) -> str | None:
         """Where ClaudeProxy sends its Messages API calls: the configured base_url, the
         cluster's own tier (through the Serve proxy on the caller's node), or None for the SDK's
@@ -720,8 +725,7 @@ class HybridServeConfig(BaseSettings):
         if self.claude.base_url:
             return self.claude.base_url.rstrip("/")
         if self.claude.deploy.enabled:
-            host = "127.0.0.1" if self.http.host in ("0.0.0.0", "", "::") else self.http.host
-            return f"http://{host}:{self.http.port}{self.claude.deploy.route_prefix}"
+            return f"http://{self.local_host}:{self.http.port}{self.claude.deploy.route_prefix}"
         return None
 
     @classmethod
