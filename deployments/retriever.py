@@ -1,4 +1,5 @@
-"""Retriever deployment: serves the index snapshot named by CURRENT; any replica may write."""
+"""Retriever deployment: serves the index version CURRENT names; any replica may write, and
+compacts segments in a background thread after its writes."""
 
 from __future__ import annotations
 
@@ -56,13 +57,15 @@ class RetrieverDeployment:
         self.cfg = HybridServeConfig.from_args(config)
         tracing.setup("Retriever", self.cfg.tracing)
         rc = self.cfg.retriever
-        self.embedder = Embedder(rc.embedding_model, batch_size=rc.embed_batch_size)
+        self.embedder = Embedder(rc.embedding_model, rc.embed_batch_size, rc.device)
         self.store = IndexStore.from_config(self.cfg.index_dir, rc, self.embedder)
         self.state = "loading"
         self.progress: dict[str, int] = {}
         self.error: str | None = None
         self.store.refresh()
         keep_gauges_fresh(self._index_gauges)
+        self._compaction_wanted = threading.Event()
+        threading.Thread(target=self._compact_in_background, daemon=True).start()
         if self.store.exists() or not rc.index_sample_corpus:
             self.state = "ready"
         else:
@@ -84,6 +87,17 @@ class RetrieverDeployment:
             log.exception("indexing the sample corpus failed")
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
+
+    def _compact_in_background(self) -> None:
+        """Merges segments after writes, off the request path; writes go on meanwhile."""
+        while True:
+            self._compaction_wanted.wait()
+            self._compaction_wanted.clear()
+            try:
+                while self.store.compact():
+                    self._index_gauges()
+            except Exception:  # the index is unchanged: a failed merge publishes nothing
+                log.exception("index compaction failed")
 
     def _require_ready(self) -> None:
         if self.state != "ready":
@@ -111,7 +125,7 @@ class RetrieverDeployment:
             self._require_ready()
             rc = self.cfg.retriever
             self.store.refresh()
-            snapshot = self.store.snapshot
+            view = self.store.view
             start = time.perf_counter()
             hits = await asyncio.to_thread(
                 self.store.search,
@@ -124,7 +138,7 @@ class RetrieverDeployment:
             )
             latency_ms = (time.perf_counter() - start) * 1000
             metrics.observe("hybrid_serve_retrieval_latency_ms", latency_ms)
-            version = snapshot.version if snapshot else 0
+            version = view.version if view else 0
             tracing.annotate(
                 {
                     "hybrid.retrieval.hits": len(hits),
@@ -141,9 +155,9 @@ class RetrieverDeployment:
         with tracing.span("Retriever.embed", trace_context, SpanKind.SERVER):
             self._require_ready()
             self.store.refresh()
-            snapshot = self.store.snapshot
+            view = self.store.view
             vector = await asyncio.to_thread(self.embedder.encode, [text])
-            return vector[0].tolist(), snapshot.version if snapshot else 0
+            return vector[0].tolist(), view.version if view else 0
 
     async def upsert(
         self, documents: list[NewDocument], trace_context: TraceContext = None
@@ -154,6 +168,7 @@ class RetrieverDeployment:
             version, ids = await asyncio.to_thread(self.store.upsert, documents)
             tracing.annotate({"hybrid.index.version": version})
             self._index_gauges()
+            self._compaction_wanted.set()
             return {"index_version": version, "ids": ids}
 
     async def delete(
@@ -164,6 +179,7 @@ class RetrieverDeployment:
             self._require_ready()
             version, deleted = await asyncio.to_thread(self.store.delete, doc_ids)
             self._index_gauges()
+            self._compaction_wanted.set()
             return {"index_version": version, "deleted": deleted}
 
     async def get(self, doc_id: str, trace_context: TraceContext = None) -> DocRecord | None:

@@ -28,7 +28,8 @@ from hybrid_serve.schemas import PIIHandling, VerifyPolicy
 ENV_PREFIX = "HYBRID_SERVE_"
 
 ExtraBuffers = Literal["auto", "on", "off"]
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "ivf_pq", "hnsw"]
+EmbedDevice = Literal["auto", "cpu", "cuda"]
 Exporter = Literal["otlp", "console", "none"]
 
 
@@ -184,19 +185,42 @@ class RetrieverConfig(_Section):
     dense_weight: float = Field(0.8, ge=0.0)
     bm25_weight: float = Field(1.0, ge=0.0)
     embed_batch_size: int = Field(32, ge=1)
+    device: EmbedDevice = Field(
+        "auto",
+        description="Where the embedder runs: auto (CUDA when the replica has a GPU), cpu, cuda.",
+    )
     index_sample_corpus: bool = Field(
         True, description="Index the bundled sample corpus when the index is empty on first start."
     )
-    keep_snapshots: int = Field(2, ge=1, description="Old index versions kept on disk.")
+    keep_snapshots: int = Field(
+        2, ge=1, description="Old index versions (manifests and their segments) kept on disk."
+    )
+    merge_factor: int = Field(
+        8,
+        ge=2,
+        description="Segments of one size class merged into one in the background (fewer: "
+        "faster search, more rewriting).",
+    )
     index_type: IndexKind = Field(
         "flat",
-        description="Dense index: flat (exact), ivf or hnsw (approximate, for large corpora).",
+        description="Dense index: flat (exact), ivf, ivf_pq (compressed, for millions of chunks) "
+        "or hnsw.",
+    )
+    ann_min_chunks: int = Field(
+        10_000, ge=0, description="Segments smaller than this are searched exactly (flat)."
     )
     ivf_nlist: int | None = Field(None, ge=1, description="IVF lists; unset: about 4 sqrt(n).")
     ivf_nprobe: int = Field(16, ge=1, description="IVF lists searched per query.")
     hnsw_m: int = Field(32, ge=4, description="HNSW links per vector.")
     hnsw_ef_construction: int = Field(200, ge=8)
     hnsw_ef_search: int = Field(128, ge=8, description="HNSW candidates per query.")
+    pq_m: int | None = Field(
+        None, ge=1, description="IVF-PQ sub-quantisers (bytes a vector); unset: dim / 8."
+    )
+    pq_bits: int = Field(8, ge=4, le=12, description="Bits per IVF-PQ sub-quantiser code.")
+    refine_factor: int = Field(
+        4, ge=1, description="IVF-PQ candidates per hit re-scored exactly from the vectors."
+    )
     faiss_gpu: bool = Field(
         False, description="Search on the GPU when faiss-gpu sees one (flat and ivf)."
     )

@@ -1,13 +1,18 @@
-"""The dense search index of a snapshot: exact (flat), IVF or HNSW, on CPU or (flat, IVF) GPU.
+"""The dense search index of a segment: exact (flat), IVF, IVF-PQ or HNSW, on CPU or GPU.
 
-The snapshot's flat index stays the record of every vector (it is what a restart, a rebuild or a
-new index type start from); an approximate index is built from it for search when configured, and
-saved beside it so a restart does not rebuild it. Measured trade-off on MiniLM vectors
+A segment's vectors file stays the record of every vector (it is what a restart, a rebuild or a
+new index type start from); an approximate index is built from it for search when configured and
+the segment has at least `ann_min_chunks` chunks (smaller ones are searched exactly), and saved
+beside it so a restart does not rebuild it. Measured trade-off on MiniLM vectors
 (`python -m hybrid_serve.benchmarks.ann`, README): flat is exact and fine to some tens of thousands
 of chunks on CPU (13 ms a query at 100k); IVF (nprobe 16) kept recall@10 at 1.00 for 0.15 ms at
 100k and builds in seconds; HNSW is as fast but lost recall on near-duplicate-heavy data (0.86 at
 100k, ef_search 128) and costs memory (M links a vector) and build time. On GPU nodes with
 `faiss-gpu-cu12`, flat and IVF move to the GPU (FAISS has no GPU HNSW).
+
+IVF-PQ stores a few dozen bytes a vector instead of 4 x dim (1.5 KB for MiniLM), for millions of
+chunks within a replica's memory; its approximate distances pick `refine_factor` x k candidates
+that are re-scored exactly from the memory-mapped vectors (`benchmarks.index_scale` measures it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ class ANNSpec:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
+    pq_m: int | None = None  # None: dim / 8 sub-quantisers (48 bytes a MiniLM vector)
+    pq_bits: int = 8
+    refine_factor: int = 4
+    min_rows: int = 10_000
     gpu: bool = False
 
     @classmethod
@@ -46,15 +55,39 @@ class ANNSpec:
             hnsw_m=rc.hnsw_m,
             hnsw_ef_construction=rc.hnsw_ef_construction,
             hnsw_ef_search=rc.hnsw_ef_search,
+            pq_m=rc.pq_m,
+            pq_bits=rc.pq_bits,
+            refine_factor=rc.refine_factor,
+            min_rows=rc.ann_min_chunks,
             gpu=rc.faiss_gpu,
         )
 
     def key(self) -> dict[str, Any]:
         """What decides the built index (not how it is searched)."""
         d = asdict(self)
-        for k in ("ivf_nprobe", "hnsw_ef_search", "gpu"):
+        for k in ("ivf_nprobe", "hnsw_ef_search", "refine_factor", "min_rows", "gpu"):
             d.pop(k)
         return d
+
+    def min_rows_for(self, kind: str) -> int:
+        """Fewest chunks a segment needs for an index of this kind (product quantisation trains
+        2^bits centroids per sub-quantiser; IVF wants points for its lists)."""
+        if kind == "flat":
+            return 0
+        if kind == "ivf_pq":
+            return max(self.min_rows, POINTS_PER_LIST * 2**self.pq_bits)
+        return self.min_rows
+
+
+def pq_subquantizers(dim: int, requested: int | None) -> int:
+    if requested:
+        if dim % requested:
+            raise ValueError(f"pq_m {requested} must divide the embedding dimension {dim}")
+        return requested
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return m
 
 
 def ivf_lists(n: int, requested: int | None) -> int:
@@ -73,11 +106,24 @@ def build(vectors: np.ndarray, spec: ANNSpec) -> Any:
     elif spec.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = spec.hnsw_ef_construction
-    elif spec.kind == "ivf":
+    elif spec.kind in ("ivf", "ivf_pq"):
         nlist = ivf_lists(n, spec.ivf_nlist)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        quantizer = faiss.IndexFlatIP(dim)
+        if spec.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            m = pq_subquantizers(dim, spec.pq_m)
+            index = faiss.IndexIVFPQ(
+                quantizer, dim, nlist, m, spec.pq_bits, faiss.METRIC_INNER_PRODUCT
+            )
         if n:
-            index.train(vectors)
+            # k-means on a sample: enough points per list for stable centroids, bounded time.
+            index.cp.max_points_per_centroid = 64
+            sample = vectors
+            if n > 64 * nlist:
+                pick = np.random.default_rng(0).choice(n, 64 * nlist, replace=False)
+                sample = vectors[np.sort(pick)]
+            index.train(np.ascontiguousarray(sample))
     else:
         raise ValueError(f"unknown index type {spec.kind!r}")
     if n:
@@ -94,6 +140,18 @@ def tune(index: Any, spec: ANNSpec) -> Any:
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = min(spec.ivf_nprobe, index.nlist)
     return index
+
+
+def search_params(index: Any, spec: ANNSpec, selector: Any) -> Any:
+    """Search parameters restricting a search to live rows (tombstones excluded), with the
+    index kind's own settings, which a parameters object would otherwise reset."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=min(spec.ivf_nprobe, index.nlist))
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=spec.hnsw_ef_search)
+    return faiss.SearchParameters(sel=selector)
 
 
 def gpu_count() -> int:

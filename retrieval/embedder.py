@@ -12,8 +12,24 @@ import numpy as np
 from hybrid_serve.bundled import bundled_embedding_model
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: CUDA when this process sees a GPU (a Ray replica sees only the GPUs it asked for),
+    else the CPU. `cuda` without a GPU is an error, not a silent slow fallback."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise RuntimeError("retriever.device is cuda but torch sees no CUDA GPU in this process")
+    return "cpu"
+
+
 class Embedder:
-    def __init__(self, model_dir: str | Path | None = None, batch_size: int = 32) -> None:
+    def __init__(
+        self, model_dir: str | Path | None = None, batch_size: int = 32, device: str = "cpu"
+    ) -> None:
         # Set before sentence-transformers is imported: its hub client reads these at import.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,7 +39,8 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.model_dir = Path(model_dir) if model_dir else bundled_embedding_model()
-        self.model = SentenceTransformer(str(self.model_dir), device="cpu")
+        self.device = resolve_device(device)
+        self.model = SentenceTransformer(str(self.model_dir), device=self.device)
         self.batch_size = batch_size
         dim_of = getattr(self.model, "get_embedding_dimension", None)
         self.dim = int(dim_of() if dim_of else self.model.get_sentence_embedding_dimension())

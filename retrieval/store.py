@@ -1,16 +1,25 @@
-"""The persistent hybrid index: FAISS (dense) + BM25 (bm25s), as immutable versioned snapshots.
+"""The persistent hybrid index: FAISS (dense) + BM25 over immutable segments, published atomically.
 
 Layout under `root`:
 
-    CURRENT                 name of the live snapshot ("v00000007"), replaced atomically
+    CURRENT                 name of the live manifest ("m00000007"), replaced atomically
     LOCK                    flock'ed by the one writer at a time (any replica, any process)
-    snapshots/v00000007/    manifest.json, docs.jsonl, chunks.jsonl, dense.faiss, bm25/
+    COMPACT                 flock'ed by the one compaction at a time
+    manifests/m00000007.json  the version's ordered list of segments, oldest first
+    segments/seg-<id>/      one immutable segment (see `segment.py`)
 
-A write builds a complete new snapshot in a temporary folder, fsyncs it, renames it into place
-and only then points CURRENT at it: a crash at any moment leaves either the old or the new
-version, never a half-indexed one. A write is acknowledged only after CURRENT is durable.
-Readers (every retriever replica) serve an in-memory copy of one snapshot and switch to a newer
-one when CURRENT changes; a restart loads the files, with no re-embedding or re-indexing.
+A write (new, replaced or deleted documents) writes one new segment, holding the batch's records,
+vectors and postings and, as tombstones, the ids it deletes from older segments; a replaced
+document is shadowed by its newer copy. The segment is fsynced and renamed into place, then a
+manifest listing it is written and fsynced, and only then does CURRENT point at it: a crash at
+any moment leaves the old or the new version, never a half-indexed one, and a write is
+acknowledged only after CURRENT is durable. A write costs the batch, not the index.
+
+Compaction merges segments of one size class (and rewrites segments that are mostly tombstoned)
+in the background, without holding up writes; it publishes the merged segment in the place of
+its parts, so writes made meanwhile keep their precedence. Readers (every retriever replica)
+serve the segments of one manifest and switch to a newer one when CURRENT changes, opening only
+segments they have not opened yet; a restart loads the files, with no re-embedding.
 """
 
 from __future__ import annotations
@@ -19,47 +28,45 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hybrid_serve.config import RetrieverConfig
-from hybrid_serve.retrieval import ann
 from hybrid_serve.retrieval.ann import ANNSpec
 from hybrid_serve.retrieval.chunking import chunk_text
 from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.fusion import reciprocal_rank_fusion
+from hybrid_serve.retrieval.segment import (
+    FORMAT_VERSION,
+    ChunkRecord,
+    DocRecord,
+    Postings,
+    Segment,
+    bm25_idf,
+    bm25_tokenize,
+    contains,
+    doc_tags,
+    fsync_file,
+    id_hashes,
+    write_segment,
+)
 from hybrid_serve.schemas import Passage
 
+__all__ = ["ChunkRecord", "DocRecord", "IndexStore", "IndexView", "NewDocument", "index_on_disk"]
+
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-
-
-@dataclass
-class DocRecord:
-    id: str
-    title: str
-    text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    chunk_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ChunkRecord:
-    chunk_id: str
-    doc_id: str
-    title: str
-    text: str
 
 
 @dataclass
@@ -78,159 +85,83 @@ class NewDocument:
         return f"doc-{digest[:20]}"
 
 
-def bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
-    import bm25s
+class IndexView:
+    """One published version: its segments and which of their rows are live."""
 
-    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
-
-
-class Snapshot:
-    """One immutable index version, fully in memory."""
-
-    def __init__(
-        self,
-        version: int,
-        docs: dict[str, DocRecord],
-        chunks: list[ChunkRecord],
-        vectors: np.ndarray,
-        bm25: Any | None = None,
-        dense: Any | None = None,
-        embedding_model: str = "",
-        spec: ANNSpec | None = None,
-        search_index: Any | None = None,
-    ) -> None:
-        import faiss
-
+    def __init__(self, version: int, segments: list[Segment]) -> None:
         self.version = version
-        self.docs = docs
-        self.chunks = chunks
-        self.embedding_model = embedding_model
-        self.dim = int(vectors.shape[1])
-        if dense is None:
-            dense = faiss.IndexFlatIP(self.dim)
-            if len(vectors):
-                dense.add(vectors)
-        self.dense = dense
-        if bm25 is None and chunks:
-            import bm25s
+        self.segments = segments
+        n = len(segments)
+        self.alive: list[np.ndarray | None] = [None] * n
+        self.alive_bits: list[np.ndarray | None] = [None] * n
+        self.doc_alive: list[np.ndarray | None] = [None] * n
+        self.live_rows = [0] * n
+        self.documents = 0
+        # Ids added or deleted by newer segments shadow older copies (newest first).
+        shadow = np.zeros(0, dtype=np.int64)
+        for i in range(n - 1, -1, -1):
+            seg = segments[i]
+            docs_alive = ~contains(shadow, seg.doc_hash)
+            rows_alive = ~contains(shadow, seg.row_doc)
+            if not rows_alive.all():
+                self.alive[i] = rows_alive
+                self.alive_bits[i] = np.packbits(rows_alive, bitorder="little")
+            if not docs_alive.all():
+                self.doc_alive[i] = docs_alive
+            self.live_rows[i] = int(rows_alive.sum())
+            self.documents += int(docs_alive.sum())
+            if i:
+                shadow = np.union1d(shadow, np.union1d(seg.doc_hashes, seg.delete_hashes))
+        self.chunks = sum(self.live_rows)
+        # BM25 statistics over every row, tombstoned ones included until compaction drops them
+        # (as Lucene's): a delete does not rescore the rest of the index.
+        self.total_rows = sum(s.rows for s in segments)
+        self.total_length = sum(s.total_length for s in segments)
 
-            bm25 = bm25s.BM25()
-            bm25.index(bm25_tokenize([f"{c.title}\n{c.text}" for c in chunks]), show_progress=False)
-        self.bm25 = bm25
-        # `dense` (flat) is the record of every vector; `search_index` is what queries use.
-        self.spec = spec or ANNSpec()
-        if search_index is None and self.spec.kind != "flat":
-            search_index = ann.build(self.vectors(), self.spec)
-        self.built_index = search_index  # the CPU form, as saved
-        self.search_index = ann.to_device(
-            ann.tune(search_index, self.spec) if search_index is not None else dense, self.spec
-        )
+    def names(self) -> list[str]:
+        return [s.name for s in self.segments]
 
-    def vectors(self) -> np.ndarray:
-        n = self.dense.ntotal
-        if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return self.dense.reconstruct_n(0, n)
+    def dead_fraction(self, i: int) -> float:
+        rows = self.segments[i].rows
+        return 1 - self.live_rows[i] / rows if rows else 0.0
 
-    def vectors_at(self, rows: Sequence[int]) -> np.ndarray:
-        if not rows:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.vstack([self.dense.reconstruct(int(i)) for i in rows])
-
-    # -- persistence -------------------------------------------------------------------------
-
-    def write(self, folder: Path) -> None:
-        import faiss
-
-        folder.mkdir(parents=True)
-        with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
-            for d in self.docs.values():
-                f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
-        with open(folder / "chunks.jsonl", "w", encoding="utf-8") as f:
-            for c in self.chunks:
-                f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
-        faiss.write_index(self.dense, str(folder / "dense.faiss"))
-        if self.built_index is not None:
-            faiss.write_index(self.built_index, str(folder / f"ann-{self.spec.kind}.faiss"))
-        if self.bm25 is not None:
-            self.bm25.save(str(folder / "bm25"), show_progress=False)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "version": self.version,
-            "created": time.time(),
-            "documents": len(self.docs),
-            "chunks": len(self.chunks),
-            "dim": self.dim,
-            "embedding_model": self.embedding_model,
-            "ann": self.spec.key() if self.built_index is not None else None,
-        }
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _fsync_tree(folder)
-
-    @classmethod
-    def read(cls, folder: Path, spec: ANNSpec | None = None) -> Snapshot:
-        import bm25s
-        import faiss
-
-        manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise RuntimeError(f"{folder}: index format {manifest.get('format')} is not supported")
-        docs: dict[str, DocRecord] = {}
-        with open(folder / "docs.jsonl", encoding="utf-8") as f:
-            for line in f:
-                d = DocRecord(**json.loads(line))
-                docs[d.id] = d
-        with open(folder / "chunks.jsonl", encoding="utf-8") as f:
-            chunks = [ChunkRecord(**json.loads(line)) for line in f]
-        dense = faiss.read_index(str(folder / "dense.faiss"))
-        bm25 = None
-        if (folder / "bm25").is_dir():
-            bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
-        if dense.ntotal != len(chunks):
-            raise RuntimeError(f"{folder}: {dense.ntotal} vectors for {len(chunks)} chunks")
-        spec = spec or ANNSpec()
-        search_index = None
-        saved = folder / f"ann-{spec.kind}.faiss"
-        if spec.kind != "flat" and manifest.get("ann") == spec.key() and saved.is_file():
-            search_index = faiss.read_index(str(saved))
-        elif spec.kind != "flat":
-            log.info(
-                "%s: building the %s index (not saved with these parameters)", folder, spec.kind
-            )
-        return cls(
-            version=int(manifest["version"]),
-            docs=docs,
-            chunks=chunks,
-            vectors=np.zeros((0, int(manifest["dim"])), dtype=np.float32),
-            bm25=bm25,
-            dense=dense,
-            embedding_model=manifest.get("embedding_model", ""),
-            spec=spec,
-            search_index=search_index,
-        )
+    def query_terms(self, query: str) -> dict[str, float]:
+        """Query terms present in the index, weighted by global IDF (repeats count)."""
+        if not self.total_rows:
+            return {}
+        out = {}
+        for term, count in Counter(bm25_tokenize([query])[0]).items():
+            df = sum(s.postings.df(term) for s in self.segments)
+            if df:
+                out[term] = count * bm25_idf(df, self.total_rows)
+        return out
 
 
 def index_on_disk(root: str | Path) -> dict[str, Any] | None:
-    """The live snapshot's manifest, checked for a supported format and its files; None when no
-    index was written yet. Reads no vectors: cheap for a diagnosis."""
+    """The live manifest, checked for a supported format and its segments; None when no index
+    was written yet. Reads no vectors: cheap for a diagnosis."""
     root = Path(root)
     try:
         name = (root / "CURRENT").read_text().strip()
     except FileNotFoundError:
         return None
-    folder = root / "snapshots" / name
-    manifest = json.loads((folder / "manifest.json").read_text())
+    if _is_legacy(name):
+        folder = root / "snapshots" / name
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return {**manifest, "segments": 1, "note": "snapshot format 1: converted on next start"}
+    manifest = json.loads((root / "manifests" / f"{name}.json").read_text())
     if manifest.get("format") != FORMAT_VERSION:
-        raise RuntimeError(f"{folder}: index format {manifest.get('format')} is not supported")
-    needed = ("docs.jsonl", "chunks.jsonl", "dense.faiss")
-    missing = [f for f in needed if not (folder / f).exists()]
+        raise RuntimeError(f"{name}: index format {manifest.get('format')} is not supported")
+    missing = [
+        s for s in manifest["segments"] if not (root / "segments" / s / "meta.json").exists()
+    ]
     if missing:
-        raise RuntimeError(f"{folder}: missing {', '.join(missing)}")
-    return manifest
+        raise RuntimeError(f"{name}: missing segments {', '.join(missing)}")
+    return {**manifest, "segments": len(manifest["segments"])}
 
 
 class IndexStore:
-    """Versioned hybrid index on disk, shared by every retriever replica that mounts `root`."""
+    """Segmented hybrid index on disk, shared by every retriever replica that mounts `root`."""
 
     def __init__(
         self,
@@ -242,6 +173,7 @@ class IndexStore:
         chunk_overlap_words: int = 40,
         keep_snapshots: int = 2,
         ann_spec: ANNSpec | None = None,
+        merge_factor: int = 8,
     ) -> None:
         self.root = Path(root)
         self.ann_spec = ann_spec or ANNSpec()
@@ -251,10 +183,14 @@ class IndexStore:
         self.chunk_words = chunk_words
         self.chunk_overlap_words = chunk_overlap_words
         self.keep_snapshots = keep_snapshots
-        (self.root / "snapshots").mkdir(parents=True, exist_ok=True)
-        self._snap: Snapshot | None = None
+        self.merge_factor = merge_factor
+        for sub in ("segments", "manifests"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._view: IndexView | None = None
+        self._opened: dict[str, Segment] = {}
         self._current_stamp: tuple[int, int] | None = None
         self._thread_lock = threading.Lock()
+        self._in_writer = False
 
     @classmethod
     def from_config(cls, root: str | Path, rc: RetrieverConfig, embedder: Embedder) -> IndexStore:
@@ -267,17 +203,18 @@ class IndexStore:
             chunk_overlap_words=rc.chunk_overlap_words,
             keep_snapshots=rc.keep_snapshots,
             ann_spec=ANNSpec.from_config(rc),
+            merge_factor=rc.merge_factor,
         )
 
     # -- reading -----------------------------------------------------------------------------
 
     @property
-    def snapshot(self) -> Snapshot | None:
-        return self._snap
+    def view(self) -> IndexView | None:
+        return self._view
 
     @property
     def version(self) -> int:
-        return self._snap.version if self._snap else 0
+        return self._view.version if self._view else 0
 
     def exists(self) -> bool:
         return (self.root / "CURRENT").is_file()
@@ -289,51 +226,111 @@ class IndexStore:
             return None
 
     def refresh(self) -> bool:
-        """Load the snapshot CURRENT names if it is not the one in memory. Cheap when unchanged."""
+        """Load the version CURRENT names if it is not the one in memory. Cheap when unchanged."""
         try:
             st = (self.root / "CURRENT").stat()
         except FileNotFoundError:
             return False
         stamp = (st.st_mtime_ns, st.st_ino)
-        if stamp == self._current_stamp and self._snap is not None:
+        if stamp == self._current_stamp and self._view is not None:
             return False
         for attempt in range(5):
             name = self._read_current()
             if name is None:
                 return False
-            if self._snap is not None and name == _version_name(self._snap.version):
+            if _is_legacy(name):
+                if self._in_writer:
+                    self._convert_legacy(name)
+                else:
+                    with self._writer():
+                        pass  # the writer converts it under the lock
+                return True
+            if self._view is not None and name == _manifest_name(self._view.version):
                 self._current_stamp = stamp
                 return False
             try:
-                snap = Snapshot.read(self.root / "snapshots" / name, self.ann_spec)
+                manifest = json.loads((self.root / "manifests" / f"{name}.json").read_text())
+                view = self._open_view(manifest)
             except FileNotFoundError:
-                # A writer garbage-collected it between our reads; CURRENT has moved on.
+                # A writer collected it between our reads; CURRENT has moved on.
                 time.sleep(0.05 * (attempt + 1))
                 continue
-            if snap.dim != self.dim:
-                raise RuntimeError(
-                    f"index at {self.root} has {snap.dim}-d vectors, the embedder {self.dim}-d; "
-                    "use another data_dir or rebuild the index"
-                )
-            self._snap = snap
+            self._view = view
             self._current_stamp = stamp
-            log.info("loaded index %s (%d docs, %d chunks)", name, len(snap.docs), len(snap.chunks))
+            log.info(
+                "loaded index %s (%d docs, %d chunks, %d segments)",
+                name,
+                view.documents,
+                view.chunks,
+                len(view.segments),
+            )
             return True
         raise RuntimeError(f"could not load the index named by {self.root / 'CURRENT'}")
 
+    def _open_view(self, manifest: dict[str, Any]) -> IndexView:
+        if manifest.get("format") != FORMAT_VERSION:
+            raise RuntimeError(f"index format {manifest.get('format')} is not supported")
+        segments = []
+        for name in manifest["segments"]:
+            seg = self._opened.get(name)
+            if seg is None:
+                seg = Segment(self.root / "segments" / name, self.ann_spec)
+                if seg.dim != self.dim:
+                    raise RuntimeError(
+                        f"index at {self.root} has {seg.dim}-d vectors, the embedder {self.dim}-d;"
+                        " use another data_dir or rebuild the index"
+                    )
+            segments.append(seg)
+        # Segments of older versions stay open only as long as a search still holds their view.
+        self._opened = {s.name: s for s in segments}
+        return IndexView(int(manifest["version"]), segments)
+
     def get(self, doc_id: str) -> DocRecord | None:
-        return self._snap.docs.get(doc_id) if self._snap else None
+        view = self._view
+        if view is None:
+            return None
+        h = id_hashes([doc_id])
+        for seg in reversed(view.segments):
+            if contains(seg.doc_hashes, h)[0]:
+                doc = seg.doc(doc_id)
+                if doc is not None:
+                    return doc
+            if contains(seg.delete_hashes, h)[0]:
+                return None
+        return None
+
+    def digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """The content digest of each live document among `doc_ids` (absent ones left out)."""
+        view = self._view
+        out: dict[str, str] = {}
+        pending = list(dict.fromkeys(doc_ids))
+        for seg in reversed(view.segments if view else []):
+            if not pending:
+                break
+            hashes = id_hashes(pending)
+            present = contains(seg.doc_hashes, hashes)
+            found = seg.digests([d for d, p in zip(pending, present) if p]) if present.any() else {}
+            out.update(found)
+            deleted = contains(seg.delete_hashes, hashes)
+            pending = [d for d, x in zip(pending, deleted) if d not in found and not x]
+        return out
 
     def stats(self) -> dict[str, Any]:
-        snap = self._snap
+        view = self._view
         return {
-            "version": snap.version if snap else 0,
-            "documents": len(snap.docs) if snap else 0,
-            "chunks": len(snap.chunks) if snap else 0,
+            "version": view.version if view else 0,
+            "documents": view.documents if view else 0,
+            "chunks": view.chunks if view else 0,
+            "segments": len(view.segments) if view else 0,
             "embedding_model": self.embedding_model,
             "index_type": self.ann_spec.kind,
             "on_gpu": bool(
-                snap and snap.search_index is not snap.built_index and self.ann_spec.gpu
+                self.ann_spec.gpu
+                and view
+                and any(
+                    s.index_kind != "flat" and type(s.index).__name__.startswith("Gpu")
+                    for s in view.segments
+                )
             ),
         }
 
@@ -346,34 +343,48 @@ class IndexStore:
         dense_weight: float = 0.8,
         bm25_weight: float = 1.0,
     ) -> list[Passage]:
-        snap = self._snap
-        if snap is None or not snap.chunks:
+        """Dense and BM25 hits from every segment, merged by score, fused by rank."""
+        view = self._view
+        if view is None or not view.chunks:
             return []
-        n = len(snap.chunks)
-        k = min(max(candidates, top_k), n)
+        k = min(max(candidates, top_k), view.chunks)
         qvec = self.embed([query])
-        dense_scores, dense_ids = snap.search_index.search(qvec, k)
-        dense_rank = [int(i) for i in dense_ids[0] if i >= 0]
-        bm25_rank: list[int] = []
-        bm25_score: dict[int, float] = {}
-        if snap.bm25 is not None:
-            vocab = snap.bm25.vocab_dict
-            tokens = [t for t in bm25_tokenize([query])[0] if t in vocab]
-            if tokens:
-                ids, scores = snap.bm25.retrieve([tokens], k=k, show_progress=False, n_threads=0)
-                for i, s in zip(ids[0], scores[0]):
-                    if s > 0:
-                        bm25_rank.append(int(i))
-                        bm25_score[int(i)] = float(s)
+        dense: list[tuple[float, tuple[int, int]]] = []
+        lexical: list[tuple[float, tuple[int, int]]] = []
+        terms = view.query_terms(query)
+        avgdl = view.total_length / view.total_rows
+        for i, seg in enumerate(view.segments):
+            if not view.live_rows[i]:
+                continue
+            scores, rows = seg.search_dense(qvec, k, view.alive_bits[i])
+            dense.extend((float(s), (i, int(r))) for s, r in zip(scores, rows))
+            if terms:
+                scores, rows = seg.search_bm25(terms, avgdl, k, view.alive[i])
+                lexical.extend((float(s), (i, int(r))) for s, r in zip(scores, rows))
+        # Stable sorts: ties keep segment then row order, so results are deterministic.
+        dense.sort(key=lambda h: -h[0])
+        lexical.sort(key=lambda h: -h[0])
+        cosine = {key: s for s, key in dense[:k]}
+        bm25_score = {key: s for s, key in lexical[:k]}
         fused = reciprocal_rank_fusion(
-            [dense_rank, bm25_rank], k=rrf_k, weights=[dense_weight, bm25_weight]
+            [[key for _, key in dense[:k]], [key for _, key in lexical[:k]]],
+            k=rrf_k,
+            weights=[dense_weight, bm25_weight],
         )[:top_k]
-        rows = [int(i) for i, _ in fused]
-        # Cosine for every hit, BM25-only ones included: the confidence uses it.
-        cosine = snap.vectors_at(rows) @ qvec[0]
+        by_segment: dict[int, list[int]] = {}
+        for (i, row), _ in fused:
+            by_segment.setdefault(i, []).append(row)
+        records: dict[tuple[int, int], ChunkRecord] = {}
+        for i, rows in by_segment.items():
+            seg = view.segments[i]
+            for row, rec in zip(rows, seg.chunks_at(rows)):
+                records[(i, row)] = rec
+                # Cosine for every hit, BM25-only ones included: the confidence uses it.
+                if (i, row) not in cosine:
+                    cosine[(i, row)] = float(seg.vectors[row] @ qvec[0])
         out = []
-        for pos, (row, score) in enumerate(zip(rows, (s for _, s in fused))):
-            c = snap.chunks[row]
+        for key, score in fused:
+            c = records[key]
             out.append(
                 Passage(
                     chunk_id=c.chunk_id,
@@ -381,9 +392,9 @@ class IndexStore:
                     title=c.title,
                     text=c.text,
                     score=float(score),
-                    dense_score=float(cosine[pos]),
-                    bm25_score=bm25_score.get(row),
-                    tags=_tags(snap.docs.get(c.doc_id)),
+                    dense_score=cosine[key],
+                    bm25_score=bm25_score.get(key),
+                    tags=c.tags,
                 )
             )
         return out
@@ -395,14 +406,43 @@ class IndexStore:
         """Exclusive across threads, processes and replicas sharing the folder."""
         with self._thread_lock, open(self.root / "LOCK", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self._in_writer = True
             try:
                 self.refresh()
                 yield
             finally:
+                self._in_writer = False
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def chunk(self, doc: NewDocument) -> list[str]:
         return chunk_text(doc.text, self.chunk_words, self.chunk_overlap_words)
+
+    def prepare(
+        self, documents: Sequence[NewDocument]
+    ) -> list[tuple[DocRecord, list[ChunkRecord]]]:
+        """Records and chunks of a batch; the last copy of an id in one batch wins."""
+        prepared: dict[str, tuple[DocRecord, list[ChunkRecord]]] = {}
+        for doc in documents:
+            doc_id = doc.resolved_id()
+            record = DocRecord(
+                id=doc_id, title=doc.title, text=doc.text, metadata=dict(doc.metadata)
+            )
+            tags = doc_tags(record.metadata)
+            chunks = [
+                ChunkRecord(
+                    chunk_id=f"{doc_id}#{i}", doc_id=doc_id, title=doc.title, text=t, tags=tags
+                )
+                for i, t in enumerate(self.chunk(doc))
+            ]
+            record.chunk_ids = [c.chunk_id for c in chunks]
+            prepared.pop(doc_id, None)
+            prepared[doc_id] = (record, chunks)
+        return list(prepared.values())
+
+    def unchanged(self, records: Sequence[DocRecord]) -> set[str]:
+        """Ids of records the index already holds with the same content."""
+        digests = self.digests([r.id for r in records])
+        return {r.id for r in records if digests.get(r.id) == r.digest()}
 
     def upsert(
         self,
@@ -410,65 +450,35 @@ class IndexStore:
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[int, list[str]]:
         """Add or replace documents; returns (new version, ids). Durable when it returns."""
-        prepared: list[tuple[DocRecord, list[ChunkRecord]]] = []
-        seen: dict[str, int] = {}
-        for doc in documents:
-            doc_id = doc.resolved_id()
-            record = DocRecord(
-                id=doc_id, title=doc.title, text=doc.text, metadata=dict(doc.metadata)
-            )
-            pieces = self.chunk(doc)
-            chunks = [
-                ChunkRecord(chunk_id=f"{doc_id}#{i}", doc_id=doc_id, title=doc.title, text=t)
-                for i, t in enumerate(pieces)
-            ]
-            record.chunk_ids = [c.chunk_id for c in chunks]
-            if doc_id in seen:  # the last copy of an id in one batch wins
-                prepared[seen[doc_id]] = (record, chunks)
-            else:
-                seen[doc_id] = len(prepared)
-                prepared.append((record, chunks))
+        prepared = self.prepare(documents)
         ids = [r.id for r, _ in prepared]
-
         with self._writer():
-            current = self._snap
             # Unchanged documents are neither re-embedded nor re-versioned.
-            changed = [
-                (r, c)
-                for r, c in prepared
-                if current is None
-                or r.id not in current.docs
-                or _doc_key(current.docs[r.id]) != _doc_key(r)
-            ]
-            if not changed and current is not None:
-                return current.version, ids
-            texts = [c.text for _, cs in changed for c in cs]
-            vectors = self._embed_with_progress(texts, progress)
-            replaced = {r.id for r, _ in changed}
-            snap = self._next_snapshot(
-                drop=replaced,
-                add_docs=[r for r, _ in changed],
-                add_chunks=[c for _, cs in changed for c in cs],
-                add_vectors=vectors,
-            )
-            self._commit(snap)
-            return snap.version, ids
+            same = self.unchanged([r for r, _ in prepared])
+            changed = [(r, c) for r, c in prepared if r.id not in same]
+            if not changed:
+                return self.version, ids
+            chunks = [c for _, cs in changed for c in cs]
+            vectors = self._embed_with_progress([c.text for c in chunks], progress)
+            version = self._append([r for r, _ in changed], chunks, vectors, deletes=())
+            return version, ids
+
+    def add_embedded(
+        self, docs: Sequence[DocRecord], chunks: Sequence[ChunkRecord], vectors: np.ndarray
+    ) -> int:
+        """Publish documents chunked and embedded elsewhere (the bulk pipeline) as one segment,
+        all or nothing; returns the new version."""
+        with self._writer():
+            return self._append(docs, chunks, vectors, deletes=())
 
     def delete(self, doc_ids: Iterable[str]) -> tuple[int, list[str]]:
         """Remove documents from dense and BM25 retrieval; returns (version, ids that existed)."""
         with self._writer():
-            current = self._snap
-            present = [d for d in doc_ids if current is not None and d in current.docs]
+            present = list(dict.fromkeys(d for d in doc_ids if self.get(d) is not None))
             if not present:
                 return self.version, []
-            snap = self._next_snapshot(
-                drop=set(present),
-                add_docs=[],
-                add_chunks=[],
-                add_vectors=np.zeros((0, self.dim), dtype=np.float32),
-            )
-            self._commit(snap)
-            return snap.version, present
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return self._append([], [], empty, deletes=present), present
 
     def _embed_with_progress(
         self, texts: Sequence[str], progress: Callable[[int, int], None] | None
@@ -483,101 +493,234 @@ class IndexStore:
                 progress(min(start + step, len(texts)), len(texts))
         return np.concatenate(out)
 
-    def _next_snapshot(
+    def _append(
         self,
-        drop: set[str],
-        add_docs: list[DocRecord],
-        add_chunks: list[ChunkRecord],
-        add_vectors: np.ndarray,
-    ) -> Snapshot:
-        current = self._snap
-        docs: dict[str, DocRecord] = {}
-        chunks: list[ChunkRecord] = []
-        vectors = np.zeros((0, self.dim), dtype=np.float32)
-        if current is not None:
-            docs = {k: v for k, v in current.docs.items() if k not in drop}
-            keep = [i for i, c in enumerate(current.chunks) if c.doc_id not in drop]
-            chunks = [current.chunks[i] for i in keep]
-            if keep:
-                vectors = current.vectors()[keep]
-        for d in add_docs:
-            docs[d.id] = d
-        chunks.extend(add_chunks)
-        vectors = np.concatenate([vectors, add_vectors]) if len(add_vectors) else vectors
-        return Snapshot(
-            version=self.version + 1,
-            docs=docs,
-            chunks=chunks,
-            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-            embedding_model=self.embedding_model,
-            spec=self.ann_spec,
+        docs: Sequence[DocRecord],
+        chunks: Sequence[ChunkRecord],
+        vectors: np.ndarray,
+        deletes: Sequence[str],
+    ) -> int:
+        """One new segment on top of the live version (under the writer lock)."""
+        tmp = self._build(
+            lambda folder: write_segment(
+                folder, docs, chunks, vectors, deletes, self.ann_spec, self.embedding_model
+            )
         )
+        names = self._view.names() if self._view else []
+        return self._publish([*names, self._install(tmp)])
 
-    def _commit(self, snap: Snapshot) -> None:
-        snapshots = self.root / "snapshots"
-        tmp = snapshots / f".tmp-{uuid.uuid4().hex}"
-        final = snapshots / _version_name(snap.version)
-        snap.write(tmp)
-        if final.exists():  # left by a crash after rename, before CURRENT moved: never live
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(snapshots)
+    @contextmanager
+    def _building(self) -> Iterator[Path]:
+        """A temporary segment folder, flock'ed while it is written so no collector removes it."""
+        token = uuid.uuid4().hex
+        segments = self.root / "segments"
+        with open(segments / f".tmp-{token}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield segments / f".tmp-{token}"
+
+    def _build(self, write: Callable[[Path], None]) -> Path:
+        with self._building() as tmp:
+            write(tmp)
+        return tmp
+
+    def _install(self, tmp: Path) -> str:
+        """Rename a written segment into place (under the writer lock) and return its name."""
+        name = f"seg-{uuid.uuid4().hex[:16]}"
+        os.rename(tmp, self.root / "segments" / name)
+        (tmp.parent / f"{tmp.name}.lock").unlink(missing_ok=True)
+        fsync_file(self.root / "segments")
+        return name
+
+    def _publish(self, names: list[str], version: int | None = None) -> int:
+        """Point CURRENT at a new manifest of `names` (under the writer lock); durable on return."""
+        version = self.version + 1 if version is None else version
+        view = self._open_view({"format": FORMAT_VERSION, "version": version, "segments": names})
+        manifest = {
+            "format": FORMAT_VERSION,
+            "version": version,
+            "created": time.time(),
+            "segments": names,
+            "documents": view.documents,
+            "chunks": view.chunks,
+            "dim": self.dim,
+            "embedding_model": self.embedding_model,
+        }
+        manifests = self.root / "manifests"
+        tmp = manifests / f".tmp-{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        fsync_file(tmp)
+        os.replace(tmp, manifests / f"{_manifest_name(version)}.json")
+        fsync_file(manifests)
         current_tmp = self.root / f".CURRENT.{uuid.uuid4().hex}"
-        current_tmp.write_text(_version_name(snap.version) + "\n")
-        _fsync_file(current_tmp)
+        current_tmp.write_text(_manifest_name(version) + "\n")
+        fsync_file(current_tmp)
         os.replace(current_tmp, self.root / "CURRENT")
-        _fsync_dir(self.root)
-        self._snap = snap
+        fsync_file(self.root)
+        self._view = view
         st = (self.root / "CURRENT").stat()
         self._current_stamp = (st.st_mtime_ns, st.st_ino)
-        self._collect_garbage(snap.version)
+        self._collect_garbage(version)
+        return version
 
     def _collect_garbage(self, live: int) -> None:
-        snapshots = self.root / "snapshots"
-        for entry in snapshots.iterdir():
+        """Drop manifests older than the kept versions, segments none of them lists, and what
+        crashed writers left (unlocked temporary folders, manifests never made CURRENT)."""
+        manifests = self.root / "manifests"
+        kept: set[str] = set()
+        for entry in manifests.iterdir():
             if entry.name.startswith(".tmp-"):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name.startswith("v") and entry.name[1:].isdigit():
-                if (
-                    int(entry.name[1:]) <= live - self.keep_snapshots - 1
-                    or int(entry.name[1:]) > live
-                ):
+                entry.unlink(missing_ok=True)
+                continue
+            if not (entry.name.startswith("m") and entry.suffix == ".json"):
+                continue
+            version = int(entry.stem[1:])
+            if live - self.keep_snapshots <= version <= live:
+                kept.update(json.loads(entry.read_text())["segments"])
+            else:
+                entry.unlink(missing_ok=True)
+        segments = self.root / "segments"
+        for entry in segments.iterdir():
+            if entry.name.startswith(".tmp-") and entry.suffix != ".lock":
+                with open(segments / f"{entry.name}.lock", "a+") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # being written by a live compaction
                     shutil.rmtree(entry, ignore_errors=True)
+                    (segments / f"{entry.name}.lock").unlink(missing_ok=True)
+            elif entry.is_dir() and not entry.name.startswith(".") and entry.name not in kept:
+                shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.glob(".CURRENT.*"):
             entry.unlink(missing_ok=True)
 
+    # -- compaction --------------------------------------------------------------------------
 
-def _tags(doc: DocRecord | None) -> list[str]:
-    raw = doc.metadata.get("tags") if doc else None
-    if isinstance(raw, str):
-        return [raw]
-    if isinstance(raw, list):
-        return [str(t) for t in raw]
-    return []
+    def compaction_plan(self, force: bool = False) -> tuple[int, int] | None:
+        """The run of segments [start, end) to merge next, or None.
+
+        Tiered, as log-structured stores merge: a run of `merge_factor` consecutive segments of
+        one size class (log base `merge_factor` of live chunks) becomes one segment of the next
+        class, so each chunk is rewritten about log(N) times; a segment mostly tombstoned is
+        rewritten alone. `force` merges everything into one."""
+        view = self._view
+        if view is None:
+            return None
+        n = len(view.segments)
+        if force:
+            return (0, n) if n > 1 or (n == 1 and view.dead_fraction(0) > 0) else None
+        for i in range(n):
+            if view.dead_fraction(i) >= 0.5:
+                return (i, i + 1)
+        classes = [int(math.log(max(rows, 1), self.merge_factor)) for rows in view.live_rows]
+        end = n
+        while end > 0:
+            start = end - 1
+            while start > 0 and classes[start - 1] == classes[end - 1]:
+                start -= 1
+            if end - start >= self.merge_factor:
+                return (end - self.merge_factor, end)
+            end = start
+        return None
+
+    def compact(self, force: bool = False) -> bool:
+        """Merge one run of segments if the policy (or `force`) asks; True when one was merged.
+        Writes continue meanwhile: only the final publish takes the writer lock."""
+        with open(self.root / "COMPACT", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # another process is compacting
+            self.refresh()
+            plan = self.compaction_plan(force)
+            view = self._view
+            if plan is None or view is None:
+                return False
+            start, end = plan
+            run = view.segments[start:end]
+            started = time.perf_counter()
+            with self._building() as tmp:
+                self._write_merged(tmp, view, start, end)
+                with self._writer():
+                    names = self._view.names() if self._view else []
+                    run_names = [s.name for s in run]
+                    at = names.index(run_names[0]) if run_names[0] in names else -1
+                    if at < 0 or names[at : at + len(run)] != run_names:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        return False
+                    merged = self._install(tmp)
+                    version = self._publish([*names[:at], merged, *names[at + len(run) :]])
+            log.info(
+                "compacted %d segments (%d live chunks) into %s in %.1f s: version %d",
+                len(run),
+                sum(view.live_rows[start:end]),
+                merged,
+                time.perf_counter() - started,
+                version,
+            )
+            return True
+
+    def _write_merged(self, folder: Path, view: IndexView, start: int, end: int) -> None:
+        docs: list[DocRecord] = []
+        chunks: list[ChunkRecord] = []
+        vectors = []
+        parts = []
+        deletes: set[str] = set()
+        for i in range(start, end):
+            seg = view.segments[i]
+            keep = view.alive[i] if view.alive[i] is not None else np.ones(seg.rows, dtype=bool)
+            doc_keep = view.doc_alive[i]
+            docs.extend(d for j, d in enumerate(seg.iter_docs()) if doc_keep is None or doc_keep[j])
+            chunks.extend(c for c, k in zip(seg.iter_chunks(), keep) if k)
+            vectors.append(np.asarray(seg.vectors[keep]))
+            parts.append((seg.postings, keep))
+            deletes.update(seg.deletes)
+        if start == 0:
+            deletes.clear()  # nothing older left to delete from
+        write_segment(
+            folder,
+            docs,
+            chunks,
+            np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32),
+            sorted(deletes),
+            self.ann_spec,
+            self.embedding_model,
+            postings=Postings.merge(parts),
+        )
+
+    # -- the snapshot format of earlier releases ---------------------------------------------
+
+    def _convert_legacy(self, name: str) -> None:
+        """A format-1 snapshot (one folder per version) becomes one segment, its vectors read
+        back from FAISS: upgrading does not re-embed. Under the writer lock."""
+        import faiss
+
+        folder = self.root / "snapshots" / name
+        with open(folder / "docs.jsonl", encoding="utf-8") as f:
+            docs = [DocRecord(**json.loads(line)) for line in f]
+        tags = {d.id: doc_tags(d.metadata) for d in docs}
+        with open(folder / "chunks.jsonl", encoding="utf-8") as f:
+            chunks = [ChunkRecord(**json.loads(line)) for line in f]
+        for c in chunks:
+            c.tags = tags.get(c.doc_id, [])
+        dense = faiss.read_index(str(folder / "dense.faiss"))
+        vectors = (
+            dense.reconstruct_n(0, dense.ntotal)
+            if dense.ntotal
+            else np.zeros((0, dense.d), dtype=np.float32)
+        )
+        log.info("converting index snapshot %s (%d chunks) to segments", name, len(chunks))
+        tmp = self._build(
+            lambda f: write_segment(
+                f, docs, chunks, vectors, (), self.ann_spec, self.embedding_model
+            )
+        )
+        self._publish([self._install(tmp)], version=int(name[1:]))
+        shutil.rmtree(self.root / "snapshots", ignore_errors=True)
 
 
-def _doc_key(d: DocRecord) -> tuple[str, str, str]:
-    return (d.title, d.text, json.dumps(d.metadata, sort_keys=True))
+def _is_legacy(name: str) -> bool:
+    return name.startswith("v") and name[1:].isdigit()
 
 
-def _version_name(version: int) -> str:
-    return f"v{version:08d}"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(folder):
-        for name in filenames:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
+def _manifest_name(version: int) -> str:
+    return f"m{version:08d}"

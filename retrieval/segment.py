@@ -1,0 +1,464 @@
+"""One immutable segment of the index: records, vectors, BM25 postings and a dense search index.
+
+Files in `segments/<name>/`, written once into a temporary folder, fsynced, then renamed:
+
+    meta.json        counts, dim, embedding model, the parameters of the saved ANN index
+    records.sqlite   docs(id, title, text, metadata, chunk_ids, digest) and chunks(row, ...)
+    vectors.npy      float32 [rows, dim], unit length: the record of every vector, memory-mapped
+    postings.npz     BM25 term frequencies, chunks x terms (CSC); terms.json the vocabulary;
+                     lengths.npy the tokens of each chunk
+    deletes.json     ids of documents this segment removes from *older* segments (tombstones)
+    ann-<kind>.faiss the approximate index, for segments large enough to want one
+
+Records live in SQLite, not in memory: a replica holds per chunk only its vector (or, with
+`ivf_pq`, its code), its BM25 postings and an 8-byte hash of its document id.
+
+BM25 is scored here rather than by bm25s, which bakes each corpus's IDF into its index: scores
+from segments indexed apart would not be comparable. Keeping term frequencies and scoring with
+statistics summed over every segment (as Lucene does) gives the scores one index would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from hybrid_serve.retrieval import ann
+from hybrid_serve.retrieval.ann import ANNSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+# BM25 as Lucene (and bm25s's default "lucene" method) computes it.
+BM25_K1 = 1.5
+BM25_B = 0.75
+
+
+@dataclass
+class DocRecord:
+    id: str
+    title: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    chunk_ids: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """What decides whether a re-sent document changed (unchanged ones are not re-indexed)."""
+        key = json.dumps([self.title, self.text, self.metadata], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass
+class ChunkRecord:
+    chunk_id: str
+    doc_id: str
+    title: str
+    text: str
+    tags: list[str] = field(default_factory=list)  # the document's, for policies on hits
+
+
+def bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+
+def id_hash(doc_id: str) -> int:
+    """64 bits of a document id: what tombstones compare (a collision needs ~4e9 documents)."""
+    return int.from_bytes(
+        hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little", signed=True
+    )
+
+
+def id_hashes(doc_ids: Iterable[str]) -> np.ndarray:
+    return np.fromiter((id_hash(d) for d in doc_ids), dtype=np.int64)
+
+
+def contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Membership of `values` in a sorted array, vectorised."""
+    if len(sorted_values) == 0 or len(values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    pos = np.searchsorted(sorted_values, values).clip(0, len(sorted_values) - 1)
+    return sorted_values[pos] == values
+
+
+@dataclass
+class Postings:
+    """BM25 term frequencies of a segment's chunks."""
+
+    matrix: sparse.csc_matrix  # rows = chunks, columns = terms, values = term frequency
+    terms: dict[str, int]
+    lengths: np.ndarray  # tokens per chunk, float32
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> Postings:
+        tokens = bm25_tokenize(texts)
+        terms: dict[str, int] = {}
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        lengths = np.zeros(len(tokens), dtype=np.float32)
+        for row, toks in enumerate(tokens):
+            lengths[row] = len(toks)
+            if not toks:
+                continue
+            ids = np.fromiter((terms.setdefault(t, len(terms)) for t in toks), dtype=np.int64)
+            uniq, n = np.unique(ids, return_counts=True)
+            rows.append(np.full(len(uniq), row, dtype=np.int64))
+            cols.append(uniq)
+            counts.append(n.astype(np.float32))
+        return cls.from_triplets(rows, cols, counts, len(tokens), terms, lengths)
+
+    @classmethod
+    def from_triplets(
+        cls,
+        rows: list[np.ndarray],
+        cols: list[np.ndarray],
+        counts: list[np.ndarray],
+        n_rows: int,
+        terms: dict[str, int],
+        lengths: np.ndarray,
+    ) -> Postings:
+        cat = lambda xs, t: np.concatenate(xs) if xs else np.zeros(0, dtype=t)  # noqa: E731
+        matrix = sparse.csc_matrix(
+            (cat(counts, np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
+            shape=(n_rows, len(terms)),
+            dtype=np.float32,
+        )
+        return cls(matrix, terms, lengths)
+
+    @classmethod
+    def merge(cls, parts: Sequence[tuple[Postings, np.ndarray]]) -> Postings:
+        """The postings of the kept rows (`keep`, a boolean mask) of several segments, stacked."""
+        terms: dict[str, int] = {}
+        blocks = []
+        lengths = []
+        for p, keep in parts:
+            remap = np.fromiter(
+                (terms.setdefault(t, len(terms)) for t in p.terms),
+                dtype=np.int64,
+                count=len(p.terms),
+            )
+            csr = p.matrix.tocsr()[keep]
+            blocks.append((csr, remap))
+            lengths.append(p.lengths[keep])
+        out = []
+        for csr, remap in blocks:
+            coo = csr.tocoo()
+            out.append(
+                sparse.csr_matrix(
+                    (coo.data, (coo.row, remap[coo.col] if len(remap) else coo.col)),
+                    shape=(csr.shape[0], len(terms)),
+                )
+            )
+        matrix = sparse.vstack(out, format="csc") if out else sparse.csc_matrix((0, 0))
+        return cls(matrix.astype(np.float32), terms, np.concatenate(lengths).astype(np.float32))
+
+    def df(self, term: str) -> int:
+        col = self.terms.get(term)
+        if col is None:
+            return 0
+        return int(self.matrix.indptr[col + 1] - self.matrix.indptr[col])
+
+    def score(self, query_terms: dict[str, float], avgdl: float) -> np.ndarray:
+        """BM25 of every chunk for terms weighted by their global IDF."""
+        scores = np.zeros(self.matrix.shape[0], dtype=np.float32)
+        indptr, indices, data = self.matrix.indptr, self.matrix.indices, self.matrix.data
+        for term, idf in query_terms.items():
+            col = self.terms.get(term)
+            if col is None:
+                continue
+            rows = indices[indptr[col] : indptr[col + 1]]
+            tf = data[indptr[col] : indptr[col + 1]]
+            norm = BM25_K1 * ((1 - BM25_B) + BM25_B * self.lengths[rows] / avgdl)
+            scores[rows] += idf * tf / (tf + norm)
+        return scores
+
+
+def doc_tags(metadata: dict[str, Any]) -> list[str]:
+    raw = metadata.get("tags")
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list):
+        return [str(t) for t in raw]
+    return []
+
+
+def bm25_idf(df: int, n: int) -> float:
+    return float(np.log(1 + (n - df + 0.5) / (df + 0.5)))
+
+
+class Segment:
+    """An opened segment: searchable, immutable, shared by every index version that lists it."""
+
+    def __init__(self, folder: Path, spec: ANNSpec) -> None:
+        self.folder = folder
+        self.name = folder.name
+        self.meta = json.loads((folder / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise RuntimeError(f"{folder}: segment format {self.meta.get('format')} not supported")
+        self.rows = int(self.meta["chunks"])
+        self.dim = int(self.meta["dim"])
+        self.vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+        if self.vectors.shape != (self.rows, self.dim):
+            raise RuntimeError(f"{folder}: {self.vectors.shape} vectors for {self.rows} chunks")
+        loaded = np.load(folder / "postings.npz")
+        self.postings = Postings(
+            sparse.csc_matrix(
+                (loaded["data"], loaded["indices"], loaded["indptr"]),
+                shape=tuple(loaded["shape"]),
+            ),
+            json.loads((folder / "terms.json").read_text()),
+            loaded["lengths"],
+        )
+        self.row_doc = loaded["row_doc"]
+        self.doc_hash = loaded["doc_hash"]  # of every document, in the order of the docs table
+        self.doc_hashes = np.unique(self.doc_hash)
+        self.total_length = float(self.postings.lengths.sum())
+        self.docs = int(self.meta["documents"])
+        self.deletes = json.loads((folder / "deletes.json").read_text())
+        self.delete_hashes = np.unique(id_hashes(self.deletes))
+        self._db = sqlite3.connect(
+            f"file:{folder / 'records.sqlite'}?mode=ro&immutable=1",
+            uri=True,
+            check_same_thread=False,
+        )
+        self._db_lock = threading.Lock()
+        self.spec = spec
+        self.index, self.index_kind = self._search_index(spec)
+
+    def _search_index(self, spec: ANNSpec) -> tuple[Any, str]:
+        import faiss
+
+        kind = spec.kind if self.rows >= spec.min_rows_for(spec.kind) else "flat"
+        if kind == "flat":
+            index = faiss.IndexFlatIP(self.dim)
+            if self.rows:
+                index.add(np.ascontiguousarray(self.vectors))
+            return index, kind
+        saved = self.folder / f"ann-{kind}.faiss"
+        if self.meta.get("ann") == spec.key() and saved.is_file():
+            index = faiss.read_index(str(saved))
+        else:
+            log.info("%s: building the %s index (not saved with these parameters)", self.name, kind)
+            index = ann.build(np.ascontiguousarray(self.vectors), spec)
+        return ann.to_device(ann.tune(index, spec), spec), kind
+
+    # -- search ------------------------------------------------------------------------------
+
+    def search_dense(
+        self, query: np.ndarray, k: int, alive_bits: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(exact inner products, rows) of the best `k` live chunks, best first; `alive_bits`
+        is the packed mask of live rows (None: all live)."""
+        import faiss
+
+        k = min(k, self.rows)
+        if k == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        fetch = k * self.spec.refine_factor if self.index_kind == "ivf_pq" else k
+        params = None
+        if alive_bits is not None:
+            selector = faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(alive_bits))
+            params = ann.search_params(self.index, self.spec, selector)
+        _, ids = self.index.search(query, min(fetch, self.rows), params=params)
+        rows = np.sort(ids[0][ids[0] >= 0])
+        # Exact scores from the vectors: comparable across segments and index kinds, and the
+        # re-ranking that gives product quantisation back its recall.
+        exact = (self.vectors[rows] @ query[0]).astype(np.float32)
+        order = np.argsort(-exact, kind="stable")[:k]
+        return exact[order], rows[order]
+
+    def search_bm25(
+        self, query_terms: dict[str, float], avgdl: float, k: int, alive: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not query_terms or self.rows == 0:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        scores = self.postings.score(query_terms, avgdl)
+        if alive is not None:
+            scores[~alive] = 0
+        hits = np.flatnonzero(scores > 0)
+        if len(hits) > k:
+            hits = hits[np.argpartition(-scores[hits], k - 1)[:k]]
+        order = np.lexsort((hits, -scores[hits]))
+        return scores[hits][order], hits[order]
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def chunks_at(self, rows: Sequence[int]) -> list[ChunkRecord]:
+        if not rows:
+            return []
+        marks = ",".join("?" * len(rows))
+        found = {
+            r[0]: _chunk(r)
+            for r in self._query(
+                "SELECT row, chunk_id, doc_id, title, text, tags FROM chunks"
+                f" WHERE row IN ({marks})",
+                [int(r) for r in rows],
+            )
+        }
+        return [found[int(r)] for r in rows]
+
+    def iter_chunks(self) -> Iterator[ChunkRecord]:
+        """Every chunk in row order (for compaction: no giant IN lists)."""
+        with self._db_lock:
+            cursor = self._db.execute(
+                "SELECT row, chunk_id, doc_id, title, text, tags FROM chunks ORDER BY row"
+            )
+            rows = cursor.fetchall()
+        for r in rows:
+            yield _chunk(r)
+
+    def doc(self, doc_id: str) -> DocRecord | None:
+        rows = self._query(
+            "SELECT id, title, text, metadata, chunk_ids FROM docs WHERE id = ?", (doc_id,)
+        )
+        return _doc(rows[0]) if rows else None
+
+    def digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for start in range(0, len(doc_ids), 500):
+            part = list(doc_ids[start : start + 500])
+            marks = ",".join("?" * len(part))
+            out.update(
+                self._query(f"SELECT id, digest FROM docs WHERE id IN ({marks})", part)  # type: ignore[arg-type]
+            )
+        return out
+
+    def iter_docs(self) -> Iterator[DocRecord]:
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT id, title, text, metadata, chunk_ids FROM docs ORDER BY rowid"
+            ).fetchall()
+        for r in rows:
+            yield _doc(r)
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+
+
+def _chunk(row: tuple) -> ChunkRecord:
+    return ChunkRecord(*row[1:5], tags=json.loads(row[5]))
+
+
+def _doc(row: tuple) -> DocRecord:
+    return DocRecord(
+        id=row[0],
+        title=row[1],
+        text=row[2],
+        metadata=json.loads(row[3]),
+        chunk_ids=json.loads(row[4]),
+    )
+
+
+def write_segment(
+    folder: Path,
+    docs: Sequence[DocRecord],
+    chunks: Sequence[ChunkRecord],
+    vectors: np.ndarray,
+    deletes: Sequence[str],
+    spec: ANNSpec,
+    embedding_model: str,
+    postings: Postings | None = None,
+) -> None:
+    """Write a complete segment into `folder` (which must not exist) and fsync it."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(vectors) != len(chunks):
+        raise ValueError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+    folder.mkdir(parents=True)
+    db = sqlite3.connect(folder / "records.sqlite")
+    try:
+        db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE docs (id TEXT PRIMARY KEY, title TEXT, text TEXT, metadata TEXT,"
+            " chunk_ids TEXT, digest TEXT);"
+            "CREATE TABLE chunks (row INTEGER PRIMARY KEY, chunk_id TEXT, doc_id TEXT,"
+            " title TEXT, text TEXT, tags TEXT);"
+        )
+        db.executemany(
+            "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    d.id,
+                    d.title,
+                    d.text,
+                    json.dumps(d.metadata, ensure_ascii=False),
+                    json.dumps(d.chunk_ids),
+                    d.digest(),
+                )
+                for d in docs
+            ),
+        )
+        db.executemany(
+            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (i, c.chunk_id, c.doc_id, c.title, c.text, json.dumps(c.tags))
+                for i, c in enumerate(chunks)
+            ),
+        )
+        db.commit()
+    finally:
+        db.close()
+    np.save(folder / "vectors.npy", vectors)
+    if postings is None:
+        postings = Postings.from_texts([f"{c.title}\n{c.text}" for c in chunks])
+    m = postings.matrix.tocsc()
+    np.savez(
+        folder / "postings.npz",
+        data=m.data.astype(np.float32),
+        indices=m.indices,
+        indptr=m.indptr,
+        shape=np.array(m.shape),
+        lengths=postings.lengths.astype(np.float32),
+        row_doc=id_hashes(c.doc_id for c in chunks),
+        doc_hash=id_hashes(d.id for d in docs),
+    )
+    (folder / "terms.json").write_text(json.dumps(postings.terms, ensure_ascii=False))
+    (folder / "deletes.json").write_text(json.dumps(sorted(set(deletes))))
+    ann_key = None
+    if spec.kind != "flat" and len(chunks) >= spec.min_rows_for(spec.kind):
+        import faiss
+
+        faiss.write_index(ann.build(vectors, spec), str(folder / f"ann-{spec.kind}.faiss"))
+        ann_key = spec.key()
+    meta = {
+        "format": FORMAT_VERSION,
+        "documents": len(docs),
+        "chunks": len(chunks),
+        "dim": int(vectors.shape[1]),
+        "embedding_model": embedding_model,
+        "ann": ann_key,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    fsync_tree(folder)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            fsync_file(Path(dirpath) / name)
+        fsync_file(Path(dirpath))
