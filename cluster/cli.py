@@ -305,13 +305,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _files(paths: Sequence[str]) -> Iterator[tuple[Path, str | None]]:
     """(file, problem) for every candidate; folders recursively, hidden entries skipped."""
+    from hybrid_serve.retrieval.records import is_record_file
+
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p).parts
                 if f.is_file() and not any(x.startswith(".") for x in rel):
-                    if f.suffix.lower() in TEXT_SUFFIXES or f.suffix.lower() == ".pdf":
+                    suffix = f.suffix.lower()
+                    if suffix in TEXT_SUFFIXES or suffix == ".pdf" or is_record_file(f):
                         yield f, None
         elif p.is_file():
             yield p, None
@@ -333,7 +336,9 @@ def read_document(path: Path) -> dict[str, Any]:
     elif suffix in TEXT_SUFFIXES:
         text = path.read_text(encoding="utf-8")
     else:
-        raise ValueError(f"unsupported file type {suffix or '(none)'}; use .txt, .md or .pdf")
+        raise ValueError(
+            f"unsupported file type {suffix or '(none)'}; use .txt, .md, .pdf, .jsonl or .parquet"
+        )
     if not text.strip():
         raise ValueError("file has no text")
     title = path.stem
@@ -350,37 +355,26 @@ def read_document(path: Path) -> dict[str, Any]:
     }
 
 
-def cmd_index_add(args: argparse.Namespace) -> int:
-    url = (args.url or default_url()).rstrip("/")
-    failures: list[tuple[Path, str]] = []
-    ready: list[tuple[Path, dict[str, Any]]] = []
-    for path, problem in _files(args.paths):
-        if problem:
-            failures.append((path, problem))
-            continue
-        try:
-            ready.append((path, read_document(path)))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            failures.append(
-                (
-                    path,
-                    str(exc)
-                    if isinstance(exc, ValueError)
-                    else type(exc).__name__ + ": " + str(exc),
-                )
-            )
-    added = 0
-    version = None
-    with Progress(
-        TextColumn("indexing"),
+def _progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
         transient=False,
-    ) as progress:
-        task = progress.add_task("files", total=len(ready))
-        batch: list[tuple[Path, dict[str, Any]]] = []
+    )
+
+
+def _post_documents(
+    url: str, items: Sequence[tuple[str, dict[str, Any]]], failures: list[tuple[str, str]]
+) -> tuple[int, int | None]:
+    """POST in batches of at most 1000 documents and BATCH_BYTES; (added, last index version)."""
+    added = 0
+    version = None
+    with _progress("indexing") as progress:
+        task = progress.add_task("documents", total=len(items))
+        batch: list[tuple[str, dict[str, Any]]] = []
 
         def flush() -> None:
             nonlocal added, version
@@ -393,31 +387,139 @@ def cmd_index_add(args: argparse.Namespace) -> int:
                     timeout=600,
                 )
             except httpx.HTTPError as exc:
-                for p, _ in batch:
-                    failures.append((p, f"cannot reach {url}: {exc}"))
+                failures.extend((label, f"cannot reach {url}: {exc}") for label, _ in batch)
             else:
                 if r.status_code in (200, 201):
                     added += len(batch)
                     version = r.json().get("index_version")
                 else:
-                    for p, _ in batch:
-                        failures.append((p, f"{r.status_code}: {_error_message(r)}"))
+                    problem = f"{r.status_code}: {_error_message(r)}"
+                    failures.extend((label, problem) for label, _ in batch)
             progress.advance(task, len(batch))
             batch.clear()
 
         size = 0
-        for path, doc in ready:
+        for label, doc in items:
             doc_size = len(doc["text"].encode())
-            if batch and size + doc_size > BATCH_BYTES:
+            if batch and (size + doc_size > BATCH_BYTES or len(batch) >= 1000):
                 flush()
                 size = 0
-            batch.append((path, doc))
+            batch.append((label, doc))
             size += doc_size
         flush()
-    console.print(f"added {added} file(s)" + (f"; index version {version}" if version else ""))
-    for path, problem in failures:
-        err.print(f"[red]failed:[/] {escape(str(path))}: {escape(problem)}")
-    return 1 if failures else 0
+    return added, version
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from hybrid_serve.retrieval.records import BadRecord, FieldNames, is_record_file, read_records
+
+    url = (args.url or default_url()).rstrip("/")
+    fields = FieldNames(args.id_field, args.title_field, args.text_field, args.metadata_field)
+    failures: list[tuple[str, str]] = []
+    ready: list[tuple[str, dict[str, Any]]] = []
+    record_files: list[Path] = []
+    for path, problem in _files(args.paths):
+        if problem:
+            failures.append((str(path), problem))
+        elif is_record_file(path):
+            record_files.append(path)
+        else:
+            try:
+                ready.append((str(path), read_document(path)))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                message = (
+                    str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                )
+                failures.append((str(path), message))
+    records: list[tuple[str, dict[str, Any]]] = []
+    bulk = args.bulk
+    for path in record_files:
+        try:
+            for line, item in read_records(path, fields):
+                if not bulk and len(records) >= args.bulk_threshold:
+                    bulk = True  # too many for the server's synchronous path
+                if bulk:
+                    break
+                if isinstance(item, BadRecord):
+                    failures.append((f"{path}:{line}", item.reason))
+                else:
+                    records.append((f"{path}:{line}", item.model_dump()))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            failures.append((str(path), str(exc)))
+    if bulk:
+        failures = [f for f in failures if not any(f[0].startswith(f"{p}:") for p in record_files)]
+        code = _bulk_add(args, record_files, fields)
+        added, version = _post_documents(url, ready, failures) if ready else (0, None)
+    else:
+        added, version = _post_documents(url, ready + records, failures)
+        code = 0
+    if not bulk or ready:
+        console.print(
+            f"added {added} document(s)" + (f"; index version {version}" if version else "")
+        )
+    for label, problem in failures:
+        err.print(f"[red]failed:[/] {escape(label)}: {escape(problem)}")
+    return 1 if failures or code else 0
+
+
+def _bulk_add(args: argparse.Namespace, paths: list[Path], fields: Any) -> int:
+    """Record files through the Ray Data pipeline, writing the index directly: on the machine
+    (or pod) that mounts the server's data_dir, connected to its Ray cluster when one runs."""
+    from hybrid_serve.cluster import ingest, local
+
+    try:
+        cfg = HybridServeConfig.load(args.config, overrides={"data_dir": args.data_dir})
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
+        return 2
+    local.use_local_token()
+    import ray
+
+    address = local.discovered_address()
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    console.print(
+        f"bulk ingestion into {cfg.index_dir} on "
+        + (f"the Ray cluster at {address}" if address else "a local Ray instance")
+    )
+    try:
+        with _progress("staging") as staging, _progress("publishing") as publishing:
+            staged_task = staging.add_task("documents", total=None)
+            published_task = publishing.add_task("documents", total=None)
+
+            def staged(n: int) -> None:
+                staging.update(staged_task, completed=n)
+                publishing.update(published_task, total=n)
+
+            def published(docs: int, chunks: int) -> None:
+                publishing.update(published_task, completed=docs)
+
+            result = ingest.run(
+                cfg,
+                paths,
+                fields,
+                workers=args.workers,
+                progress=ingest.Progress(staged=staged, published=published),
+            )
+    except (OSError, ValueError, RuntimeError) as exc:
+        err.print(f"[red]bulk ingestion failed:[/] {escape(str(exc))}")
+        err.print("published segments are kept; run the same command again to resume")
+        return 1
+    finally:
+        ray.shutdown()
+    console.print(
+        f"added {result.documents} document(s), {result.chunks} chunks in {result.segments} "
+        f"segment(s), {result.chunks_per_s:.1f} chunks/s with {result.workers} embedding "
+        f"worker(s) on {result.device}; {result.unchanged} already indexed, "
+        f"{result.duplicates} earlier copies of a repeated id; index version {result.version}"
+    )
+    for bad in result.bad:
+        err.print(f"[red]skipped:[/] {escape(str(bad))}")
+    return 1 if result.bad else 0
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -473,9 +575,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="manage the document index")
     index_sub = index.add_subparsers(dest="index_command", required=True)
-    add = index_sub.add_parser("add", help="ingest .txt/.md files (and .pdf with the pdf extra)")
+    add = index_sub.add_parser(
+        "add",
+        help="ingest .txt/.md files (.pdf with the pdf extra), folders, and record files "
+        "(.jsonl, .parquet: one document a record)",
+    )
     add.add_argument("paths", nargs="+", metavar="PATH")
-    add.add_argument("--url", help="server URL")
+    add.add_argument("--url", help="server URL (the synchronous path)")
+    for name, default in (("id", "id"), ("title", "title"), ("text", "text")):
+        add.add_argument(
+            f"--{name}-field", default=default, help=f"record field of the {name} ({default})"
+        )
+    add.add_argument("--metadata-field", default="metadata", help="record field of the metadata")
+    add.add_argument(
+        "--bulk",
+        action="store_true",
+        help="record files through the Ray Data pipeline, whatever their size",
+    )
+    add.add_argument(
+        "--bulk-threshold",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="records above which the pipeline is used instead of the server (5000)",
+    )
+    add.add_argument("--workers", type=int, help="embedding actors (default: a GPU or CPU each)")
+    add.add_argument("--config", help="config YAML of the server (bulk: where its index is)")
+    add.add_argument("--data-dir", help="the server's data_dir (bulk)")
     add.set_defaults(func=cmd_index_add)
 
     doc = sub.add_parser(

@@ -57,16 +57,45 @@ def test_up_ask_index_add_restart(tmp_path):
         (docs / "owls.md").write_text("# Owls\n\nOwls hunt at night and swallow prey whole.\n")
         (docs / "sub" / "bats.txt").write_text("Bats navigate by echolocation.\n")
         (docs / "ignored.bin").write_bytes(b"\x00\x01")
+        (docs / "kb.jsonl").write_text(
+            '{"doc": 7, "body": "Moths are drawn to lamps.", "meta": {"tags": ["kb"]}}\n'
+            "{broken\n"
+            '{"doc": "shrews", "body": "Shrews eat their weight daily."}\n'
+        )
         missing = tmp_path / "missing.md"
-        added = run("index", "add", str(docs), str(missing), "--url", up.url)
-        assert added.returncode == 1  # one path failed ...
+        added = run(
+            "index", "add", str(docs), str(missing), "--url", up.url,
+            "--id-field", "doc", "--text-field", "body", "--metadata-field", "meta",
+        )  # fmt: skip
+        assert added.returncode == 1  # one path and one record failed ...
         assert str(missing) in added.stderr and "no such file" in added.stderr
-        assert "added 2 file(s)" in added.stdout  # ... and the others were still ingested
+        assert f"{docs / 'kb.jsonl'}:2: invalid JSON" in added.stderr.replace("\n", "")
+        assert "added 4 document(s)" in added.stdout  # ... and the others were still ingested
+        moths = httpx.get(f"{up.url}/v1/documents/7").json()
+        assert moths["metadata"] == {"tags": ["kb"]} and moths["text"].startswith("Moths")
         again = run("index", "add", str(docs / "owls.md"), "--url", up.url)
         assert again.returncode == 0
         status = httpx.get(f"{up.url}/readyz").json()["components"]["retriever"]
-        assert status["documents"] == 10  # re-adding replaced, did not duplicate
-        version = status["version"]
+        assert status["documents"] == 12  # re-adding replaced, did not duplicate
+
+        # The Ray Data pipeline, on the running cluster, into the server's index.
+        bulk = tmp_path / "bulk.jsonl"
+        bulk.write_text(
+            "".join(
+                f'{{"id": "bulk-{i}", "title": "Note {i}", "text": "Note {i} says zq{i}x."}}\n'
+                for i in range(40)
+            )
+        )
+        piped = run("index", "add", str(bulk), "--bulk", "--data-dir", str(data), timeout=600)
+        assert piped.returncode == 0, piped.stderr[-2000:]
+        assert "on the Ray cluster at" in piped.stdout and "added 40 document(s)" in piped.stdout
+        status = httpx.get(f"{up.url}/readyz").json()["components"]["retriever"]
+        assert status["documents"] == 52
+        hits = httpx.post(f"{up.url}/v1/search", json={"query": "zq17x", "top_k": 1}).json()
+        assert hits["passages"][0]["doc_id"] == "bulk-17"
+        resumed = run("index", "add", str(bulk), "--bulk", "--data-dir", str(data), timeout=600)
+        assert resumed.returncode == 0 and "40 already indexed" in resumed.stdout
+        version = httpx.get(f"{up.url}/readyz").json()["components"]["retriever"]["version"]
     finally:
         code = up.stop()
     assert code == 0
@@ -77,7 +106,7 @@ def test_up_ask_index_add_restart(tmp_path):
     try:
         up2.wait_for("serving on")
         status = wait_ready(up2.url)["components"]["retriever"]
-        assert status["version"] == version and status["documents"] == 10
+        assert status["version"] == version and status["documents"] == 52
         assert status["progress"] == {}  # the sample corpus was not indexed again
         r = httpx.post(
             f"{up2.url}/v1/answer", json={"query": "How do owls eat their prey?"}, timeout=120
