@@ -475,28 +475,36 @@ def _bulk_add(args: argparse.Namespace, paths: list[Path], fields: Any) -> int:
     local.use_local_token()
     import ray
 
-    address = local.discovered_address()
-    ray.init(
-        address=address or "local",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    console.print(
-        f"bulk ingestion into {cfg.index_dir} on "
-        + (f"the Ray cluster at {address}" if address else "a local Ray instance")
-    )
+    def connect() -> None:
+        address = args.address or local.discovered_address()
+        ray.init(
+            address=address or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        console.print(f"embedding on {where}")
+
+    console.print(f"bulk ingestion into {cfg.index_dir}")
     try:
-        with _progress("staging") as staging, _progress("publishing") as publishing:
-            staged_task = staging.add_task("documents", total=None)
-            published_task = publishing.add_task("documents", total=None)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[chunks]} chunks"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bars:
+            staged_task = bars.add_task("staged (new or changed)", total=None, chunks="-")
+            published_task = bars.add_task("published", total=None, chunks=0)
 
             def staged(n: int) -> None:
-                staging.update(staged_task, completed=n)
-                publishing.update(published_task, total=n)
+                bars.update(staged_task, completed=n)
+                bars.update(published_task, total=n)
 
             def published(docs: int, chunks: int) -> None:
-                publishing.update(published_task, completed=docs)
+                bars.update(published_task, completed=docs, chunks=chunks)
 
             result = ingest.run(
                 cfg,
@@ -504,13 +512,15 @@ def _bulk_add(args: argparse.Namespace, paths: list[Path], fields: Any) -> int:
                 fields,
                 workers=args.workers,
                 progress=ingest.Progress(staged=staged, published=published),
+                connect=connect,
             )
     except (OSError, ValueError, RuntimeError) as exc:
         err.print(f"[red]bulk ingestion failed:[/] {escape(str(exc))}")
         err.print("published segments are kept; run the same command again to resume")
         return 1
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     console.print(
         f"added {result.documents} document(s), {result.chunks} chunks in {result.segments} "
         f"segment(s), {result.chunks_per_s:.1f} chunks/s with {result.workers} embedding "
@@ -600,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="records above which the pipeline is used instead of the server (5000)",
     )
     add.add_argument("--workers", type=int, help="embedding actors (default: a GPU or CPU each)")
+    add.add_argument(
+        "--address",
+        help="Ray cluster for the pipeline (default: RAY_ADDRESS, the one `ray start` recorded "
+        "here, else a local Ray instance)",
+    )
     add.add_argument("--config", help="config YAML of the server (bulk: where its index is)")
     add.add_argument("--data-dir", help="the server's data_dir (bulk)")
     add.set_defaults(func=cmd_index_add)

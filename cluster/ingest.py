@@ -276,8 +276,10 @@ def run(
     segment_chunks: int = 50_000,
     progress: Progress | None = None,
     store: IndexStore | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> BulkResult:
-    """The whole job (Ray must be initialised). Safe to run again after any interruption."""
+    """The whole job. Safe to run again after any interruption. `connect` starts or joins Ray,
+    called only when there is something to embed (Ray must be initialised otherwise)."""
     progress = progress or Progress()
     result = BulkResult()
     started = time.perf_counter()
@@ -300,6 +302,8 @@ def run(
             last = scan(paths, fields, result)
             staged = stage(paths, fields, last, store, folder, result, progress)
             if staged:
+                if connect:
+                    connect()
                 _pipeline(cfg, folder, store, workers, segment_chunks, result, progress)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
