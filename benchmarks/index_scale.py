@@ -10,6 +10,7 @@ an earlier commit (`--baseline-ref`, read from git), measured in the same run.
     python -m hybrid_serve.benchmarks.index_scale --writes --sizes 10000,100000,1000000
     python -m hybrid_serve.benchmarks.index_scale --search --search-size 1000000
     python -m hybrid_serve.benchmarks.index_scale --ingest
+    python -m hybrid_serve.benchmarks.index_scale --recall
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_serve.benchmarks.ann import SQUAD, corpus
+from hybrid_serve.benchmarks.ann import SQUAD
 from hybrid_serve.benchmarks.confidence import load_squad
 from hybrid_serve.benchmarks.report import Progress, percentile, publish
 from hybrid_serve.retrieval.ann import ANNSpec
@@ -71,7 +72,22 @@ class Synthetic:
         self.rng = np.random.default_rng(0)
 
     def vectors(self, n: int) -> np.ndarray:
-        return corpus(self.base, n, self.rng) if n else np.zeros((0, DIM), np.float32)
+        """The paragraphs' vectors, then blends of two paragraphs plus noise: distinct points
+        with MiniLM's neighbourhood structure, not thousands of near-copies of one paragraph
+        (which no index can rank among, exact ties aside)."""
+        if n <= len(self.base):
+            return self.base[:n].copy()
+        out = np.empty((n, DIM), dtype=np.float32)
+        out[: len(self.base)] = self.base
+        for start in range(len(self.base), n, 100_000):
+            m = min(100_000, n - start)
+            a = self.base[self.rng.integers(0, len(self.base), m)]
+            b = self.base[self.rng.integers(0, len(self.base), m)]
+            w = self.rng.uniform(0.5, 1.0, (m, 1)).astype(np.float32)
+            noise = self.rng.standard_normal((m, DIM)).astype(np.float32) * (0.15 / np.sqrt(DIM))
+            v = w * a + (1 - w) * b + noise
+            out[start : start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return out
 
     def texts(self, n: int, offset: int = 0) -> list[str]:
         picks = self.rng.integers(0, len(self.words), (n, 12))
@@ -102,6 +118,7 @@ def load_baseline(ref: str) -> Any:
     ).stdout
     spec = importlib.util.spec_from_loader("hybrid_serve_baseline_store", loader=None)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     exec(compile(source, f"{ref}:retrieval/store.py", "exec"), module.__dict__)
     return module
 
@@ -149,7 +166,18 @@ def bench_writes(args: argparse.Namespace, syn: Synthetic, progress: Progress) -
     return rows
 
 
-def search_worker(root: str, kind: str, truth: str, out: str) -> None:
+SEARCH_ARMS = {
+    "flat": ANNSpec(kind="flat"),
+    **{
+        f"ivf_pq (nprobe {nprobe}, refine {refine})": ANNSpec(
+            kind="ivf_pq", ivf_nlist=1024, ivf_nprobe=nprobe, refine_factor=refine
+        )
+        for nprobe, refine in ((16, 4), (16, 16), (32, 16), (16, 32), (64, 32))
+    },
+}
+
+
+def search_worker(root: str, arm: str, truth: str, out: str) -> None:
     """In a fresh process (for its memory): load, search, measure."""
     folder = Path(truth).parent
     questions = json.loads((folder / "questions.json").read_text())
@@ -159,7 +187,7 @@ def search_worker(root: str, kind: str, truth: str, out: str) -> None:
     def embed(texts: Any) -> np.ndarray:
         return np.vstack([lookup[t] for t in texts]).astype(np.float32)
 
-    spec = ANNSpec(kind=kind, ivf_nlist=1024, ivf_nprobe=16)
+    spec = SEARCH_ARMS[arm]
     loaded0 = time.perf_counter()
     store = IndexStore(root, embed, DIM, ann_spec=spec)
     store.refresh()
@@ -180,7 +208,7 @@ def search_worker(root: str, kind: str, truth: str, out: str) -> None:
     Path(out).write_text(
         json.dumps(
             {
-                "index": kind,
+                "index": arm,
                 "chunks": seg.rows,
                 "load_s": round(load_s, 2),
                 "search_ms_p50": round(percentile(latencies, 50), 2),
@@ -216,12 +244,12 @@ def bench_search(args: argparse.Namespace, syn: Synthetic, progress: Progress) -
     np.save(root / "questions.npy", syn.query_vectors)
     (root / "questions.json").write_text(json.dumps(syn.questions))
     rows = []
-    for kind in ("flat", "ivf_pq"):
-        progress.say(f"{kind}: searching in a fresh process")
-        out = root / f"{kind}.json"
+    for i, arm in enumerate(SEARCH_ARMS):
+        progress.say(f"{arm}: searching in a fresh process")
+        out = root / f"arm-{i}.json"
         subprocess.run(
             [sys.executable, "-m", "hybrid_serve.benchmarks.index_scale", "--search-worker",
-             str(root / "index"), kind, str(truth), str(out)],
+             str(root / "index"), arm, str(truth), str(out)],
             check=True,
         )  # fmt: skip
         rows.append({**json.loads(out.read_text()), "build_s": round(build_s, 1)})
@@ -276,8 +304,76 @@ def bench_ingest(args: argparse.Namespace, progress: Progress) -> list[dict]:
     return rows
 
 
-def report(out: Path, writes: list, search: list, ingest_rows: list, ref: str) -> None:
+def bench_recall(args: argparse.Namespace, progress: Progress) -> list[dict]:
+    """SQuAD retrieval recall: the snapshot store vs segments (one, and one per 50 paragraphs)."""
+    from hybrid_serve.benchmarks.metrics import recall_at_k
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.retrieval.embedder import Embedder
+
+    rc = HybridServeConfig().retriever
+    docs, questions = load_squad(Path(args.squad))
+    embedder = Embedder()
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts: Any) -> np.ndarray:
+        missing = [t for t in texts if t not in cache]
+        if missing:
+            cache.update(zip(missing, embedder.encode(missing)))
+        return np.vstack([cache[t] for t in texts])
+
+    new = [NewDocument(id=d["id"], title=d["title"], text=d["text"]) for d in docs]
+    baseline = load_baseline(args.baseline_ref)
+    work = Path(tempfile.mkdtemp(prefix="scale-recall-", dir=args.work))
+    kw = {"chunk_words": rc.chunk_words, "chunk_overlap_words": rc.chunk_overlap_words}
+    stores = {
+        f"snapshots ({args.baseline_ref})": baseline.IndexStore(work / "a", embed, DIM, **kw),
+        "segments: one": IndexStore(work / "b", embed, DIM, **kw),
+        "segments: one per 50 paragraphs": IndexStore(work / "c", embed, DIM, merge_factor=1000,
+                                                      **kw),
+    }  # fmt: skip
+    rows = []
+    for name, store in stores.items():
+        progress.say(f"{name}: indexing {len(docs)} paragraphs")
+        step = 50 if "per 50" in name else len(new)
+        for start in range(0, len(new), step):
+            store.upsert(new[start : start + step])
+        ranked = []
+        for i, q in enumerate(questions):
+            hits = store.search(q["question"], 10, rc.candidates, rc.rrf_k, rc.dense_weight,
+                                rc.bm25_weight)  # fmt: skip
+            ranked.append([h.doc_id for h in hits])
+            progress.step(i + 1, len(questions), name)
+        row = {"store": name, "questions": len(questions)}
+        for k in (1, 5, 10):
+            row[f"recall_at_{k}"] = round(
+                float(
+                    np.mean([recall_at_k(r, {q["doc_id"]}, k) for r, q in zip(ranked, questions)])
+                ),
+                4,
+            )
+        if hasattr(store, "view"):
+            row["segments"] = len(store.view.segments)
+        rows.append(row)
+        progress.say(f"{row}")
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def report(
+    out: Path, writes: list, search: list, ingest_rows: list, recall: list, ref: str
+) -> None:
     md = ["# The index at corpus scale", ""]
+    if recall:
+        md += [
+            f"## SQuAD retrieval recall ({recall[0]['questions']} questions, hybrid search as "
+            "served)", "",
+            "| store | recall@1 | recall@5 | recall@10 |",
+            "|---|---|---|---|",
+        ] + [
+            f"| {r['store']}" + (f" ({r['segments']} segments)" if "segments" in r else "")
+            + f" | {r['recall_at_1']:.4f} | {r['recall_at_5']:.4f} | {r['recall_at_10']:.4f} |"
+            for r in recall
+        ] + [""]  # fmt: skip
     if writes:
         md += [
             f"## Adding 100 chunks (one upsert) — before: whole snapshots (`{ref}`), after: "
@@ -302,7 +398,7 @@ def report(out: Path, writes: list, search: list, ingest_rows: list, ref: str) -
         md += [
             f"## Search at {search[0]['chunks']:,} chunks (one segment, 300 SQuAD questions)", "",
             "| dense index | hybrid search p50 ms | p99 ms | dense recall@10 vs exact | "
-            "RSS after load MB (anon / file) | RSS after queries MB | load s |",
+            "RSS after load MB (anon / file) | RSS after queries MB (anon / file) | load s |",
             "|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for r in search:
@@ -310,7 +406,8 @@ def report(out: Path, writes: list, search: list, ingest_rows: list, ref: str) -
             md.append(
                 f"| {r['index']} | {r['search_ms_p50']} | {r['search_ms_p99']} | "
                 f"{r['dense_recall_at_10_vs_exact']:.3f} | {a['VmRSS']} ({a['RssAnon']} / "
-                f"{a['RssFile']}) | {q['VmRSS']} | {r['load_s']} |"
+                f"{a['RssFile']}) | {q['VmRSS']} ({q['RssAnon']} / {q['RssFile']}) | "
+                f"{r['load_s']} |"
             )
         md.append("")
     if ingest_rows:
@@ -351,8 +448,20 @@ def report(out: Path, writes: list, search: list, ingest_rows: list, ref: str) -
             ax.set_title("Ingestion rate")
 
         plots["ingest.png"] = plot_ingest
-    publish(out, {"writes": writes, "search": search, "ingest": ingest_rows}, "\n".join(md),
-            plots)  # fmt: skip
+    if recall:
+
+        def plot_recall(ax: Any) -> None:
+            names = [r["store"].split(" (")[0] for r in recall]
+            for k in (1, 5, 10):
+                values = [r[f"recall_at_{k}"] for r in recall]
+                ax.plot(names, values, "o-", label=f"recall@{k}")
+            ax.set_ylabel("recall")
+            ax.set_title("SQuAD retrieval recall by store")
+            ax.legend()
+
+        plots["recall.png"] = plot_recall
+    data = {"writes": writes, "search": search, "ingest": ingest_rows, "recall": recall}
+    publish(out, data, "\n".join(md), plots)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--writes", action="store_true", help="small-write cost by index size")
     ap.add_argument("--search", action="store_true", help="search at --search-size chunks")
     ap.add_argument("--ingest", action="store_true", help="one process vs Ray Data pipeline")
+    ap.add_argument("--recall", action="store_true", help="SQuAD retrieval recall, before/after")
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--search-size", type=int, default=1_000_000)
     ap.add_argument("--ingest-docs", type=int, default=913)
@@ -373,15 +483,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder (default: the system's)")
     ap.add_argument("--out", default="bench-out/index_scale")
     args = ap.parse_args(argv)
-    if not (args.writes or args.search or args.ingest):
-        args.writes = args.search = args.ingest = True
+    if not (args.writes or args.search or args.ingest or args.recall):
+        args.writes = args.search = args.ingest = args.recall = True
     progress = Progress("index_scale")
     syn = Synthetic(Path(args.squad)) if args.writes or args.search else None
     writes = bench_writes(args, syn, progress) if args.writes else []
     search = bench_search(args, syn, progress) if args.search else []
     ingest_rows = bench_ingest(args, progress) if args.ingest else []
+    recall = bench_recall(args, progress) if args.recall else []
     progress.done()
-    report(Path(args.out), writes, search, ingest_rows, args.baseline_ref)
+    report(Path(args.out), writes, search, ingest_rows, recall, args.baseline_ref)
     return 0
 
 

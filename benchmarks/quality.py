@@ -55,7 +55,8 @@ from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publi
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = (0.1, 0.2, 0.3)
-# Each acknowledged write is a new index snapshot: few large batches ingest fastest.
+# Each acknowledged write is a new index segment, durable before it is acknowledged: few large
+# batches ingest fastest.
 BATCH_DOCS = 512
 BATCH_BYTES = 1_000_000
 

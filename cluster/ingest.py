@@ -346,7 +346,8 @@ def _pipeline(
             fn_constructor_args=(rc.embedding_model, rc.embed_batch_size, rc.device, int(cpus)),
             batch_size=max(rc.embed_batch_size * 8, 256),
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n),
+            # A fixed pool: Ray Data's autoscaling did not grow a (1, n) pool on short inputs.
+            compute=ray.data.ActorPoolStrategy(size=n),
             num_cpus=cpus,
             num_gpus=gpus,
         )

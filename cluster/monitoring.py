@@ -299,11 +299,12 @@ def render_dashboard() -> dict[str, Any]:
             40,
         ),
         _panel(
-            "Index: documents, chunks, version",
+            "Index: documents, chunks, version, segments",
             [
                 (f"max({_m('hybrid_serve_index_documents')})", "documents"),
                 (f"max({_m('hybrid_serve_index_chunks')})", "chunks"),
                 (f"max({_m('hybrid_serve_index_version')})", "version"),
+                (f"max({_m('hybrid_serve_index_segments')})", "segments"),
             ],
             0,
             48,

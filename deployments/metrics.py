@@ -181,9 +181,14 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         unit="usd",
     ),
     # Retriever.
-    MetricSpec("hybrid_serve_index_documents", "gauge", "Documents in the index snapshot served."),
-    MetricSpec("hybrid_serve_index_chunks", "gauge", "Chunks in the index snapshot served."),
-    MetricSpec("hybrid_serve_index_version", "gauge", "Version of the index snapshot served."),
+    MetricSpec("hybrid_serve_index_documents", "gauge", "Documents in the index version served."),
+    MetricSpec("hybrid_serve_index_chunks", "gauge", "Chunks in the index version served."),
+    MetricSpec("hybrid_serve_index_version", "gauge", "Version of the index served."),
+    MetricSpec(
+        "hybrid_serve_index_segments",
+        "gauge",
+        "Segments of the index version served (compaction keeps them few).",
+    ),
     MetricSpec(
         "hybrid_serve_retrieval_latency_ms",
         "histogram",

@@ -104,11 +104,12 @@ class RetrieverDeployment:
             raise IndexNotReady(f"index is {self.state}")
 
     def _index_gauges(self) -> dict[str, Any]:
-        """Sets the index gauges from the snapshot served (no I/O: safe from the gauge thread)."""
+        """Sets the index gauges from the version served (no I/O: safe from the gauge thread)."""
         stats = self.store.stats()
         metrics.set("hybrid_serve_index_documents", stats["documents"])
         metrics.set("hybrid_serve_index_chunks", stats["chunks"])
         metrics.set("hybrid_serve_index_version", stats["version"])
+        metrics.set("hybrid_serve_index_segments", stats["segments"])
         return stats
 
     async def search(

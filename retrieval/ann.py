@@ -42,7 +42,7 @@ class ANNSpec:
     hnsw_ef_search: int = 128
     pq_m: int | None = None  # None: dim / 8 sub-quantisers (48 bytes a MiniLM vector)
     pq_bits: int = 8
-    refine_factor: int = 4
+    refine_factor: int = 32
     min_rows: int = 10_000
     gpu: bool = False
 
@@ -97,7 +97,7 @@ def ivf_lists(n: int, requested: int | None) -> int:
 
 
 def build(vectors: np.ndarray, spec: ANNSpec) -> Any:
-    """A CPU index over `vectors` (rows in the snapshot's order) as the spec asks."""
+    """A CPU index over `vectors` (rows in the segment's order) as the spec asks."""
     import faiss
 
     n, dim = vectors.shape

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import sqlite3
 import threading
@@ -211,6 +212,10 @@ class Segment:
         self.rows = int(self.meta["chunks"])
         self.dim = int(self.meta["dim"])
         self.vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+        if hasattr(self.vectors, "_mmap") and self.vectors._mmap is not None:
+            # Re-ranking reads a few scattered rows: without this the kernel's read-ahead pulls
+            # the whole file into memory over a few hundred queries.
+            self.vectors._mmap.madvise(mmap.MADV_RANDOM)
         if self.vectors.shape != (self.rows, self.dim):
             raise RuntimeError(f"{folder}: {self.vectors.shape} vectors for {self.rows} chunks")
         loaded = np.load(folder / "postings.npz")

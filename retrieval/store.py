@@ -190,7 +190,7 @@ class IndexStore:
         self._opened: dict[str, Segment] = {}
         self._current_stamp: tuple[int, int] | None = None
         self._thread_lock = threading.Lock()
-        self._in_writer = False
+        self._local = threading.local()  # .writing: this thread holds the writer lock
 
     @classmethod
     def from_config(cls, root: str | Path, rc: RetrieverConfig, embedder: Embedder) -> IndexStore:
@@ -239,7 +239,7 @@ class IndexStore:
             if name is None:
                 return False
             if _is_legacy(name):
-                if self._in_writer:
+                if getattr(self._local, "writing", False):
                     self._convert_legacy(name)
                 else:
                     with self._writer():
@@ -406,12 +406,12 @@ class IndexStore:
         """Exclusive across threads, processes and replicas sharing the folder."""
         with self._thread_lock, open(self.root / "LOCK", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._in_writer = True
+            self._local.writing = True
             try:
                 self.refresh()
                 yield
             finally:
-                self._in_writer = False
+                self._local.writing = False
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def chunk(self, doc: NewDocument) -> list[str]:
@@ -567,7 +567,7 @@ class IndexStore:
         crashed writers left (unlocked temporary folders, manifests never made CURRENT)."""
         manifests = self.root / "manifests"
         kept: set[str] = set()
-        for entry in manifests.iterdir():
+        for entry in list(manifests.iterdir()):
             if entry.name.startswith(".tmp-"):
                 entry.unlink(missing_ok=True)
                 continue
@@ -579,15 +579,17 @@ class IndexStore:
             else:
                 entry.unlink(missing_ok=True)
         segments = self.root / "segments"
-        for entry in segments.iterdir():
-            if entry.name.startswith(".tmp-") and entry.suffix != ".lock":
-                with open(segments / f"{entry.name}.lock", "a+") as lock:
+        for entry in list(segments.iterdir()):
+            if entry.name.startswith(".tmp-"):
+                folder = segments / entry.name.removesuffix(".lock")
+                lock_path = segments / f"{folder.name}.lock"
+                with open(lock_path, "a+") as lock:
                     try:
                         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         continue  # being written by a live compaction
-                    shutil.rmtree(entry, ignore_errors=True)
-                    (segments / f"{entry.name}.lock").unlink(missing_ok=True)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    lock_path.unlink(missing_ok=True)
             elif entry.is_dir() and not entry.name.startswith(".") and entry.name not in kept:
                 shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.glob(".CURRENT.*"):
@@ -645,7 +647,9 @@ class IndexStore:
                     run_names = [s.name for s in run]
                     at = names.index(run_names[0]) if run_names[0] in names else -1
                     if at < 0 or names[at : at + len(run)] != run_names:
+                        # Another process merged these meanwhile: ours is dropped unpublished.
                         shutil.rmtree(tmp, ignore_errors=True)
+                        tmp.with_name(f"{tmp.name}.lock").unlink(missing_ok=True)
                         return False
                     merged = self._install(tmp)
                     version = self._publish([*names[:at], merged, *names[at + len(run) :]])

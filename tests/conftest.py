@@ -78,6 +78,12 @@ class App:
 
 
 @pytest.fixture(scope="session")
+def vllm_models(tmp_path_factory) -> Path:
+    """Converted models shared by the modules that start vLLM (tests/support/vllm.py)."""
+    return tmp_path_factory.mktemp("vllm-models")
+
+
+@pytest.fixture(scope="session")
 def claude_server() -> Iterator[MessagesAPIServer]:
     server = MessagesAPIServer().start()
     yield server

@@ -23,7 +23,7 @@ import pytest
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import Up
-from tests.support.vllm import MODEL, require_vllm_or_skip
+from tests.support.vllm import MODEL, require_vllm_or_skip, shared_models
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
@@ -38,8 +38,9 @@ class VLLMCluster:
 
 
 @pytest.fixture(scope="module")
-def vllm(tmp_path_factory):
+def vllm(tmp_path_factory, vllm_models):
     data = tmp_path_factory.mktemp("vllm") / "data"
+    shared_models(data, vllm_models)
     metrics_port = free_port()
     with OTLPReceiver() as otlp:
         env = {
@@ -60,7 +61,7 @@ def vllm(tmp_path_factory):
             assert up.stop() == 0
 
 
-def test_start_converts_the_bundled_model_once_and_warms_up(vllm):
+def test_start_serves_the_converted_bundled_model_and_warms_up(vllm):
     model_dir = vllm.data_dir / "models" / f"{MODEL}-hf"
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     slm = wait_ready(vllm.url)["components"]["slm"]

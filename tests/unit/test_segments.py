@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.segment import Postings, bm25_tokenize
 from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
@@ -31,17 +30,6 @@ QUERIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
-
-
-def make(root, embedder, **kw):
-    return IndexStore(
-        root, embedder.encode, embedder.dim, "minilm", chunk_words=40, chunk_overlap_words=10, **kw
-    )
-
-
 def docs(prefix=""):
     return [NewDocument(id=f"{prefix}{t}", title=t, text=x) for t, x in TOPICS]
 
@@ -52,8 +40,8 @@ def ranking(store, query):
     ]
 
 
-def test_a_write_is_one_segment_of_its_batch(tmp_path, embedder):
-    store = make(tmp_path, embedder, merge_factor=100)
+def test_a_write_is_one_segment_of_its_batch(tmp_path, make, embedder):
+    store = make(tmp_path, merge_factor=100)
     store.upsert(docs())
     calls = []
 
@@ -69,10 +57,10 @@ def test_a_write_is_one_segment_of_its_batch(tmp_path, embedder):
     assert view.segments[0].name in (tmp_path / "manifests" / "m00000002.json").read_text()
 
 
-def test_fan_out_ranks_as_one_index_would(tmp_path, embedder):
-    one = make(tmp_path / "one", embedder)
+def test_fan_out_ranks_as_one_index_would(tmp_path, make):
+    one = make(tmp_path / "one")
     one.upsert(docs())
-    many = make(tmp_path / "many", embedder, merge_factor=100)
+    many = make(tmp_path / "many", merge_factor=100)
     for d in docs():
         many.upsert([d])
     assert len(many.view.segments) == len(TOPICS) and len(one.view.segments) == 1
@@ -80,7 +68,7 @@ def test_fan_out_ranks_as_one_index_would(tmp_path, embedder):
         assert ranking(many, q) == ranking(one, q), q
 
 
-def test_bm25_scores_equal_bm25s_on_one_segment(embedder):
+def test_bm25_scores_equal_bm25s_on_one_segment():
     import bm25s
 
     texts = [f"{t}\n{x}" for t, x in TOPICS]
@@ -97,8 +85,8 @@ def test_bm25_scores_equal_bm25s_on_one_segment(embedder):
         assert np.allclose(ours.score(terms, avgdl), expected, atol=1e-5), q
 
 
-def test_tombstones_hide_replaced_and_deleted_copies(tmp_path, embedder):
-    store = make(tmp_path, embedder, merge_factor=100)
+def test_tombstones_hide_replaced_and_deleted_copies(tmp_path, make):
+    store = make(tmp_path, merge_factor=100)
     store.upsert(docs())
     store.upsert([NewDocument(id="Paris", title="Paris", text="Paris hosts the Louvre museum.")])
     store.delete(["Python"])
@@ -113,8 +101,8 @@ def test_tombstones_hide_replaced_and_deleted_copies(tmp_path, embedder):
     assert store.get("Python").text == "Python is a snake."
 
 
-def test_compaction_merges_and_keeps_every_answer(tmp_path, embedder):
-    store = make(tmp_path, embedder, merge_factor=4)
+def test_compaction_merges_and_keeps_every_answer(tmp_path, make, embedder):
+    store = make(tmp_path, merge_factor=4)
     for d in docs():
         store.upsert([d])
     store.delete(["Tokyo"])
@@ -140,11 +128,11 @@ def test_compaction_merges_and_keeps_every_answer(tmp_path, embedder):
     assert set(segments) == kept  # merged-away segments are collected past keep_snapshots
 
 
-def test_a_write_during_compaction_keeps_its_precedence(tmp_path, embedder):
-    store = make(tmp_path, embedder, merge_factor=100)
+def test_a_write_during_compaction_keeps_its_precedence(tmp_path, make):
+    store = make(tmp_path, merge_factor=100)
     for d in docs():
         store.upsert([d])
-    other = make(tmp_path, embedder)  # another replica, writing while the merge is built
+    other = make(tmp_path)  # another replica, writing while the merge is built
     original = IndexStore._write_merged
 
     def write_then_race(self, *args):
@@ -207,3 +195,21 @@ def test_snapshot_format_1_is_converted_without_reembedding(tmp_path, embedder):
     assert hit.doc_id == "Nile" and hit.tags == ["kb"]
     assert not (tmp_path / "snapshots").exists()
     assert (tmp_path / "CURRENT").read_text().strip() == "m00000004"
+
+
+def test_embedding_device_auto_cpu_and_cuda_without_a_gpu():
+    import torch
+
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.retrieval.embedder import resolve_device
+
+    assert HybridServeConfig().retriever.device == "auto"
+    assert resolve_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert resolve_device("auto") == resolve_device("cuda") == "cuda"
+    else:
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError):
+        HybridServeConfig.model_validate({"retriever": {"device": "tpu"}})

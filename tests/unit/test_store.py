@@ -4,20 +4,7 @@ import json
 
 import pytest
 
-from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.store import IndexStore, NewDocument
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder()
-
-
-def make(root, embedder, **kw):
-    return IndexStore(
-        root, embedder.encode, embedder.dim, "minilm", chunk_words=40, chunk_overlap_words=10, **kw
-    )
-
 
 DOCS = [
     NewDocument(id="paris", title="Paris", text="Paris is the capital and largest city of France."),
@@ -26,8 +13,8 @@ DOCS = [
 ]
 
 
-def test_search_finds_the_right_document(tmp_path, embedder):
-    store = make(tmp_path, embedder)
+def test_search_finds_the_right_document(tmp_path, make):
+    store = make(tmp_path)
     version, ids = store.upsert(DOCS)
     assert version == 1 and ids == ["paris", "nile", "python"]
     hits = store.search("Which river flows north through Africa?", top_k=2)
@@ -37,8 +24,8 @@ def test_search_finds_the_right_document(tmp_path, embedder):
     assert store.search("Guido", top_k=1)[0].doc_id == "python"
 
 
-def test_restart_loads_without_reembedding(tmp_path, embedder):
-    make(tmp_path, embedder).upsert(DOCS)
+def test_restart_loads_without_reembedding(tmp_path, make, embedder):
+    make(tmp_path).upsert(DOCS)
     calls = []
 
     def counting(texts):
@@ -53,8 +40,8 @@ def test_restart_loads_without_reembedding(tmp_path, embedder):
     assert calls == [1]  # only the query was embedded: the index came from disk
 
 
-def test_upsert_replaces_and_unchanged_is_a_noop(tmp_path, embedder):
-    store = make(tmp_path, embedder)
+def test_upsert_replaces_and_unchanged_is_a_noop(tmp_path, make):
+    store = make(tmp_path)
     store.upsert(DOCS)
     v_same, _ = store.upsert([DOCS[0]])
     assert v_same == 1  # identical content: no new version
@@ -65,8 +52,8 @@ def test_upsert_replaces_and_unchanged_is_a_noop(tmp_path, embedder):
     assert all("capital" not in h.text for h in hits if h.doc_id == "paris")
 
 
-def test_delete_removes_from_dense_and_bm25(tmp_path, embedder):
-    store = make(tmp_path, embedder)
+def test_delete_removes_from_dense_and_bm25(tmp_path, make):
+    store = make(tmp_path)
     store.upsert(DOCS)
     version, deleted = store.delete(["python", "missing"])
     assert deleted == ["python"] and version == 2
@@ -77,16 +64,16 @@ def test_delete_removes_from_dense_and_bm25(tmp_path, embedder):
     assert store.stats()["documents"] == 2 and store.get("python") is None
 
 
-def test_content_ids_make_retries_idempotent(tmp_path, embedder):
-    store = make(tmp_path, embedder)
+def test_content_ids_make_retries_idempotent(tmp_path, make):
+    store = make(tmp_path)
     doc = NewDocument(title="T", text="Some text about owls.")
     _, first = store.upsert([doc])
     version, second = store.upsert([doc])
     assert first == second and version == 1
 
 
-def test_other_replica_sees_new_version(tmp_path, embedder):
-    a, b = make(tmp_path, embedder), make(tmp_path, embedder)
+def test_other_replica_sees_new_version(tmp_path, make):
+    a, b = make(tmp_path), make(tmp_path)
     a.upsert(DOCS[:1])
     b.refresh()
     b.upsert(DOCS[1:])  # b writes on top of a's version, not over it
@@ -94,15 +81,15 @@ def test_other_replica_sees_new_version(tmp_path, embedder):
     assert a.version == b.version == 2 and a.stats()["documents"] == 3
 
 
-def test_crash_leftovers_are_ignored(tmp_path, embedder):
-    store = make(tmp_path, embedder, keep_snapshots=1)
+def test_crash_leftovers_are_ignored(tmp_path, make):
+    store = make(tmp_path, keep_snapshots=1)
     store.upsert(DOCS[:1])
     # a writer died half-way: a temporary segment, an orphan segment and a manifest never made
     # CURRENT
     (tmp_path / "segments" / ".tmp-dead").mkdir()
     (tmp_path / "segments" / "seg-orphan").mkdir()
     (tmp_path / "manifests" / "m00000009.json").write_text('{"segments": ["seg-orphan"]}')
-    again = make(tmp_path, embedder, keep_snapshots=1)
+    again = make(tmp_path, keep_snapshots=1)
     again.refresh()
     assert again.version == 1
     again.upsert(DOCS[1:2])
@@ -115,11 +102,11 @@ def test_crash_leftovers_are_ignored(tmp_path, embedder):
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, embedder, kind, caplog):
+def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, make, kind, caplog):
     from hybrid_serve.retrieval.ann import ANNSpec
 
     spec = ANNSpec(kind=kind, ivf_nlist=2, ivf_nprobe=2, min_rows=0)
-    store = make(tmp_path, embedder, ann_spec=spec)
+    store = make(tmp_path, ann_spec=spec)
     store.upsert(DOCS)
     assert store.stats()["index_type"] == kind
     assert store.view.segments[0].index_kind == kind
@@ -127,12 +114,12 @@ def test_approximate_index_is_saved_and_reloaded_not_rebuilt(tmp_path, embedder,
     folder = store.view.segments[0].folder
     assert (folder / f"ann-{kind}.faiss").is_file()
     caplog.set_level("INFO", logger="hybrid_serve.retrieval")
-    again = make(tmp_path, embedder, ann_spec=spec)
+    again = make(tmp_path, ann_spec=spec)
     again.refresh()
     assert not any("building" in r.message for r in caplog.records)
     assert again.search("capital of France", top_k=1)[0].doc_id == "paris"
     # Other build parameters: rebuilt in memory from the flat record, same answers.
-    other = make(tmp_path, embedder, ann_spec=ANNSpec(kind=kind, ivf_nlist=1, hnsw_m=8, min_rows=0))
+    other = make(tmp_path, ann_spec=ANNSpec(kind=kind, ivf_nlist=1, hnsw_m=8, min_rows=0))
     other.refresh()
     assert any("building" in r.message for r in caplog.records)
     assert other.search("Guido programming", top_k=1)[0].doc_id == "python"
