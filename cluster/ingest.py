@@ -39,6 +39,7 @@ from hybrid_serve.retrieval.segment import ChunkRecord, DocRecord, doc_tags
 from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
 SHARD_DOCS = 20_000
+STAGE_CPUS = 0.25  # what a read or chunk task asks for: light next to embedding
 
 
 @dataclass
@@ -254,18 +255,17 @@ class SegmentWriter:
 
 
 def embed_workers(requested: int | None, gpus: float) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each): one actor a GPU where the cluster has GPUs, else one a
-    free CPU; on a cluster whose CPUs the replicas hold, one actor on what is left."""
+    """(actors, CPUs each, GPUs each): one actor a GPU where the cluster has GPUs, else one a CPU,
+    leaving half a CPU for the read and chunk tasks (a quarter each): a pool holding every CPU
+    starves its own input and the job hangs (seen on 2 cores). `requested` is capped alike."""
     import ray
 
-    if gpus >= 1:
-        return requested or int(gpus), 1.0, 1.0
     free = ray.available_resources().get("CPU", 0.0)
-    if requested:
-        return requested, 1.0, 0.0
-    if free >= 1:
-        return int(free), 1.0, 0.0
-    return 1, free, 0.0
+    fits = max(1, int(free - 2 * STAGE_CPUS))
+    cpus = 1.0 if free >= 1 + 2 * STAGE_CPUS else max(free - 2 * STAGE_CPUS, 0.0)
+    if gpus >= 1:
+        return min(requested or int(gpus), int(gpus), fits), cpus, 1.0
+    return min(requested or fits, fits), cpus, 0.0
 
 
 def run(
@@ -333,13 +333,13 @@ def _pipeline(
     # `auto` is resolved by each actor: Ray shows it only the GPU it was given.
     result.workers, result.device = n, ("GPU" if gpus else "CPU")
     ds = (
-        ray.data.read_parquet(str(folder))
+        ray.data.read_parquet(str(folder), num_cpus=STAGE_CPUS)
         .map_batches(
             chunk_docs,
             fn_args=(rc.chunk_words, rc.chunk_overlap_words),
             batch_size=256,
             batch_format="numpy",
-            num_cpus=0.25,
+            num_cpus=STAGE_CPUS,
         )
         .map_batches(
             EmbedChunks,
