@@ -35,7 +35,7 @@ from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.retrieval.chunking import chunk_text
 from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.records import BadRecord, FieldNames, read_records
-from hybrid_serve.retrieval.segment import ChunkRecord, DocRecord, doc_tags
+from hybrid_serve.retrieval.segment import ChunkRecord, DocRecord, document_records
 from hybrid_serve.retrieval.store import IndexStore, NewDocument
 
 SHARD_DOCS = 20_000
@@ -224,20 +224,14 @@ class SegmentWriter:
 
     def _complete(self, doc_id: str, entry: dict[str, Any]) -> None:
         n = entry["count"]
-        tags = doc_tags(entry["metadata"])
-        chunks = [
-            ChunkRecord(f"{doc_id}#{i}", doc_id, entry["title"], entry["pieces"][i], tags)
-            for i in range(n)
-        ]
-        self.docs.append(
-            DocRecord(
-                doc_id,
-                entry["title"],
-                entry["text"],
-                entry["metadata"],
-                [c.chunk_id for c in chunks],
-            )
+        record, chunks = document_records(
+            doc_id,
+            entry["title"],
+            entry["text"],
+            entry["metadata"],
+            [entry["pieces"][i] for i in range(n)],
         )
+        self.docs.append(record)
         self.chunks.extend(chunks)
         self.vectors.append(np.stack([entry["vectors"][i] for i in range(n)]))
 

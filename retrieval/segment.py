@@ -187,6 +187,16 @@ class Postings:
         return scores
 
 
+def document_records(
+    doc_id: str, title: str, text: str, metadata: dict[str, Any], pieces: Sequence[str]
+) -> tuple[DocRecord, list[ChunkRecord]]:
+    """A document's record and its chunks' (ids `<doc>#<i>`, the document's tags on each): one
+    builder for the server's writes and the bulk pipeline."""
+    tags = doc_tags(metadata)
+    chunks = [ChunkRecord(f"{doc_id}#{i}", doc_id, title, t, tags) for i, t in enumerate(pieces)]
+    return DocRecord(doc_id, title, text, metadata, [c.chunk_id for c in chunks]), chunks
+
+
 def doc_tags(metadata: dict[str, Any]) -> list[str]:
     raw = metadata.get("tags")
     if isinstance(raw, str):

@@ -58,6 +58,7 @@ from hybrid_serve.retrieval.segment import (
     bm25_tokenize,
     contains,
     doc_tags,
+    document_records,
     fsync_file,
     id_hashes,
     write_segment,
@@ -285,35 +286,35 @@ class IndexStore:
         self._opened = {s.name: s for s in segments}
         return IndexView(int(manifest["version"]), segments)
 
-    def get(self, doc_id: str) -> DocRecord | None:
+    def _live(
+        self, doc_ids: Sequence[str], lookup: Callable[[Segment, list[str]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """`lookup` answers for each live id from the newest segment holding it; an id stops at
+        the first newer segment that deletes it. Hash hits are confirmed by `lookup` itself."""
         view = self._view
-        if view is None:
-            return None
-        h = id_hashes([doc_id])
-        for seg in reversed(view.segments):
-            if contains(seg.doc_hashes, h)[0]:
-                doc = seg.doc(doc_id)
-                if doc is not None:
-                    return doc
-            if contains(seg.delete_hashes, h)[0]:
-                return None
-        return None
-
-    def digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
-        """The content digest of each live document among `doc_ids` (absent ones left out)."""
-        view = self._view
-        out: dict[str, str] = {}
+        out: dict[str, Any] = {}
         pending = list(dict.fromkeys(doc_ids))
         for seg in reversed(view.segments if view else []):
             if not pending:
                 break
             hashes = id_hashes(pending)
             present = contains(seg.doc_hashes, hashes)
-            found = seg.digests([d for d, p in zip(pending, present) if p]) if present.any() else {}
+            found = lookup(seg, [d for d, p in zip(pending, present) if p]) if present.any() else {}
             out.update(found)
             deleted = contains(seg.delete_hashes, hashes)
             pending = [d for d, x in zip(pending, deleted) if d not in found and not x]
         return out
+
+    def get(self, doc_id: str) -> DocRecord | None:
+        def lookup(seg: Segment, ids: list[str]) -> dict[str, DocRecord]:
+            doc = seg.doc(ids[0])
+            return {doc.id: doc} if doc else {}
+
+        return self._live([doc_id], lookup).get(doc_id)
+
+    def digests(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """The content digest of each live document among `doc_ids` (absent ones left out)."""
+        return self._live(doc_ids, lambda seg, ids: seg.digests(ids))
 
     def stats(self) -> dict[str, Any]:
         view = self._view
@@ -424,19 +425,10 @@ class IndexStore:
         prepared: dict[str, tuple[DocRecord, list[ChunkRecord]]] = {}
         for doc in documents:
             doc_id = doc.resolved_id()
-            record = DocRecord(
-                id=doc_id, title=doc.title, text=doc.text, metadata=dict(doc.metadata)
-            )
-            tags = doc_tags(record.metadata)
-            chunks = [
-                ChunkRecord(
-                    chunk_id=f"{doc_id}#{i}", doc_id=doc_id, title=doc.title, text=t, tags=tags
-                )
-                for i, t in enumerate(self.chunk(doc))
-            ]
-            record.chunk_ids = [c.chunk_id for c in chunks]
             prepared.pop(doc_id, None)
-            prepared[doc_id] = (record, chunks)
+            prepared[doc_id] = document_records(
+                doc_id, doc.title, doc.text, dict(doc.metadata), self.chunk(doc)
+            )
         return list(prepared.values())
 
     def unchanged(self, records: Sequence[DocRecord]) -> set[str]:
