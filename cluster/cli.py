@@ -97,7 +97,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if fitted:
                     console.print(f"  [yellow]{escape(fitted)}[/]")
             status.update("deploying…")
-            url = local.deploy(cfg, on_status=lambda line: status.update(escape(line)))
+            url = local.deploy(
+                cfg,
+                on_status=lambda line: status.update(escape(line)),
+                on_note=lambda line: console.print(f"  {escape(line)}"),
+            )
         console.print(
             f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
         )

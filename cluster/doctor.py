@@ -259,7 +259,8 @@ def check_engine(cfg: HybridServeConfig, timeout_s: float = ENGINE_TIMEOUT_S) ->
         "engine",
         "ok",
         f"{cfg.slm.engine} ({result['model']}): {result['completion_tokens']} tokens generated "
-        f"in {result['seconds']:.2f} s ({took:.1f} s with loading)",
+        f"in {result['seconds']:.2f} s ({took:.1f} s with loading)"
+        + (f"; KV cache {result['kv_cache']}" if result.get("kv_cache") else ""),
         required=True,
         data=result,
     )
@@ -281,7 +282,7 @@ def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
     from hybrid_serve.engines.base import WARMUP_REQUEST
     from hybrid_serve.engines.hardware import nvidia_gpus
     from hybrid_serve.engines.vllm_model import model_source, require_vllm
-    from hybrid_serve.engines.vllm_options import llm_config_kwargs, vllm_device
+    from hybrid_serve.engines.vllm_options import kv_cache_note, llm_config_kwargs, vllm_device
 
     require_vllm()
     device = vllm_device(cfg.slm.vllm, float(len(nvidia_gpus())))
@@ -305,6 +306,7 @@ def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
         "completion_tokens": tokens,
         "model": cfg.slm.model_name,
         "device": device,
+        **({"kv_cache": note} if (note := kv_cache_note(kwargs)) else {}),
     }
 
 

@@ -208,8 +208,13 @@ def gpus_required(cfg: HybridServeConfig) -> float:
     )
 
 
-def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = None) -> str:
-    """Deploy and wait for /readyz; returns the URL. `on_status` gets a one-line progress."""
+def deploy(
+    cfg: HybridServeConfig,
+    on_status: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> str:
+    """Deploy and wait for /readyz; returns the URL. `on_status` gets a one-line progress,
+    `on_note` what building the application chose or did (a model converted, a KV-cache size)."""
     from ray import serve
 
     from hybrid_serve.deployments.app import build
@@ -218,11 +223,11 @@ def deploy(cfg: HybridServeConfig, on_status: Callable[[str], None] | None = Non
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     apps = {cfg.app_name: "/"}
     try:
-        built = {cfg.app_name: build(cfg, progress=on_status)}
+        built = {cfg.app_name: build(cfg, progress=on_note or on_status)}
         if cfg.claude.deploy.enabled:
             from hybrid_serve.deployments.llm_tier import build_llm_tier
 
-            built[cfg.llm_app_name] = build_llm_tier(cfg, progress=on_status)
+            built[cfg.llm_app_name] = build_llm_tier(cfg, progress=on_note or on_status)
             apps[cfg.llm_app_name] = cfg.claude.deploy.route_prefix
     except ModelPreparationError as exc:
         raise StartupError(str(exc)) from None

@@ -27,6 +27,7 @@ from hybrid_serve.engines.vllm_model import model_source, require_vllm
 from hybrid_serve.engines.vllm_options import (
     TIER_KEY_ENV_ENV,
     TIER_WARMUP_TIMEOUT_ENV,
+    kv_cache_note,
     tier_llm_config_kwargs,
     vllm_device,
 )
@@ -62,6 +63,9 @@ def build_llm_tier(
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
     source = model_source(tier.model_source, cfg.claude.model, cfg.data_dir, progress)
     kwargs = tier_llm_config_kwargs(cfg, vllm_device(tier, cluster_gpus), source)
+    note = kv_cache_note(kwargs)
+    if note and progress:
+        progress(f"LLM tier on vLLM's CPU build: KV cache {note}")
     return build_llm_deployment(
         LLMConfig(**kwargs), name_prefix="LLM:", deployment_cls=serve.ingress()(LLMTierServer)
     )

@@ -85,7 +85,7 @@ class SLMEndpoints:
     async def status(self) -> dict[str, Any]:
         return {
             "ready": True,
-            "engine": type(self.slm_engine).__name__,
+            "engine": self.engine_kind,  # as configured: llama_cpp, openai, vllm, or a class
             "placement": placement(),
             "model": self.slm_engine.model_name,
             "warmup": self.warmup,

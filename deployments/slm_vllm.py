@@ -26,7 +26,13 @@ from hybrid_serve.deployments.slm import SLMEndpoints
 from hybrid_serve.engines.base import warm_up
 from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
 from hybrid_serve.engines.vllm_model import model_source
-from hybrid_serve.engines.vllm_options import WARMUP_TIMEOUT_ENV, llm_config_kwargs, vllm_device
+from hybrid_serve.engines.vllm_options import (
+    KV_CACHE_NOTE_ENV,
+    WARMUP_TIMEOUT_ENV,
+    kv_cache_note,
+    llm_config_kwargs,
+    vllm_device,
+)
 from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
@@ -55,7 +61,9 @@ class LLMServerEngine:
         raise TypeError("built by HybridLLMServer around its own LLMServer")
 
     def info(self) -> dict[str, Any]:
-        return {"contexts": self.max_num_seqs, "in_flight": self.in_flight}
+        info = {"contexts": self.max_num_seqs, "in_flight": self.in_flight}
+        note = os.environ.get(KV_CACHE_NOTE_ENV)
+        return {**info, "kv_cache": note} if note else info
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         start = time.perf_counter()
@@ -135,6 +143,9 @@ def build_vllm_slm(
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
     source = model_source(cfg.slm.vllm.model_source, cfg.slm.model_name, cfg.data_dir, progress)
     kwargs = llm_config_kwargs(cfg, vllm_device(cfg.slm.vllm, cluster_gpus), source)
+    note = kv_cache_note(kwargs)
+    if note and progress:
+        progress(f"SLM on vLLM's CPU build: KV cache {note}")
     return build_llm_deployment(
         LLMConfig(**kwargs), name_prefix="SLM:", deployment_cls=HybridLLMServer
     )

@@ -3,6 +3,10 @@ it is checked without vLLM installed."""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from hybrid_serve.config import HybridServeConfig, VLLMEngineConfig
@@ -12,6 +16,8 @@ Device = Literal["cuda", "cpu"]
 # The config keys' own variables, read by the replicas of LLMServer (which gets no config).
 WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_SLM__WARMUP_TIMEOUT_S"
 TIER_WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_CLAUDE__DEPLOY__WARMUP_TIMEOUT_S"
+# Not a config key: how the KV cache was sized, for the replica's status.
+KV_CACHE_NOTE_ENV = "HYBRID_SERVE_KV_CACHE_NOTE"
 
 
 def vllm_device(v: VLLMEngineConfig, cluster_gpus: float | None = None) -> Device:
@@ -22,15 +28,105 @@ def vllm_device(v: VLLMEngineConfig, cluster_gpus: float | None = None) -> Devic
     return "cuda" if cluster_gpus is None or cluster_gpus > 0 else "cpu"
 
 
-def device_engine_kwargs(v: VLLMEngineConfig, device: Device) -> dict[str, Any]:
-    """What differs between vLLM on GPUs and its CPU build. On CPUs, memory utilization is a
-    share of the node's RAM (vLLM's default of 0.92 leaves nothing for the rest of the cluster),
-    and the model runs eagerly: torch.compile cost minutes at each start on 2 cores and, with
-    bfloat16 on an AVX2-only CPU, produced wrong tokens where eager mode answered correctly."""
+# On CPUs the KV cache may take at most this share of the memory free when the application is
+# built: the rest of the node (Ray, the retriever, other replicas) needs the remainder.
+CPU_KV_SHARE_OF_FREE = 0.25
+# vLLM's CPU attention pages the KV cache in blocks of up to 128 tokens; one spare block a
+# sequence keeps a full-length one from falling a page short.
+KV_BLOCK_TOKENS = 128
+GiB = 1 << 30
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype: str | None = None) -> int | None:
+    """K and V of every layer for one token, from the model's config.json (None when the
+    directory has none, e.g. a Hugging Face repo id not downloaded yet). Two bytes a value
+    (vLLM's bfloat16 on CPUs) unless the engine is told float32."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    try:
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    except (KeyError, TypeError, ValueError):
+        return None
+    width = 4 if dtype in ("float32", "float") else 2
+    return 2 * layers * kv_heads * head_dim * width
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """The CPU KV cache a replica reserves, and how it was chosen (start-up and doctor say)."""
+
+    bytes: int
+    sequences: int  # full-length sequences it holds at once
+    reason: str
+
+
+def cpu_kv_cache(
+    v: VLLMEngineConfig, model_dir: str | Path, free_bytes: int | None = None
+) -> KVCachePlan | None:
+    """An absolute KV-cache size for vLLM on CPUs. vLLM's own default is a share of the node's
+    memory less what the worker process holds when it measures, so the same configuration
+    starts on an idle machine and fails on one where other processes (an earlier test, another
+    replica) hold memory. This sizes it from the model instead: `max_num_seqs` sequences of
+    `max_model_len` tokens, capped at `CPU_KV_SHARE_OF_FREE` of the free memory but never below
+    one full-length sequence; `kv_cache_gib` overrides. None when the model's shape is unknown
+    (vLLM's share then applies)."""
+    if v.kv_cache_gib is not None:
+        size = int(v.kv_cache_gib * GiB)
+        return KVCachePlan(size, 0, f"{v.kv_cache_gib:g} GiB as configured (kv_cache_gib)")
+    per_token = kv_bytes_per_token(model_dir, v.engine_kwargs.get("dtype"))
+    if per_token is None:
+        return None
+    per_seq = per_token * (math.ceil(v.max_model_len / KV_BLOCK_TOKENS) + 1) * KV_BLOCK_TOKENS
+    if free_bytes is None:
+        import psutil
+
+        free_bytes = psutil.virtual_memory().available
+    fit = int(free_bytes * CPU_KV_SHARE_OF_FREE) // per_seq
+    sequences = max(1, min(v.max_num_seqs, fit))
+    size = sequences * per_seq
+    why = (
+        f"{size / GiB:.2f} GiB: {sequences} sequence(s) of {v.max_model_len} tokens at "
+        f"{per_token / 1024:.1f} KiB a token"
+    )
+    if sequences < v.max_num_seqs:
+        why += (
+            f" (max_num_seqs {v.max_num_seqs} would need {v.max_num_seqs * per_seq / GiB:.2f} "
+            f"GiB; {CPU_KV_SHARE_OF_FREE:.0%} of the {free_bytes / GiB:.1f} GiB free is the cap)"
+        )
+    return KVCachePlan(size, sequences, why)
+
+
+def device_engine_kwargs(
+    v: VLLMEngineConfig, device: Device, model_dir: str | Path | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """What differs between vLLM on GPUs and its CPU build. On CPUs the KV cache has an
+    absolute size (`cpu_kv_cache`), and the model runs eagerly: torch.compile cost minutes at
+    each start on 2 cores and, with bfloat16 on an AVX2-only CPU, produced wrong tokens where
+    eager mode answered correctly. Returns the engine arguments and, on CPUs, what the KV cache
+    was sized to and why."""
     share = v.gpu_memory_utilization
     if device == "cuda":
-        return {"gpu_memory_utilization": share or 0.90}
-    return {"gpu_memory_utilization": share or 0.20, "enforce_eager": True}
+        return {"gpu_memory_utilization": share or 0.90}, None
+    plan = cpu_kv_cache(v, model_dir) if model_dir is not None else None
+    if plan is None:
+        share = share or 0.20
+        note = f"{share:.0%} of the node's memory less the worker's own (model shape unknown)"
+        return {"gpu_memory_utilization": share, "enforce_eager": True}, note
+    out: dict[str, Any] = {"kv_cache_memory_bytes": plan.bytes, "enforce_eager": True}
+    if share is not None:
+        out["gpu_memory_utilization"] = share
+    return out, plan.reason
+
+
+def kv_cache_note(llm_config: dict[str, Any]) -> str | None:
+    """What the KV cache of a replica built from these LLMConfig arguments was sized to (CPUs)."""
+    return llm_config["runtime_env"]["env_vars"].get(KV_CACHE_NOTE_ENV)
 
 
 def _llm_config(
@@ -44,13 +140,16 @@ def _llm_config(
     resources: dict[str, float] | None = None,
     frontend: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    device_kwargs, kv_note = device_engine_kwargs(v, device, model_source)
+    if kv_note:  # the replica reports it in its status
+        env = {**env, KV_CACHE_NOTE_ENV: kv_note}
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": model_id, "model_source": model_source},
         "engine_kwargs": {
             "tensor_parallel_size": v.tensor_parallel_size,
             "max_model_len": v.max_model_len,
             "max_num_seqs": v.max_num_seqs,
-            **device_engine_kwargs(v, device),
+            **device_kwargs,
             **(frontend or {}),
             **v.engine_kwargs,
         },

@@ -83,8 +83,15 @@ class VLLMEngineConfig(_Section):
         None,
         gt=0,
         le=1,
-        description="vLLM's share of the device memory: of the GPU's (unset: 0.90), or on CPUs "
-        "of the node's memory, for weights and KV cache (unset: 0.20).",
+        description="vLLM's share of the GPU's memory for weights and KV cache (unset: 0.90). "
+        "On CPUs the KV cache has an absolute size instead (kv_cache_gib).",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs: the KV cache in GiB. Unset: max_num_seqs sequences of max_model_len "
+        "tokens from the model's shape, at most a quarter of the memory free at start and at "
+        "least one sequence (start-up and `doctor` print what was chosen).",
     )
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once per replica.")
     accelerator_type: str | None = Field(None, description="e.g. A10G, L4, H100; unset: any.")

@@ -66,7 +66,6 @@ def tier(tmp_path_factory, vllm_models):
             "HYBRID_SERVE_CLAUDE__MAX_RETRIES": "0",
             "HYBRID_SERVE_CLAUDE__DEPLOY__MAX_MODEL_LEN": "4096",
             "HYBRID_SERVE_CLAUDE__DEPLOY__MAX_NUM_SEQS": "4",
-            "HYBRID_SERVE_CLAUDE__DEPLOY__GPU_MEMORY_UTILIZATION": "0.08",
             "HYBRID_SERVE_CLAUDE__DEPLOY__NUM_CPUS": "0.5",
             "HYBRID_SERVE_CACHE__ENABLED": "false",
             "OTEL_TRACES_EXPORTER": "otlp",

@@ -65,7 +65,8 @@ def test_start_serves_the_converted_bundled_model_and_warms_up(vllm):
     model_dir = vllm.data_dir / "models" / f"{MODEL}-hf"
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     slm = wait_ready(vllm.url)["components"]["slm"]
-    assert slm["engine"] == "LLMServerEngine" and slm["model"] == MODEL
+    assert slm["engine"] == "vllm" and slm["model"] == MODEL
+    assert "sequence(s) of 4096 tokens" in slm["kv_cache"]  # sized from the model, not the mood
     assert slm["warmup"]["passed"] and slm["warmup"]["completion_tokens"] > 0
     assert slm["placement"]["gpu_ids"] == []  # CPU bundles: this machine has no GPU
 
@@ -175,7 +176,7 @@ from hybrid_serve.engines.llama_cpp import LlamaCppEngine
 from hybrid_serve.schemas import GenerationRequest
 messages = [{{"role": "user", "content": "What is the capital of France?"}}]
 if __name__ == "__main__":
-    llm = LLM(model={str(model_dir)!r}, max_model_len=2048, gpu_memory_utilization=0.15,
+    llm = LLM(model={str(model_dir)!r}, max_model_len=2048, kv_cache_memory_bytes=1 << 28,
               enforce_eager=True)
     out = llm.chat(messages, SamplingParams(max_tokens=12, temperature=0, logprobs=0),
                    use_tqdm=False)[0].outputs[0]
