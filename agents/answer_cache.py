@@ -54,6 +54,7 @@ class Entry:
     index_version: int
     expires: float
     saved_usd: float
+    owner: str = ""  # who asked (an API key's label): only they see its wording on a hit
 
 
 @dataclass
@@ -98,8 +99,9 @@ class AnswerCache:
 
     def lookup(
         self, key: str, text: str, vector: np.ndarray, index_version: int
-    ) -> tuple[dict[str, Any], float, str] | None:
-        """The cached answer, its similarity, and the question it was made for; or None."""
+    ) -> tuple[dict[str, Any], float, str, str] | None:
+        """The cached answer, its similarity, the question it was made for and who asked it;
+        or None."""
         self._invalidate(index_version)
         now = self.clock()
         group = self._by_key.get(key, {})
@@ -126,7 +128,7 @@ class AnswerCache:
         self._lru.move_to_end(ids[best])
         self.stats.hits += 1
         self.stats.saved_usd += entry.saved_usd
-        return entry.answer, float(sims[best]), entry.question
+        return entry.answer, float(sims[best]), entry.question, entry.owner
 
     def store(
         self,
@@ -136,6 +138,7 @@ class AnswerCache:
         answer: dict[str, Any],
         index_version: int,
         saved_usd: float,
+        owner: str = "",
     ) -> bool:
         """False when the answer is already stale (the index moved on while it was made)."""
         self._invalidate(index_version)
@@ -151,6 +154,7 @@ class AnswerCache:
             index_version=index_version,
             expires=self.clock() + self.ttl_s,
             saved_usd=saved_usd,
+            owner=owner,
         )
         self._lru[entry_id] = key
         self.stats.stores += 1

@@ -90,6 +90,7 @@ def _citation(number: int, passage: Passage, claim: str) -> Citation:
     return Citation(
         number=number,
         doc_id=passage.doc_id,
+        collection=passage.collection,
         title=passage.title,
         snippet=_snippet(passage, claim),
         score=round(float(passage.score), 6),
@@ -139,10 +140,10 @@ def finalize_sources(
             if not 1 <= n <= len(passages):
                 continue
             passage = passages[n - 1]
-            if passage.chunk_id not in number_of_chunk:
-                number_of_chunk[passage.chunk_id] = len(cited) + 1
+            if passage.key not in number_of_chunk:
+                number_of_chunk[passage.key] = len(cited) + 1
                 cited.append((passage, claim))
-            k = number_of_chunk[passage.chunk_id]
+            k = number_of_chunk[passage.key]
             if k not in new:
                 new.append(k)
         return "".join(f"[{k}]" for k in new)

@@ -38,6 +38,7 @@ from hybrid_serve.agents.limits import (
 )
 from hybrid_serve.agents.pii import Redactor
 from hybrid_serve.agents.planner import Plan, SearchQuery, bounded
+from hybrid_serve.agents.policy import KEPT_LOCAL, PrivacyGate
 from hybrid_serve.config import ClaudeConfig, PolicyConfig
 from hybrid_serve.schemas import Passage, PIIHandling, StrictModel
 
@@ -136,6 +137,9 @@ class ClaudeCall:
     deadline: float | None = None
     # The chat before `query` (for `condense`).
     history: Sequence[dict[str, str]] = ()
+    # The request is sensitive as far as the caller knows (the gateway's PrivacyGate checks the
+    # content again, and refuses a hosted tier either way).
+    sensitive: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,7 @@ class ClaudeGateway:
     ) -> None:
         self.cfg = cfg
         self.policy = policy
+        self.gate = PrivacyGate(policy, cfg.on_premises)
         self.guard = AttemptGuard(cfg.max_concurrency, cfg.max_retry_after_s)
         self.client = (
             client.with_middleware(self.guard).with_options(
@@ -366,12 +371,17 @@ class ClaudeGateway:
             "reserved_usd": round(self.ledger.reserved, 8),
             "retries": self.retries,
             "recovered_tool_calls": self.recovered_tool_calls,
+            "kept_local": self.gate.refused,
             "totals": self.ledger.totals.__dict__,
         }
 
     # -- the roles ---------------------------------------------------------------------------
 
     async def call(self, role: Role, request: ClaudeCall) -> ClaudeResult:
+        """One role's call. Every call to the tier comes through here, past the privacy gate."""
+        why = self.gate.check(request)
+        if why is not None:
+            raise ClaudeUnavailable(KEPT_LOCAL, f"kept inside the cluster: {why}")
         spec = ROLES[role]
         max_tokens = spec.max_tokens or min(self.cfg.max_tokens, 1024)
         return await self._call(

@@ -45,6 +45,7 @@ from hybrid_serve.agents.confidence import Confidence, query_shape, score_answer
 from hybrid_serve.agents.followup import is_follow_up, parse_condensed, with_previous
 from hybrid_serve.agents.merge import PartialAnswer, merge
 from hybrid_serve.agents.planner import Plan, SubtaskPlan, local_plan, validate_plan
+from hybrid_serve.agents.policy import KEPT_LOCAL, Sensitivity, history_in_use
 from hybrid_serve.agents.shadow import Verdict, now
 from hybrid_serve.agents.subagent import run_plan
 from hybrid_serve.config import HybridServeConfig
@@ -53,6 +54,7 @@ from hybrid_serve.schemas import (
     AnswerRequest,
     AnswerResponse,
     Citation,
+    Collections,
     Deadline,
     Escalation,
     GenerationRequest,
@@ -65,7 +67,8 @@ from hybrid_serve.schemas import (
     Verification,
 )
 
-Retrieve = Callable[[str, int], Awaitable[list[Passage]]]
+# (query, top_k, the collections the caller may read: None for all) -> ranked passages
+Retrieve = Callable[[str, int, Collections], Awaitable[list[Passage]]]
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 # Text deltas, then the GenerationResult (an SLM deployment's `generate_stream`).
 GenerateStream = Callable[[GenerationRequest], AsyncIterator[str | GenerationResult]]
@@ -125,6 +128,7 @@ class RequestContext:
     cut: list[str] = field(default_factory=list)
     searched_query: str | None = None
     condensed_by: str | None = None
+    collections: Collections = None  # what the caller's key may read (None: every collection)
 
     @property
     def deadline(self) -> float | None:
@@ -168,11 +172,14 @@ class RequestContext:
 
     def claude_failed(self, step: str, exc: ClaudeUnavailable) -> None:
         """A Claude step that gave nothing: cut short when the deadline stopped it (whether the
-        lead's timer or the proxy noticed first), degraded with its reason otherwise."""
+        lead's timer or the proxy noticed first), kept local when the privacy gate refused it,
+        degraded with its reason otherwise."""
         if exc.reason == "deadline":
             self.cut_short(step)
-        else:
-            self.degrade(exc.reason)
+            return
+        if exc.reason == KEPT_LOCAL:
+            self.keep_local()
+        self.degrade(exc.reason)
 
     def keep_local(self) -> None:
         """A sensitive request: nothing about it leaves the cluster. An on-premises LLM tier is
@@ -188,7 +195,7 @@ class RequestContext:
 
     @property
     def no_claude_reason(self) -> str:
-        return "sensitive_local_only" if self.local_only else "claude_unavailable"
+        return KEPT_LOCAL if self.local_only else "claude_unavailable"
 
     def call(
         self, query: str, passages: Sequence[Passage], answer: str = "", notes: str = ""
@@ -201,6 +208,7 @@ class RequestContext:
             answer=answer,
             notes=notes,
             deadline=self.deadline,
+            sensitive=self.sensitive,
         )
 
     def count_slm(self, gen: GenerationResult) -> None:
@@ -246,7 +254,7 @@ class Lead:
         self.on_verdict = on_verdict
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._random = random.Random()
-        self._sensitive = [re.compile(p, re.IGNORECASE) for p in config.policies.sensitive_patterns]
+        self.sensitivity = Sensitivity(config.policies)
         # What an SLM answer takes here, end to end (a moving average): the time a step that
         # may fall back to the SLM leaves for it before the deadline.
         self.slm_answer_s = SLM_ANSWER_S_PRIOR
@@ -256,14 +264,6 @@ class Lead:
         return 1.5 * self.slm_answer_s
 
     # -- policy ----------------------------------------------------------------------------
-
-    def is_sensitive(self, req: AnswerRequest, passages: Sequence[Passage]) -> bool:
-        if req.sensitive:
-            return True
-        if any(p.search(req.query) for p in self._sensitive):
-            return True
-        tags = set(self.cfg.policies.sensitive_tags)
-        return any(tags.intersection(p.tags) for p in passages)
 
     def wants_verification(self, req: AnswerRequest, attempt: Attempt) -> bool:
         policy = req.verify or self.cfg.escalation.verify
@@ -282,8 +282,9 @@ class Lead:
         history: Sequence[dict[str, str]],
         emit: Emit | None,
         timeout_s: float | None,
+        collections: Collections = None,
     ) -> RequestContext:
-        return RequestContext(
+        ctx = RequestContext(
             timeout_s=timeout_s,
             req=req,
             trace_id=trace_id,
@@ -295,7 +296,20 @@ class Lead:
             emit=emit,
             degraded=[claude_down] if claude_down else [],
             on_premises=self.cfg.claude.on_premises,
+            collections=collections,
         )
+        if self.sensitivity.request(req):
+            ctx.keep_local()
+        return ctx
+
+    async def _search(self, ctx: RequestContext, query: str, top_k: int) -> list[Passage]:
+        """Every retrieval a request makes goes through here: within the collections its key
+        may read, and a passage of a sensitive document makes the request sensitive from then
+        on."""
+        passages = await self.retrieve(query, top_k, ctx.collections)
+        if self.sensitivity.passages(passages):
+            ctx.keep_local()
+        return passages
 
     # -- the request -----------------------------------------------------------------------
 
@@ -308,20 +322,22 @@ class Lead:
         history: Sequence[dict[str, str]] = (),
         emit: Emit | None = None,
         timeout_s: float | None = None,
+        collections: Collections = None,
     ) -> AnswerResponse:
         """`claude_down`: a reason Claude is known to be unusable (e.g. no API key).
         `sampling`: GenerationRequest fields a client set (max_tokens, temperature, ...).
         `history`: earlier chat turns, context for the SLM's prompt.
         `emit`: progress events for a streaming client.
         `timeout_s`: the deadline: later steps are cut short to answer by then; DeadlineExceeded
-        when not even a first answer is ready."""
-        ctx = self._context(req, trace_id, claude_down, sampling, history, emit, timeout_s)
+        when not even a first answer is ready.
+        `collections`: what the caller may read (None: every collection)."""
+        ctx = self._context(
+            req, trace_id, claude_down, sampling, history, emit, timeout_s, collections
+        )
         attributes = {"hybrid.mode": req.mode, "hybrid.top_k": req.top_k}
         with tracing.span("Lead.answer", attributes=attributes):
             req = await self._standalone(ctx)
-            passages = await ctx.within("retrieve", self.retrieve(req.query, req.top_k))
-            if self.is_sensitive(req, passages):
-                ctx.keep_local()
+            passages = await ctx.within("retrieve", self._search(ctx, req.query, req.top_k))
             tracing.annotate({"hybrid.sensitive": ctx.sensitive})
             attempt = await self._route(ctx, passages)
             await _emit_text(ctx.emit, attempt.text)
@@ -341,16 +357,17 @@ class Lead:
         history: Sequence[dict[str, str]] = (),
         emit: Emit | None = None,
         timeout_s: float | None = None,
+        collections: Collections = None,
     ) -> tuple[AnswerResponse, Literal["stop", "length"]]:
         """The small model alone (the `slm` chat model): no escalation, no verification, the
         model's own generation settings. With `emit`, tokens go out as the SLM writes them, so the
         model's citation numbers are kept rather than renumbered. Returns the finish reason too."""
-        ctx = self._context(req, trace_id, None, sampling, history, emit, timeout_s)
+        ctx = self._context(req, trace_id, None, sampling, history, emit, timeout_s, collections)
         with tracing.span("Lead.answer", attributes={"hybrid.mode": "slm", "hybrid.chat": True}):
             if retrieval:
                 req = await self._standalone(ctx)
             passages = (
-                await ctx.within("retrieve", self.retrieve(req.query, req.top_k))
+                await ctx.within("retrieve", self._search(ctx, req.query, req.top_k))
                 if retrieval
                 else []
             )
@@ -368,11 +385,16 @@ class Lead:
             tracing.annotate(answer_attributes(response))
             return response, attempt.finish_reason
 
-    async def followup_query(self, question: str, history: Sequence[dict[str, str]]) -> str | None:
+    async def followup_query(
+        self,
+        question: str,
+        history: Sequence[dict[str, str]],
+        collections: Collections = None,
+    ) -> str | None:
         """What retrieval would search for `question` asked after `history`; None when it is not
         a follow-up (for measuring the rewrite on its own)."""
         ctx = self._context(
-            AnswerRequest(query=question), "followup", None, None, history, None, None
+            AnswerRequest(query=question), "followup", None, None, history, None, None, collections
         )
         await self._standalone(ctx)
         return ctx.searched_query
@@ -381,6 +403,8 @@ class Lead:
         """A follow-up question made self-contained (conversation.follow_ups) and used from
         here on, by retrieval and by every prompt; the request itself when it is not one. The
         SLM writes the rewrite, so nothing of the conversation leaves the cluster for it."""
+        if ctx.history:
+            await self._check_history(ctx)
         how = self.cfg.conversation.follow_ups
         if how == "off" or not is_follow_up(ctx.history):
             return ctx.req
@@ -412,20 +436,47 @@ class Lead:
         tracing.annotate({"hybrid.follow_up": True, "hybrid.condensed_by": ctx.condensed_by})
         return ctx.req
 
+    async def _check_history(self, ctx: RequestContext) -> None:
+        """A chat is sensitive when its earlier turns are. The API is stateless, so this is
+        decided from what the server can check: a pattern in any turn, a sensitive passage in
+        what an earlier question the prompts carry retrieves (as it did when it was asked), or an
+        earlier answer they carry that restates one. Asked only while the request could still
+        reach a hosted tier; a check the deadline cuts keeps the request local."""
+        if ctx.claude is None or ctx.local_only or ctx.on_premises:
+            return
+        if self.sensitivity.text(*(m.get("content", "") for m in ctx.history)):
+            ctx.keep_local()
+            return
+        top_k = ctx.req.top_k
+
+        async def earlier(turn: dict[str, str]) -> None:
+            if turn["role"] == "user":
+                await self._search(ctx, turn["content"], top_k)
+                return
+            hits = await self.retrieve(turn["content"], top_k, ctx.collections)
+            if self.sensitivity.written_from(turn["content"], hits):
+                ctx.keep_local()
+
+        turns = history_in_use(ctx.history, prompts.HISTORY_TURNS)
+        try:
+            await ctx.within("follow_up", asyncio.gather(*(earlier(t) for t in turns)))
+        except DeadlineExceeded:
+            ctx.cut_short("follow_up")
+            ctx.keep_local()
+
     async def _condense_by_claude(self, ctx: RequestContext) -> str | None:
-        """Claude's rewrite, when the request may use Claude: not sensitive by its flag or by a
-        pattern anywhere in the conversation. None when it may not, or the call fails."""
+        """Claude's rewrite, when the request may use Claude (not sensitive, the conversation
+        included). None when it may not, or the call fails."""
         if ctx.claude is None:
-            return None
-        texts = [ctx.req.query, *(m["content"] for m in ctx.history)]
-        if not ctx.on_premises and any(
-            self.is_sensitive(ctx.req.model_copy(update={"query": t}), []) for t in texts
-        ):
             return None
         call = replace(ctx.call(ctx.req.query, []), history=ctx.history)
         try:
             result = await ctx.within("condense", ctx.claude.call("condense", call))
-        except (ClaudeUnavailable, DeadlineExceeded):
+        except ClaudeUnavailable as exc:
+            if exc.reason == KEPT_LOCAL:
+                ctx.claude_failed("condense", exc)
+            return None
+        except DeadlineExceeded:
             return None
         ctx.count_claude(result)
         ctx.condensed_by = "claude"
@@ -437,8 +488,6 @@ class Lead:
         if req.mode == "decompose" or (req.mode == "auto" and query_shape(req.query).complex):
             attempt = await self._decompose(ctx, passages)
             if attempt is not None:
-                if self.is_sensitive(req, attempt.passages):
-                    ctx.keep_local()  # a sub-agent found sensitive evidence
                 return attempt
         if req.mode == "claude":
             ctx.escalation = Escalation(escalated=True, reasons=["mode_claude"])
@@ -667,7 +716,7 @@ class Lead:
         ctx.count_claude(result)
         plan: RewritePlan = result.output
         queries = [plan.rewritten_query, *plan.search_queries[:3]]
-        passages = await self._retrieve_many(queries, ctx.req.top_k)
+        passages = await self._retrieve_many(ctx, queries, ctx.req.top_k)
         messages = prompts.answer_messages(plan.rewritten_query, passages, ctx.history)
         second = await self._slm_attempt(
             ctx, query, passages, messages=messages, route="slm+rewrite"
@@ -675,18 +724,24 @@ class Lead:
         tried.append(second)
         if second.confidence.score >= self.cfg.escalation.threshold:
             return second
+        if ctx.local_only:  # the rewrite's search found sensitive documents
+            ctx.escalation.reasons.append("sensitive_kept_local")
+            ctx.degrade(KEPT_LOCAL)
+            return max(first, second, key=lambda a: a.confidence.score)
         try:
             return await self._claude_attempt(ctx, claude, query, passages)
         except ClaudeUnavailable as exc:
             ctx.claude_failed("claude", exc)
             return max(first, second, key=lambda a: a.confidence.score)
 
-    async def _retrieve_many(self, queries: Sequence[str], top_k: int) -> list[Passage]:
+    async def _retrieve_many(
+        self, ctx: RequestContext, queries: Sequence[str], top_k: int
+    ) -> list[Passage]:
         """Every query's hits fused by reciprocal rank, de-duplicated by chunk."""
         unique = list(dict.fromkeys(q.strip() for q in queries if q.strip()))
-        lists = await asyncio.gather(*(self.retrieve(q, top_k) for q in unique))
-        by_id = {p.chunk_id: p for hits in lists for p in hits}
-        fused = reciprocal_rank_fusion([[p.chunk_id for p in hits] for hits in lists])
+        lists = await asyncio.gather(*(self._search(ctx, q, top_k) for q in unique))
+        by_id = {p.key: p for hits in lists for p in hits}
+        fused = reciprocal_rank_fusion([[p.key for p in hits] for hits in lists])
         return [by_id[cid] for cid, _ in fused[:top_k]]
 
     # -- decomposition -----------------------------------------------------------------------
@@ -759,7 +814,7 @@ class Lead:
         with tracing.span("Lead.subtask", attributes=attributes):
             try:
                 found = await ctx.within(
-                    "subtasks", self._retrieve_many([*queries, question], ctx.req.top_k)
+                    "subtasks", self._retrieve_many(ctx, [*queries, question], ctx.req.top_k)
                 )
                 a = await ctx.within("subtasks", self._slm_attempt(ctx, question, found))
             except DeadlineExceeded:
@@ -872,7 +927,9 @@ class Lead:
         self, claude: ClaudeRoles, ctx: RequestContext, attempt: Attempt
     ) -> None:
         request_id = f"{ctx.trace_id}:shadow"
-        call = ClaudeCall(request_id, ctx.req.query, attempt.passages, ctx.pii, answer=attempt.text)
+        call = replace(
+            ctx.call(ctx.req.query, attempt.passages, answer=attempt.text), request_id=request_id
+        )
         try:
             with tracing.span("Lead.shadow_verify"):
                 result = await claude.call("verify", call)
@@ -914,11 +971,11 @@ def _merged(parts: Sequence[PartialAnswer], top_k: int) -> Attempt:
     if not ok and failures:
         raise failures[0]  # nothing answered and something broke: the caller's error
     text, citations, sources = merge(parts)
-    seen = {p.chunk_id for p in sources}
+    seen = {p.key for p in sources}
     evidence = list(sources)
     for p in (p for part in ok for p in part.passages):
-        if p.chunk_id not in seen and len(evidence) < len(sources) + top_k:
-            seen.add(p.chunk_id)
+        if p.key not in seen and len(evidence) < len(sources) + top_k:
+            seen.add(p.key)
             evidence.append(p)
     answered = len(ok) / len(parts)
     confidence = Confidence(

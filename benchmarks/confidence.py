@@ -128,7 +128,7 @@ def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progr
     store = squad_index(docs, progress)
     engine = LlamaCppEngine(bundled_gguf(), n_threads=threads)
 
-    async def retrieve(query: str, top_k: int):
+    async def retrieve(query: str, top_k: int, collections=None):
         return store.search(query, top_k)
 
     lead = Lead(retrieve, engine.generate, cfg)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store = squad_index(docs, progress)
     engine = LlamaCppEngine(bundled_gguf(), n_threads=args.threads)
 
-    async def retrieve(query: str, top_k: int):
+    async def retrieve(query: str, top_k: int, collections=None):
         return store.search(query, top_k)
 
     rows: list[dict[str, Any]] = [dict(c) for c in convs]

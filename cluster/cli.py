@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hybrid_serve import __version__
 from hybrid_serve.config import PROFILES, HybridServeConfig
+from hybrid_serve.schemas import DEFAULT_COLLECTION
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -86,6 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     console.print(f"hybrid-serve {__version__} — data in {cfg.data_dir}")
     target: local.RayTarget | None = None
     try:
+        if not joining and (note := local.ensure_tier_key(cfg)):
+            console.print(f"  {note}")
         with console.status("starting Ray…") as status:
             target = local.init_ray(
                 cfg, args.metrics_port, address=args.address, new_cluster=args.new_cluster
@@ -109,8 +113,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if cfg.claude.deploy.enabled:
             console.print(
                 f"  LLM tier: {cfg.claude.model} on vLLM, Messages API at "
-                f"{url}{cfg.claude.deploy.route_prefix}/v1/messages"
-                + ("" if os.environ.get(cfg.claude.api_key_env) else " (no key: open)")
+                f"{url}{cfg.claude.deploy.route_prefix}/v1/messages (behind its key, "
+                f"${cfg.claude.api_key_env})"
             )
         if args.metrics_port and not target.joined:
             console.print(
@@ -143,11 +147,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from hybrid_serve.cluster.local import client_headers
+
     url = (args.url or default_url()).rstrip("/")
     try:
         r = httpx.post(
             f"{url}/v1/answer",
             json={"query": args.question, "top_k": args.top_k, "mode": args.mode},
+            headers=client_headers(args.api_key),
             timeout=300,
         )
     except httpx.HTTPError as exc:
@@ -307,21 +314,46 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # -- index add -----------------------------------------------------------------------------------
 
 
+# Pseudo-filesystems: their "files" are the kernel's state (a process's environment, secrets
+# included), never documents.
+PSEUDO_FS = ("/proc", "/sys", "/dev")
+
+
+def _not_a_document(path: Path, root: Path | None) -> str | None:
+    """Why `path` must not be read: it leads out of the folder it was found in (a symlink), or
+    it is not a regular file (a FIFO would block, a device never ends)."""
+    try:
+        real = path.resolve(strict=True)
+        mode = real.stat().st_mode
+    except (OSError, RuntimeError) as exc:  # dangling or looping link, no permission
+        return f"cannot be read: {exc.strerror if isinstance(exc, OSError) else exc}"
+    if root is not None and not real.is_relative_to(root):
+        return f"a symbolic link out of {root}; not followed"
+    if any(real.is_relative_to(p) for p in PSEUDO_FS) or not stat.S_ISREG(mode):
+        return "not a regular file; skipped"
+    return None
+
+
 def _files(paths: Sequence[str]) -> Iterator[tuple[Path, str | None]]:
-    """(file, problem) for every candidate; folders recursively, hidden entries skipped."""
+    """(file, problem) for every candidate; folders recursively, hidden entries skipped, links
+    followed only within the folder given."""
     from hybrid_serve.retrieval.records import is_record_file
 
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p).parts
-                if f.is_file() and not any(x.startswith(".") for x in rel):
+            root = p.resolve()
+            for top, dirs, names in os.walk(p, followlinks=False):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    f = Path(top) / name
                     suffix = f.suffix.lower()
-                    if suffix in TEXT_SUFFIXES or suffix == ".pdf" or is_record_file(f):
-                        yield f, None
-        elif p.is_file():
-            yield p, None
+                    wanted = suffix in TEXT_SUFFIXES or suffix == ".pdf" or is_record_file(f)
+                    if name.startswith(".") or not wanted:
+                        continue
+                    yield f, _not_a_document(f, root)
+        elif p.exists() or p.is_symlink():
+            yield p, _not_a_document(p, None)
         else:
             yield p, "no such file or folder"
 
@@ -359,6 +391,11 @@ def read_document(path: Path) -> dict[str, Any]:
     }
 
 
+def with_collection(doc: dict[str, Any], collection: str | None) -> dict[str, Any]:
+    """The document for `collection` (unset: the server puts it in the key's first one)."""
+    return {**doc, "collection": collection} if collection else doc
+
+
 def _progress(label: str) -> Progress:
     return Progress(
         TextColumn(label),
@@ -371,7 +408,10 @@ def _progress(label: str) -> Progress:
 
 
 def _post_documents(
-    url: str, items: Sequence[tuple[str, dict[str, Any]]], failures: list[tuple[str, str]]
+    url: str,
+    items: Sequence[tuple[str, dict[str, Any]]],
+    failures: list[tuple[str, str]],
+    headers: dict[str, str],
 ) -> tuple[int, int | None]:
     """POST in batches of at most 1000 documents and BATCH_BYTES; (added, last index version)."""
     added = 0
@@ -388,6 +428,7 @@ def _post_documents(
                 r = httpx.post(
                     f"{url}/v1/documents",
                     json={"documents": [d for _, d in batch]},
+                    headers=headers,
                     timeout=600,
                 )
             except httpx.HTTPError as exc:
@@ -415,9 +456,11 @@ def _post_documents(
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
+    from hybrid_serve.cluster.local import client_headers
     from hybrid_serve.retrieval.records import BadRecord, FieldNames, is_record_file, read_records
 
     url = (args.url or default_url()).rstrip("/")
+    headers = client_headers(args.api_key)
     fields = FieldNames(args.id_field, args.title_field, args.text_field, args.metadata_field)
     failures: list[tuple[str, str]] = []
     ready: list[tuple[str, dict[str, Any]]] = []
@@ -429,7 +472,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
             record_files.append(path)
         else:
             try:
-                ready.append((str(path), read_document(path)))
+                ready.append((str(path), with_collection(read_document(path), args.collection)))
             except (OSError, UnicodeDecodeError, ValueError) as exc:
                 message = (
                     str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
@@ -447,15 +490,16 @@ def cmd_index_add(args: argparse.Namespace) -> int:
                 if isinstance(item, BadRecord):
                     failures.append((f"{path}:{line}", item.reason))
                 else:
-                    records.append((f"{path}:{line}", item.model_dump()))
+                    record = item.model_dump(exclude_none=True)
+                    records.append((f"{path}:{line}", with_collection(record, args.collection)))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             failures.append((str(path), str(exc)))
     if bulk:
         failures = [f for f in failures if not any(f[0].startswith(f"{p}:") for p in record_files)]
         code = _bulk_add(args, record_files, fields)
-        added, version = _post_documents(url, ready, failures) if ready else (0, None)
+        added, version = _post_documents(url, ready, failures, headers) if ready else (0, None)
     else:
-        added, version = _post_documents(url, ready + records, failures)
+        added, version = _post_documents(url, ready + records, failures, headers)
         code = 0
     if not bulk or ready:
         console.print(
@@ -517,6 +561,7 @@ def _bulk_add(args: argparse.Namespace, paths: list[Path], fields: Any) -> int:
                 workers=args.workers,
                 progress=ingest.Progress(staged=staged, published=published),
                 connect=connect,
+                collection=args.collection or DEFAULT_COLLECTION,
             )
     except (OSError, ValueError, RuntimeError) as exc:
         err.print(f"[red]bulk ingestion failed:[/] {escape(str(exc))}")
@@ -537,6 +582,13 @@ def _bulk_add(args: argparse.Namespace, paths: list[Path], fields: Any) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------
+
+
+def _api_key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        help="the server's API key (default: $HYBRID_SERVE_API_KEY; never needed for an open API)",
+    )
 
 
 def _profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -585,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["auto", "slm", "decompose", "claude"], default="auto", help="routing"
     )
     ask.add_argument("--json", action="store_true", help="print the raw JSON response")
+    _api_key_argument(ask)
     ask.set_defaults(func=cmd_ask)
 
     index = sub.add_parser("index", help="manage the document index")
@@ -596,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("paths", nargs="+", metavar="PATH")
     add.add_argument("--url", help="server URL (the synchronous path)")
+    add.add_argument(
+        "--collection",
+        help="the documents' collection (default: the API key's first; bulk: default)",
+    )
+    _api_key_argument(add)
     for name, default in (("id", "id"), ("title", "title"), ("text", "text")):
         add.add_argument(
             f"--{name}-field", default=default, help=f"record field of the {name} ({default})"

@@ -37,6 +37,7 @@ from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.records import BadRecord, FieldNames, read_records
 from hybrid_serve.retrieval.segment import ChunkRecord, DocRecord, document_records
 from hybrid_serve.retrieval.store import IndexStore, NewDocument
+from hybrid_serve.schemas import DEFAULT_COLLECTION
 
 SHARD_DOCS = 20_000
 STAGE_CPUS = 0.25  # what a read or chunk task asks for: light next to embedding
@@ -68,14 +69,16 @@ class Progress:
     published: Callable[[int, int], None] = lambda docs, chunks: None
 
 
-def scan(paths: Sequence[Path], fields: FieldNames, result: BulkResult) -> dict[str, int]:
+def scan(
+    paths: Sequence[Path], fields: FieldNames, result: BulkResult, collection: str
+) -> dict[str, int]:
     """First pass: report bad records, and find each id's last copy (its sequence number)."""
     last: dict[str, int] = {}
     for seq, (_, item) in enumerate(_all_records(paths, fields)):
         if isinstance(item, BadRecord):
             result.bad.append(item)
             continue
-        doc_id = _new_document(item).resolved_id()
+        doc_id = _new_document(item, collection).key()
         if doc_id in last:
             result.duplicates += 1
         last[doc_id] = seq
@@ -87,8 +90,10 @@ def _all_records(paths: Sequence[Path], fields: FieldNames) -> Iterator[tuple[in
         yield from read_records(path, fields)
 
 
-def _new_document(item: Any) -> NewDocument:
-    return NewDocument(text=item.text, title=item.title, id=item.id, metadata=item.metadata)
+def _new_document(item: Any, collection: str) -> NewDocument:
+    return NewDocument(
+        text=item.text, title=item.title, id=item.id, metadata=item.metadata, collection=collection
+    )
 
 
 def stage(
@@ -99,8 +104,10 @@ def stage(
     folder: Path,
     result: BulkResult,
     progress: Progress,
+    collection: str = DEFAULT_COLLECTION,
 ) -> int:
-    """Second pass: write the documents to index (last copies, changed or new) as Parquet shards."""
+    """Second pass: write the documents to index (last copies, changed or new) as Parquet shards,
+    each under its stored key (its id within `collection`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,8 +137,8 @@ def stage(
     for seq, (_, item) in enumerate(_all_records(paths, fields)):
         if isinstance(item, BadRecord):
             continue
-        doc = _new_document(item)
-        doc_id = doc.resolved_id()
+        doc = _new_document(item, collection)
+        doc_id = doc.key()
         if last.get(doc_id) != seq:
             continue
         shard.append(
@@ -271,9 +278,11 @@ def run(
     progress: Progress | None = None,
     store: IndexStore | None = None,
     connect: Callable[[], None] | None = None,
+    collection: str = DEFAULT_COLLECTION,
 ) -> BulkResult:
-    """The whole job. Safe to run again after any interruption. `connect` starts or joins Ray,
-    called only when there is something to embed (Ray must be initialised otherwise)."""
+    """The whole job, every document into `collection`. Safe to run again after any
+    interruption. `connect` starts or joins Ray, called only when there is something to embed
+    (Ray must be initialised otherwise)."""
     progress = progress or Progress()
     result = BulkResult()
     started = time.perf_counter()
@@ -293,8 +302,8 @@ def run(
             shutil.rmtree(stale, ignore_errors=True)
         folder = jobs / f"job-{uuid.uuid4().hex[:12]}"
         try:
-            last = scan(paths, fields, result)
-            staged = stage(paths, fields, last, store, folder, result, progress)
+            last = scan(paths, fields, result, collection)
+            staged = stage(paths, fields, last, store, folder, result, progress, collection)
             if staged:
                 if connect:
                     connect()

@@ -2,8 +2,11 @@
 
 `render_rayservice` turns a HybridServeConfig into a `ray.io/v1` RayService whose `serveConfigV2`
 runs `hybrid_serve.deployments.app:build_app` with that configuration as its args; `render_all`
-adds the index volume and the Ingress. Secrets are only ever referenced (`secretKeyRef`), never
-rendered.
+adds the index volume, the Ingress and a NetworkPolicy. Secrets are only ever referenced
+(`secretKeyRef`), never rendered. Ray's own control plane is closed: token authentication
+(KubeRay's `authOptions`, which generates the token Secret and sets it in every Ray container)
+and a NetworkPolicy that lets only the cluster's own pods and the KubeRay operator reach the
+dashboard (its jobs API runs any code), the GCS and the Ray client port.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from hybrid_serve.engines.vllm_options import gpus_per_replica, tier_gpus
 IMPORT_PATH = "hybrid_serve.deployments.app:build_app"
 LLM_TIER_IMPORT_PATH = "hybrid_serve.deployments.llm_tier:build_app"
 SERVE_PORT = 8000
+# Ray's control plane: GCS, dashboard (and its jobs API), client server, dashboard agent.
+RAY_CONTROL_PORTS = (6379, 8265, 10001, 52365)
+# The KubeRay operator's pods (its Helm chart's label), in whatever namespace it runs.
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
 # Ray's metrics export port, which KubeRay sets on every node (`--metrics-export-port`). Named in
 # the pod spec, because KubeRay exposes only the ports a spec lists once it lists any.
 METRICS_PORT = 8080
@@ -83,10 +90,16 @@ def serve_config(cfg: HybridServeConfig) -> dict[str, Any]:
     }
 
 
-def _env(secret: str, gpu: bool) -> list[dict[str, Any]]:
-    # Optional: without the Anthropic key the cluster runs and says `claude_unavailable`.
+def _env(secret: str, gpu: bool, required: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    # Optional but for `required`: without the Anthropic key the cluster runs and says
+    # `claude_unavailable`; the cluster's own LLM tier does not start without its key.
     env: list[dict[str, Any]] = [
-        {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        {
+            "name": var,
+            "valueFrom": {
+                "secretKeyRef": {"name": secret, "key": key, "optional": key not in required}
+            },
+        }
         for var, key in SECRET_ENV
     ]
     if not gpu:  # the bundled embedding model is in the image; never reach for the Hub
@@ -121,6 +134,7 @@ def _worker_group(
     gpus: int,
     start_params: dict[str, str],
     replicas: tuple[int, int, int],
+    required: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "containers": [
@@ -128,7 +142,7 @@ def _worker_group(
                 "name": "ray-worker",
                 "image": image,
                 "resources": _resources(group.cpu, group.memory, gpus),
-                "env": _env(secret, gpu=gpus > 0),
+                "env": _env(secret, gpu=gpus > 0, required=required),
                 "ports": [
                     {"containerPort": SERVE_PORT, "name": "serve"},
                     {"containerPort": METRICS_PORT, "name": "metrics"},
@@ -189,10 +203,18 @@ def _gpu_pods(cfg: HybridServeConfig, per_replica: float) -> tuple[int, int, int
     return low, low, high
 
 
+def required_secrets(cfg: HybridServeConfig) -> frozenset[str]:
+    """Secret keys a pod cannot start without: the key of the cluster's own LLM tier, which
+    answers nobody without one."""
+    tier = cfg.claude.deploy.enabled and not cfg.claude.base_url
+    return frozenset({"llm-tier-key"}) if tier else frozenset()
+
+
 def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
     cfg = for_kubernetes(cfg)
     k = cfg.k8s
     claim = f"{k.name}-index"
+    required = required_secrets(cfg)
     per_replica = gpus_per_replica(cfg)
     head = {
         # No work on the head: it runs the GCS, the Serve controller and the autoscaler.
@@ -205,7 +227,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                         "name": "ray-head",
                         "image": k.image,
                         "resources": _resources(k.head_cpu, k.head_memory),
-                        "env": _env(k.secret_name, gpu=False),
+                        "env": _env(k.secret_name, gpu=False, required=required),
                         "ports": [
                             {"containerPort": 6379, "name": "gcs-server"},
                             {"containerPort": 8265, "name": "dashboard"},
@@ -234,6 +256,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
             0,
             cpu_params,
             (cw.replicas, cw.min_replicas, max(cw.max_replicas, cw.replicas)),
+            required,
         )
     ]
     if per_replica > 0:
@@ -255,6 +278,7 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
                 gw.gpus,
                 gpu_params,
                 _gpu_pods(cfg, per_replica),
+                required,
             )
         )
     llm_gpus = tier_gpus(cfg)
@@ -269,6 +293,8 @@ def render_rayservice(cfg: HybridServeConfig) -> dict[str, Any]:
             "excludeHeadPodFromServeSvc": True,
             "rayClusterConfig": {
                 "rayVersion": k.ray_version,
+                # KubeRay generates the token Secret and sets it in every Ray container.
+                "authOptions": {"mode": "token"},
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
                 "headGroupSpec": head,
@@ -309,6 +335,7 @@ def _llm_worker_group(cfg: HybridServeConfig, claim: str) -> dict[str, Any]:
         per_pod,
         params,
         (pods, pods, pods),  # the tier has a fixed number of replicas
+        required_secrets(cfg),
     )
 
 
@@ -370,12 +397,44 @@ def render_ingress(cfg: HybridServeConfig) -> dict[str, Any]:
     }
 
 
+def render_network_policy(cfg: HybridServeConfig) -> dict[str, Any]:
+    """Every pod of the cluster accepts the Serve port (the Ingress, other services) and the
+    metrics port (Prometheus) from anywhere in the Kubernetes cluster; Ray's control plane only
+    from the cluster's own pods and the KubeRay operator."""
+    k = cfg.k8s
+    ours = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "hybrid-serve"}}}
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_LABELS)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": k.name, "labels": labels("network-policy")},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "hybrid-serve"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [ours]},  # within the Ray cluster: every port
+                {
+                    "from": [operator],
+                    "ports": [{"protocol": "TCP", "port": p} for p in RAY_CONTROL_PORTS],
+                },
+                {
+                    "ports": [
+                        {"protocol": "TCP", "port": SERVE_PORT},
+                        {"protocol": "TCP", "port": METRICS_PORT},
+                    ]
+                },
+            ],
+        },
+    }
+
+
 def render_all(cfg: HybridServeConfig) -> dict[str, dict[str, Any]]:
     """File name -> manifest, plus a kustomization listing them."""
     files = {
         "rayservice.yaml": render_rayservice(cfg),
         "pvc.yaml": render_volume(cfg),
         "ingress.yaml": render_ingress(cfg),
+        "networkpolicy.yaml": render_network_policy(cfg),
     }
     kustomization: dict[str, Any] = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",

@@ -4,6 +4,7 @@ deployed on it, and a progress display until /readyz is green."""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -16,6 +17,8 @@ import httpx
 from hybrid_serve.config import HybridServeConfig
 
 READY_TIMEOUT_S = 600.0
+# The key the command line sends (`ask`, `index add`, and `up` for /readyz's details).
+API_KEY_ENV = "HYBRID_SERVE_API_KEY"
 
 
 class StartupError(RuntimeError):
@@ -208,6 +211,25 @@ def gpus_required(cfg: HybridServeConfig) -> float:
     )
 
 
+def ensure_tier_key(cfg: HybridServeConfig) -> str | None:
+    """The cluster's own LLM tier answers only with its key. A cluster `up` starts inherits
+    this process's environment, so where the variable is unset a random key is made for the
+    run (never printed); returns a line saying so."""
+    if not cfg.claude.deploy.enabled or cfg.claude.base_url:
+        return None
+    var = cfg.claude.api_key_env
+    if os.environ.get(var):
+        return None
+    os.environ[var] = secrets.token_urlsafe(32)
+    return f"LLM tier key: a random one for this run (set {var} to choose it)"
+
+
+def client_headers(api_key: str | None = None) -> dict[str, str]:
+    """What the command line sends the server: `api_key`, else HYBRID_SERVE_API_KEY."""
+    key = api_key or os.environ.get(API_KEY_ENV)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def deploy(
     cfg: HybridServeConfig,
     on_status: Callable[[str], None] | None = None,
@@ -355,7 +377,7 @@ def explain_failure(cfg: HybridServeConfig, error: BaseException) -> str:
 def describe_progress(url: str) -> str:
     """'ready', or what the cluster is doing now, from /readyz or Serve's status."""
     try:
-        r = httpx.get(f"{url}/readyz", timeout=5.0)
+        r = httpx.get(f"{url}/readyz", headers=client_headers(), timeout=5.0)
         if r.status_code == 200:
             return "ready"
         body = r.json()

@@ -35,7 +35,7 @@ class AnswerCache:
         vector: list[float],
         index_version: int,
         trace_context: TraceContext = None,
-    ) -> tuple[dict[str, Any], float, str] | None:
+    ) -> tuple[dict[str, Any], float, str, str] | None:
         return self.cache.lookup(key, text, np.asarray(vector, np.float32), index_version)
 
     async def store(
@@ -46,10 +46,11 @@ class AnswerCache:
         answer: dict[str, Any],
         index_version: int,
         saved_usd: float,
+        owner: str = "",
         trace_context: TraceContext = None,
     ) -> bool:
         stored = self.cache.store(
-            key, text, np.asarray(vector, np.float32), answer, index_version, saved_usd
+            key, text, np.asarray(vector, np.float32), answer, index_version, saved_usd, owner
         )
         self._gauges()
         return stored

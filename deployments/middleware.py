@@ -30,8 +30,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 class APIKeyMiddleware:
     """`Authorization: Bearer KEY` or `x-api-key: KEY` (the Anthropic SDK's header) on every
-    route but health; 401 that names no key. The key's label goes in the request's state for its
-    limits and usage."""
+    route but health (where a valid key is still recognised); 401 that names no key. The key's
+    label goes in the request's state for its limits, collections and usage."""
 
     def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[APIKey | str]]) -> None:
         self.app = app
@@ -46,7 +46,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         configured = self._configured() if scope["type"] == "http" else []
-        if not configured or path_of(scope) in OPEN_PATHS:
+        if not configured:
             await self.app(scope, receive, send)
             return
         presented = b""
@@ -61,8 +61,11 @@ class APIKeyMiddleware:
         for d, name in configured:
             if hmac.compare_digest(digest, d):
                 label = name
-        if presented and label is not None:
+        authenticated = bool(presented) and label is not None
+        if authenticated:
             scope.setdefault("state", {})["api_key"] = label
+        if authenticated or path_of(scope) in OPEN_PATHS:
+            # Health routes answer anyone; a valid key there unlocks their details.
             await self.app(scope, receive, send)
             return
         response = error_response(

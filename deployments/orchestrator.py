@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -23,7 +23,7 @@ from hybrid_serve.agents import tracing
 from hybrid_serve.agents.claude import ClaudeCall, ClaudeResult, ClaudeUnavailable, Role
 from hybrid_serve.agents.lead import DeadlineExceeded, Lead, SLMStreamEnded
 from hybrid_serve.agents.shadow import Verdict, VerdictLog, shadow_log_path
-from hybrid_serve.config import HTTPConfig, HybridServeConfig
+from hybrid_serve.config import APIKey, HTTPConfig, HybridServeConfig
 from hybrid_serve.deployments import anthropic_api as aapi
 from hybrid_serve.deployments import openai_api as oai
 from hybrid_serve.deployments import openapi, sse
@@ -49,8 +49,10 @@ from hybrid_serve.deployments.placement import placement
 from hybrid_serve.deployments.retriever import IndexNotReady
 from hybrid_serve.retrieval.store import DocRecord, NewDocument
 from hybrid_serve.schemas import (
+    COLLECTION_PATTERN,
     AnswerRequest,
     AnswerResponse,
+    Collections,
     DocumentBatch,
     DocumentIn,
     DocumentInfo,
@@ -120,6 +122,20 @@ class CacheProbe:
     text: str
     vector: list[float]
     index_version: int
+    owner: str
+
+
+# Who is calling: the key's label and what it may read and write. Without keys configured the
+# API is open and every caller may do everything.
+OPEN_ACCESS = APIKey(key="open", name="", admin=True)
+
+
+def access_of(keys: dict[str, APIKey], request: Request) -> APIKey | None:
+    """The caller's key as configured, from the label APIKeyMiddleware put in the request; None
+    for a caller without a valid key (only the open routes see one)."""
+    if not keys:
+        return OPEN_ACCESS
+    return keys.get(getattr(request.state, "api_key", None) or "")
 
 
 def cache_scope(
@@ -180,6 +196,16 @@ def _conversation(
 async def _iterate(items: Any) -> AsyncIterator[str]:
     for item in items:
         yield item
+
+
+CollectionQuery = Annotated[
+    str | None,
+    Query(
+        pattern=COLLECTION_PATTERN,
+        description="The document's collection. Unset: GET looks in every collection the key "
+        "reads; DELETE uses the key's first collection.",
+    ),
+]
 
 
 def saved_usd(answer: AnswerResponse) -> float:
@@ -309,6 +335,14 @@ class Orchestrator:
         self._health_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         app.state.http = self.cfg.http
         app.state.admit = self._admit if self.cfg.http.api_keys else None
+        self.keys = {k.label(): k for k in self.cfg.http.keys()}
+
+    def _access(self, request: Request) -> APIKey:
+        """The caller of a route behind the key check."""
+        caller = access_of(self.keys, request)
+        if caller is None:  # APIKeyMiddleware answers 401 before a route runs
+            raise APIError(401, "missing or invalid API key", "invalid_api_key")
+        return caller
 
     async def _shadow_verdict(self, verdict: Verdict) -> None:
         """A background grade of a kept answer: counted, and logged for `calibrate --from-log`."""
@@ -356,8 +390,10 @@ class Orchestrator:
                 raise
         raise AssertionError("unreachable")
 
-    async def _retrieve(self, query: str, top_k: int) -> list[Passage]:
-        return await self._call(self.retriever.search, query, top_k, retry=True)
+    async def _retrieve(
+        self, query: str, top_k: int, collections: Collections = None
+    ) -> list[Passage]:
+        return await self._call(self.retriever.search, query, top_k, collections, retry=True)
 
     async def _generate(self, req: GenerationRequest) -> GenerationResult:
         return await self._call(self.slm.generate, req, retry=True)
@@ -425,10 +461,15 @@ class Orchestrator:
         (None when the request may not use the cache)."""
         c = self.cfg.cache
         asked_not = "no-cache" in request.headers.get("cache-control", "").lower()
-        sensitive = req.sensitive or self.lead.is_sensitive(req, [])
+        sensitive = self.lead.sensitivity.request(req)
         if not c.enabled or asked_not or not req.use_cache or (sensitive and not c.sensitive):
             request.state.cache = "bypass"
             return None, None
+        caller = self._access(request)
+        readable = caller.readable()
+        # Entries are partitioned by what the caller may read: an answer is only ever reused
+        # for a caller who could have retrieved its evidence.
+        scope = json.dumps([scope, sorted(readable) if readable is not None else None])
         try:
             embed = self.retriever.embed_versioned
             vector, version = await self._call(embed, req.query, retry=True)
@@ -439,23 +480,30 @@ class Orchestrator:
             log.warning("answer cache unavailable: %s", type(_cause(exc)).__name__)
             request.state.cache = "bypass"
             return None, None
+        owner = caller.label() if self.keys else ""
         if found is None:
             request.state.cache = "miss"
-            return CacheProbe(scope, req.query, vector, version), None
-        cached = AnswerResponse.model_validate(found[0])
+            return CacheProbe(scope, req.query, vector, version, owner), None
+        answer, similarity, question, stored_by = found
+        cached = AnswerResponse.model_validate(answer)
         saved = saved_usd(cached)
         metrics.inc("hybrid_serve_answer_cache_saved_usd_total", saved)
         request.state.cache = "hit"
-        hit = cached.model_copy(
-            update={
-                "usage": Usage(),
-                "cache": "hit",
-                "cached_question": found[2],
-                "deadline": None,
-                "trace_id": request.state.trace_id,
-            }
-        )
-        tracing.annotate({"hybrid.cache": "hit", "hybrid.cache.similarity": found[1]})
+        update: dict[str, Any] = {
+            "usage": Usage(),
+            "cache": "hit",
+            "cached_question": question,
+            "deadline": None,
+            "trace_id": request.state.trace_id,
+        }
+        if stored_by != owner:  # never another caller's wording
+            update.update(
+                cached_question=None,
+                searched_query=None,
+                subtasks=[st.model_copy(update={"question": ""}) for st in cached.subtasks],
+            )
+        hit = cached.model_copy(update=update)
+        tracing.annotate({"hybrid.cache": "hit", "hybrid.cache.similarity": similarity})
         self._count_key(request, hit, saved)
         return None, hit
 
@@ -495,6 +543,7 @@ class Orchestrator:
                         body,
                         probe.index_version,
                         saved_usd(answer),
+                        probe.owner,
                     )
                 )
         return answer
@@ -538,7 +587,13 @@ class Orchestrator:
             return await self._stream_answer(body, request, down, timeout, probe, hit)
         if hit is not None:
             return self._observed(request, hit)
-        answer = self.lead.answer(body, trace_id, claude_down=down, timeout_s=timeout)
+        answer = self.lead.answer(
+            body,
+            trace_id,
+            claude_down=down,
+            timeout_s=timeout,
+            collections=self._access(request).readable(),
+        )
         answer = await _bounded(answer, timeout, DEADLINE_GRACE_S)
         return self._observed(request, answer, probe, down)
 
@@ -560,7 +615,12 @@ class Orchestrator:
                 await emit("answer", {"delta": hit.answer})
                 return self._observed(request, hit).model_dump(mode="json")
             work = self.lead.answer(
-                body, request.state.trace_id, claude_down=down, emit=emit, timeout_s=timeout
+                body,
+                request.state.trace_id,
+                claude_down=down,
+                emit=emit,
+                timeout_s=timeout,
+                collections=self._access(request).readable(),
             )
             answer = await _bounded(work, timeout, DEADLINE_GRACE_S)
             return self._observed(request, answer, probe, down).model_dump(mode="json")
@@ -583,7 +643,9 @@ class Orchestrator:
     )
     async def search(self, body: SearchRequest, request: Request) -> SearchResponse:
         self._check_query(body.query)
-        work = self._call(self.retriever.search_versioned, body.query, body.top_k, retry=True)
+        readable = self._access(request).readable()
+        search = self.retriever.search_versioned
+        work = self._call(search, body.query, body.top_k, readable, retry=True)
         passages, version = await _bounded(work, _timeout(request, self.cfg.http))
         return SearchResponse(passages=passages, index_version=version)
 
@@ -705,7 +767,13 @@ class Orchestrator:
         finish: oai.Finish = "stop"
         if chat.model == "slm":
             work = self.lead.answer_slm(
-                chat.req, trace_id, chat.retrieval, chat.sampling, chat.history, timeout_s=timeout
+                chat.req,
+                trace_id,
+                chat.retrieval,
+                chat.sampling,
+                chat.history,
+                timeout_s=timeout,
+                collections=self._access(request).readable(),
             )
             answer, finish = await _bounded(work, timeout, DEADLINE_GRACE_S)
         else:
@@ -716,6 +784,7 @@ class Orchestrator:
                 sampling=chat.sampling,
                 history=chat.history,
                 timeout_s=timeout,
+                collections=self._access(request).readable(),
             )
             answer = await _bounded(work, timeout, DEADLINE_GRACE_S)
         return self._observed(request, answer, probe, down), finish
@@ -735,6 +804,7 @@ class Orchestrator:
                 chat.history,
                 emit,
                 timeout_s=timeout,
+                collections=self._access(request).readable(),
             )
             return await _bounded(work, timeout, DEADLINE_GRACE_S)
 
@@ -808,9 +878,46 @@ class Orchestrator:
         self, body: Annotated[DocumentIn | DocumentBatch, Body()], request: Request
     ) -> dict[str, Any]:
         docs = body.documents if isinstance(body, DocumentBatch) else [body]
-        new = [NewDocument(id=d.id, title=d.title, text=d.text, metadata=d.metadata) for d in docs]
+        caller = self._access(request)
+        new = [
+            NewDocument(
+                id=d.id,
+                title=d.title,
+                text=d.text,
+                metadata=d.metadata,
+                collection=self._writable(caller, d.collection),
+            )
+            for d in docs
+        ]
         result = await self._write(request, self._call(self.retriever.upsert, new))
         return {"ids": result["ids"], "index_version": result["index_version"]}
+
+    @staticmethod
+    def _writable(caller: APIKey, collection: str | None) -> str:
+        """The collection a write goes to, or 403 naming what the key may write (which it knows:
+        nothing about other collections is revealed)."""
+        target = collection or caller.home()
+        writable = caller.writable()
+        if writable is not None and target not in writable:
+            allowed = ", ".join(sorted(writable)) or "none (a read-only key)"
+            raise APIError(
+                403,
+                f"API key {caller.label()!r} may not write collection {target!r}; it writes: "
+                f"{allowed}",
+                "collection_forbidden",
+            )
+        return target
+
+    @staticmethod
+    def _readable(caller: APIKey, collection: str | None) -> Collections:
+        """Where a read by id looks: the named collection if the key may read it (else nowhere:
+        a document there is as absent as one that does not exist), or every readable one."""
+        readable = caller.readable()
+        if collection is None:
+            return readable
+        if readable is not None and collection not in readable:
+            return frozenset()
+        return frozenset([collection])
 
     async def _write(self, request: Request, work: Any) -> Any:
         """Writes take as long as ingestion takes, unless the client sends X-Request-Timeout: a
@@ -834,15 +941,21 @@ class Orchestrator:
         response_model=DocumentInfo,
         responses=error_responses(401, 404, 503, 504),
     )
-    async def get_document(self, doc_id: str, request: Request) -> DocumentInfo:
+    async def get_document(
+        self, doc_id: str, request: Request, collection: CollectionQuery = None
+    ) -> DocumentInfo:
         timeout = _timeout(request, self.cfg.http)
-        work = self._call(self.retriever.get, doc_id, retry=True)
-        record: DocRecord | None = await _bounded(work, timeout)
+        where = self._readable(self._access(request), collection)
+        record: DocRecord | None = None
+        if where is None or where:
+            work = self._call(self.retriever.get, doc_id, where, retry=True)
+            record = await _bounded(work, timeout)
         if record is None:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
         status = await _bounded(self._call(self.retriever.status, retry=True), timeout)
         return DocumentInfo(
-            id=record.id,
+            id=record.public_id,
+            collection=record.collection,
             title=record.title,
             metadata=record.metadata,
             chunks=len(record.chunk_ids),
@@ -851,19 +964,39 @@ class Orchestrator:
         )
 
     @app.delete("/v1/documents/{doc_id:path}", responses=error_responses(401, 404, 503, 504))
-    async def delete_document(self, doc_id: str, request: Request) -> dict[str, Any]:
-        result = await self._write(request, self._call(self.retriever.delete, [doc_id]))
+    async def delete_document(
+        self, doc_id: str, request: Request, collection: CollectionQuery = None
+    ) -> dict[str, Any]:
+        caller = self._access(request)
+        target = collection or caller.home()
+        if self._readable(caller, target) == frozenset():
+            # Not even readable: as absent as a document that does not exist.
+            raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
+        target = self._writable(caller, target)
+        work = self._call(self.retriever.delete, [doc_id], target)
+        result = await self._write(request, work)
         if not result["deleted"]:
             raise APIError(404, f"no document with id {doc_id!r}", "document_not_found")
-        return {"id": doc_id, "deleted": True, "index_version": result["index_version"]}
+        return {
+            "id": doc_id,
+            "collection": target,
+            "deleted": True,
+            "index_version": result["index_version"],
+        }
 
     @app.get(
         "/v1/usage",
-        summary="Totals of the cost ledger (Claude spend, SLM cost, savings), the answer "
-        "cache's, and each API key's",
+        summary="Your key's usage; for an admin key, the cost ledger's totals (Claude spend, SLM "
+        "cost, savings), the answer cache's, and every key's",
     )
     async def usage(self, request: Request) -> dict[str, Any]:
+        """An admin key (or anyone, when the API has no keys) sees the cluster's totals and every
+        key's line; any other key its own line only."""
         timeout = _timeout(request, self.cfg.http)
+        caller = self._access(request)
+        if not caller.admin:
+            keys = await _bounded(self._call(self.key_limits.report, retry=True), timeout)
+            return {"keys": {caller.label(): keys.get(caller.label(), {})}}
         status, cache = await _bounded(
             asyncio.gather(
                 self._call(self.claude.status, retry=True),
@@ -881,12 +1014,8 @@ class Orchestrator:
             "saving_ratio": round(estimate / spent, 3) if spent > 0 else None,
             "cache": {k: v for k, v in cache.items() if k not in ("ready", "placement")},
         }
-        if self.cfg.http.api_keys:
-            keys = await _bounded(self._call(self.key_limits.report, retry=True), timeout)
-            label = getattr(request.state, "api_key", None)
-            admins = {k.label() for k in self.cfg.http.keys() if k.admin}
-            # A key sees its own line; an admin key sees every line.
-            out["keys"] = keys if label in admins else {label: keys.get(label, {})}
+        if self.keys:
+            out["keys"] = await _bounded(self._call(self.key_limits.report, retry=True), timeout)
         return out
 
     async def status(self) -> dict[str, Any]:
@@ -897,12 +1026,18 @@ class Orchestrator:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: every deployment ready and the index loaded")
-    async def readyz(self) -> JSONResponse:
+    @app.get(
+        "/readyz",
+        summary="Readiness: every deployment ready and the index loaded (details with an admin "
+        "key, or when the API has no keys)",
+    )
+    async def readyz(self, request: Request) -> JSONResponse:
         """A deployment is ready when one of its replicas answers: Serve routes only to replicas
         whose constructor finished, and an SLM replica's constructor ends with a generation. Every
         component also carries how many of its replicas crashed, so a replica that keeps dying
-        shows as such rather than as starting."""
+        shows as such rather than as starting. Those details (spend, budget, nodes, PIDs, crash
+        messages) are for an admin key; anyone else, a Kubernetes probe included, learns ready or
+        not, per deployment."""
         names = ("retriever", "slm", "claude", "answer_cache", "key_limits")
         handles = (self.retriever, self.slm, self.claude, self.cache, self.key_limits)
 
@@ -921,6 +1056,9 @@ class Orchestrator:
         results = await asyncio.gather(*(one(h) for h in handles))
         components = dict(zip(names, results))
         ready = all(c.get("ready") for c in components.values())
+        caller = access_of(self.keys, request)
+        if caller is None or not caller.admin:
+            components = {n: {"ready": bool(c.get("ready"))} for n, c in components.items()}
         return JSONResponse(
             {"ready": ready, "version": __version__, "components": components},
             status_code=200 if ready else 503,

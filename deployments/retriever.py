@@ -19,8 +19,9 @@ from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.metrics import keep_gauges_fresh, metrics
 from hybrid_serve.deployments.placement import placement
 from hybrid_serve.retrieval.embedder import Embedder
+from hybrid_serve.retrieval.segment import doc_key
 from hybrid_serve.retrieval.store import DocRecord, IndexStore, NewDocument
-from hybrid_serve.schemas import Passage
+from hybrid_serve.schemas import DEFAULT_COLLECTION, Collections, Passage
 
 log = logging.getLogger("ray.serve")
 
@@ -113,14 +114,23 @@ class RetrieverDeployment:
         return stats
 
     async def search(
-        self, query: str, top_k: int = 5, trace_context: TraceContext = None
+        self,
+        query: str,
+        top_k: int = 5,
+        collections: Collections = None,
+        trace_context: TraceContext = None,
     ) -> list[Passage]:
-        return (await self.search_versioned(query, top_k, trace_context))[0]
+        return (await self.search_versioned(query, top_k, collections, trace_context))[0]
 
     async def search_versioned(
-        self, query: str, top_k: int = 5, trace_context: TraceContext = None
+        self,
+        query: str,
+        top_k: int = 5,
+        collections: Collections = None,
+        trace_context: TraceContext = None,
     ) -> tuple[list[Passage], int]:
-        """The hits and the index version served (one call instead of search + status)."""
+        """The hits within `collections` (None: all) and the index version served (one call
+        instead of search + status)."""
         attributes = {"hybrid.retrieval.top_k": top_k}
         with tracing.span("Retriever.search", trace_context, SpanKind.SERVER, attributes):
             self._require_ready()
@@ -136,6 +146,7 @@ class RetrieverDeployment:
                 rc.rrf_k,
                 rc.dense_weight,
                 rc.bm25_weight,
+                collections,
             )
             latency_ms = (time.perf_counter() - start) * 1000
             metrics.observe("hybrid_serve_retrieval_latency_ms", latency_ms)
@@ -173,21 +184,43 @@ class RetrieverDeployment:
             return {"index_version": version, "ids": ids}
 
     async def delete(
-        self, doc_ids: list[str], trace_context: TraceContext = None
+        self,
+        doc_ids: list[str],
+        collection: str = DEFAULT_COLLECTION,
+        trace_context: TraceContext = None,
     ) -> dict[str, Any]:
+        """Removes the documents of `collection` with these ids; `deleted` lists the ids that
+        existed there."""
         attributes = {"hybrid.documents": len(doc_ids)}
         with tracing.span("Retriever.delete", trace_context, SpanKind.SERVER, attributes):
             self._require_ready()
-            version, deleted = await asyncio.to_thread(self.store.delete, doc_ids)
+            keys = {doc_key(collection, d): d for d in doc_ids}
+            version, deleted = await asyncio.to_thread(self.store.delete, list(keys))
             self._index_gauges()
             self._compaction_wanted.set()
-            return {"index_version": version, "deleted": deleted}
+            return {"index_version": version, "deleted": [keys[k] for k in deleted]}
 
-    async def get(self, doc_id: str, trace_context: TraceContext = None) -> DocRecord | None:
+    async def get(
+        self,
+        doc_id: str,
+        collections: Collections = None,
+        trace_context: TraceContext = None,
+    ) -> DocRecord | None:
+        """The document with this id in the first of `collections` (in the caller's order;
+        None: the default collection first, then the others by name) that holds one."""
         with tracing.span("Retriever.get", trace_context, SpanKind.SERVER):
             self._require_ready()
             self.store.refresh()
-            return self.store.get(doc_id)
+            view = self.store.view
+            names = sorted(collections) if collections is not None else (
+                view.collections() if view else []
+            )
+            names.sort(key=lambda n: n != DEFAULT_COLLECTION)
+            for name in names:
+                record = self.store.get(doc_key(name, doc_id))
+                if record is not None:
+                    return record
+            return None
 
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         if self.state == "ready":

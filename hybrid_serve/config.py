@@ -23,7 +23,13 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from hybrid_serve.schemas import PIIHandling, VerifyPolicy
+from hybrid_serve.schemas import (
+    DEFAULT_COLLECTION,
+    CollectionName,
+    Collections,
+    PIIHandling,
+    VerifyPolicy,
+)
 
 ENV_PREFIX = "HYBRID_SERVE_"
 
@@ -432,7 +438,39 @@ class APIKey(_Section):
         description="Claude spend per UTC day; over it, answers stay on the SLM "
         "(degraded: key_budget_exhausted).",
     )
-    admin: bool = Field(False, description="/v1/usage shows every key's line, not only its own.")
+    admin: bool = Field(
+        False,
+        description="Sees the cluster's totals and every key's line in /v1/usage, and the "
+        "details of /readyz (spend, budget, nodes, crashes), besides its own line.",
+    )
+    collections: list[CollectionName] | None = Field(
+        None,
+        description="Collections this key reads and writes; the first is where its documents "
+        "go when they name none. Unset (and no read_collections): every collection.",
+    )
+    read_collections: list[CollectionName] = Field(
+        default_factory=list,
+        description="Collections this key reads but may not write (alone: a read-only key).",
+    )
+
+    @property
+    def restricted(self) -> bool:
+        return self.collections is not None or bool(self.read_collections)
+
+    def readable(self) -> Collections:
+        """What the key's searches, answers, caches and follow-ups may see; None: everything."""
+        if not self.restricted:
+            return None
+        return frozenset([*(self.collections or []), *self.read_collections])
+
+    def writable(self) -> Collections:
+        if not self.restricted:
+            return None
+        return frozenset(self.collections or [])
+
+    def home(self) -> str:
+        """Where a document that names no collection goes."""
+        return self.collections[0] if self.collections else DEFAULT_COLLECTION
 
     def digest(self) -> bytes:
         """The key as a sha256 digest: a plain key is hashed here and never kept elsewhere."""
@@ -467,8 +505,9 @@ class HTTPConfig(_Section):
     api_keys: list[str | APIKey] = Field(
         default_factory=list,
         description="Accepted keys (Authorization: Bearer or x-api-key), plain or "
-        "'sha256:<hex>', or objects with a name, requests_per_minute and "
-        "daily_claude_budget_usd; empty: the API is open.",
+        "'sha256:<hex>', or objects with a name, requests_per_minute, "
+        "daily_claude_budget_usd, admin, collections and read_collections; empty: the API is "
+        "open.",
     )
     request_timeout_s: float = Field(
         60.0,

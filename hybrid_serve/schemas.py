@@ -95,6 +95,14 @@ class SearchRequest(StrictModel):
     top_k: Integer = Field(10, ge=1, le=100, description="Passages returned.")
 
 
+DEFAULT_COLLECTION = "default"
+# A collection's name: what API keys list and documents carry.
+COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+CollectionName = Annotated[StrictStr, StringConstraints(pattern=COLLECTION_PATTERN)]
+# The collections a caller may read; None: every one (a key that names none, or no keys).
+Collections = frozenset[str] | None
+
+
 class Passage(BaseModel):
     """A retrieved chunk of a document, with the scores that ranked it."""
 
@@ -106,6 +114,12 @@ class Passage(BaseModel):
     dense_score: float | None = None
     bm25_score: float | None = None
     tags: list[str] = Field(default_factory=list)
+    collection: str = DEFAULT_COLLECTION
+
+    @property
+    def key(self) -> str:
+        """Unique over collections (two may hold the same document id)."""
+        return f"{self.collection}/{self.chunk_id}"
 
 
 class SearchResponse(BaseModel):
@@ -116,6 +130,7 @@ class SearchResponse(BaseModel):
 class Citation(BaseModel):
     number: int
     doc_id: str
+    collection: str = DEFAULT_COLLECTION
     title: str
     snippet: str
     score: float
@@ -229,10 +244,26 @@ class GenerationResult(BaseModel):
 
 
 class DocumentIn(StrictModel):
-    id: StrictStr | None = Field(None, min_length=1, max_length=256)
+    id: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Unique within its collection; no control characters. Unset: derived from "
+        "the content (so a retry does not duplicate it).",
+    )
     title: StrictStr = Field("", max_length=1000)
     text: NonBlank = Field(..., description="The document's text; not blank.")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Kept with the document; `tags` (a list) marks it, e.g. `confidential`: a "
+        "request that retrieves it never leaves the cluster (policies.sensitive_tags).",
+    )
+    collection: CollectionName | None = Field(
+        None,
+        description="Where the document lives; the API key must be allowed to write it. Unset: "
+        "the key's first collection (`default` for a key without collections).",
+    )
 
 
 class DocumentBatch(StrictModel):
@@ -241,6 +272,7 @@ class DocumentBatch(StrictModel):
 
 class DocumentInfo(BaseModel):
     id: str
+    collection: str = DEFAULT_COLLECTION
     title: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     chunks: int

@@ -37,6 +37,7 @@ from scipy import sparse
 
 from hybrid_serve.retrieval import ann
 from hybrid_serve.retrieval.ann import ANNSpec
+from hybrid_serve.schemas import DEFAULT_COLLECTION
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,39 @@ BM25_K1 = 1.5
 BM25_B = 0.75
 
 
+# Documents are stored by key: the id alone in the default collection (so indexes written
+# before collections existed read as they were), `<collection>\x1f<id>` in any other. Ids may
+# not hold control characters (schemas.DocumentIn), so a key names one document of one
+# collection, and the same id in two collections is two documents.
+KEY_SEPARATOR = "\x1f"
+
+
+def doc_key(collection: str, doc_id: str) -> str:
+    return doc_id if collection == DEFAULT_COLLECTION else f"{collection}{KEY_SEPARATOR}{doc_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(collection, id) of a stored key."""
+    collection, sep, doc_id = key.partition(KEY_SEPARATOR)
+    return (collection, doc_id) if sep else (DEFAULT_COLLECTION, key)
+
+
 @dataclass
 class DocRecord:
-    id: str
+    id: str  # the stored key (doc_key)
     title: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
     chunk_ids: list[str] = field(default_factory=list)
+
+    @property
+    def collection(self) -> str:
+        return split_key(self.id)[0]
+
+    @property
+    def public_id(self) -> str:
+        """The id the document was given (unique within its collection)."""
+        return split_key(self.id)[1]
 
     def digest(self) -> str:
         """What decides whether a re-sent document changed (unchanged ones are not re-indexed)."""
@@ -197,6 +224,14 @@ def document_records(
     return DocRecord(doc_id, title, text, metadata, [c.chunk_id for c in chunks]), chunks
 
 
+def row_collections(chunks: Sequence[ChunkRecord]) -> tuple[list[str], np.ndarray]:
+    """The collections of a segment's rows: their names, and each row's index into them."""
+    names = sorted({split_key(c.doc_id)[0] for c in chunks})
+    code = {n: i for i, n in enumerate(names)}
+    rows = np.fromiter((code[split_key(c.doc_id)[0]] for c in chunks), dtype=np.int32)
+    return names, rows
+
+
 def doc_tags(metadata: dict[str, Any]) -> list[str]:
     raw = metadata.get("tags")
     if isinstance(raw, str):
@@ -238,6 +273,13 @@ class Segment:
             loaded["lengths"],
         )
         self.row_doc = loaded["row_doc"]
+        # Segments written before collections existed hold the default collection only.
+        self.collections: list[str] = self.meta.get("collections") or [DEFAULT_COLLECTION]
+        self.row_collection = (
+            loaded["row_collection"]
+            if "row_collection" in loaded.files
+            else np.zeros(self.rows, dtype=np.int32)
+        )
         self.doc_hash = loaded["doc_hash"]  # of every document, in the order of the docs table
         self.doc_hashes = np.unique(self.doc_hash)
         self.total_length = float(self.postings.lengths.sum())
@@ -252,6 +294,18 @@ class Segment:
         self._db_lock = threading.Lock()
         self.spec = spec
         self.index, self.index_kind = self._search_index(spec)
+
+    def readable_rows(self, collections: frozenset[str] | None) -> np.ndarray | bool:
+        """Rows in `collections` (None: all): True for all of them, False for none, else a
+        mask."""
+        if collections is None:
+            return True
+        codes = [i for i, name in enumerate(self.collections) if name in collections]
+        if len(codes) == len(self.collections):
+            return True
+        if not codes:
+            return False
+        return np.isin(self.row_collection, codes)
 
     def _search_index(self, spec: ANNSpec) -> tuple[Any, str]:
         import faiss
@@ -434,6 +488,7 @@ def write_segment(
     if postings is None:
         postings = Postings.from_texts([f"{c.title}\n{c.text}" for c in chunks])
     m = postings.matrix.tocsc()
+    collections, row_collection = row_collections(chunks)
     np.savez(
         folder / "postings.npz",
         data=m.data.astype(np.float32),
@@ -443,6 +498,7 @@ def write_segment(
         lengths=postings.lengths.astype(np.float32),
         row_doc=id_hashes(c.doc_id for c in chunks),
         doc_hash=id_hashes(d.id for d in docs),
+        row_collection=row_collection,
     )
     (folder / "terms.json").write_text(json.dumps(postings.terms, ensure_ascii=False))
     (folder / "deletes.json").write_text(json.dumps(sorted(set(deletes))))
@@ -459,6 +515,7 @@ def write_segment(
         "dim": int(vectors.shape[1]),
         "embedding_model": embedding_model,
         "ann": ann_key,
+        "collections": collections,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     fsync_tree(folder)

@@ -57,13 +57,15 @@ from hybrid_serve.retrieval.segment import (
     bm25_idf,
     bm25_tokenize,
     contains,
+    doc_key,
     doc_tags,
     document_records,
     fsync_file,
     id_hashes,
+    split_key,
     write_segment,
 )
-from hybrid_serve.schemas import Passage
+from hybrid_serve.schemas import DEFAULT_COLLECTION, Collections, Passage
 
 __all__ = ["ChunkRecord", "DocRecord", "IndexStore", "IndexView", "NewDocument", "index_on_disk"]
 
@@ -78,12 +80,17 @@ class NewDocument:
     title: str = ""
     id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    collection: str = DEFAULT_COLLECTION
 
     def resolved_id(self) -> str:
         if self.id:
             return self.id
         digest = hashlib.sha256(f"{self.title}\x00{self.text}".encode()).hexdigest()
         return f"doc-{digest[:20]}"
+
+    def key(self) -> str:
+        """The stored key: the id within its collection (segment.doc_key)."""
+        return doc_key(self.collection, self.resolved_id())
 
 
 class IndexView:
@@ -118,6 +125,31 @@ class IndexView:
         # (as Lucene's): a delete does not rescore the rest of the index.
         self.total_rows = sum(s.rows for s in segments)
         self.total_length = sum(s.total_length for s in segments)
+        self._masks: dict[tuple[int, Collections], tuple[Any, Any]] = {}
+
+    def searchable(self, i: int, collections: Collections) -> tuple[Any, Any] | None:
+        """(live-row mask, its packed bits for FAISS) of segment `i` within `collections`, None
+        when none of its rows are; (None, None) when all are. Cached per view: it is
+        immutable, and a key asks with the same collections every time."""
+        cached = self._masks.get((i, collections))
+        if cached is not None:
+            return cached
+        readable = self.segments[i].readable_rows(collections)
+        if readable is False:
+            out = None
+        elif readable is True:
+            out = (self.alive[i], self.alive_bits[i])
+        else:
+            alive = readable if self.alive[i] is None else readable & self.alive[i]
+            out = (alive, np.packbits(alive, bitorder="little"))
+        if len(self._masks) >= 256:  # more distinct callers than that: start over
+            self._masks.clear()
+        self._masks[(i, collections)] = out  # type: ignore[assignment]
+        return out
+
+    def collections(self) -> list[str]:
+        """Every collection a segment of this version holds rows of."""
+        return sorted({c for s in self.segments for c in s.collections if s.rows})
 
     def names(self) -> list[str]:
         return [s.name for s in self.segments]
@@ -343,8 +375,12 @@ class IndexStore:
         rrf_k: int = 5,
         dense_weight: float = 0.8,
         bm25_weight: float = 1.0,
+        collections: Collections = None,
     ) -> list[Passage]:
-        """Dense and BM25 hits from every segment, merged by score, fused by rank."""
+        """Dense and BM25 hits from every segment, merged by score, fused by rank; only rows of
+        `collections` (None: all) are searched, inside FAISS and BM25 alike, so a caller's
+        top_k is full whatever other collections hold. BM25's statistics stay global (one
+        ranking for every caller)."""
         view = self._view
         if view is None or not view.chunks:
             return []
@@ -355,12 +391,16 @@ class IndexStore:
         terms = view.query_terms(query)
         avgdl = view.total_length / view.total_rows
         for i, seg in enumerate(view.segments):
-            if not view.live_rows[i]:
+            masks = view.searchable(i, collections) if view.live_rows[i] else None
+            if masks is None:
                 continue
-            scores, rows = seg.search_dense(qvec, k, view.alive_bits[i])
+            alive, alive_bits = masks
+            if alive is not None and not alive.any():
+                continue
+            scores, rows = seg.search_dense(qvec, k, alive_bits)
             dense.extend((float(s), (i, int(r))) for s, r in zip(scores, rows))
             if terms:
-                scores, rows = seg.search_bm25(terms, avgdl, k, view.alive[i])
+                scores, rows = seg.search_bm25(terms, avgdl, k, alive)
                 lexical.extend((float(s), (i, int(r))) for s, r in zip(scores, rows))
         # Stable sorts: ties keep segment then row order, so results are deterministic.
         dense.sort(key=lambda h: -h[0])
@@ -386,10 +426,13 @@ class IndexStore:
         out = []
         for key, score in fused:
             c = records[key]
+            collection, doc_id = split_key(c.doc_id)
             out.append(
                 Passage(
-                    chunk_id=c.chunk_id,
-                    doc_id=c.doc_id,
+                    # the chunk's number after the id, as the document was given it
+                    chunk_id=doc_id + c.chunk_id[len(c.doc_id) :],
+                    doc_id=doc_id,
+                    collection=collection,
                     title=c.title,
                     text=c.text,
                     score=float(score),
@@ -424,10 +467,10 @@ class IndexStore:
         """Records and chunks of a batch; the last copy of an id in one batch wins."""
         prepared: dict[str, tuple[DocRecord, list[ChunkRecord]]] = {}
         for doc in documents:
-            doc_id = doc.resolved_id()
-            prepared.pop(doc_id, None)
-            prepared[doc_id] = document_records(
-                doc_id, doc.title, doc.text, dict(doc.metadata), self.chunk(doc)
+            key = doc.key()
+            prepared.pop(key, None)
+            prepared[key] = document_records(
+                key, doc.title, doc.text, dict(doc.metadata), self.chunk(doc)
             )
         return list(prepared.values())
 
@@ -441,9 +484,10 @@ class IndexStore:
         documents: Sequence[NewDocument],
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[int, list[str]]:
-        """Add or replace documents; returns (new version, ids). Durable when it returns."""
+        """Add or replace documents; returns (new version, their ids within their collections).
+        Durable when it returns."""
         prepared = self.prepare(documents)
-        ids = [r.id for r, _ in prepared]
+        ids = [r.public_id for r, _ in prepared]
         with self._writer():
             # Unchanged documents are neither re-embedded nor re-versioned.
             same = self.unchanged([r for r, _ in prepared])

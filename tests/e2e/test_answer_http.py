@@ -45,7 +45,8 @@ def test_answer_contract(client):
     assert numbers == list(range(1, len(numbers) + 1))
     assert set(markers(body["answer"])) == set(numbers)  # no dangling numbers, no unused entries
     for c in body["citations"]:
-        assert set(c) == {"number", "doc_id", "title", "snippet", "score"}
+        assert set(c) == {"number", "doc_id", "collection", "title", "snippet", "score"}
+        assert c["collection"] == "default"
         assert c["doc_id"].startswith("sample:") and c["snippet"]
 
 

@@ -90,6 +90,20 @@ def test_tier_serves_the_messages_api_behind_its_key(tier):
         stranger.messages.create(
             model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
         )
+    # Every route of vLLM's server is behind the key, not only /v1; the probe route says 200.
+    for path in ("/v1/models", "/tokenize", "/invocations", "/metrics", "/version", "/docs"):
+        r = httpx.request(
+            "POST" if path in ("/tokenize", "/invocations") else "GET",
+            f"{tier.messages_url}{path}",
+            json={"prompt": "hi"},
+            timeout=30,
+        )
+        assert r.status_code == 401, (path, r.status_code, r.text[:200])
+    assert httpx.get(f"{tier.messages_url}/health", timeout=30).status_code == 200
+    keyed = httpx.get(
+        f"{tier.messages_url}/v1/models", headers={"authorization": f"Bearer {KEY}"}, timeout=30
+    )
+    assert keyed.status_code == 200, keyed.text
     client = anthropic.Anthropic(base_url=tier.messages_url, auth_token=KEY, max_retries=0)
     graded = client.messages.create(
         model=MODEL,

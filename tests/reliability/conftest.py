@@ -59,7 +59,7 @@ def rel(app: App, tmp_path_factory, request) -> Iterator[Rel]:
             "app_name": APP_NAME,
             "data_dir": str(tmp_path_factory.mktemp("rel")),
             "http.port": app.cfg.http.port,
-            "http.api_keys": [KEY],
+            "http.api_keys": [{"key": KEY, "admin": True}],  # /v1/usage totals, /readyz details
             "slm.engine": "openai",
             "slm.openai.base_url": llm.url,
             "slm.model_name": "slm",

@@ -27,7 +27,7 @@ def cache(clock):
 def test_same_and_near_identical_questions_hit(cache):
     cache.store("k", "How do I add documents?", BASE, {"answer": "a"}, 1, 0.01)
     assert cache.lookup("k", "how do i  add documents", unit(0.2), 1)[1] == 1.0  # same text
-    answer, sim, made_for = cache.lookup("k", "How can I add documents?", unit(0.96), 1)
+    answer, sim, made_for, _ = cache.lookup("k", "How can I add documents?", unit(0.96), 1)
     assert answer == {"answer": "a"} and sim == pytest.approx(0.96)
     assert made_for == "How do I add documents?"
     assert cache.lookup("k", "How can I add documents?", unit(0.90), 1) is None

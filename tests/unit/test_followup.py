@@ -41,7 +41,7 @@ def run_lead(rewrite: str, follow_ups: str = "condense"):
     )
     searched, prompts = [], []
 
-    async def retrieve(query: str, top_k: int) -> list[Passage]:
+    async def retrieve(query: str, top_k: int, collections=None) -> list[Passage]:
         searched.append(query)
         text = "The Zorblax protocol was invented by Mira Quen in 1987 in Tallinn."
         return [Passage(chunk_id="z#0", doc_id="z", title="Zorblax", text=text, score=1.0)]

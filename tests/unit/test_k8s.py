@@ -222,7 +222,13 @@ def test_cli_render_writes_files(tmp_path):
 
     assert main(["k8s", "render", "--profile", "gpu", "--out", str(tmp_path / "m")]) == 0
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert names == ["ingress.yaml", "kustomization.yaml", "pvc.yaml", "rayservice.yaml"]
+    assert names == [
+        "ingress.yaml",
+        "kustomization.yaml",
+        "networkpolicy.yaml",
+        "pvc.yaml",
+        "rayservice.yaml",
+    ]
     pvc = yaml.safe_load((tmp_path / "m/pvc.yaml").read_text())
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
@@ -257,3 +263,42 @@ def test_on_premises_tier_gets_its_own_gpu_group_sized_from_the_model():
     assert groups[1]["rayStartParams"]["resources"] == '"{\\"hybrid_slm_gpu\\": 1}"'
     slm_bundles = llm_config_kwargs(cfg)["placement_group_config"]["bundles"]
     assert slm_bundles == [{"GPU": 1, "CPU": 1, "hybrid_slm_gpu": 1}]
+
+
+def test_ray_control_plane_is_closed():
+    """Token authentication on every Ray container (KubeRay makes the token), and the dashboard
+    (its jobs API runs any code), the GCS and the client port reachable only from the cluster's
+    own pods and the KubeRay operator; the Serve and metrics ports from anywhere."""
+    cfg = load("local")
+    spec = k8s.render_rayservice(cfg)["spec"]["rayClusterConfig"]
+    assert spec["authOptions"] == {"mode": "token"}
+    policy = k8s.render_network_policy(cfg)
+    ours = {"app.kubernetes.io/name": "hybrid-serve"}
+    assert policy["spec"]["podSelector"]["matchLabels"] == ours
+    head = spec["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert ours.items() <= head.items()
+    rules = policy["spec"]["ingress"]
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r["ports"]}
+    assert open_ports == {8000, 8080}
+    operator = next(r for r in rules if "ports" in r and "from" in r)
+    assert {p["port"] for p in operator["ports"]} == {6379, 8265, 10001, 52365}
+    assert operator["from"][0]["podSelector"]["matchLabels"] == k8s.OPERATOR_LABELS
+    assert "networkpolicy.yaml" in k8s.render_all(cfg)["kustomization.yaml"]["resources"]
+
+
+def test_the_on_premises_tier_does_not_start_without_its_key():
+    def refs(manifest):
+        spec = manifest["spec"]["rayClusterConfig"]
+        pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        return [
+            e["valueFrom"]["secretKeyRef"]
+            for p in pods
+            for c in p["template"]["spec"]["containers"]
+            for e in c["env"]
+            if "valueFrom" in e
+        ]
+
+    tier = refs(k8s.render_rayservice(load("gpu-on-premises")))
+    assert all(r["optional"] is False for r in tier if r["key"] == "llm-tier-key")
+    assert all(r["optional"] is True for r in tier if r["key"] != "llm-tier-key")
+    assert all(r["optional"] is True for r in refs(k8s.render_rayservice(load("gpu"))))

@@ -63,7 +63,7 @@ SETTINGS = {
 
 
 def make_lead(engine, server, **settings) -> Lead:
-    async def retrieve(query, top_k):
+    async def retrieve(query, top_k, collections=None):
         return PASSAGES[:top_k]
 
     client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
@@ -146,7 +146,7 @@ def test_sensitive_document_tag_keeps_the_query_local(engine, server):
     lead = make_lead(engine, server, threshold=1.0, sensitive_tags=["hr"])
     tagged = PASSAGES[0].model_copy(update={"tags": ["hr"]})
 
-    async def retrieve(query, top_k):
+    async def retrieve(query, top_k, collections=None):
         return [tagged]
 
     lead.retrieve = retrieve
@@ -388,3 +388,96 @@ def test_claude_rewrites_a_follow_up_unless_the_conversation_is_sensitive(engine
     secret = [{"role": "user", "content": "Whose payroll is in the Eiffel Tower file?"}]
     r = asyncio.run(lead.answer(req, "trace-g", history=secret))
     assert server.calls() == [] and r.searched_query  # rewritten locally, or the fallback
+    assert r.sensitive  # a pattern in the history keeps the whole request inside
+
+
+# -- data stays where it belongs on every path ------------------------------------------------
+
+SECRET = Passage(
+    chunk_id="falcon#0",
+    doc_id="falcon",
+    title="Falcon",
+    text="The launch code of the rocket is ZEBRA-7731.",
+    tags=["Confidential"],  # tags match whatever their case
+)
+
+
+def over(engine, server, **settings) -> Lead:
+    """A lead whose retrieval finds the confidential passage only for rocket questions."""
+    lead = make_lead(engine, server, **settings)
+
+    async def retrieve(query, top_k, collections=None):
+        return [SECRET] if "rocket" in query.lower() else PASSAGES[:top_k]
+
+    lead.retrieve = retrieve
+    return lead
+
+
+def sent(server) -> str:
+    """Everything that reached the LLM tier."""
+    return " ".join(c.text for c in server.calls())
+
+
+def test_a_rewrite_that_retrieves_a_confidential_document_stays_local(engine, server):
+    lead = over(engine, server, threshold=1.0, verify="always")
+    rewrite = {
+        "rewritten_query": "What is the rocket's launch code?",
+        "search_queries": ["rocket launch code"],
+        "steps": [],
+    }
+    server.queue_tool_input("rewrite_query", rewrite)
+    r = ask(lead, query="When was the Eiffel Tower completed?")
+    assert len(server.calls()) == 1 and server.calls("rewrite_query")  # public until then
+    assert "ZEBRA" not in sent(server) and "launch code of the rocket" not in sent(server)
+    assert r.sensitive and "sensitive_local_only" in r.degraded
+    assert r.route != "claude" and r.verification is None
+
+
+def test_subtasks_that_retrieve_a_confidential_document_keep_the_merge_local(engine, server):
+    lead = over(engine, server, verify="always", shadow_verify_share=1.0)
+    plan = {
+        "subtasks": [
+            TWO_PART_PLAN["subtasks"][0],
+            {
+                "id": "s2",
+                "question": "What is the rocket's launch code?",
+                "search_queries": ["rocket launch code"],
+                "depends_on": [],
+            },
+        ]
+    }
+    server.queue_tool_input("plan_subtasks", plan)
+    r = ask(lead, query="When was the Eiffel Tower completed, and what else?", mode="decompose")
+    asyncio.run(lead.shadow_idle())
+    assert r.route == "decomposed" and r.sensitive and "sensitive_local_only" in r.degraded
+    assert [c.body["tool_choice"]["name"] for c in server.calls()] == ["plan_subtasks"]
+    assert "ZEBRA" not in sent(server)
+
+
+def test_a_follow_up_to_an_answer_from_a_confidential_document_stays_local(engine, server):
+    lead = over(engine, server, threshold=1.0, verify="always")
+    history = [
+        {"role": "user", "content": "What does the Falcon file say?"},
+        {"role": "assistant", "content": "The launch code of the rocket is ZEBRA-7731 [1]."},
+    ]
+    req = AnswerRequest(query="And when was the Eiffel Tower completed?")
+    r = asyncio.run(lead.answer(req, "trace-h", history=history))
+    assert server.calls() == [] and r.sensitive  # not even the condense call
+    # The same conversation about public documents is rewritten by Claude as before.
+    public = [
+        {"role": "user", "content": "Tell me about the Louvre."},
+        {"role": "assistant", "content": "The Louvre is an art museum in Paris [1]."},
+    ]
+    r = asyncio.run(lead.answer(req, "trace-i", history=public))
+    assert server.calls("condense_question") and not r.sensitive
+
+
+def test_a_follow_up_whose_earlier_question_retrieved_a_confidential_document(engine, server):
+    lead = over(engine, server, threshold=1.0, verify="always")
+    history = [
+        {"role": "user", "content": "What is the rocket's code?"},
+        {"role": "assistant", "content": "I cannot say."},
+    ]
+    req = AnswerRequest(query="When was the Eiffel Tower completed?")
+    r = asyncio.run(lead.answer(req, "trace-j", history=history))
+    assert server.calls() == [] and r.sensitive
