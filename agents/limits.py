@@ -1,6 +1,7 @@
-"""Rate limiter, circuit breaker and spend budget for Claude calls.
+"""Rate limiter, circuit breaker and spend budget for the LLM tier's calls, and the limits of
+API keys.
 
-They live in one ClaudeProxy replica, and all their check-and-update steps run without an `await`
+They live in one LLMProxy replica, and all their check-and-update steps run without an `await`
 in between, so on its single event loop they are atomic: concurrent requests cannot overspend.
 """
 
@@ -17,11 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from aiolimiter import AsyncLimiter
+
 Clock = Callable[[], float]
 
 
 class TokenBucket:
-    """`rate_per_min` units per minute, bursting up to one minute's worth."""
+    """`rate_per_min` units per minute, bursting up to one minute's worth. Hand-written for
+    KeyLimits' admission, which must answer at once with the time until the next token (a 429's
+    Retry-After); aiolimiter, which RateLimiter uses, waits instead of saying how long."""
 
     def __init__(self, rate_per_min: float, clock: Clock = time.monotonic) -> None:
         self.rate = rate_per_min / 60.0
@@ -53,26 +58,40 @@ class RateLimited(Exception):
 
 
 class RateLimiter:
-    """Requests per minute and tokens per minute, waited for up to `max_wait_s`."""
+    """Requests per minute and tokens per minute (aiolimiter's leaky buckets, a minute's burst),
+    waited for up to `max_wait_s`: a call that would wait longer fails instead of holding its
+    request. The buckets belong to the event loop that uses them (a replica has one)."""
 
-    def __init__(self, rpm: float, tpm: float, max_wait_s: float, clock: Clock = time.monotonic):
-        self.requests = TokenBucket(rpm, clock)
-        self.tokens = TokenBucket(tpm, clock)
-        self.max_wait_s = max_wait_s
+    def __init__(self, rpm: float, tpm: float, max_wait_s: float) -> None:
+        self.rpm, self.tpm, self.max_wait_s = rpm, tpm, max_wait_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.requests = AsyncLimiter(rpm, 60)
+        self.tokens = AsyncLimiter(tpm, 60)
+
+    def _buckets(self) -> tuple[AsyncLimiter, AsyncLimiter]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:  # another loop (a test's): fresh buckets for it
+                self.requests, self.tokens = AsyncLimiter(self.rpm, 60), AsyncLimiter(self.tpm, 60)
+            self._loop = loop
+        return self.requests, self.tokens
 
     async def acquire(self, tokens: float, max_wait_s: float | None = None) -> None:
         """`max_wait_s`: a shorter bound for this call (what remains of its request's deadline)."""
         bound = self.max_wait_s if max_wait_s is None else min(self.max_wait_s, max_wait_s)
-        deadline = time.monotonic() + bound
-        while True:
-            wait = max(self.requests.wait_time(1), self.tokens.wait_time(tokens))
-            if wait == 0:
-                self.requests.take(1)
-                self.tokens.take(tokens)
-                return
-            if time.monotonic() + wait > deadline:
-                raise RateLimited(f"local rate limit: would wait {wait:.1f}s")
-            await asyncio.sleep(wait)
+        requests, token_bucket = self._buckets()
+        tokens = min(tokens, token_bucket.max_rate)  # a call over a minute's worth waits a minute
+        try:
+            async with asyncio.timeout(bound):
+                await requests.acquire()
+                await token_bucket.acquire(tokens)
+        except TimeoutError:
+            raise RateLimited(f"local rate limit: no capacity within {bound:.1f}s") from None
+
+    def reconfigure(self, rpm: float, tpm: float, max_wait_s: float) -> None:
+        if (rpm, tpm) != (self.rpm, self.tpm):
+            self.requests, self.tokens = AsyncLimiter(rpm, 60), AsyncLimiter(tpm, 60)
+        self.rpm, self.tpm, self.max_wait_s = rpm, tpm, max_wait_s
 
 
 State = Literal["closed", "open", "half_open"]
@@ -260,11 +279,26 @@ class KeyLimits:
         clock: Clock = time.monotonic,
     ) -> None:
         """`limits`: label -> (requests per minute, daily Claude budget in USD), None: no limit."""
-        self.limits = limits
-        self.buckets = {k: TokenBucket(rpm, clock) for k, (rpm, _) in limits.items() if rpm}
-        self.usage: dict[str, KeyUsage] = {k: KeyUsage() for k in limits}
+        self.clock = clock
+        self.limits: dict[str, tuple[float | None, float | None]] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+        self.usage: dict[str, KeyUsage] = {}
         self.path = path
+        self.reconfigure(limits)
         self._load()
+
+    def reconfigure(self, limits: dict[str, tuple[float | None, float | None]]) -> None:
+        """New keys and limits in place: a key whose rate is unchanged keeps its bucket, every
+        key its usage of the day."""
+        for label, (rpm, _) in limits.items():
+            if not rpm:
+                self.buckets.pop(label, None)
+            elif self.limits.get(label, (None, None))[0] != rpm:
+                self.buckets[label] = TokenBucket(rpm, self.clock)
+            self.usage.setdefault(label, KeyUsage())
+        for label in set(self.buckets) - set(limits):
+            del self.buckets[label]
+        self.limits = dict(limits)
 
     def _today(self, usage: KeyUsage) -> KeyUsage:
         today = dt.datetime.now(dt.UTC).date().isoformat()

@@ -19,36 +19,37 @@ from hybrid_serve.agents.citations import content_words
 REF = re.compile(r"\{(s\d+)\}")
 
 
-def bounded(kind: Any, max_length: int) -> Any:
-    """`kind` (a string or a list) with a length bound that the JSON schema states — a server that
-    enforces the schema while decoding (vLLM) keeps a small open model's output short with it —
-    and that validation cuts to rather than rejects: Anthropic's API reads it only as a hint."""
+def cut_to(max_length: int) -> BeforeValidator:
+    """A length bound that validation cuts to rather than rejects (paired with a `Field`
+    max_length that the JSON schema states: a server that enforces the schema while decoding,
+    vLLM, keeps a small open model's output short with it; Anthropic's API reads it only as a
+    hint)."""
 
     def cut(value: Any) -> Any:
         return value[:max_length] if isinstance(value, (str, list)) else value
 
-    return Annotated[kind, BeforeValidator(cut), Field(max_length=max_length)]
+    return BeforeValidator(cut)
 
 
 # Bounds on what a planner writes: generous for Claude, and what keeps a small open model from
 # filling its whole token budget.
-SubtaskId = bounded(str, 8)
-SearchQuery = bounded(str, 120)
 MAX_SUBTASKS = 6
+SubtaskId = Annotated[str, cut_to(8), Field(max_length=8)]
+SearchQuery = Annotated[str, cut_to(120), Field(max_length=120)]
 
 
 class SubtaskPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: SubtaskId = Field(description="s1, s2, ... in order.")
-    question: bounded(str, 300) = Field(
+    question: Annotated[str, cut_to(300), Field(max_length=300)] = Field(
         description="A self-contained question; write {s1} where the answer of s1 is needed."
     )
-    search_queries: bounded(list[SearchQuery], 3) = Field(
+    search_queries: Annotated[list[SearchQuery], cut_to(3), Field(max_length=3)] = Field(
         description="One or two short search queries."
     )
-    depends_on: bounded(list[SubtaskId], MAX_SUBTASKS) = Field(
-        description="Ids whose answers this sub-task needs."
+    depends_on: Annotated[list[SubtaskId], cut_to(MAX_SUBTASKS), Field(max_length=MAX_SUBTASKS)] = (
+        Field(description="Ids whose answers this sub-task needs.")
     )
 
 
@@ -57,8 +58,8 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    subtasks: bounded(list[SubtaskPlan], MAX_SUBTASKS) = Field(
-        min_length=1, description="Two to five sub-tasks."
+    subtasks: Annotated[list[SubtaskPlan], cut_to(MAX_SUBTASKS), Field(max_length=MAX_SUBTASKS)] = (
+        Field(min_length=1, description="Two to five sub-tasks.")
     )
 
 

@@ -1,5 +1,6 @@
-"""Where data may go: the one definition of "sensitive", and the gate every call to the LLM tier
-passes.
+"""Every policy decision, in one place: where data may go (the one definition of "sensitive",
+and the gate every call to the LLM tier passes), whether the LLM tier may be used for a request,
+whether an answer is verified, and what the answer cache may read and keep.
 
 A request is sensitive when it says so, when its text matches a `policies.sensitive_patterns`
 regex, or the moment any retrieval made for it (the first, a rewrite's, a sub-task's, a
@@ -13,18 +14,18 @@ the cluster and may take sensitive requests.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from hybrid_serve.agents.citations import support
-from hybrid_serve.config import PolicyConfig
-from hybrid_serve.schemas import AnswerRequest, Passage
-
-if TYPE_CHECKING:
-    from hybrid_serve.agents.claude import ClaudeCall
+from hybrid_serve.agents.interfaces import LLMCall
+from hybrid_serve.config import HybridServeConfig, PolicyConfig
+from hybrid_serve.schemas import AnswerRequest, AnswerResponse, Collections, Passage, Route
 
 # The degraded reason of a request kept inside the cluster, and of a call the gate refused.
 KEPT_LOCAL = "sensitive_local_only"
@@ -63,7 +64,7 @@ class Sensitivity:
         )
 
 
-def call_texts(call: ClaudeCall) -> list[str]:
+def call_texts(call: LLMCall) -> list[str]:
     """Every text a call carries: the question, a candidate answer, a grader's notes, the chat
     before the question, and each passage's title and text."""
     texts = [call.query, call.answer, call.notes]
@@ -99,7 +100,7 @@ class PrivacyGate:
         """A request's own calls and its background ones (`<trace>:shadow`) share one mark."""
         return request_id.split(":", 1)[0]
 
-    def why_not(self, call: ClaudeCall) -> str | None:
+    def why_not(self, call: LLMCall) -> str | None:
         """Why `call` may not leave the cluster, or None when it may."""
         if self.on_premises:
             return None
@@ -114,7 +115,7 @@ class PrivacyGate:
             return "its text matches a sensitive pattern"
         return None
 
-    def check(self, call: ClaudeCall) -> str | None:
+    def check(self, call: LLMCall) -> str | None:
         """`why_not`, remembering a refused request."""
         reason = self.why_not(call)
         if reason is not None:
@@ -147,3 +148,75 @@ def history_in_use(history: Sequence[dict[str, str]], turns: int) -> list[dict[s
     if last_user is not None and not any(m is last_user for m in used):
         used.insert(0, last_user)
     return used
+
+
+class Policy:
+    """The decisions the pipeline and the ingress make from the configuration in force."""
+
+    def __init__(self, cfg: HybridServeConfig) -> None:
+        self.cfg = cfg
+        self.sensitivity = Sensitivity(cfg.policies)
+
+    def wants_verification(self, req: AnswerRequest, route: Route) -> bool:
+        """`always`, `never`, or (`auto`) every answer the SLM did not keep on its own."""
+        policy = req.verify or self.cfg.escalation.verify
+        if policy == "auto":
+            return route != "slm"
+        return policy == "always"
+
+    @staticmethod
+    def llm_down(tier: Mapping[str, Any], key_budget_exhausted: bool) -> str | None:
+        """Why the LLM tier may not be used for a request, known before it starts: no key (or no
+        proxy to call it), or the caller's key over its daily budget. The tier's circuit and
+        budget are checked call by call where it is called."""
+        if tier.get("reason") == "no_api_key" or not tier.get("ready", True):
+            return "claude_unavailable"
+        if key_budget_exhausted:
+            return "key_budget_exhausted"
+        return None
+
+    def may_use_cache(self, req: AnswerRequest, no_cache_header: bool) -> bool:
+        """Read (and later fill) the answer cache for this request: on, not refused by the client,
+        and not sensitive unless `cache.sensitive`."""
+        c = self.cfg.cache
+        allowed = c.sensitive or not self.sensitivity.request(req)
+        return c.enabled and not no_cache_header and req.use_cache and allowed
+
+    def may_keep(self, answer: AnswerResponse, llm_down: str | None) -> bool:
+        """Cache a fresh answer: complete (not cut by the deadline, not degraded by a passing
+        failure — a reason known before it started is no passing failure), not empty, and not
+        sensitive unless `cache.sensitive`."""
+        cut = answer.deadline is not None and bool(answer.deadline.cut)
+        transient = set(answer.degraded) - {llm_down}
+        sensitive_ok = not answer.sensitive or self.cfg.cache.sensitive
+        return not cut and not transient and bool(answer.answer.strip()) and sensitive_ok
+
+    @staticmethod
+    def cache_scope(
+        kind: str,
+        req: AnswerRequest,
+        llm_down: str | None,
+        collections: Collections,
+        history: Sequence[dict[str, str]] = (),
+        **options: Any,
+    ) -> str:
+        """Everything besides the question that shapes an answer: an entry serves only requests
+        that agree on all of it — the options, the conversation before the question (by digest),
+        and the collections the caller may read, so an answer is only ever reused for a caller
+        who could have retrieved its evidence."""
+        turns = json.dumps(list(history), sort_keys=True).encode()
+        return json.dumps(
+            {
+                "kind": kind,
+                "mode": req.mode,
+                "verify": req.verify,
+                "sensitive": req.sensitive,
+                "pii": req.pii,
+                "top_k": req.top_k,
+                "claude": llm_down,
+                "history": hashlib.sha256(turns).hexdigest() if history else None,
+                "collections": sorted(collections) if collections is not None else None,
+                **options,
+            },
+            sort_keys=True,
+        )

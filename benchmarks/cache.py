@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 
-from hybrid_serve.agents.answer_cache import normalise
-from hybrid_serve.benchmarks.confidence import load_squad
+from hybrid_serve.agents.semantic_cache import normalise
+from hybrid_serve.benchmarks.confidence_signal import load_squad
 from hybrid_serve.benchmarks.quality import ingest
 from hybrid_serve.benchmarks.report import Progress, percentile, publish
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from hybrid_serve.agents.citations import finalize
 from hybrid_serve.agents.confidence import PENALTY, score_answer
-from hybrid_serve.benchmarks.confidence import load_squad
-from hybrid_serve.benchmarks.metrics import auroc
+from hybrid_serve.benchmarks.confidence_signal import load_squad
 from hybrid_serve.benchmarks.report import Progress, publish
+from hybrid_serve.benchmarks.scoring import auroc
 from hybrid_serve.schemas import Passage
 from hybrid_serve.text import split_sentences
 
@@ -59,7 +59,7 @@ def build_pairs(path: Path, limit: int, seed: int) -> list[dict[str, Any]]:
         kind = kind_of(answer)
         if kind:
             pool[kind].append((q["doc_id"].rsplit("-", 1)[0], answer))
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for q in questions:
         if len(pairs) >= limit * 2:  # two styles per question
             break

@@ -17,7 +17,6 @@ the median of single-sub-task requests measured in the same run and configuratio
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 
 from hybrid_serve.benchmarks.fixed_latency_server import FixedLatencyServer
 from hybrid_serve.benchmarks.report import NO_CACHE, Progress, publish, start_private_ray
@@ -43,22 +43,18 @@ def fanout_seconds(client: httpx.Client, k: int) -> tuple[float, int]:
     body = {"query": query, "mode": "decompose", "sensitive": True, "verify": "never"}
     plan_at = last_at = None
     answered = planned = 0
-    name = ""
-    with client.stream("POST", "/v1/answer", json={**body, "stream": True}) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
+    with connect_sse(client, "POST", "/v1/answer", json={**body, "stream": True}) as source:
+        source.response.raise_for_status()
+        for sse in source.iter_sse():
             now = time.perf_counter()
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if name == "plan":
-                    plan_at, planned = now, len(data["subtasks"])
-                elif name == "subtask":
-                    last_at = now
-                    answered += data["status"] == "ok"
-                elif name == "error":
-                    raise RuntimeError(data)
+            data = sse.json()
+            if sse.event == "plan":
+                plan_at, planned = now, len(data["subtasks"])
+            elif sse.event == "subtask":
+                last_at = now
+                answered += data["status"] == "ok"
+            elif sse.event == "error":
+                raise RuntimeError(data)
     if plan_at is None or last_at is None or planned != k:
         raise RuntimeError(f"expected a plan of {k} sub-tasks, got {planned}")
     return last_at - plan_at, answered

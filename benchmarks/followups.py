@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hybrid_serve.agents.lead import Lead
-from hybrid_serve.benchmarks.confidence import load_squad, squad_index
+from hybrid_serve.agents.pipeline import Pipeline
+from hybrid_serve.benchmarks.confidence_signal import load_squad, squad_index
 from hybrid_serve.benchmarks.report import Progress, publish
 from hybrid_serve.config import HybridServeConfig
 
@@ -75,11 +75,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     async def measure() -> None:
         for mode in MODES:
             mcfg = HybridServeConfig.load(overrides={"conversation.follow_ups": mode})
-            lead = Lead(retrieve, engine.generate, mcfg)
+            pipe = Pipeline(retrieve, engine.generate, mcfg)
             for i, row in enumerate(rows):
                 progress.step(i + 1, len(rows), f"{mode}")
                 query = (
-                    await lead.followup_query(row["question"], row["history"]) or row["question"]
+                    await pipe.followup_query(row["question"], row["history"]) or row["question"]
                 )
                 hits = store.search(query, args.k)
                 row[mode] = {"query": query, "found": row["gold"] in {p.doc_id for p in hits}}

@@ -3,9 +3,10 @@ segments now), ingestion rate (one process vs the Ray Data pipeline), and search
 chunks (flat vs IVF-PQ: latency, recall@10 against exact search, resident memory).
 
 Vectors are MiniLM-like: the bundled model's embeddings of the SQuAD paragraphs, plus noisy
-copies of them beyond that count (as `benchmarks.ann`); chunk texts are 12 words drawn from the
-SQuAD vocabulary; queries are SQuAD questions. The "before" store is the whole-snapshot store of
-an earlier commit (`--baseline-ref`, read from git), measured in the same run.
+copies of them beyond that count (as `benchmarks.ann_recall`); chunk texts are 12 words drawn
+from the SQuAD vocabulary; queries are SQuAD questions. The "before" store is the
+whole-snapshot store of an earlier commit (`--baseline-ref`, read from git), measured in the
+same run.
 
     python -m hybrid_serve.benchmarks.index_scale --writes --sizes 10000,100000,1000000
     python -m hybrid_serve.benchmarks.index_scale --search --search-size 1000000
@@ -28,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_serve.benchmarks.ann import SQUAD
-from hybrid_serve.benchmarks.confidence import load_squad
+from hybrid_serve.benchmarks.ann_recall import SQUAD
+from hybrid_serve.benchmarks.confidence_signal import load_squad
 from hybrid_serve.benchmarks.report import Progress, percentile, publish
 from hybrid_serve.retrieval.ann import ANNSpec
 from hybrid_serve.retrieval.segment import ChunkRecord, DocRecord
@@ -117,6 +118,7 @@ def load_baseline(ref: str) -> Any:
         check=True,
     ).stdout
     spec = importlib.util.spec_from_loader("hybrid_serve_baseline_store", loader=None)
+    assert spec is not None  # a name and no loader always make a spec
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     exec(compile(source, f"{ref}:retrieval/store.py", "exec"), module.__dict__)
@@ -193,6 +195,8 @@ def search_worker(root: str, arm: str, truth: str, out: str) -> None:
     store.refresh()
     load_s = time.perf_counter() - loaded0
     after_load = rss()
+    if store.view is None:
+        raise RuntimeError(f"no index at {root}")
     seg = store.view.segments[0]
     exact = np.load(truth)
     latencies, found = [], []
@@ -275,7 +279,7 @@ def bench_ingest(args: argparse.Namespace, progress: Progress) -> list[dict]:
             for i, d in enumerate(docs)
         )
     )
-    cfg = HybridServeConfig(data_dir=str(work / "one"))
+    cfg = HybridServeConfig(data_dir=work / "one")
     store = IndexStore.from_config(cfg.index_dir, cfg.retriever, Embedder())
     progress.say(f"one process: {len(docs)} paragraphs in batches of 64")
     t0 = time.perf_counter()
@@ -291,7 +295,7 @@ def bench_ingest(args: argparse.Namespace, progress: Progress) -> list[dict]:
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         for workers in sorted({1, args.ray_cpus}):
-            cfg = HybridServeConfig(data_dir=str(work / f"ray-{workers}"))
+            cfg = HybridServeConfig(data_dir=work / f"ray-{workers}")
             progress.say(f"Ray Data pipeline, {workers} embedding actor(s)")
             r = ingest.run(cfg, [records], workers=workers, segment_chunks=2000)
             rows.append({"path": "Ray Data pipeline", "workers": workers, "chunks": r.chunks,
@@ -306,7 +310,7 @@ def bench_ingest(args: argparse.Namespace, progress: Progress) -> list[dict]:
 
 def bench_recall(args: argparse.Namespace, progress: Progress) -> list[dict]:
     """SQuAD retrieval recall: the snapshot store vs segments (one, and one per 50 paragraphs)."""
-    from hybrid_serve.benchmarks.metrics import recall_at_k
+    from hybrid_serve.benchmarks.scoring import recall_at_k
     from hybrid_serve.config import HybridServeConfig
     from hybrid_serve.retrieval.embedder import Embedder
 
@@ -324,7 +328,10 @@ def bench_recall(args: argparse.Namespace, progress: Progress) -> list[dict]:
     new = [NewDocument(id=d["id"], title=d["title"], text=d["text"]) for d in docs]
     baseline = load_baseline(args.baseline_ref)
     work = Path(tempfile.mkdtemp(prefix="scale-recall-", dir=args.work))
-    kw = {"chunk_words": rc.chunk_words, "chunk_overlap_words": rc.chunk_overlap_words}
+    kw: dict[str, Any] = {
+        "chunk_words": rc.chunk_words,
+        "chunk_overlap_words": rc.chunk_overlap_words,
+    }
     stores = {
         f"snapshots ({args.baseline_ref})": baseline.IndexStore(work / "a", embed, DIM, **kw),
         "segments: one": IndexStore(work / "b", embed, DIM, **kw),
@@ -487,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         args.writes = args.search = args.ingest = args.recall = True
     progress = Progress("index_scale")
     syn = Synthetic(Path(args.squad)) if args.writes or args.search else None
-    writes = bench_writes(args, syn, progress) if args.writes else []
-    search = bench_search(args, syn, progress) if args.search else []
+    writes = bench_writes(args, syn, progress) if syn is not None and args.writes else []
+    search = bench_search(args, syn, progress) if syn is not None and args.search else []
     ingest_rows = bench_ingest(args, progress) if args.ingest else []
     recall = bench_recall(args, progress) if args.recall else []
     progress.done()

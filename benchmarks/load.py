@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import aconnect_sse
 
 from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publish
 
@@ -126,22 +127,20 @@ async def one_request(
             return Result(scheduled, latency, 200, None, data.get("route"), data.get("usage", {}))
         ttft = None
         done: dict[str, Any] | None = None
-        name = ""
-        async with client.stream("POST", "/v1/answer", json={**body, "stream": True}) as r:
+        request = {"json": {**body, "stream": True}}
+        async with aconnect_sse(client, "POST", "/v1/answer", **request) as source:
+            r = source.response
             if r.status_code != 200:
                 await r.aread()
                 return Result(scheduled, (time.perf_counter() - start) * 1000, r.status_code)
-            async for line in r.aiter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    if name == "answer" and ttft is None:
-                        ttft = (time.perf_counter() - start) * 1000
-                    elif name == "done":
-                        done = json.loads(line[6:])
-                    elif name == "error":
-                        status = json.loads(line[6:]).get("error", {}).get("code", "stream_error")
-                        return Result(scheduled, (time.perf_counter() - start) * 1000, status)
+            async for sse in source.aiter_sse():
+                if sse.event == "answer" and ttft is None:
+                    ttft = (time.perf_counter() - start) * 1000
+                elif sse.event == "done":
+                    done = sse.json()
+                elif sse.event == "error":
+                    status = sse.json().get("error", {}).get("code", "stream_error")
+                    return Result(scheduled, (time.perf_counter() - start) * 1000, status)
         latency = (time.perf_counter() - start) * 1000
         if done is None:
             return Result(scheduled, latency, "incomplete_stream", ttft)

@@ -43,15 +43,15 @@ import httpx
 
 from hybrid_serve.agents.calibration import risk_threshold
 from hybrid_serve.agents.shadow import kept_error_rate, read_verdicts
-from hybrid_serve.benchmarks.confidence import load_squad
-from hybrid_serve.benchmarks.metrics import (
+from hybrid_serve.benchmarks.confidence_signal import load_squad
+from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publish
+from hybrid_serve.benchmarks.scoring import (
     auroc,
     exact_match,
     f1_score,
     recall_at_k,
     strip_citations,
 )
-from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = (0.1, 0.2, 0.3)
@@ -79,6 +79,13 @@ class Outcome:
     auto: dict[str, Any] | None = None
     # the answers in each of --modes (the routing table)
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> dict[str, Any]:
+        """The SLM's answer, for an outcome known to have one."""
+        if self.slm is None:
+            raise ValueError(f"{self.q.question!r} has no SLM answer")
+        return self.slm
 
 
 # -- datasets -------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ def answer_of(o: Outcome, side: str) -> dict[str, Any] | None:
 
 
 def answer_metrics(outcomes: list[Outcome], side: str) -> dict[str, Any]:
-    rows = [(o.q, answer_of(o, side)) for o in outcomes if answer_of(o, side) is not None]
+    rows = [(o.q, r) for o in outcomes if (r := answer_of(o, side)) is not None]
     if not rows:
         return {}
     em = [exact_match(strip_citations(r["answer"]), q.answers) for q, r in rows]
@@ -189,23 +196,25 @@ def calibrate(outcomes: list[Outcome], seed: int) -> dict[str, Any]:
     def point(threshold: float) -> dict[str, Any]:
         f1s, costs, kept = [], [], []
         for o in held:
-            escalate = o.slm["confidence"] < threshold
-            if escalate and claude_measured:
-                r = o.claude
+            escalate = o.answered["confidence"] < threshold
+            if escalate and claude_measured and (r := o.claude) is not None:
                 f1s.append(f1_of(o, r))
-                costs.append(o.slm["usage"]["slm_cost_usd"] + r["usage"]["cost_usd"])
+                costs.append(o.answered["usage"]["slm_cost_usd"] + r["usage"]["cost_usd"])
             elif escalate:  # Claude not measured: its cost estimated, its quality unknown
                 costs.append(
-                    o.slm["usage"]["slm_cost_usd"] + o.slm["usage"]["all_claude_cost_usd_estimate"]
+                    o.answered["usage"]["slm_cost_usd"]
+                    + o.answered["usage"]["all_claude_cost_usd_estimate"]
                 )
             else:
-                f1s.append(f1_of(o, o.slm))
-                kept.append(f1_of(o, o.slm))
-                costs.append(o.slm["usage"]["slm_cost_usd"])
+                f1s.append(f1_of(o, o.answered))
+                kept.append(f1_of(o, o.answered))
+                costs.append(o.answered["usage"]["slm_cost_usd"])
         n = len(held) or 1
         return {
             "threshold": round(threshold, 4),
-            "escalation_rate": round(sum(o.slm["confidence"] < threshold for o in held) / n, 4),
+            "escalation_rate": round(
+                sum(o.answered["confidence"] < threshold for o in held) / n, 4
+            ),
             "f1": round(statistics.mean(f1s), 4) if claude_measured and f1s else None,
             "f1_of_answers_kept_on_slm": round(statistics.mean(kept), 4) if kept else None,
             "cost_usd_per_question": round(sum(costs) / n, 8),
@@ -213,7 +222,7 @@ def calibrate(outcomes: list[Outcome], seed: int) -> dict[str, Any]:
 
     curve = []
     for target in (0.0, *TARGETS, 1.0):
-        t = threshold_for([o.slm["confidence"] for o in fit], target)
+        t = threshold_for([o.answered["confidence"] for o in fit], target)
         curve.append({"target_escalation": target, **point(t)})
     return {
         "calibration_questions": len(fit),
@@ -338,8 +347,8 @@ def summarize(
 
     answered = [o for o in outcomes if o.slm is not None]
     slm = answer_metrics(outcomes, "slm")
-    confidences = [o.slm["confidence"] for o in answered]
-    right = [f1_score(strip_citations(o.slm["answer"]), o.q.answers) > 0.5 for o in answered]
+    confidences = [o.answered["confidence"] for o in answered]
+    right = [f1_score(strip_citations(o.answered["answer"]), o.q.answers) > 0.5 for o in answered]
     if run["with_claude"]:
         auto = [o.auto for o in answered if o.auto is not None]
         routes: dict[str, float] = {}
@@ -402,8 +411,8 @@ def summarize(
         "questions": [
             {
                 "dataset": o.q.dataset,
-                "confidence": o.slm["confidence"],
-                "f1": round(f1_score(strip_citations(o.slm["answer"]), o.q.answers), 4),
+                "confidence": o.answered["confidence"],
+                "f1": round(f1_score(strip_citations(o.answered["answer"]), o.q.answers), 4),
             }
             for o in answered
         ],

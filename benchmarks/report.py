@@ -4,11 +4,12 @@ Markdown + PNG output."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def start_private_ray(num_cpus: int, serve_port: int | None = None) -> None:
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,
-        logging_level="ERROR",
+        logging_level=logging.ERROR,
     )
     if serve_port is not None:
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
@@ -98,7 +99,7 @@ def write_report(
     out: Path,
     report: dict[str, Any],
     markdown: str,
-    plots: dict[str, Callable[[Any], None]],
+    plots: Mapping[str, Callable[[Any], None]],
 ) -> Path:
     """report.json, report.md and one PNG per plot function (given a matplotlib Axes)."""
     import matplotlib
@@ -124,7 +125,7 @@ def publish(
     out: Path,
     report: dict[str, Any],
     markdown: str,
-    plots: dict[str, Callable[[Any], None]],
+    plots: Mapping[str, Callable[[Any], None]],
 ) -> Path:
     """`write_report`, then the Markdown and where it went on stdout."""
     path = write_report(out, report, markdown, plots)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
 
     med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-    report = {
+    report: dict[str, Any] = {
         "config": {
             "threads": args.threads,
             "max_tokens": args.max_tokens,

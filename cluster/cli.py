@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import stat
@@ -49,15 +50,59 @@ def _error_message(r: httpx.Response) -> str:
 # -- up ------------------------------------------------------------------------------------------
 
 
+def _up_config(args: argparse.Namespace) -> HybridServeConfig:
+    """The configuration `up` runs: the file, the environment, the flags."""
+    return HybridServeConfig.load(
+        args.config,
+        overrides={"http.port": args.port, "data_dir": args.data_dir, "http.host": args.host},
+    )
+
+
+def _reload(args: argparse.Namespace, cfg: HybridServeConfig, joined: bool) -> HybridServeConfig:
+    """SIGHUP: read the configuration again and apply it; the running one stays on any error."""
+    from hybrid_serve.cluster import local
+
+    started = time.monotonic()
+    try:
+        new = _up_config(args)
+        if joined:
+            new, _ = local.fit_to_cluster(new)
+        restarted = local.redeploy(cfg, new)
+    except Exception as exc:
+        err.print(f"[red]reload refused; still serving the previous configuration:[/] {exc}")
+        return cfg
+    took = time.monotonic() - started
+    if restarted:
+        console.print(
+            f"reloaded in {took:.1f} s; new replicas for: {', '.join(restarted)} (their own "
+            "settings changed); everything else in place"
+        )
+    else:
+        console.print(f"reloaded in {took:.1f} s; every change applied in place, no new replicas")
+    return new
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the `up` serving this data_dir to read its configuration again (SIGHUP)."""
+    from hybrid_serve.cluster import local
+
+    try:
+        cfg = HybridServeConfig.load(args.config, overrides={"data_dir": args.data_dir})
+        pid = local.up_pid(cfg)
+    except Exception as exc:
+        err.print(f"[red]{escape(str(exc))}[/]")
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    console.print(f"asked hybrid-serve up (pid {pid}) to reload; it prints what changed")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from hybrid_serve.cluster import local
 
     local.use_local_token()  # before anything imports Ray
     try:
-        cfg = HybridServeConfig.load(
-            args.config,
-            overrides={"http.port": args.port, "data_dir": args.data_dir, "http.host": args.host},
-        )
+        cfg = _up_config(args)
     except Exception as exc:
         err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         return 2
@@ -73,6 +118,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
 
     stop = threading.Event()
+    reload_asked = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
@@ -83,6 +129,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         # Ray's core installs its own SIGTERM handler (a stack dump, then exit) in ray.init.
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        # SIGHUP (or `hybrid-serve reload`): read the configuration again, do not die.
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())
 
     handle_stop_signals()
     console.print(f"hybrid-serve {__version__} — data in {cfg.data_dir}")
@@ -110,11 +158,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"[green]ready[/] in {time.monotonic() - started:.1f} s — serving on [bold]{url}[/]"
         )
         console.print(f'  try: hybrid-serve ask "How do I add documents?" --url {url}')
-        if cfg.claude.deploy.enabled:
+        if cfg.llm.deploy.enabled:
             console.print(
-                f"  LLM tier: {cfg.claude.model} on vLLM, Messages API at "
-                f"{url}{cfg.claude.deploy.route_prefix}/v1/messages (behind its key, "
-                f"${cfg.claude.api_key_env})"
+                f"  LLM tier: {cfg.llm.model} on vLLM, Messages API at "
+                f"{url}{cfg.llm.deploy.route_prefix}/v1/messages (behind its key, "
+                f"${cfg.llm.api_key_env})"
             )
         if args.metrics_port and not target.joined:
             console.print(
@@ -126,10 +174,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"  [yellow]no API keys configured: anyone who can reach {cfg.http.host}:"
                 f"{cfg.http.port} can use the API[/] (set http.api_keys)"
             )
-        console.print("  Ctrl-C to stop")
+        local.write_pid(cfg)
+        console.print("  Ctrl-C to stop; `hybrid-serve reload` (or SIGHUP) reads the config again")
         sys.stdout.flush()
         while not stop.is_set():
-            time.sleep(0.5)
+            if reload_asked.is_set():
+                reload_asked.clear()
+                cfg = _reload(args, cfg, target.joined)
+                sys.stdout.flush()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     except local.StartupError as exc:
@@ -139,7 +192,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     console.print("shutting down…")
     local.shutdown(cfg, target)
-    console.print("stopped" + (" (the joined Ray cluster keeps running)" if target.joined else ""))
+    joined = target is not None and target.joined
+    console.print("stopped" + (" (the joined Ray cluster keeps running)" if joined else ""))
     return 0
 
 
@@ -529,7 +583,7 @@ def _bulk_add(args: argparse.Namespace, paths: list[Path], fields: Any) -> int:
             address=address or "local",
             include_dashboard=False,
             log_to_driver=False,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         console.print(f"embedding on {where}")
@@ -626,6 +680,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray's Prometheus endpoint on this port (default: one Ray picks; local start only)",
     )
     up.set_defaults(func=cmd_up)
+
+    reload = sub.add_parser(
+        "reload",
+        help="make the running `up` read its configuration again: tunables (thresholds, keys, "
+        "limits, budgets, policies, cache) in place, new replicas only where needed",
+    )
+    reload.add_argument("--config", help="config YAML (to find its data_dir)")
+    reload.add_argument("--data-dir", help="the data_dir of the running `up`")
+    reload.set_defaults(func=cmd_reload)
 
     ask = sub.add_parser("ask", help="ask a running server a question")
     ask.add_argument("question")

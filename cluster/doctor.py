@@ -296,7 +296,8 @@ def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
     llm = LLM(model=source, **kwargs["engine_kwargs"])
     started = time.perf_counter()
     params = SamplingParams(max_tokens=WARMUP_REQUEST.max_tokens, temperature=0.0)
-    out = llm.chat(WARMUP_REQUEST.messages, params, use_tqdm=False)
+    messages: Any = WARMUP_REQUEST.messages  # plain dicts, as vLLM's chat takes them
+    out = llm.chat(messages, params, use_tqdm=False)
     tokens = len(out[0].outputs[0].token_ids)
     if tokens < 1:
         raise RuntimeError("vLLM generated no tokens")
@@ -336,9 +337,9 @@ def check_claude(cfg: HybridServeConfig) -> Check:
     itself is checked by `up` (its warm-up) and /readyz."""
     import anthropic
 
-    from hybrid_serve.agents.claude import tier_client
+    from hybrid_serve.agents.llm_gateway import tier_client
 
-    c = cfg.claude
+    c = cfg.llm
     if c.deploy.enabled and not c.base_url:
         vllm = "" if importlib.util.find_spec("vllm") else "; vLLM is not installed here"
         return Check(

@@ -338,7 +338,7 @@ def _pipeline(
     ds = (
         ray.data.read_parquet(str(folder), num_cpus=STAGE_CPUS)
         .map_batches(
-            chunk_docs,
+            chunk_docs,  # type: ignore[arg-type]  # with fn_args, which Ray's annotation omits
             fn_args=(rc.chunk_words, rc.chunk_overlap_words),
             batch_size=256,
             batch_format="numpy",

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from hybrid_serve.config import HybridServeConfig, WorkerGroupConfig
+from hybrid_serve.deployments.tunables import BY_DEPLOYMENT, without_tunables
 from hybrid_serve.engines.vllm_options import gpus_per_replica, tier_gpus
 
 IMPORT_PATH = "hybrid_serve.deployments.app:build_app"
@@ -55,7 +56,10 @@ def for_kubernetes(cfg: HybridServeConfig) -> HybridServeConfig:
 
 
 def serve_args(cfg: HybridServeConfig) -> dict[str, Any]:
-    args = cfg.to_args()
+    """The application's arguments: the configuration but its secrets and its tunables (those
+    go per deployment, below), so that a tunable's change leaves Serve's code version — a hash
+    of the arguments — alone, and no replica restarts for it."""
+    args = without_tunables(cfg.to_args())
     args.pop("k8s", None)
     for section, fields in SECRET_FIELDS.items():
         for name in fields:
@@ -65,21 +69,26 @@ def serve_args(cfg: HybridServeConfig) -> dict[str, Any]:
 
 def serve_config(cfg: HybridServeConfig) -> dict[str, Any]:
     """Ray Serve's config file format (what `serve deploy` takes and `serveConfigV2` holds): the
-    application, and the LLM tier's beside it when the cluster serves its own."""
+    application, its deployments' tunables (applied in place when they change), and the LLM
+    tier's application beside it when the cluster serves its own."""
+    public = cfg.model_copy(update={"http": cfg.http.model_copy(update={"api_keys": []})})
     applications = [
         {
             "name": cfg.app_name,
             "import_path": IMPORT_PATH,
             "route_prefix": "/",
             "args": serve_args(cfg),
+            "deployments": [
+                {"name": name, "user_config": of(public)} for name, of in BY_DEPLOYMENT.items()
+            ],
         }
     ]
-    if cfg.claude.deploy.enabled:
+    if cfg.llm.deploy.enabled:
         applications.append(
             {
                 "name": cfg.llm_app_name,
                 "import_path": LLM_TIER_IMPORT_PATH,
-                "route_prefix": cfg.claude.deploy.route_prefix,
+                "route_prefix": cfg.llm.deploy.route_prefix,
                 "args": serve_args(cfg),
             }
         )
@@ -206,7 +215,7 @@ def _gpu_pods(cfg: HybridServeConfig, per_replica: float) -> tuple[int, int, int
 def required_secrets(cfg: HybridServeConfig) -> frozenset[str]:
     """Secret keys a pod cannot start without: the key of the cluster's own LLM tier, which
     answers nobody without one."""
-    tier = cfg.claude.deploy.enabled and not cfg.claude.base_url
+    tier = cfg.llm.deploy.enabled and not cfg.llm.base_url
     return frozenset({"llm-tier-key"}) if tier else frozenset()
 
 
@@ -314,7 +323,7 @@ def _llm_worker_group(cfg: HybridServeConfig, claim: str) -> dict[str, Any]:
     """The LLM tier's GPU group, sized from the model: a pod per replica with as many GPUs as its
     tensor parallelism (or the configured GPUs, several replicas a pod), marked with the
     tier's resource so that its bundles land there."""
-    k, tier = cfg.k8s, cfg.claude.deploy
+    k, tier = cfg.k8s, cfg.llm.deploy
     group = k.llm_workers
     per_pod = group.gpus or tier.tensor_parallel_size
     if per_pod < tier.tensor_parallel_size:

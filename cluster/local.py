@@ -10,11 +10,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig, OrchestratorConfig, RetrieverConfig, SLMConfig
 
 READY_TIMEOUT_S = 600.0
 # The key the command line sends (`ask`, `index add`, and `up` for /readyz's details).
@@ -28,13 +29,13 @@ class StartupError(RuntimeError):
 def required_cpus(cfg: HybridServeConfig) -> float:
     from hybrid_serve.engines.vllm_options import cpus_per_replica
 
-    tier = cfg.claude.deploy
+    tier = cfg.llm.deploy
     return (
         cfg.slm.replicas * cpus_per_replica(cfg)
         + (tier.replicas * (tier.num_cpus + max(1.0, tier.num_cpus)) if tier.enabled else 0.0)
         + cfg.retriever.replicas * cfg.retriever.num_cpus
         + cfg.orchestrator.replicas * cfg.orchestrator.num_cpus
-        + cfg.claude.num_cpus
+        + cfg.llm.num_cpus
         + 2 * cfg.cache.num_cpus  # AnswerCache and KeyLimits
     )
 
@@ -74,7 +75,7 @@ def discovered_address() -> str | None:
     from ray._private.services import canonicalize_bootstrap_address
 
     try:
-        return canonicalize_bootstrap_address(None)
+        return canonicalize_bootstrap_address(None)  # type: ignore[arg-type]  # None: look it up
     except ValueError as exc:  # RAY_ADDRESS that is not host:port
         raise StartupError(f"RAY_ADDRESS: {exc}; use host:port, or unset it") from None
 
@@ -185,7 +186,11 @@ def fit_to_cluster(cfg: HybridServeConfig) -> tuple[HybridServeConfig, str | Non
     if need <= have or have <= 0:
         return cfg, None
     factor = have / need * 0.95
-    sections = {"slm": cfg.slm, "retriever": cfg.retriever, "orchestrator": cfg.orchestrator}
+    sections: dict[str, SLMConfig | RetrieverConfig | OrchestratorConfig] = {
+        "slm": cfg.slm,
+        "retriever": cfg.retriever,
+        "orchestrator": cfg.orchestrator,
+    }
     update = {
         name: section.model_copy(update={"num_cpus": round(section.num_cpus * factor, 3)})
         for name, section in sections.items()
@@ -215,13 +220,60 @@ def ensure_tier_key(cfg: HybridServeConfig) -> str | None:
     """The cluster's own LLM tier answers only with its key. A cluster `up` starts inherits
     this process's environment, so where the variable is unset a random key is made for the
     run (never printed); returns a line saying so."""
-    if not cfg.claude.deploy.enabled or cfg.claude.base_url:
+    if not cfg.llm.deploy.enabled or cfg.llm.base_url:
         return None
-    var = cfg.claude.api_key_env
+    var = cfg.llm.api_key_env
     if os.environ.get(var):
         return None
     os.environ[var] = secrets.token_urlsafe(32)
     return f"LLM tier key: a random one for this run (set {var} to choose it)"
+
+
+PID_FILE = "up.pid"
+
+
+def write_pid(cfg: HybridServeConfig) -> Path:
+    """Where `hybrid-serve reload` finds the `up` serving this data_dir."""
+    path = Path(cfg.data_dir) / PID_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
+    return path
+
+
+def up_pid(cfg: HybridServeConfig) -> int:
+    """The pid of the `up` serving this data_dir; StartupError when there is none."""
+    path = Path(cfg.data_dir) / PID_FILE
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        raise StartupError(f"no `hybrid-serve up` is running on {cfg.data_dir}") from None
+    return pid
+
+
+def redeploy(old: HybridServeConfig, new: HybridServeConfig) -> list[str]:
+    """Apply `new` to the running applications: tunables in place (Serve's user_config), new
+    replicas only for the deployments whose own settings changed (returned). Serve's HTTP
+    address is fixed for the cluster's life."""
+    from ray import serve
+
+    from hybrid_serve.deployments.app import build, restarts
+
+    if (old.http.host, old.http.port) != (new.http.host, new.http.port):
+        raise StartupError("http.host and http.port take effect at the next start, not on reload")
+    if old.llm.deploy.enabled != new.llm.deploy.enabled:
+        raise StartupError("llm.deploy.enabled takes effect at the next start, not on reload")
+    changed = restarts(old, new)
+    targets = [serve.RunTarget(build(new), name=new.app_name, route_prefix="/")]
+    if new.llm.deploy.enabled and "LLM tier" in changed:
+        from hybrid_serve.deployments.llm_tier import build_llm_tier
+
+        route = new.llm.deploy.route_prefix
+        targets.append(
+            serve.RunTarget(build_llm_tier(new), name=new.llm_app_name, route_prefix=route)
+        )
+    serve.run_many(targets)
+    return changed
 
 
 def client_headers(api_key: str | None = None) -> dict[str, str]:
@@ -246,11 +298,11 @@ def deploy(
     apps = {cfg.app_name: "/"}
     try:
         built = {cfg.app_name: build(cfg, progress=on_note or on_status)}
-        if cfg.claude.deploy.enabled:
+        if cfg.llm.deploy.enabled:
             from hybrid_serve.deployments.llm_tier import build_llm_tier
 
             built[cfg.llm_app_name] = build_llm_tier(cfg, progress=on_note or on_status)
-            apps[cfg.llm_app_name] = cfg.claude.deploy.route_prefix
+            apps[cfg.llm_app_name] = cfg.llm.deploy.route_prefix
     except ModelPreparationError as exc:
         raise StartupError(str(exc)) from None
     errors: list[BaseException] = []
@@ -265,14 +317,14 @@ def deploy(
 
     threading.Thread(target=run, daemon=True, name="serve-run").start()
     url = f"http://{cfg.local_host}:{serve_http_port(cfg)}"
-    tier = cfg.claude.deploy
+    tier = cfg.llm.deploy
     timeout = READY_TIMEOUT_S + (tier.warmup_timeout_s if tier.enabled else 0.0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if errors:
             raise StartupError(explain_failure(cfg, errors[0]))
         line = describe_progress(url)
-        if line == "ready" and cfg.claude.deploy.enabled:
+        if line == "ready" and cfg.llm.deploy.enabled:
             line = _tier_progress(cfg)
         if line == "ready":
             return url
@@ -302,7 +354,8 @@ def serve_http_port(cfg: HybridServeConfig) -> int:
     from ray.serve.context import _get_global_client
 
     try:
-        return int(_get_global_client().http_config.port)
+        client = _get_global_client()
+        return int(client.http_config.port) if client is not None else cfg.http.port
     except Exception:
         return cfg.http.port
 
@@ -417,7 +470,7 @@ def shutdown(cfg: HybridServeConfig, target: RayTarget | None) -> None:
     try:
         if target is not None and target.joined:
             serve.delete(cfg.app_name)
-            if cfg.claude.deploy.enabled:
+            if cfg.llm.deploy.enabled:
                 serve.delete(cfg.llm_app_name)
         else:
             serve.shutdown()

@@ -10,20 +10,29 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve import Application
 
-from hybrid_serve.agents.answer_cache import AnswerCache as Cache
+from hybrid_serve.agents.semantic_cache import SemanticCache
 from hybrid_serve.agents.tracing import TraceContext
-from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.config import CacheConfig, HybridServeConfig
+from hybrid_serve.deployments import tunables
 from hybrid_serve.deployments.metrics import keep_gauges_fresh, metrics
-from hybrid_serve.deployments.placement import placement
+from hybrid_serve.deployments.placement import cpu_actor_options, deployment, placement
+from hybrid_serve.deployments.versions import versioned
 
 
 @serve.deployment(name="AnswerCache")
 class AnswerCache:
-    def __init__(self, config: dict[str, Any]) -> None:
-        c = HybridServeConfig.from_args(config).cache
-        self.cache = Cache(max_entries=c.max_entries, ttl_s=c.ttl_s, min_similarity=c.similarity)
+    """No init arguments: its bounds are tunables (`reconfigure`); a restart empties it."""
+
+    def __init__(self) -> None:
+        c = CacheConfig()
+        self.cache = SemanticCache(c.max_entries, c.ttl_s, c.similarity)
         keep_gauges_fresh(self._gauges)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        c = CacheConfig.model_validate(user_config)
+        self.cache.reconfigure(c.max_entries, c.ttl_s, c.similarity)
 
     def _gauges(self) -> None:
         metrics.set("hybrid_serve_answer_cache_entries", len(self.cache))
@@ -62,3 +71,19 @@ class AnswerCache:
             **asdict(self.cache.stats),
             "placement": placement(),
         }
+
+
+def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": 1,  # one set of entries for every ingress replica
+        "ray_actor_options": cpu_actor_options(cfg, cfg.cache.num_cpus),
+        "user_config": tunables.answer_cache(cfg),
+    }
+
+
+def bind_args(cfg: HybridServeConfig) -> tuple[Any, ...]:
+    return ()
+
+
+def build_answer_cache(cfg: HybridServeConfig) -> Application:
+    return versioned(deployment(AnswerCache), get_deployment_options(cfg), *bind_args(cfg))

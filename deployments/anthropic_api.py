@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 from anthropic.types import (
@@ -47,8 +47,8 @@ from hybrid_serve.schemas import (
     Citation,
     NonBlank,
     Number,
+    PositiveInteger,
     StrictModel,
-    integer,
 )
 
 # The engines drop a matched stop sequence and report "stop" as for the end of the text, so
@@ -81,7 +81,7 @@ class MessagesRequest(StrictModel):
     model: Literal["hybrid", "slm"] = Field(
         ..., description="hybrid: the whole pipeline; slm: the small model alone (404 otherwise)."
     )
-    max_tokens: integer(ge=1) = Field(..., description="Output ceiling, as in the Messages API.")
+    max_tokens: PositiveInteger = Field(..., description="Output ceiling, as in the Messages API.")
     messages: list[MessageIn] = Field(
         ...,
         min_length=1,
@@ -89,9 +89,9 @@ class MessagesRequest(StrictModel):
         "conversation (a follow-up is made self-contained before retrieval).",
         json_schema_extra={"contains": USER_MESSAGE},
     )
-    system: NonBlank | Annotated[list[TextBlockIn], Field(min_length=1, max_length=MAX_PARTS)] = (
-        Field(None, description="Context for the model, as in the Messages API.")
-    )
+    system: (
+        NonBlank | Annotated[list[TextBlockIn], Field(min_length=1, max_length=MAX_PARTS)] | None
+    ) = Field(None, description="Context for the model, as in the Messages API.")
     temperature: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
     top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
     stop_sequences: Annotated[list[StrictStr], Field(max_length=4)] | None = None
@@ -249,7 +249,8 @@ class Events:
             RawContentBlockDeltaEvent(type="content_block_delta", index=self.index, delta=delta)
         )
 
-    def citations(self, cited: list[CitationsSearchResultLocation]) -> Iterator[str]:
+    def citations(self, cited: Sequence[Any]) -> Iterator[str]:
+        """Citation deltas (search-result locations, as `locations` builds them)."""
         for c in cited:
             delta = CitationsDelta(type="citations_delta", citation=c)
             yield self._event(

@@ -1,7 +1,11 @@
-"""The application builder: one configuration in, the whole Serve application out.
+"""The application builder: one configuration in, the whole Serve application out, each
+deployment bound only to its own section (`build_*` beside each deployment) and its tunables
+passed as `user_config`, so a change to a tunable is applied in place by `reconfigure()` — the
+replicas keep running — and only a change to what a deployment binds starts new ones.
 
-Used by `hybrid-serve up`, by `serve run hybrid_serve.deployments.app:build_app`, and by the Serve
-config that `hybrid-serve k8s render` embeds in the RayService manifest.
+Used by `hybrid-serve up` (and its reload on SIGHUP), by `serve run
+hybrid_serve.deployments.app:build_app`, and by the Serve config that `hybrid-serve k8s render`
+embeds in the RayService manifest (where a changed `serveConfigV2` is applied the same way).
 """
 
 from __future__ import annotations
@@ -12,79 +16,75 @@ from typing import Any
 from ray.serve import Application
 
 from hybrid_serve.config import HybridServeConfig
-from hybrid_serve.deployments.answer_cache import AnswerCache
-from hybrid_serve.deployments.claude_proxy import ClaudeProxy
-from hybrid_serve.deployments.key_limits import KeyLimits
-from hybrid_serve.deployments.orchestrator import Orchestrator
-from hybrid_serve.deployments.retriever import RetrieverDeployment
-from hybrid_serve.deployments.slm import SLMDeployment
+from hybrid_serve.deployments import (
+    answer_cache,
+    claude_proxy,
+    key_limits,
+    orchestrator,
+    retriever,
+    slm,
+)
+from hybrid_serve.deployments.answer_cache import build_answer_cache
+from hybrid_serve.deployments.claude_proxy import build_claude_proxy
+from hybrid_serve.deployments.key_limits import build_key_limits
+from hybrid_serve.deployments.orchestrator import build_orchestrator
+from hybrid_serve.deployments.retriever import build_retriever
+from hybrid_serve.deployments.slm import build_slm
 from hybrid_serve.engines.vllm_model import require_vllm
-
-
-def cpu_actor_options(cfg: HybridServeConfig, num_cpus: float) -> dict[str, Any]:
-    """CPU-only deployments: no GPU, and pinned to CPU nodes when the cluster marks them."""
-    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": 0}
-    if cfg.placement.cpu_resources():
-        options["resources"] = cfg.placement.cpu_resources()
-    return options
-
-
-def slm_options(cfg: HybridServeConfig) -> dict[str, Any]:
-    """Serve options of the SLM deployment for the in-process engines (llama_cpp, openai)."""
-    slm = cfg.slm
-    options: dict[str, Any] = {
-        # Above contexts_per_replica, requests wait inside the replica for a free context; the
-        # margin keeps status calls and short queues from waiting behind a long generation.
-        "max_ongoing_requests": max(slm.max_ongoing_requests, slm.contexts_per_replica),
-        "max_queued_requests": slm.max_queued_requests,
-        "ray_actor_options": {"num_cpus": slm.num_cpus, "num_gpus": slm.num_gpus},
-    }
-    if slm.autoscaling is not None:
-        options["autoscaling_config"] = slm.autoscaling.serve_options()
-    else:
-        options["num_replicas"] = slm.replicas
-    if not slm.num_gpus and cfg.placement.cpu_resources():
-        options["ray_actor_options"]["resources"] = cfg.placement.cpu_resources()
-    if slm.num_gpus and cfg.placement.slm_node_resource:
-        options["ray_actor_options"]["resources"] = {cfg.placement.slm_node_resource: slm.num_gpus}
-    return options
+from hybrid_serve.engines.vllm_options import llm_config_kwargs, tier_llm_config_kwargs
 
 
 def build(cfg: HybridServeConfig, progress: Callable[[str], None] | None = None) -> Application:
     """`progress`: one-line updates of slow preparation (converting the bundled model for vLLM)."""
-    args = cfg.to_args()
-    retriever = RetrieverDeployment.options(
-        num_replicas=cfg.retriever.replicas,
-        max_ongoing_requests=cfg.retriever.max_ongoing_requests,
-        ray_actor_options=(
-            {"num_cpus": cfg.retriever.num_cpus, "num_gpus": cfg.retriever.num_gpus}
-            if cfg.retriever.num_gpus  # FAISS on a GPU node
-            else cpu_actor_options(cfg, cfg.retriever.num_cpus)
-        ),
-    ).bind(args)
     if cfg.slm.engine == "vllm":
         require_vllm()  # before importing ray.serve.llm, which needs the vllm extras too
         from hybrid_serve.deployments.slm_vllm import build_vllm_slm
 
-        slm = build_vllm_slm(cfg, progress)
+        slm_app = build_vllm_slm(cfg, progress)
     else:
-        slm = SLMDeployment.options(**slm_options(cfg)).bind(args)
-    claude = ClaudeProxy.options(
-        num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.claude.num_cpus)
-    ).bind(args)
-    # One replica each: the cache and the key limits are state every orchestrator shares.
-    cache = AnswerCache.options(
-        num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.cache.num_cpus)
-    ).bind(args)
-    key_limits = KeyLimits.options(
-        num_replicas=1, ray_actor_options=cpu_actor_options(cfg, cfg.cache.num_cpus)
-    ).bind(args)
-    return Orchestrator.options(
-        num_replicas=cfg.orchestrator.replicas,
-        max_ongoing_requests=cfg.orchestrator.max_ongoing_requests,
-        max_queued_requests=cfg.orchestrator.max_queued_requests,
-        ray_actor_options=cpu_actor_options(cfg, cfg.orchestrator.num_cpus),
-    ).bind(retriever, slm, claude, cache, key_limits, args)
+        slm_app = build_slm(cfg)
+    return build_orchestrator(
+        cfg,
+        build_retriever(cfg),
+        slm_app,
+        build_claude_proxy(cfg),
+        build_answer_cache(cfg),
+        build_key_limits(cfg),
+    )
+
+
+def replica_defining(cfg: HybridServeConfig) -> dict[str, Any]:
+    """What each deployment's replicas are made from — its bound arguments and its options but
+    `user_config` — by deployment name: where this differs between two configurations, a
+    change needs new replicas; anywhere else it is applied in place."""
+    modules = {
+        "Retriever": retriever,
+        "ClaudeProxy": claude_proxy,
+        "AnswerCache": answer_cache,
+        "KeyLimits": key_limits,
+        "Orchestrator": orchestrator,
+    }
+    out: dict[str, Any] = {}
+    for name, module in modules.items():
+        options = {
+            k: v for k, v in module.get_deployment_options(cfg).items() if k != "user_config"
+        }
+        out[name] = (module.bind_args(cfg), options)
+    if cfg.slm.engine == "vllm":
+        out["SLM"] = llm_config_kwargs(cfg, model_source="(prepared)")
+    else:
+        out["SLM"] = (slm.bind_args(cfg), slm.get_deployment_options(cfg))
+    if cfg.llm.deploy.enabled:
+        out["LLM tier"] = tier_llm_config_kwargs(cfg, model_source="(prepared)")
+    return out
+
+
+def restarts(old: HybridServeConfig, new: HybridServeConfig) -> list[str]:
+    """The deployments a change from `old` to `new` starts new replicas of."""
+    before, after = replica_defining(old), replica_defining(new)
+    return sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -13,46 +13,53 @@ from urllib.parse import urlsplit
 import httpx
 from opentelemetry.trace import SpanKind
 from ray import serve
+from ray.serve import Application
 
 from hybrid_serve.agents import tracing
-from hybrid_serve.agents.claude import (
-    ClaudeCall,
-    ClaudeGateway,
-    ClaudeResult,
-    ClaudeUnavailable,
-    Role,
-    tier_client,
-)
+from hybrid_serve.agents.interfaces import LLMCall, LLMResult, Role, Unavailable
+from hybrid_serve.agents.llm_gateway import LLMGateway, tier_client
 from hybrid_serve.agents.tracing import TraceContext
-from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig, LLMConfig, PolicyConfig, TracingConfig
+from hybrid_serve.deployments import tunables
 from hybrid_serve.deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
-from hybrid_serve.deployments.placement import placement
+from hybrid_serve.deployments.placement import cpu_actor_options, deployment, placement
+from hybrid_serve.deployments.versions import versioned
 
 TIER_PROBE_TIMEOUT_S = 0.5
 
 
 @serve.deployment(name="ClaudeProxy")
 class ClaudeProxy:
-    def __init__(self, config: dict[str, Any]) -> None:
-        cfg = HybridServeConfig.from_args(config)
-        tracing.setup("ClaudeProxy", cfg.tracing)
-        self.cfg = cfg
-        self.base_url = cfg.llm_base_url()
-        # The cluster serves the tier itself (claude.deploy, no base_url of its own).
-        self.own_tier = cfg.claude.deploy.enabled and not cfg.claude.base_url
-        client, reason = tier_client(self.base_url, os.environ.get(cfg.claude.api_key_env))
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        self.gateway = ClaudeGateway(
-            cfg.claude,
-            cfg.policies,
+    """Binds its own section: how to reach the tier (model, base URL, key variable); its limits,
+    budgets, prices and the privacy policies are tunables, taken in place (`reconfigure`)."""
+
+    def __init__(
+        self, llm: dict[str, Any], base_url: str | None, data_dir: str, trace: dict[str, Any]
+    ) -> None:
+        tracing.setup("ClaudeProxy", TracingConfig.model_validate(trace))
+        cfg = LLMConfig.model_validate(llm)
+        self.base_url = base_url
+        # The cluster serves the tier itself (llm.deploy, no base_url of its own).
+        self.own_tier = cfg.deploy.enabled and not cfg.base_url
+        client, reason = tier_client(self.base_url, os.environ.get(cfg.api_key_env))
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.gateway = LLMGateway(
+            cfg,
+            PolicyConfig(),
             client,
-            ledger_path=Path(cfg.data_dir) / "claude-ledger.json",
+            ledger_path=Path(data_dir) / "claude-ledger.json",
             unavailable_reason=reason,
         )
         # What the metrics have counted so far: they follow the gateway's totals by difference,
         # so failed calls (retried, then given up) are counted too.
         self._counted = {"retries": 0, **self._totals()}
         keep_gauges_fresh(self._gauges)  # an open circuit half-opens with time alone
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this after the constructor and whenever the tunables change."""
+        g = self.gateway
+        cfg = LLMConfig.model_validate({**g.cfg.model_dump(), **user_config["llm"]})
+        g.reconfigure(cfg, PolicyConfig.model_validate(user_config["policies"]))
 
     def _totals(self) -> dict[str, float]:
         t = self.gateway.ledger.totals
@@ -81,10 +88,10 @@ class ClaudeProxy:
         )
 
     async def call(
-        self, role: Role, request: ClaudeCall, trace_context: TraceContext = None
-    ) -> ClaudeResult:
+        self, role: Role, request: LLMCall, trace_context: TraceContext = None
+    ) -> LLMResult:
         """One role's call under its span (GenAI conventions), with its metrics."""
-        attributes = {
+        attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": self.provider,
             "gen_ai.request.model": self.gateway.cfg.model,
@@ -98,7 +105,7 @@ class ClaudeProxy:
         with tracing.span(f"ClaudeProxy.{role}", trace_context, SpanKind.CLIENT, attributes):
             try:
                 result = await self.gateway.call(role, request)
-            except ClaudeUnavailable as exc:
+            except Unavailable as exc:
                 outcome = exc.reason
                 tracing.annotate({"hybrid.degraded": exc.reason})
                 raise
@@ -126,13 +133,11 @@ class ClaudeProxy:
         self,
         request_id: str,
         slm_cost_usd: float,
-        all_claude_estimate_usd: float,
+        all_llm_estimate_usd: float,
         requests: int = 1,
         trace_context: TraceContext = None,
     ) -> None:
-        await self.gateway.finish_request(
-            request_id, slm_cost_usd, all_claude_estimate_usd, requests
-        )
+        await self.gateway.finish_request(request_id, slm_cost_usd, all_llm_estimate_usd, requests)
 
     @property
     def provider(self) -> str:
@@ -159,3 +164,20 @@ class ClaudeProxy:
                 return (await http.get(f"{self.base_url}/health")).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": 1,  # the one place the ledger and the limits are exact
+        "ray_actor_options": cpu_actor_options(cfg, cfg.llm.num_cpus),
+        "user_config": tunables.claude_proxy(cfg),
+    }
+
+
+def bind_args(cfg: HybridServeConfig) -> tuple[Any, ...]:
+    trace = cfg.tracing.model_dump(mode="json")
+    return cfg.llm.fixed(), cfg.llm_base_url(), str(cfg.data_dir), trace
+
+
+def build_claude_proxy(cfg: HybridServeConfig) -> Application:
+    return versioned(deployment(ClaudeProxy), get_deployment_options(cfg), *bind_args(cfg))

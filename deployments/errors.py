@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from hybrid_serve.agents.interfaces import Unavailable
 from hybrid_serve.schemas import NON_BLANK
 
 log = logging.getLogger("ray.serve")
@@ -79,6 +81,7 @@ def error_responses(
     words = {
         400: "Body is not valid UTF-8 or JSON",
         401: "Missing or invalid API key",
+        403: "The API key may not write that collection",
         404: "Not found",
         413: "Body too large",
         429: "Over the API key's request rate (see Retry-After)",
@@ -167,6 +170,19 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        # A dependency that could not serve a step the answer needs: overloaded, a replica
+        # gone, the index loading, the SLM's stream cut.
+        wait = str(max(1, math.ceil(exc.retry_after_s or 1)))
+        return error_response(
+            503,
+            exc.detail or f"{exc.reason}; retry shortly",
+            exc.reason,
+            {"Retry-After": wait},
+            path_of(request.scope),
+        )
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(

@@ -96,7 +96,7 @@ class LLMTierServer(LLMServer):
     async def start(self) -> None:
         os.environ[VLLM_API_KEY] = tier_key()  # read by vLLM when it builds its app
         await super().start()
-        model_id = self._llm_config.model_loading_config.model_id
+        model_id = self._llm_config.model_id
         engine = LLMServerEngine(self, model_id, 1)
         timeout = float(os.environ.get(TIER_WARMUP_TIMEOUT_ENV, "600"))
         self.warmup = await warm_up(engine.generate, timeout)
@@ -110,7 +110,7 @@ class LLMTierServer(LLMServer):
         return app
 
     async def tier_status(self) -> dict[str, Any]:
-        return {"model": self._llm_config.model_loading_config.model_id, "warmup": self.warmup}
+        return {"model": self._llm_config.model_id, "warmup": self.warmup}
 
 
 def build_llm_tier(
@@ -119,9 +119,9 @@ def build_llm_tier(
     """The tier's application, its deployment named `LLM:<model>`; on the cluster's GPUs, or on
     its CPUs where it has none (`claude.deploy.device`), the weights prepared first."""
     require_vllm()
-    tier = cfg.claude.deploy
+    tier = cfg.llm.deploy
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
-    source = model_source(tier.model_source, cfg.claude.model, cfg.data_dir, progress)
+    source = model_source(tier.model_source, cfg.llm.model, cfg.data_dir, progress)
     kwargs = tier_llm_config_kwargs(cfg, vllm_device(tier, cluster_gpus), source)
     note = kv_cache_note(kwargs)
     if note and progress:

@@ -201,26 +201,53 @@ CATALOGUE: tuple[MetricSpec, ...] = (
 BY_NAME = {m.name: m for m in CATALOGUE}
 
 
+class _Unrecorded:
+    """Outside a Serve replica (the ingress under unit test) there is nowhere to report to."""
+
+    def inc(self, value: float, tags: Any = None) -> None: ...
+
+    def set(self, value: float, tags: Any = None) -> None: ...
+
+    def observe(self, value: float, tags: Any = None) -> None: ...
+
+
 class Metrics:
     """The catalogue's metrics, made in this replica on first use (Ray Serve metrics need the
     replica context for their default tags)."""
 
     def __init__(self) -> None:
         self._made: dict[str, Any] = {}
+        self._in_replica: bool | None = None
+
+    def _replica(self) -> bool:
+        if self._in_replica is None:
+            from ray import serve
+            from ray.serve.exceptions import RayServeException
+
+            try:
+                serve.get_replica_context()
+                self._in_replica = True
+            except RayServeException:
+                self._in_replica = False
+        return self._in_replica
 
     def _get(self, name: str) -> Any:
         made = self._made.get(name)
         if made is None:
             from ray.serve import metrics
 
+            if not self._replica():
+                return _Unrecorded()
+
             spec = BY_NAME[name]
+            tags: Any = spec.tags  # Ray annotates tag_keys as a one-element tuple
             if spec.kind == "counter":
-                made = metrics.Counter(name, spec.description, tag_keys=spec.tags)
+                made = metrics.Counter(name, spec.description, tag_keys=tags)
             elif spec.kind == "gauge":
-                made = metrics.Gauge(name, spec.description, tag_keys=spec.tags)
+                made = metrics.Gauge(name, spec.description, tag_keys=tags)
             else:
                 made = metrics.Histogram(
-                    name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags
+                    name, spec.description, boundaries=list(spec.boundaries), tag_keys=tags
                 )
             self._made[name] = made
         return made
@@ -240,7 +267,7 @@ metrics = Metrics()
 GAUGE_REFRESH_S = 5.0
 
 
-def keep_gauges_fresh(update: Callable[[], None], interval_s: float = GAUGE_REFRESH_S) -> None:
+def keep_gauges_fresh(update: Callable[[], object], interval_s: float = GAUGE_REFRESH_S) -> None:
     """Set a replica's gauges every few seconds from a daemon thread: Ray drops a gauge series
     that has not been set for two report intervals, and state such as the circuit breaker
     changes with time alone. `update` must be safe to call from another thread."""

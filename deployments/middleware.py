@@ -24,6 +24,7 @@ from hybrid_serve.agents import tracing
 from hybrid_serve.config import APIKey
 from hybrid_serve.deployments.errors import error_response, path_of
 from hybrid_serve.deployments.metrics import metrics
+from hybrid_serve.schemas import MIN_TIMEOUT_S
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -125,8 +126,8 @@ def request_timeout(value: str, max_s: float) -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= max_s:  # also false for NaN
-        raise ValueError(f"X-Request-Timeout must be seconds in (0, {max_s:g}]")
+    if not MIN_TIMEOUT_S <= seconds <= max_s:  # also false for NaN
+        raise ValueError(f"X-Request-Timeout must be seconds in [{MIN_TIMEOUT_S:g}, {max_s:g}]")
     return seconds
 
 

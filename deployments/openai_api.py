@@ -27,10 +27,11 @@ from hybrid_serve.schemas import (
     Mode,
     NonBlank,
     Number,
+    One,
     PIIPolicy,
+    PositiveInteger,
     StrictModel,
     VerifyPolicy,
-    integer,
 )
 
 MODELS = {
@@ -40,7 +41,11 @@ MODELS = {
 CREATED = 1_735_689_600  # a fixed timestamp: models do not change at run time
 MAX_PARTS = 16
 # At least one message is the user's: the schema says so with JSON Schema's `contains`.
-USER_MESSAGE = {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}
+USER_MESSAGE: dict[str, Any] = {
+    "type": "object",
+    "properties": {"role": {"const": "user"}},
+    "required": ["role"],
+}
 
 
 class TextPart(StrictModel):
@@ -89,15 +94,15 @@ class ChatCompletionRequest(StrictModel):
         description="The query is the last user message; the turns before it are context.",
         json_schema_extra={"contains": USER_MESSAGE},
     )
-    max_tokens: integer(ge=1) | None = None
-    max_completion_tokens: integer(ge=1) | None = None
+    max_tokens: PositiveInteger | None = None
+    max_completion_tokens: PositiveInteger | None = None
     temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: Integer | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: integer(ge=1, le=1) | None = Field(None, description="Only one choice is supported.")
+    n: One | None = Field(None, description="Only one choice is supported.")
     user: StrictStr | None = None
     hybrid: HybridOptions = Field(default_factory=HybridOptions)
 

@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from hybrid_serve.config import HTTPConfig
 from hybrid_serve.deployments.errors import MESSAGES_PATH, error_responses
+from hybrid_serve.schemas import MIN_TIMEOUT_S
 
 BODY_METHODS = {"post", "put", "patch"}
 
@@ -46,7 +47,7 @@ def document(app: FastAPI, http: HTTPConfig) -> dict[str, Any]:
         "description": "This request's deadline in seconds (default http.request_timeout_s).",
         "schema": {
             "type": "number",
-            "exclusiveMinimum": 0,
+            "minimum": MIN_TIMEOUT_S,
             "maximum": http.max_request_timeout_s,
         },
     }

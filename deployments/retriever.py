@@ -12,12 +12,16 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 from ray import serve
+from ray.serve import Application
 
 from hybrid_serve.agents import tracing
 from hybrid_serve.agents.tracing import TraceContext
-from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig, RetrieverConfig, TracingConfig
+from hybrid_serve.deployments import tunables
+from hybrid_serve.deployments.handles import IndexNotReady
 from hybrid_serve.deployments.metrics import keep_gauges_fresh, metrics
-from hybrid_serve.deployments.placement import placement
+from hybrid_serve.deployments.placement import cpu_actor_options, deployment, placement
+from hybrid_serve.deployments.versions import versioned
 from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.segment import doc_key
 from hybrid_serve.retrieval.store import DocRecord, IndexStore, NewDocument
@@ -26,15 +30,11 @@ from hybrid_serve.schemas import DEFAULT_COLLECTION, Collections, Passage
 log = logging.getLogger("ray.serve")
 
 
-class IndexNotReady(RuntimeError):
-    pass
-
-
 def sample_corpus() -> list[NewDocument]:
     """The project's own documentation, shipped with the package: licence-clean and useful."""
     docs = []
     folder = resources.files("hybrid_serve.cluster").joinpath("sample_corpus")
-    for entry in sorted(folder.iterdir()):
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".md"):
             text = entry.read_text(encoding="utf-8")
             title = next(
@@ -54,12 +54,14 @@ def sample_corpus() -> list[NewDocument]:
 
 @serve.deployment(name="Retriever")
 class RetrieverDeployment:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.cfg = HybridServeConfig.from_args(config)
-        tracing.setup("Retriever", self.cfg.tracing)
-        rc = self.cfg.retriever
+    """Binds its own section: the index's and the embedder's settings (new replicas when they
+    change); the fusion weights are tunables, taken in place (`reconfigure`)."""
+
+    def __init__(self, retriever: dict[str, Any], index_dir: str, trace: dict[str, Any]) -> None:
+        tracing.setup("Retriever", TracingConfig.model_validate(trace))
+        rc = self.rc = RetrieverConfig.model_validate(retriever)
         self.embedder = Embedder(rc.embedding_model, rc.embed_batch_size, rc.device)
-        self.store = IndexStore.from_config(self.cfg.index_dir, rc, self.embedder)
+        self.store = IndexStore.from_config(index_dir, rc, self.embedder)
         self.state = "loading"
         self.progress: dict[str, int] = {}
         self.error: str | None = None
@@ -74,6 +76,10 @@ class RetrieverDeployment:
             # progress meanwhile; searches wait for it.
             self.state = "indexing sample corpus"
             threading.Thread(target=self._index_sample, daemon=True).start()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this after the constructor and whenever the tunables change."""
+        self.rc = RetrieverConfig.model_validate({**self.rc.model_dump(), **user_config})
 
     def _index_sample(self) -> None:
         try:
@@ -134,7 +140,7 @@ class RetrieverDeployment:
         attributes = {"hybrid.retrieval.top_k": top_k}
         with tracing.span("Retriever.search", trace_context, SpanKind.SERVER, attributes):
             self._require_ready()
-            rc = self.cfg.retriever
+            rc = self.rc
             self.store.refresh()
             view = self.store.view
             start = time.perf_counter()
@@ -212,8 +218,10 @@ class RetrieverDeployment:
             self._require_ready()
             self.store.refresh()
             view = self.store.view
-            names = sorted(collections) if collections is not None else (
-                view.collections() if view else []
+            names = (
+                sorted(collections)
+                if collections is not None
+                else (view.collections() if view else [])
             )
             names.sort(key=lambda n: n != DEFAULT_COLLECTION)
             for name in names:
@@ -236,3 +244,25 @@ class RetrieverDeployment:
             **stats,
             "placement": placement(),
         }
+
+
+def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
+    rc = cfg.retriever
+    return {
+        "num_replicas": rc.replicas,
+        "max_ongoing_requests": rc.max_ongoing_requests,
+        "ray_actor_options": (
+            {"num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus}
+            if rc.num_gpus  # FAISS on a GPU node
+            else cpu_actor_options(cfg, rc.num_cpus)
+        ),
+        "user_config": tunables.retriever(cfg),
+    }
+
+
+def bind_args(cfg: HybridServeConfig) -> tuple[Any, ...]:
+    return cfg.retriever.fixed(), str(cfg.index_dir), cfg.tracing.model_dump(mode="json")
+
+
+def build_retriever(cfg: HybridServeConfig) -> Application:
+    return versioned(deployment(RetrieverDeployment), get_deployment_options(cfg), *bind_args(cfg))

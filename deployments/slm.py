@@ -12,12 +12,14 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 from ray import serve
+from ray.serve import Application
 
 from hybrid_serve.agents import tracing
 from hybrid_serve.agents.tracing import TraceContext
-from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.config import HybridServeConfig, SLMConfig, TracingConfig
 from hybrid_serve.deployments.metrics import metrics
-from hybrid_serve.deployments.placement import placement
+from hybrid_serve.deployments.placement import deployment, placement
+from hybrid_serve.deployments.versions import versioned
 from hybrid_serve.engines import Engine, make_engine, warm_up
 from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
@@ -82,7 +84,7 @@ class SLMEndpoints:
                     record_generation(item)
                 yield item
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         return {
             "ready": True,
             "engine": self.engine_kind,  # as configured: llama_cpp, openai, vllm, or a class
@@ -95,9 +97,44 @@ class SLMEndpoints:
 
 @serve.deployment(name="SLM")
 class SLMDeployment(SLMEndpoints):
-    async def __init__(self, config: dict[str, Any]) -> None:
-        cfg = HybridServeConfig.from_args(config)
-        tracing.setup("SLM", cfg.tracing)
-        self.slm_engine = make_engine(cfg.slm, replicas_on_node=cfg.slm.replicas)
-        self.engine_kind = cfg.slm.engine
-        self.warmup = await warm_up(self.slm_engine.generate, cfg.slm.warmup_timeout_s)
+    """Binds its own section, the engine's settings (any change starts new replicas); the
+    answer length and temperature travel with each request."""
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, slm: dict[str, Any], trace: dict[str, Any]
+    ) -> None:
+        cfg = SLMConfig.model_validate(slm)
+        tracing.setup("SLM", TracingConfig.model_validate(trace))
+        self.slm_engine = make_engine(cfg, replicas_on_node=cfg.replicas)
+        self.engine_kind = cfg.engine
+        self.warmup = await warm_up(self.slm_engine.generate, cfg.warmup_timeout_s)
+
+
+def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
+    """Serve options of the SLM deployment for the in-process engines (llama_cpp, openai)."""
+    slm = cfg.slm
+    options: dict[str, Any] = {
+        # Above contexts_per_replica, requests wait inside the replica for a free context; the
+        # margin keeps status calls and short queues from waiting behind a long generation.
+        "max_ongoing_requests": max(slm.max_ongoing_requests, slm.contexts_per_replica),
+        "max_queued_requests": slm.max_queued_requests,
+        "ray_actor_options": {"num_cpus": slm.num_cpus, "num_gpus": slm.num_gpus},
+    }
+    if slm.autoscaling is not None:
+        options["autoscaling_config"] = slm.autoscaling.serve_options()
+    else:
+        options["num_replicas"] = slm.replicas
+    if not slm.num_gpus and cfg.placement.cpu_resources():
+        options["ray_actor_options"]["resources"] = cfg.placement.cpu_resources()
+    if slm.num_gpus and cfg.placement.slm_node_resource:
+        options["ray_actor_options"]["resources"] = {cfg.placement.slm_node_resource: slm.num_gpus}
+    return options
+
+
+def bind_args(cfg: HybridServeConfig) -> tuple[Any, ...]:
+    return cfg.slm.fixed(), cfg.tracing.model_dump(mode="json")
+
+
+def build_slm(cfg: HybridServeConfig) -> Application:
+    """The SLM deployment for the in-process engines; `slm_vllm.build_vllm_slm` for vllm."""
+    return versioned(deployment(SLMDeployment), get_deployment_options(cfg), *bind_args(cfg))

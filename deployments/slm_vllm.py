@@ -23,6 +23,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
 from hybrid_serve.agents import tracing
 from hybrid_serve.config import HybridServeConfig, SLMConfig
 from hybrid_serve.deployments.slm import SLMEndpoints
+from hybrid_serve.deployments.versions import versioned_app
 from hybrid_serve.engines.base import warm_up
 from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
 from hybrid_serve.engines.vllm_model import model_source
@@ -127,7 +128,7 @@ class HybridLLMServer(SLMEndpoints, LLMServer):
     async def start(self) -> None:
         await super().start()
         tracing.setup("SLM")  # settings by environment (see llm_config_kwargs)
-        model_id = self._llm_config.model_loading_config.model_id
+        model_id = self._llm_config.model_id
         max_num_seqs = int(self._llm_config.engine_kwargs.get("max_num_seqs", 1))
         self.slm_engine = LLMServerEngine(self, model_id, max_num_seqs)
         # LLMServer is built from an LLMConfig alone: the setting comes by its environment.
@@ -146,6 +147,7 @@ def build_vllm_slm(
     note = kv_cache_note(kwargs)
     if note and progress:
         progress(f"SLM on vLLM's CPU build: KV cache {note}")
-    return build_llm_deployment(
+    app = build_llm_deployment(
         LLMConfig(**kwargs), name_prefix="SLM:", deployment_cls=HybridLLMServer
     )
+    return versioned_app(app, llm_config_kwargs(cfg, "cpu", "(prepared)"))

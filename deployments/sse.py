@@ -7,17 +7,19 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from hybrid_serve.agents.events import Event, EventSink
+from hybrid_serve.agents.interfaces import Unavailable
 from hybrid_serve.deployments.errors import APIError, error_body
 
 log = logging.getLogger("ray.serve")
 
 DONE = "data: [DONE]\n\n"
-Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 def event(data: Any, name: str | None = None) -> str:
@@ -42,6 +44,8 @@ def response(
                 yield item
         except APIError as exc:
             yield event(error_body(exc.status, exc.message, exc.code, path), error_event)
+        except Unavailable as exc:
+            yield event(error_body(503, exc.detail or exc.reason, exc.reason, path), error_event)
         except Exception:
             log.exception("stream failed")
             yield event(error_body(500, "stream failed", "internal_error", path), error_event)
@@ -53,18 +57,25 @@ def response(
     )
 
 
-async def emitted(run: Callable[[Emit], Awaitable[Any]]) -> AsyncIterator[tuple[str, Any]]:
-    """Run `run(emit)` and yield what it emits as (name, data), then ("done", its result). A
-    failure is raised where it happened in the sequence; closing the iterator (the client went
-    away) cancels the run."""
-    queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
+@dataclass(frozen=True)
+class Done:
+    """The run's result, after every event it emitted."""
 
-    async def emit(name: str, data: dict[str, Any]) -> None:
-        await queue.put((name, data))
+    result: Any
+
+
+async def emitted(run: Callable[[EventSink], Awaitable[Any]]) -> AsyncIterator[Event | Done]:
+    """Run `run(sink)` and yield the events it emits, then `Done` with its result. A failure is
+    raised where it happened in the sequence; closing the iterator (the client went away)
+    cancels the run."""
+    queue: asyncio.Queue[Event | Done | None] = asyncio.Queue()
+
+    async def sink(event: Event) -> None:
+        await queue.put(event)
 
     async def go() -> None:
         try:
-            await queue.put(("done", await run(emit)))
+            await queue.put(Done(await run(sink)))
         finally:
             await queue.put(None)
 
@@ -75,3 +86,8 @@ async def emitted(run: Callable[[Emit], Awaitable[Any]]) -> AsyncIterator[tuple[
         await task  # re-raises the run's failure
     finally:
         task.cancel()
+
+
+def named(item: Event) -> str:
+    """A pipeline event as `/v1/answer`'s named SSE event."""
+    return event(item.data(), item.name)

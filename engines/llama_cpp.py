@@ -188,7 +188,7 @@ class LlamaCppEngine:
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         llm = self._contexts[0]  # tokenizing only reads the vocabulary: safe to share
-        formatted = self._formatter(messages=messages)
+        formatted = self._formatter(messages=messages)  # type: ignore[arg-type]  # plain dicts
         return llm.tokenize(
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
         )

@@ -15,7 +15,7 @@ Device = Literal["cuda", "cpu"]
 
 # The config keys' own variables, read by the replicas of LLMServer (which gets no config).
 WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_SLM__WARMUP_TIMEOUT_S"
-TIER_WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_CLAUDE__DEPLOY__WARMUP_TIMEOUT_S"
+TIER_WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_LLM__DEPLOY__WARMUP_TIMEOUT_S"
 # Not a config key: how the KV cache was sized, for the replica's status.
 KV_CACHE_NOTE_ENV = "HYBRID_SERVE_KV_CACHE_NOTE"
 
@@ -215,15 +215,15 @@ def tier_llm_config_kwargs(
     """`ray.serve.llm.LLMConfig` keyword arguments of the cluster's own LLM tier. Only the name
     of its key's variable is passed: the replica reads the key from its own environment (a
     Secret), so it is never part of a config."""
-    tier = cfg.claude.deploy
+    tier = cfg.llm.deploy
     env = {
         **cfg.tracing.env(),
-        TIER_KEY_ENV_ENV: cfg.claude.api_key_env,
+        TIER_KEY_ENV_ENV: cfg.llm.api_key_env,
         TIER_WARMUP_TIMEOUT_ENV: str(tier.warmup_timeout_s),
     }
     return _llm_config(
         tier,
-        cfg.claude.model,
+        cfg.llm.model,
         model_source or tier.model_source,
         device,
         {"num_replicas": tier.replicas, "max_ongoing_requests": tier.max_ongoing_requests},
@@ -256,7 +256,7 @@ def gpus_per_replica(cfg: HybridServeConfig) -> float:
 
 def tier_gpus(cfg: HybridServeConfig) -> float:
     """GPUs the cluster's own LLM tier holds (claude.deploy), all replicas."""
-    tier = cfg.claude.deploy
+    tier = cfg.llm.deploy
     if not tier.enabled or vllm_device(tier) != "cuda":
         return 0.0
     return float(tier.replicas * tier.tensor_parallel_size)

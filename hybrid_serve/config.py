@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,6 +43,15 @@ Exporter = Literal["otlp", "console", "none"]
 class _Section(BaseModel):
     # A typo in a config key must fail loudly, not be ignored.
     model_config = ConfigDict(extra="forbid")
+    # Fields a running deployment takes in place (Serve's user_config and reconfigure()); a
+    # change to any other field of a section needs new replicas of the deployments that use it.
+    TUNABLE: ClassVar[frozenset[str]] = frozenset()
+
+    def tunables(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", include=set(self.TUNABLE))
+
+    def fixed(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.TUNABLE))
 
 
 class OpenAIEngineConfig(_Section):
@@ -130,6 +140,8 @@ class AutoscalingConfig(_Section):
 
 
 class SLMConfig(_Section):
+    # What each request sets anyway: the engines never read them.
+    TUNABLE = frozenset({"max_tokens", "temperature"})
     engine: str = Field(
         "llama_cpp",
         description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model), openai "
@@ -185,6 +197,7 @@ class SLMConfig(_Section):
 
 
 class RetrieverConfig(_Section):
+    TUNABLE = frozenset({"rrf_k", "candidates", "dense_weight", "bm25_weight"})
     replicas: int = Field(1, ge=1, le=256)
     embedding_model: str | None = Field(
         None, description="sentence-transformers model dir; unset: bundled all-MiniLM-L6-v2."
@@ -268,7 +281,7 @@ SONNET_PRICE = {"input": 3.0, "output": 15.0, "cache_read": 0.30, "cache_write":
 class LLMTierDeployment(VLLMEngineConfig):
     """The LLM tier served by the cluster itself: an open model on vLLM through Ray Serve LLM, a
     Serve application of its own at `route_prefix` speaking the Messages API (and OpenAI's), with
-    tensor parallelism over a placement group. `claude.model` is the id it serves under."""
+    tensor parallelism over a placement group. `llm.model` is the id it serves under."""
 
     enabled: bool = Field(False, description="Deploy the tier in the cluster.")
     replicas: int = Field(1, ge=1, le=64)
@@ -284,9 +297,31 @@ class LLMTierDeployment(VLLMEngineConfig):
     warmup_timeout_s: float = Field(600.0, gt=0, description="Bound on the first generation.")
 
 
-class ClaudeConfig(_Section):
-    """The LLM tier: Anthropic's API by default, or any server of the Messages API (`base_url`),
-    such as vLLM on the cluster's own GPUs (`deploy`). The name stays `claude` for every model."""
+class LLMConfig(_Section):
+    """The LLM tier: Anthropic's API (Claude) by default, or any server of the Messages API
+    (`base_url`), such as vLLM on the cluster's own GPUs (`deploy`). Configured as `llm` (`claude`,
+    its name before other tiers existed, is read too)."""
+
+    TUNABLE = frozenset(
+        {
+            "on_premises",
+            "price_model",
+            "gpu_hour_usd",
+            "max_tokens",
+            "timeout_s",
+            "max_retries",
+            "max_retry_after_s",
+            "max_concurrency",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "rate_limit_wait_s",
+            "circuit_failures",
+            "circuit_cooldown_s",
+            "daily_budget_usd",
+            "request_budget_usd",
+            "prices",
+        }
+    )
 
     model: str = Field(
         "claude-sonnet-5-5",
@@ -392,7 +427,7 @@ class PolicyConfig(_Section):
     pii: PIIHandling = Field(
         "redact",
         description="PII in what reaches the LLM tier: block the call, redact it, or (only with "
-        "claude.on_premises) keep it.",
+        "llm.on_premises) keep it.",
     )
     sensitive_patterns: list[str] = Field(
         default_factory=list, description="Regexes; a matching query never leaves the cluster."
@@ -533,18 +568,26 @@ class ConversationConfig(_Section):
         "self-contained rewrite (condense_with), or `previous` when there is none; previous: "
         "the previous user question and this one; off: this one alone.",
     )
-    condense_with: Literal["claude", "slm"] = Field(
-        "claude",
-        description="Who rewrites: claude: Claude, when the request may use it (not sensitive, "
-        "Claude usable); slm: the SLM, inside the cluster. The bundled SmolLM2-135M answers "
+    condense_with: Literal["llm", "slm"] = Field(
+        "llm",
+        description="Who rewrites: llm: the LLM tier (Claude), when the request may use it (not "
+        "sensitive, the tier usable); slm: the SLM, inside the cluster (`claude` is read as llm). "
+        "The bundled SmolLM2-135M answers "
         "instead of rewriting (recall@5 of second turns 0.873 against 0.887 for `previous`, "
         "benchmarks/followups.py): slm is for a larger SLM.",
     )
     condense_max_tokens: int = Field(48, ge=8, le=256)
 
+    @field_validator("condense_with", mode="before")
+    @classmethod
+    def _legacy_name(cls, v: Any) -> Any:
+        return "llm" if v == "claude" else v
+
 
 class CacheConfig(_Section):
     """The answer cache, shared by the orchestrator replicas (one AnswerCache replica)."""
+
+    TUNABLE = frozenset({"enabled", "similarity", "ttl_s", "max_entries", "sensitive"})
 
     enabled: bool = True
     similarity: float = Field(
@@ -607,7 +650,7 @@ class PlacementConfig(_Section):
     llm_node_resource: str | None = Field(
         None,
         description="A custom Ray resource only the LLM tier's GPU nodes have, one unit per GPU; "
-        "when set, each GPU bundle of the tier (claude.deploy) asks for one.",
+        "when set, each GPU bundle of the tier (llm.deploy) asks for one.",
     )
 
     def cpu_resources(self) -> dict[str, float]:
@@ -647,7 +690,7 @@ def _gpu_group() -> WorkerGroupConfig:
 
 def _llm_group() -> WorkerGroupConfig:
     # gpus 0: as many as the tier's tensor parallelism, one replica per pod. The pod count
-    # follows claude.deploy.replicas (replicas/min/max here are not used).
+    # follows llm.deploy.replicas (replicas/min/max here are not used).
     return _gpu_group().model_copy(update={"cpu": "16", "memory": "192Gi", "gpus": 0})
 
 
@@ -667,7 +710,7 @@ class KubernetesConfig(_Section):
     gpu_workers: WorkerGroupConfig = Field(default_factory=_gpu_group)
     llm_workers: WorkerGroupConfig = Field(
         default_factory=_llm_group,
-        description="The LLM tier's own GPU group (with claude.deploy); its pods and GPUs are "
+        description="The LLM tier's own GPU group (with llm.deploy); its pods and GPUs are "
         "sized from the tier's replicas and tensor parallelism.",
     )
     secret_name: str = Field(
@@ -680,6 +723,12 @@ class KubernetesConfig(_Section):
     ingress_class: str = Field("nginx")
     ingress_tls_secret: str | None = None
 
+
+# Sections the ingress reads per request: every field takes effect in place.
+for _whole in (EscalationConfig, PolicyConfig, ConversationConfig, CostConfig):
+    _whole.TUNABLE = frozenset(_whole.model_fields)
+# The bind address and port are Serve's HTTP options, not the ingress's.
+HTTPConfig.TUNABLE = frozenset(HTTPConfig.model_fields) - {"host", "port"}
 
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_yaml_file", default=None)
 
@@ -716,7 +765,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 # on premises, so sensitive questions may escalate and nothing leaves the network.
 PROFILES["gpu-on-premises"] = {
     **PROFILES["gpu"],
-    "claude": {
+    "llm": {
         "model": "llama-3.3-70b-instruct",
         "api_key_env": "HYBRID_SERVE_LLM_TIER_KEY",
         "on_premises": True,
@@ -740,6 +789,73 @@ PROFILES["gpu-on-premises"] = {
 }
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on `base`, mapping by mapping."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def renamed_section(data: Any) -> Any:
+    """`claude:` moved under `llm:` (where both are given, `llm`'s values win)."""
+    if not isinstance(data, dict) or "claude" not in data:
+        return data
+    data = dict(data)
+    old = data.pop("claude")
+    new = data.get("llm")
+    if isinstance(old, dict) and isinstance(new, dict):
+        data["llm"] = deep_merge(old, new)
+    elif new is None:
+        data["llm"] = old
+    return data
+
+
+class LegacyNames(PydanticBaseSettingsSource):
+    """Another source with its `claude:` read as `llm:`."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self.source = source
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        return renamed_section(self.source())
+
+
+class LegacyEnvSource(PydanticBaseSettingsSource):
+    """`HYBRID_SERVE_CLAUDE__…` variables, the LLM tier's section under its earlier name, read as
+    `HYBRID_SERVE_LLM__…` (which win where both are set)."""
+
+    PREFIX = f"{ENV_PREFIX}CLAUDE__"
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything comes from __call__
+
+    def __call__(self) -> dict[str, Any]:
+        section: dict[str, Any] = {}
+        for name, raw in os.environ.items():
+            if not name.upper().startswith(self.PREFIX):
+                continue
+            keys = name[len(self.PREFIX) :].lower().split("__")
+            node = section
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            value: Any = raw
+            if raw[:1] in "[{":
+                try:
+                    value = json.loads(raw)
+                except ValueError:
+                    pass
+            node[keys[-1]] = value
+        return {"llm": section} if section else {}
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "hybrid-serve"
@@ -759,7 +875,7 @@ class HybridServeConfig(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     slm: SLMConfig = Field(default_factory=SLMConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
-    claude: ClaudeConfig = Field(default_factory=ClaudeConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     conversation: ConversationConfig = Field(default_factory=ConversationConfig)
@@ -771,18 +887,24 @@ class HybridServeConfig(BaseSettings):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     k8s: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_section(cls, data: Any) -> Any:
+        """`claude:` is the LLM tier's section as configurations wrote it before `llm`."""
+        return renamed_section(data)
+
     @model_validator(mode="after")
     def _pii_kept_on_premises_only(self) -> HybridServeConfig:
-        if self.policies.pii == "keep" and not self.claude.on_premises:
+        if self.policies.pii == "keep" and not self.llm.on_premises:
             raise ValueError(
                 "policies.pii 'keep' sends PII to the LLM tier as is: only with "
-                "claude.on_premises: true"
+                "llm.on_premises: true"
             )
         return self
 
     @property
     def llm_app_name(self) -> str:
-        """The Serve application of the cluster's own LLM tier (claude.deploy)."""
+        """The Serve application of the cluster's own LLM tier (llm.deploy)."""
         return f"{self.app_name}-llm"
 
     @property
@@ -794,10 +916,10 @@ class HybridServeConfig(BaseSettings):
         """Where ClaudeProxy sends its Messages API calls: the configured base_url, the
         cluster's own tier (through the Serve proxy on the caller's node), or None for the SDK's
         default (Anthropic's API, or ANTHROPIC_BASE_URL)."""
-        if self.claude.base_url:
-            return self.claude.base_url.rstrip("/")
-        if self.claude.deploy.enabled:
-            return f"http://{self.local_host}:{self.http.port}{self.claude.deploy.route_prefix}"
+        if self.llm.base_url:
+            return self.llm.base_url.rstrip("/")
+        if self.llm.deploy.enabled:
+            return f"http://{self.local_host}:{self.http.port}{self.llm.deploy.route_prefix}"
         return None
 
     @classmethod
@@ -809,10 +931,16 @@ class HybridServeConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        # Each source's `claude:` is read as `llm:` before the sources are merged, so that a
+        # flag or a variable beats the file and the profile whichever name each uses.
+        sources: list[PydanticBaseSettingsSource] = [
+            LegacyNames(init_settings),
+            env_settings,
+            LegacyEnvSource(settings_cls),
+        ]
         path = _yaml_file.get()
         if path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            sources.append(LegacyNames(YamlConfigSettingsSource(settings_cls, yaml_file=path)))
         profile = _profile.get()
         if profile:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=PROFILES[profile]))

@@ -17,6 +17,9 @@ from pydantic import (
 )
 
 Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
+# The shortest deadline a request may set (a millisecond): below it nothing can answer, and a
+# float that small (5e-324) is only a way to find parsers that disagree.
+MIN_TIMEOUT_S = 0.001
 
 
 class StrictModel(BaseModel):
@@ -46,10 +49,9 @@ Integer = Annotated[StrictInt, BeforeValidator(_whole_number)]
 Number = StrictFloat
 
 
-def integer(**bounds: int) -> Any:
-    """An Integer within `bounds` (ge, le, ...), the bounds on the integer itself so that the
-    schema states them also where the field is optional."""
-    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_whole_number)]
+# Bounds on the integer itself, so that the schema states them also where the field is optional.
+PositiveInteger = Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole_number)]
+One = Annotated[StrictInt, Field(ge=1, le=1), BeforeValidator(_whole_number)]
 
 
 # A string with something in it, as a pattern so that the OpenAPI schema states the rule too.
@@ -78,7 +80,7 @@ class AnswerRequest(StrictModel):
     stream: StrictBool = Field(
         False, description="Server-Sent Events: plan, subtask, answer, verification, done."
     )
-    timeout_s: Annotated[Number, Field(gt=0, le=3600)] | None = Field(
+    timeout_s: Annotated[Number, Field(ge=MIN_TIMEOUT_S, le=3600)] | None = Field(
         None,
         description="This request's deadline in seconds (over the X-Request-Timeout header and "
         "http.request_timeout_s); the best answer ready by then is returned, marked degraded.",

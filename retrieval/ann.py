@@ -1,19 +1,18 @@
 """The dense search index of a segment: exact (flat), IVF, IVF-PQ or HNSW, on CPU or GPU.
 
-A segment's vectors file stays the record of every vector (it is what a restart, a rebuild or a
-new index type start from); an approximate index is built from it for search when configured and
-the segment has at least `ann_min_chunks` chunks (smaller ones are searched exactly), and saved
-beside it so a restart does not rebuild it. Measured trade-off on MiniLM vectors
-(`python -m hybrid_serve.benchmarks.ann`, README): flat is exact and fine to some tens of thousands
-of chunks on CPU (13 ms a query at 100k); IVF (nprobe 16) kept recall@10 at 1.00 for 0.15 ms at
-100k and builds in seconds; HNSW is as fast but lost recall on near-duplicate-heavy data (0.86 at
-100k, ef_search 128) and costs memory (M links a vector) and build time. On GPU nodes with
+A segment's vectors file stays the record of every vector (it is what a restart, a rebuild or a new
+index type start from); an approximate index is built from it for search when configured and the
+segment has at least `ann_min_chunks` chunks (smaller ones are searched exactly), and saved beside
+it so a restart does not rebuild it. Measured trade-off on MiniLM vectors (`python -m
+hybrid_serve.benchmarks.ann_recall`, README): flat is exact and fine to some tens of thousands of
+chunks on CPU (13 ms a query at 100k); IVF (nprobe 16) kept recall@10 at 1.00 for 0.15 ms at 100k
+and builds in seconds; HNSW is as fast but lost recall on near-duplicate-heavy data (0.86 at 100k,
+ef_search 128) and costs memory (M links a vector) and build time. On GPU nodes with
 `faiss-gpu-cu12`, flat and IVF move to the GPU (FAISS has no GPU HNSW).
 
 IVF-PQ stores a few dozen bytes a vector instead of 4 x dim (1.5 KB for MiniLM), for millions of
-chunks within a replica's memory; its approximate distances pick `refine_factor` x k candidates
-that are re-scored exactly from the memory-mapped vectors (`benchmarks.index_scale` measures it).
-"""
+chunks within a replica's memory; its approximate distances pick `refine_factor` x k candidates that
+are re-scored exactly from the memory-mapped vectors (`benchmarks.index_scale` measures it)."""
 
 from __future__ import annotations
 
@@ -101,6 +100,7 @@ def build(vectors: np.ndarray, spec: ANNSpec) -> Any:
     import faiss
 
     n, dim = vectors.shape
+    index: Any  # FAISS's index classes (SWIG) share no typed base
     if spec.kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif spec.kind == "hnsw":
@@ -147,11 +147,14 @@ def search_params(index: Any, spec: ANNSpec, selector: Any) -> Any:
     index kind's own settings, which a parameters object would otherwise reset."""
     import faiss
 
+    # FAISS's Python layer takes keyword arguments (and keeps the selector alive) that its type
+    # stubs do not declare.
+    swig: Any = faiss
     if isinstance(index, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=min(spec.ivf_nprobe, index.nlist))
+        return swig.SearchParametersIVF(sel=selector, nprobe=min(spec.ivf_nprobe, index.nlist))
     if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=spec.hnsw_ef_search)
-    return faiss.SearchParameters(sel=selector)
+        return swig.SearchParametersHNSW(sel=selector, efSearch=spec.hnsw_ef_search)
+    return swig.SearchParameters(sel=selector)
 
 
 def gpu_count() -> int:

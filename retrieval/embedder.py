@@ -43,7 +43,10 @@ class Embedder:
         self.model = SentenceTransformer(str(self.model_dir), device=self.device)
         self.batch_size = batch_size
         dim_of = getattr(self.model, "get_embedding_dimension", None)
-        self.dim = int(dim_of() if dim_of else self.model.get_sentence_embedding_dimension())
+        dim = dim_of() if dim_of else self.model.get_sentence_embedding_dimension()
+        if dim is None:
+            raise RuntimeError(f"{self.model_dir}: the model does not say its embedding size")
+        self.dim = int(dim)
         self.name = self.model_dir.name if model_dir else "all-MiniLM-L6-v2"
         # torch modules are not documented as safe for concurrent forward passes.
         self._lock = threading.Lock()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 def reciprocal_rank_fusion(
-    rankings: Sequence[Sequence[Hashable]],
+    rankings: Sequence[Sequence[K]],
     k: int = 60,
     weights: Sequence[float] | None = None,
-) -> list[tuple[Hashable, float]]:
+) -> list[tuple[K, float]]:
     """Fused (id, score) best first; score = sum of weight / (k + rank), rank starting at 1.
 
     Ties keep the order of first appearance, so the result is deterministic.
@@ -18,8 +21,8 @@ def reciprocal_rank_fusion(
         weights = [1.0] * len(rankings)
     if len(weights) != len(rankings):
         raise ValueError("one weight per ranking")
-    scores: dict[Hashable, float] = {}
-    first_seen: dict[Hashable, int] = {}
+    scores: dict[K, float] = {}
+    first_seen: dict[K, int] = {}
     for ranking, weight in zip(rankings, weights):
         for rank, item in enumerate(ranking, start=1):
             scores[item] = scores.get(item, 0.0) + weight / (k + rank)

@@ -49,6 +49,7 @@ def read_records(
     path: Path, fields: FieldNames = FieldNames()
 ) -> Iterator[tuple[int, DocumentIn | BadRecord]]:
     """(line, document or problem) for every record of a .jsonl/.ndjson or .parquet file."""
+    rows: Iterator[tuple[int, dict[str, Any] | BadRecord]]
     if path.suffix.lower() == ".parquet":
         rows = _parquet_rows(path, fields)
     else:

@@ -312,7 +312,7 @@ class Segment:
 
         kind = spec.kind if self.rows >= spec.min_rows_for(spec.kind) else "flat"
         if kind == "flat":
-            index = faiss.IndexFlatIP(self.dim)
+            index: Any = faiss.IndexFlatIP(self.dim)
             if self.rows:
                 index.add(np.ascontiguousarray(self.vectors))
             return index, kind
@@ -405,7 +405,8 @@ class Segment:
             part = list(doc_ids[start : start + 500])
             marks = ",".join("?" * len(part))
             out.update(
-                self._query(f"SELECT id, digest FROM docs WHERE id IN ({marks})", part)  # type: ignore[arg-type]
+                (row[0], row[1])
+                for row in self._query(f"SELECT id, digest FROM docs WHERE id IN ({marks})", part)
             )
         return out
 
@@ -423,7 +424,7 @@ class Segment:
 
 
 def _chunk(row: tuple) -> ChunkRecord:
-    return ChunkRecord(*row[1:5], tags=json.loads(row[5]))
+    return ChunkRecord(row[1], row[2], row[3], row[4], tags=json.loads(row[5]))
 
 
 def _doc(row: tuple) -> DocRecord:

@@ -416,9 +416,9 @@ class IndexStore:
         for (i, row), _ in fused:
             by_segment.setdefault(i, []).append(row)
         records: dict[tuple[int, int], ChunkRecord] = {}
-        for i, rows in by_segment.items():
+        for i, hit_rows in by_segment.items():
             seg = view.segments[i]
-            for row, rec in zip(rows, seg.chunks_at(rows)):
+            for row, rec in zip(hit_rows, seg.chunks_at(hit_rows)):
                 records[(i, row)] = rec
                 # Cosine for every hit, BM25-only ones included: the confidence uses it.
                 if (i, row) not in cosine:
@@ -707,7 +707,8 @@ class IndexStore:
         deletes: set[str] = set()
         for i in range(start, end):
             seg = view.segments[i]
-            keep = view.alive[i] if view.alive[i] is not None else np.ones(seg.rows, dtype=bool)
+            alive = view.alive[i]
+            keep = alive if alive is not None else np.ones(seg.rows, dtype=bool)
             doc_keep = view.doc_alive[i]
             docs.extend(d for j, d in enumerate(seg.iter_docs()) if doc_keep is None or doc_keep[j])
             chunks.extend(c for c, k in zip(seg.iter_chunks(), keep) if k)

@@ -19,6 +19,7 @@ from hybrid_serve.cluster.local import free_port
 from hybrid_serve.config import HybridServeConfig
 from tests.support.cli import MARK, marked_processes, wait_quiet
 from tests.support.messages_api import MessagesAPIServer
+from tests.support.ray_logs import start_dir
 
 APP = "hybrid-serve"
 # The evaluation data and the KubeRay CRD sit beside the checkout (../shared).
@@ -139,6 +140,7 @@ def app(tmp_path_factory, claude_server, otlp_receiver) -> Iterator[App]:
         try:
             ray.init(
                 address="local",  # a private cluster, even where a Ray user runs one
+                _temp_dir=start_dir(),  # its logs where the tests can read them
                 num_cpus=4,
                 num_gpus=2,
                 include_dashboard=False,

@@ -15,7 +15,7 @@ def test_tracing_benchmark_traces_one_arm_only(tmp_path):
     out = tmp_path / "tracing"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RAY_", "OTEL_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "hybrid_serve.benchmarks.tracing", "--requests", "4"]
+        [sys.executable, "-m", "hybrid_serve.benchmarks.tracing_overhead", "--requests", "4"]
         + ["--warmup", "1", "--latency-ms", "20", "--out", str(out)],
         capture_output=True,
         text=True,

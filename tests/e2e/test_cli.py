@@ -105,7 +105,9 @@ def test_up_ask_index_add_restart(tmp_path):
     assert "stopped" in up.log.read_text()
 
     # Restart on the same data: same index version, nothing re-indexed.
-    up2 = Up(data, port)
+    config = tmp_path / "hybrid.yaml"
+    config.write_text("http:\n  max_query_chars: 4000\n")
+    up2 = Up(data, port, "--config", str(config))
     try:
         up2.wait_for("serving on")
         status = wait_ready(up2.url)["components"]["retriever"]
@@ -115,6 +117,18 @@ def test_up_ask_index_add_restart(tmp_path):
             f"{up2.url}/v1/answer", json={"query": "How do owls eat their prey?"}, timeout=120
         )
         assert r.status_code == 200
+
+        # A changed configuration, reloaded: in force at once, the SLM replica kept.
+        before = wait_ready(up2.url)["components"]["slm"]["placement"]["pid"]
+        config.write_text("http:\n  max_query_chars: 20\nescalation:\n  threshold: 0.7\n")
+        reloaded = run("reload", "--data-dir", str(data))
+        assert reloaded.returncode == 0, reloaded.stderr
+        out = up2.wait_for("reloaded in", timeout=120)
+        assert "no new replicas" in out
+        long = {"query": "How do owls eat their prey at night?"}
+        refused = httpx.post(f"{up2.url}/v1/answer", json=long, timeout=60)
+        assert refused.status_code == 422 and "limit is 20" in refused.text
+        assert wait_ready(up2.url)["components"]["slm"]["placement"]["pid"] == before
     finally:
         assert up2.stop(signal.SIGTERM) == 0  # as `docker stop` or Kubernetes stop it
     assert "stopped" in up2.log.read_text()

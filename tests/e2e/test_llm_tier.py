@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from hybrid_serve.agents.claude import Grade, tool_spec
+from hybrid_serve.agents.roles import Grade, tool_spec
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import Up
@@ -51,22 +51,22 @@ def tier(tmp_path_factory, vllm_models):
     shared_models(data, vllm_models)
     with OTLPReceiver() as otlp:
         env = {
-            "HYBRID_SERVE_CLAUDE__DEPLOY__ENABLED": "true",
-            "HYBRID_SERVE_CLAUDE__MODEL": MODEL,
-            "HYBRID_SERVE_CLAUDE__ON_PREMISES": "true",
-            "HYBRID_SERVE_CLAUDE__PRICE_MODEL": "gpu_hours",
-            "HYBRID_SERVE_CLAUDE__GPU_HOUR_USD": str(GPU_HOUR_USD),
+            "HYBRID_SERVE_LLM__DEPLOY__ENABLED": "true",
+            "HYBRID_SERVE_LLM__MODEL": MODEL,
+            "HYBRID_SERVE_LLM__ON_PREMISES": "true",
+            "HYBRID_SERVE_LLM__PRICE_MODEL": "gpu_hours",
+            "HYBRID_SERVE_LLM__GPU_HOUR_USD": str(GPU_HOUR_USD),
             # A minute or more of plan on these cores must fit in the request budget.
-            "HYBRID_SERVE_CLAUDE__REQUEST_BUDGET_USD": "1.0",
-            "HYBRID_SERVE_CLAUDE__API_KEY_ENV": KEY_ENV,
+            "HYBRID_SERVE_LLM__REQUEST_BUDGET_USD": "1.0",
+            "HYBRID_SERVE_LLM__API_KEY_ENV": KEY_ENV,
             KEY_ENV: KEY,
-            "HYBRID_SERVE_CLAUDE__MAX_TOKENS": "48",  # the answer role's output
+            "HYBRID_SERVE_LLM__MAX_TOKENS": "48",  # the answer role's output
             # A plan is hundreds of tokens: a minute or more on 2 shared cores.
-            "HYBRID_SERVE_CLAUDE__TIMEOUT_S": "300",
-            "HYBRID_SERVE_CLAUDE__MAX_RETRIES": "0",
-            "HYBRID_SERVE_CLAUDE__DEPLOY__MAX_MODEL_LEN": "4096",
-            "HYBRID_SERVE_CLAUDE__DEPLOY__MAX_NUM_SEQS": "4",
-            "HYBRID_SERVE_CLAUDE__DEPLOY__NUM_CPUS": "0.5",
+            "HYBRID_SERVE_LLM__TIMEOUT_S": "300",
+            "HYBRID_SERVE_LLM__MAX_RETRIES": "0",
+            "HYBRID_SERVE_LLM__DEPLOY__MAX_MODEL_LEN": "4096",
+            "HYBRID_SERVE_LLM__DEPLOY__MAX_NUM_SEQS": "4",
+            "HYBRID_SERVE_LLM__DEPLOY__NUM_CPUS": "0.5",
             "HYBRID_SERVE_CACHE__ENABLED": "false",
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,

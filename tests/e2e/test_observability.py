@@ -74,24 +74,24 @@ def test_one_answer_is_one_trace_across_four_deployments(client, app):
     root = _one(spans, "POST /v1/answer")
     _assert_tree(spans, root)
     by_id = {s.span_id: s for s in spans}
-    lead = _one(spans, "Lead.answer")
+    pipeline = _one(spans, "Pipeline.answer")
     search = _by_name(spans, "Retriever.search")[0]
     generate = _one(spans, "SLM.generate")
-    verify = _one(spans, "Lead.verify")
+    verify = _one(spans, "Pipeline.verify")
     claude = _one(spans, "ClaudeProxy.verify")
     # Parenting across processes: the Ray workers' spans hang under the orchestrator's.
-    # (FastAPI's own spans may sit between the request's span and the lead's.)
-    assert _ancestors(lead, spans)[-1] == root.name
-    assert search.parent_span_id == lead.span_id and search.component == "Retriever"
-    assert generate.parent_span_id == lead.span_id and generate.component == "SLM"
-    assert verify.parent_span_id == lead.span_id
+    # (FastAPI's own spans may sit between the request's span and the pipeline's.)
+    assert _ancestors(pipeline, spans)[-1] == root.name
+    assert search.parent_span_id == pipeline.span_id and search.component == "Retriever"
+    assert generate.parent_span_id == pipeline.span_id and generate.component == "SLM"
+    assert verify.parent_span_id == pipeline.span_id
     assert claude.parent_span_id == verify.span_id and claude.component == "ClaudeProxy"
     assert by_id[claude.parent_span_id].component == "Orchestrator"
 
     # What an operator asks of a trace: route, confidence, tokens, model, cost, score.
     assert root.attributes["http.response.status_code"] == 200
-    assert root.attributes["hybrid.route"] == body["route"] == lead.attributes["hybrid.route"]
-    assert lead.attributes["hybrid.confidence"] == pytest.approx(body["confidence"])
+    assert root.attributes["hybrid.route"] == body["route"] == pipeline.attributes["hybrid.route"]
+    assert pipeline.attributes["hybrid.confidence"] == pytest.approx(body["confidence"])
     assert (
         generate.attributes["gen_ai.usage.output_tokens"] == body["usage"]["slm_completion_tokens"]
     )
@@ -149,10 +149,10 @@ def test_each_subtask_is_its_own_span_with_its_own_slm_call(client, app):
         lambda ss: len(_by_name(ss, "SLM.generate")) >= 2 and _by_name(ss, "POST /v1/answer"),
         trace_id,
     )
-    plan = _one(spans, "Lead.plan")
+    plan = _one(spans, "Pipeline.plan")
     assert plan.attributes["hybrid.planner"] == "claude" and plan.attributes["hybrid.subtasks"] == 2
     assert _one(spans, "ClaudeProxy.plan").parent_span_id == plan.span_id
-    subtasks = _by_name(spans, "Lead.subtask")
+    subtasks = _by_name(spans, "Pipeline.subtask")
     assert sorted(s.attributes["hybrid.subtask.id"] for s in subtasks) == ["s1", "s2"]
     parents = sorted(s.parent_span_id for s in _by_name(spans, "SLM.generate"))
     assert parents == sorted(s.span_id for s in subtasks)  # one SLM call under each sub-task

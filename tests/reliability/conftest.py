@@ -68,11 +68,11 @@ def rel(app: App, tmp_path_factory, request) -> Iterator[Rel]:
             "slm.max_tokens": 32,
             "retriever.replicas": 2,
             "retriever.num_cpus": 0.25,
-            "claude.timeout_s": 1.0,
-            "claude.max_retries": 1,
-            "claude.max_retry_after_s": 2.0,
-            "claude.circuit_failures": 3,
-            "claude.circuit_cooldown_s": 2.0,
+            "llm.timeout_s": 1.0,
+            "llm.max_retries": 1,
+            "llm.max_retry_after_s": 2.0,
+            "llm.circuit_failures": 3,
+            "llm.circuit_cooldown_s": 2.0,
         }
     )
     serve.run(build(cfg), name=APP_NAME, route_prefix=PREFIX)

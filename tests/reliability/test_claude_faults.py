@@ -11,8 +11,9 @@ import httpx
 import pytest
 from anthropic import AsyncAnthropic
 
-from hybrid_serve.agents.claude import ClaudeCall, ClaudeGateway, ClaudeUnavailable
-from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.agents.interfaces import LLMCall, Unavailable
+from hybrid_serve.agents.llm_gateway import LLMGateway
+from hybrid_serve.config import LLMConfig, PolicyConfig
 from hybrid_serve.schemas import Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
 
@@ -141,18 +142,18 @@ def test_budget_holds_under_concurrent_calls():
     however many requests race, spend stays within the day's budget."""
     server = MessagesAPIServer().start()
     try:
-        cfg = ClaudeConfig(
+        cfg = LLMConfig(
             daily_budget_usd=0.05, request_budget_usd=1.0, max_concurrency=32, max_tokens=200
         )
         client = AsyncAnthropic(api_key="sk-test", base_url=server.url, max_retries=0)
-        gateway = ClaudeGateway(cfg, PolicyConfig(), client)
+        gateway = LLMGateway(cfg, PolicyConfig(), client)
 
         async def one(i: int):
             try:
                 return await gateway.call(
-                    "answer", ClaudeCall(f"r{i}", "Where is Paris?", PASSAGES, "redact")
+                    "answer", LLMCall(f"r{i}", "Where is Paris?", PASSAGES, "redact")
                 )
-            except ClaudeUnavailable as exc:
+            except Unavailable as exc:
                 return exc.reason
 
         async def race():

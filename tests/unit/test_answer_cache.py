@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hybrid_serve.agents.answer_cache import AnswerCache, signature
+from hybrid_serve.agents.semantic_cache import SemanticCache, signature
 
 
 def unit(angle_cos: float) -> np.ndarray:
@@ -21,7 +21,7 @@ def clock():
 
 @pytest.fixture
 def cache(clock):
-    return AnswerCache(max_entries=3, ttl_s=60, min_similarity=0.95, clock=lambda: clock[0])
+    return SemanticCache(max_entries=3, ttl_s=60, min_similarity=0.95, clock=lambda: clock[0])
 
 
 def test_same_and_near_identical_questions_hit(cache):

@@ -10,7 +10,7 @@ def test_defaults_work_out_of_the_box(monkeypatch):
     assert cfg.slm.engine == "llama_cpp" and cfg.slm.replicas == 1
     assert cfg.http.port == 8000 and cfg.retriever.replicas == 1
     assert cfg.slm.model_path is None  # the bundled GGUF
-    assert cfg.claude.model
+    assert cfg.llm.model
 
 
 def test_yaml_env_and_override_precedence(tmp_path, monkeypatch):
@@ -27,7 +27,7 @@ def test_yaml_env_and_override_precedence(tmp_path, monkeypatch):
     assert cfg.retriever.replicas == 4
     assert cfg.http.port == 9100  # explicit override beats all
     assert str(cfg.data_dir) == f"{tmp_path}/d"  # None override means "not given"
-    assert cfg.claude.model == "my-model"
+    assert cfg.llm.model == "my-model"
 
 
 def test_unknown_key_is_an_error(tmp_path):
@@ -68,14 +68,14 @@ def test_chunk_overlap_must_be_smaller():
 
 def test_llm_tier_is_configuration(tmp_path, monkeypatch):
     cfg = HybridServeConfig.load()
-    assert cfg.llm_base_url() is None and cfg.claude.tier == "hosted"  # today's behaviour
-    assert cfg.claude.price_model == "tokens" and not cfg.claude.deploy.enabled
+    assert cfg.llm_base_url() is None and cfg.llm.tier == "hosted"  # today's behaviour
+    assert cfg.llm.price_model == "tokens" and not cfg.llm.deploy.enabled
     monkeypatch.setenv("HYBRID_SERVE_CLAUDE__BASE_URL", "http://llm.internal:9000/")
     monkeypatch.setenv("HYBRID_SERVE_CLAUDE__ON_PREMISES", "true")
     monkeypatch.setenv("HYBRID_SERVE_CLAUDE__API_KEY_ENV", "MY_TIER_KEY")
     cfg = HybridServeConfig.load()
-    assert cfg.llm_base_url() == "http://llm.internal:9000" and cfg.claude.tier == "on_premises"
-    assert cfg.claude.api_key_env == "MY_TIER_KEY"
+    assert cfg.llm_base_url() == "http://llm.internal:9000" and cfg.llm.tier == "on_premises"
+    assert cfg.llm.api_key_env == "MY_TIER_KEY"
     monkeypatch.delenv("HYBRID_SERVE_CLAUDE__BASE_URL")
     f = tmp_path / "c.yaml"
     f.write_text("claude:\n  deploy:\n    enabled: true\n    route_prefix: /tier\n")
@@ -92,3 +92,26 @@ def test_pii_is_kept_only_for_an_on_premises_tier(monkeypatch):
     assert cfg.policies.pii == "keep"
     with pytest.raises(ValidationError):
         HybridServeConfig.load(overrides={"claude.deploy.route_prefix": "no-slash"})
+
+
+def test_the_llm_section_is_read_under_its_earlier_name_too(tmp_path, monkeypatch):
+    f = tmp_path / "both.yaml"
+    f.write_text(
+        "claude:\n  model: old\n  timeout_s: 9\nllm:\n  model: new\n"
+        "conversation:\n  condense_with: claude\n"
+    )
+    cfg = HybridServeConfig.load(f)
+    assert cfg.llm.model == "new" and cfg.llm.timeout_s == 9  # `llm` wins where both are set
+    assert cfg.conversation.condense_with == "llm"
+    assert "llm" in cfg.to_args() and "claude" not in cfg.to_args()
+    monkeypatch.setenv("HYBRID_SERVE_LLM__MODEL", "from-env")
+    assert HybridServeConfig.load(f).llm.model == "from-env"
+
+
+def test_every_section_says_what_applies_in_place():
+    cfg = HybridServeConfig.load()
+    assert set(cfg.slm.tunables()) == {"max_tokens", "temperature"}
+    assert "engine" in cfg.slm.fixed() and "max_tokens" not in cfg.slm.fixed()
+    assert "daily_budget_usd" in cfg.llm.tunables() and "model" in cfg.llm.fixed()
+    assert "threshold" in cfg.escalation.tunables() and cfg.escalation.fixed() == {}
+    assert {"host", "port"} <= set(cfg.http.fixed()) and "api_keys" in cfg.http.tunables()

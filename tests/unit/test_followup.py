@@ -1,10 +1,11 @@
 """Follow-up questions: the rewrite is taken when it is a question, the fallback otherwise; the
-lead searches and answers with the self-contained question."""
+pipeline searches and answers with the self-contained question."""
 
 import asyncio
 
-from hybrid_serve.agents.followup import is_follow_up, parse_condensed, with_previous
-from hybrid_serve.agents.lead import Lead
+from hybrid_serve.agents.context import RequestOptions
+from hybrid_serve.agents.follow_up import is_follow_up, parse_condensed, with_previous
+from hybrid_serve.agents.pipeline import Pipeline
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.schemas import AnswerRequest, GenerationResult, Passage
 
@@ -35,7 +36,7 @@ def test_follow_up_and_fallback():
     )
 
 
-def run_lead(rewrite: str, follow_ups: str = "condense"):
+def run_pipeline(rewrite: str, follow_ups: str = "condense"):
     cfg = HybridServeConfig.load(
         overrides={"conversation.follow_ups": follow_ups, "conversation.condense_with": "slm"}
     )
@@ -51,16 +52,15 @@ def run_lead(rewrite: str, follow_ups: str = "condense"):
         text = rewrite if "rewrite" in req.messages[0]["content"] else "In Tallinn [1]."
         return GenerationResult(text=text, prompt_tokens=10, completion_tokens=5)
 
-    lead = Lead(retrieve=retrieve, generate=generate, config=cfg, claude=None)
+    pipe = Pipeline(retrieve=retrieve, generate=generate, config=cfg, llm=None)
     req = AnswerRequest(query="Where was it invented?", mode="slm")
-    answer = asyncio.run(
-        lead.answer(req, "t" * 32, claude_down="claude_unavailable", history=HISTORY)
-    )
+    options = RequestOptions(req, llm_down="claude_unavailable", history=HISTORY)
+    answer = asyncio.run(pipe.answer(options, "t" * 32))
     return answer, searched, prompts
 
 
-def test_lead_searches_and_answers_the_condensed_question():
-    answer, searched, prompts = run_lead("Where was the Zorblax protocol invented?")
+def test_the_pipeline_searches_and_answers_the_condensed_question():
+    answer, searched, prompts = run_pipeline("Where was the Zorblax protocol invented?")
     assert searched == ["Where was the Zorblax protocol invented?"]
     assert answer.searched_query == "Where was the Zorblax protocol invented?"
     assert "Where was the Zorblax protocol invented?" in prompts[-1][-1]["content"]
@@ -68,9 +68,9 @@ def test_lead_searches_and_answers_the_condensed_question():
 
 
 def test_unusable_rewrite_falls_back_and_off_searches_the_question_alone():
-    answer, searched, _ = run_lead("")
+    answer, searched, _ = run_pipeline("")
     assert searched == ["Who invented the Zorblax protocol? Where was it invented?"]
-    answer, searched, prompts = run_lead("unused", follow_ups="off")
+    answer, searched, prompts = run_pipeline("unused", follow_ups="off")
     assert searched == ["Where was it invented?"] and answer.searched_query is None
     assert len(prompts) == 1  # no rewrite asked for
 

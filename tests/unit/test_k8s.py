@@ -11,7 +11,8 @@ import yaml
 
 from hybrid_serve.cluster import k8s
 from hybrid_serve.config import HybridServeConfig
-from hybrid_serve.deployments.app import cpu_actor_options, slm_options
+from hybrid_serve.deployments.placement import cpu_actor_options
+from hybrid_serve.deployments.slm import get_deployment_options as slm_options
 from hybrid_serve.engines.vllm_options import (
     gpus_per_replica,
     llm_config_kwargs,
@@ -302,3 +303,36 @@ def test_the_on_premises_tier_does_not_start_without_its_key():
     assert all(r["optional"] is False for r in tier if r["key"] == "llm-tier-key")
     assert all(r["optional"] is True for r in tier if r["key"] != "llm-tier-key")
     assert all(r["optional"] is True for r in refs(k8s.render_rayservice(load("gpu"))))
+
+
+def test_a_tunable_changes_only_a_deployments_user_config():
+    """Serve's code version of a config-deployed application is a hash of its arguments: a
+    tunable in the arguments would restart every replica. It goes per deployment instead."""
+    base = k8s.serve_config(load("local"))
+    tuned = k8s.serve_config(load("local", **{"escalation.threshold": 0.9, "cache.ttl_s": 5.0}))
+    app, tuned_app = base["applications"][0], tuned["applications"][0]
+    assert app["args"] == tuned_app["args"] and "threshold" not in app["args"]["escalation"]
+    by_name = {d["name"]: d["user_config"] for d in tuned_app["deployments"]}
+    assert by_name["Orchestrator"]["escalation"]["threshold"] == 0.9
+    assert by_name["AnswerCache"]["ttl_s"] == 5.0
+    keyed = k8s.serve_config(load("local", **{"http.api_keys": ["plain-key-123"]}))
+    assert "plain-key-123" not in yaml.safe_dump(keyed)  # keys come from the Secret
+    assert (
+        k8s.serve_config(load("local", **{"slm.replicas": 2}))["applications"][0]["args"]
+        != (app["args"])
+    )
+
+
+@pytest.mark.parametrize("profile", ["local", "gpu-on-premises"])
+def test_the_serve_config_is_one_serve_accepts(profile):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(k8s.serve_config(load(profile)))
+    main = config.applications[0]
+    assert {d.name for d in main.deployments} == {
+        "Orchestrator",
+        "Retriever",
+        "ClaudeProxy",
+        "AnswerCache",
+        "KeyLimits",
+    }

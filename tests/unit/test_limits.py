@@ -31,9 +31,13 @@ def test_token_bucket_refills_at_rate():
 
 def test_rate_limiter_gives_up_past_max_wait():
     limiter = RateLimiter(rpm=1, tpm=1000, max_wait_s=0.05)
-    asyncio.run(limiter.acquire(10))
+
+    async def twice() -> None:
+        await limiter.acquire(10)
+        await limiter.acquire(10)  # the next request slot is a minute away
+
     with pytest.raises(RateLimited):
-        asyncio.run(limiter.acquire(10))
+        asyncio.run(twice())
 
 
 def test_circuit_opens_half_opens_and_closes():

@@ -6,14 +6,15 @@ import asyncio
 import pytest
 from anthropic import AsyncAnthropic
 
-from hybrid_serve.agents.claude import ClaudeCall, ClaudeGateway, ClaudeUnavailable
+from hybrid_serve.agents.interfaces import LLMCall, Unavailable
+from hybrid_serve.agents.llm_gateway import LLMGateway
 from hybrid_serve.agents.policy import (
     KEPT_LOCAL,
     PrivacyGate,
     Sensitivity,
     history_in_use,
 )
-from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.config import LLMConfig, PolicyConfig
 from hybrid_serve.schemas import AnswerRequest, Passage
 from tests.support.messages_api import MessagesAPIServer
 
@@ -28,8 +29,8 @@ SECRET = Passage(
 )
 
 
-def call(rid="r1", **fields) -> ClaudeCall:
-    return ClaudeCall(rid, fields.pop("query", "Which port?"), fields.pop("passages", [PUBLIC]),
+def call(rid="r1", **fields) -> LLMCall:
+    return LLMCall(rid, fields.pop("query", "Which port?"), fields.pop("passages", [PUBLIC]),
                       "redact", **fields)  # fmt: skip
 
 
@@ -95,11 +96,11 @@ def test_the_gateway_sends_nothing_the_gate_refuses():
     server = MessagesAPIServer().start()
     try:
         client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
-        gateway = ClaudeGateway(ClaudeConfig(), POLICY, client)
-        with pytest.raises(ClaudeUnavailable) as refused:
+        gateway = LLMGateway(LLMConfig(), POLICY, client)
+        with pytest.raises(Unavailable) as refused:
             asyncio.run(gateway.call("verify", call(passages=[SECRET], answer="ZEBRA-7731 [1]")))
         assert refused.value.reason == KEPT_LOCAL
-        with pytest.raises(ClaudeUnavailable):  # the same request, a clean-looking call
+        with pytest.raises(Unavailable):  # the same request, a clean-looking call
             asyncio.run(gateway.call("answer", call()))
         assert server.requests == [] and gateway.status()["kept_local"] == 2
         asyncio.run(gateway.call("answer", call("r2")))

@@ -46,7 +46,7 @@ def test_request_span_continues_the_callers_trace_when_off():
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
     with tracing.request_span("POST /v1/answer", {"traceparent": f"00-{trace_id}-{parent}-01"}):
         assert tracing.trace_id() == trace_id
-        with tracing.span("Lead.answer"):  # nested no-op spans keep the id
+        with tracing.span("Pipeline.answer"):  # nested no-op spans keep the id
             assert tracing.trace_id() == trace_id
     assert tracing.trace_id() == ""
 

@@ -1,4 +1,4 @@
-"""ClaudeGateway with the real anthropic SDK against the local Messages-API server."""
+"""LLMGateway with the real anthropic SDK against the local Messages-API server."""
 
 import asyncio
 import json
@@ -7,15 +7,11 @@ import time
 import pytest
 from anthropic import AsyncAnthropic
 
-from hybrid_serve.agents.claude import (
-    ClaudeCall,
-    ClaudeGateway,
-    ClaudeUnavailable,
-    Grade,
-    RewritePlan,
-    tool_spec,
-)
-from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.agents import pricing
+from hybrid_serve.agents.interfaces import LLMCall, Unavailable
+from hybrid_serve.agents.llm_gateway import LLMGateway
+from hybrid_serve.agents.roles import Grade, RewritePlan, tool_spec
+from hybrid_serve.config import LLMConfig, PolicyConfig
 from hybrid_serve.schemas import Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
 
@@ -29,18 +25,18 @@ def server():
     s.stop()
 
 
-def gateway(server, **claude) -> ClaudeGateway:
-    cfg = ClaudeConfig(**claude)
+def gateway(server, **claude) -> LLMGateway:
+    cfg = LLMConfig(**claude)
     client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
-    return ClaudeGateway(cfg, PolicyConfig(pii_names=["Alice Smith"]), client)
+    return LLMGateway(cfg, PolicyConfig(pii_names=["Alice Smith"]), client)
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-def ask(g: ClaudeGateway, role: str, rid: str, query: str, pii: str = "redact", answer: str = ""):
-    return g.call(role, ClaudeCall(rid, query, PASSAGES, pii, answer=answer))
+def ask(g: LLMGateway, role: str, rid: str, query: str, pii: str = "redact", answer: str = ""):
+    return g.call(role, LLMCall(rid, query, PASSAGES, pii, answer=answer))
 
 
 def test_rewrite_is_structured_through_tool_use(server):
@@ -84,7 +80,7 @@ def test_retries_honour_retry_after(server):
 
 def test_too_long_retry_after_fails_fast(server):
     server.inject(Fault(status=429, retry_after="120"))
-    with pytest.raises(ClaudeUnavailable) as e:
+    with pytest.raises(Unavailable) as e:
         run(ask(gateway(server), "answer", "r", "q", "redact"))
     assert e.value.reason == "claude_rate_limited" and len(server.calls()) == 1
 
@@ -103,7 +99,7 @@ def test_529_storm_opens_the_circuit_and_it_recovers(server):
     for _ in range(4):
         try:
             run(ask(g, "answer", "r", "q", "redact"))
-        except ClaudeUnavailable as exc:
+        except Unavailable as exc:
             reasons.append(exc.reason)
     assert reasons == ["claude_error"] * 3 + ["claude_circuit_open"]
     sent = len(server.calls())
@@ -116,7 +112,7 @@ def test_529_storm_opens_the_circuit_and_it_recovers(server):
 
 def test_malformed_tool_output_is_a_clear_failure(server):
     server.inject(Fault(malformed=True))
-    with pytest.raises(ClaudeUnavailable) as e:
+    with pytest.raises(Unavailable) as e:
         run(ask(gateway(server), "verify", "r", "q", "redact", answer="a"))
     assert e.value.reason == "claude_malformed_output"
 
@@ -147,7 +143,7 @@ def test_a_tool_call_written_as_text_is_recovered_or_fails_clearly(server):
             server.inject(Fault(as_text=reply))
             try:
                 out.append((await ask(g, "verify", "r", "q", "redact", answer="a")).output.score)
-            except ClaudeUnavailable as exc:
+            except Unavailable as exc:
                 out.append(exc.reason)
         return out
 
@@ -158,12 +154,12 @@ def test_a_tool_call_written_as_text_is_recovered_or_fails_clearly(server):
 
 def test_budget_exhaustion_stops_calls(server):
     g = gateway(server, daily_budget_usd=0.01, request_budget_usd=0.01)
-    with pytest.raises(ClaudeUnavailable) as e:
+    with pytest.raises(Unavailable) as e:
         run(ask(g, "answer", "r", "q", "redact"))  # worst case: 1024 output tokens > budget
     assert e.value.reason == "budget_exhausted" and server.calls() == []
     g2 = gateway(server, daily_budget_usd=1.0, request_budget_usd=0.012)
     spent = 0.0
-    with pytest.raises(ClaudeUnavailable) as e:
+    with pytest.raises(Unavailable) as e:
         for _ in range(200):
             spent += run(ask(g2, "rewrite", "same-request", "q", "redact")).usage.cost_usd
     assert e.value.reason == "budget_exhausted"
@@ -173,7 +169,7 @@ def test_budget_exhaustion_stops_calls(server):
 def test_pii_block_never_sends_and_redact_sends_placeholders(server):
     g = gateway(server)
     query = "Email alice@corp.com about Alice Smith's card 4111 1111 1111 1111"
-    with pytest.raises(ClaudeUnavailable) as e:
+    with pytest.raises(Unavailable) as e:
         run(ask(g, "rewrite", "r", query, "block"))
     assert e.value.reason == "pii_blocked" and server.calls() == []
     server.answer_text = "Write to [EMAIL_1] about [NAME_1] [1]."
@@ -186,8 +182,8 @@ def test_pii_block_never_sends_and_redact_sends_placeholders(server):
 
 
 def test_no_key_is_unavailable_without_a_call():
-    g = ClaudeGateway(ClaudeConfig(), PolicyConfig(), None, unavailable_reason="no_api_key")
-    with pytest.raises(ClaudeUnavailable) as e:
+    g = LLMGateway(LLMConfig(), PolicyConfig(), None, unavailable_reason="no_api_key")
+    with pytest.raises(Unavailable) as e:
         run(ask(g, "answer", "r", "q", "redact"))
     assert e.value.reason == "claude_unavailable"
     assert g.status()["available"] is False and g.status()["reason"] == "no_api_key"
@@ -197,7 +193,7 @@ def test_default_model_is_current():
     from anthropic._data import DEPRECATED_MODELS
     from anthropic.types.model_param import ModelParam
 
-    model = ClaudeConfig().model
+    model = LLMConfig().model
     assert model not in DEPRECATED_MODELS
     assert model in ModelParam.__args__[0].__args__ and "sonnet" in model
 
@@ -212,12 +208,12 @@ def test_a_self_hosted_tier_costs_its_gpu_time_and_may_keep_pii(server):
     assert u.seconds > 0 and u.cost_usd == pytest.approx(u.seconds * 36.0 / 3600)
     assert g.status()["tier"] == "on_premises"
     # GPU time is known only after a call: nothing is reserved, the spend is settled after.
-    assert g.estimate_cost(10_000, 1_000) == 0.0
+    assert pricing.reserve_estimate(g.cfg, 10_000, 1_000) == 0.0
     assert g.ledger.totals.cost_usd == pytest.approx(u.cost_usd)
 
 
 def test_tier_client_sends_the_key_as_the_endpoint_expects(server, monkeypatch):
-    from hybrid_serve.agents.claude import tier_client
+    from hybrid_serve.agents.llm_gateway import tier_client
 
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     assert tier_client(None, None) == (None, "no_api_key")  # Anthropic's API needs a key
@@ -226,7 +222,7 @@ def test_tier_client_sends_the_key_as_the_endpoint_expects(server, monkeypatch):
     # Another Messages-API server: the key as the bearer token vLLM's --api-key checks.
     client, reason = tier_client(server.url, "tier-key")
     assert reason is None
-    g = ClaudeGateway(ClaudeConfig(), PolicyConfig(), client)
+    g = LLMGateway(LLMConfig(), PolicyConfig(), client)
     run(ask(g, "answer", "r", "q"))
     assert server.calls()[0].headers["authorization"] == "Bearer tier-key"
     # A tier without a key is still usable (vLLM started without --api-key).
@@ -241,9 +237,9 @@ def test_doctor_reaches_a_tier_at_its_base_url(server, monkeypatch):
     monkeypatch.setenv("MY_TIER_KEY", "tier-key")
     cfg = HybridServeConfig.load(
         overrides={
-            "claude.base_url": server.url,
-            "claude.api_key_env": "MY_TIER_KEY",
-            "claude.on_premises": True,
+            "llm.base_url": server.url,
+            "llm.api_key_env": "MY_TIER_KEY",
+            "llm.on_premises": True,
         }
     )
     check = check_claude(cfg)

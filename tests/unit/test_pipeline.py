@@ -1,4 +1,4 @@
-"""The lead agent end to end without Ray: the real llama.cpp SLM, fixed passages, and Claude
+"""The request pipeline end to end without Ray: the real llama.cpp SLM, fixed passages, and Claude
 through the real SDK against the local Messages-API server."""
 
 import asyncio
@@ -7,8 +7,10 @@ import time
 import pytest
 from anthropic import AsyncAnthropic
 
-from hybrid_serve.agents.claude import ClaudeGateway
-from hybrid_serve.agents.lead import DeadlineExceeded, Lead
+from hybrid_serve.agents.context import RequestOptions
+from hybrid_serve.agents.interfaces import DeadlineExceeded
+from hybrid_serve.agents.llm_gateway import LLMGateway
+from hybrid_serve.agents.pipeline import Pipeline
 from hybrid_serve.bundled import bundled_gguf
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.engines.llama_cpp import LlamaCppEngine
@@ -57,39 +59,45 @@ SETTINGS = {
     "sensitive_tags": "policies.sensitive_tags",
     "shadow_verify_share": "escalation.shadow_verify_share",
     "auto_local_plan": "escalation.auto_local_plan",
-    "on_premises": "claude.on_premises",
+    "on_premises": "llm.on_premises",
     "pii": "policies.pii",
 }
 
 
-def make_lead(engine, server, **settings) -> Lead:
+def make_pipeline(engine, server, **settings) -> Pipeline:
     async def retrieve(query, top_k, collections=None):
         return PASSAGES[:top_k]
 
     client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
     overrides = {"slm.max_tokens": 40, **{SETTINGS[k]: v for k, v in settings.items()}}
     cfg = HybridServeConfig.load(overrides=overrides)
-    gateway = ClaudeGateway(cfg.claude, cfg.policies, client)
-    # The gateway is the lead's ClaudeRoles here, as the handle adapter is in the cluster.
-    lead = Lead(retrieve, engine.generate, cfg, gateway)
-    lead.gateway = gateway
-    return lead
+    gateway = LLMGateway(cfg.llm, cfg.policies, client)
+    # The gateway is the pipeline's LLMRoles here, as the handle adapter is in the cluster.
+    pipe = Pipeline(retrieve, engine.generate, cfg, gateway)
+    pipe.gateway = gateway
+    return pipe
 
 
-def ask(lead, emit=None, **req):
-    return asyncio.run(lead.answer(AnswerRequest(**req), "trace-1", emit=emit))
+def answer(pipe, req, trace_id="trace-1", events=None, **options):
+    return pipe.answer(RequestOptions(req, **options), trace_id, events)
+
+
+def ask(pipe, emit=None, **req):
+    return asyncio.run(answer(pipe, AnswerRequest(**req), "trace-1", emit))
 
 
 def test_confident_answer_stays_on_the_slm(engine, server):
-    r = ask(make_lead(engine, server, threshold=0.0), query="When was the Eiffel Tower completed?")
+    r = ask(
+        make_pipeline(engine, server, threshold=0.0), query="When was the Eiffel Tower completed?"
+    )
     assert r.route == "slm" and not r.escalation.escalated and server.calls() == []
     assert r.usage.slm_completion_tokens > 0 and r.usage.cost_usd == 0
     assert r.usage.all_claude_cost_usd_estimate > 0
 
 
 def test_low_confidence_escalates_to_rewrite_then_claude(engine, server):
-    lead = make_lead(engine, server, threshold=1.0, verify="never")
-    r = ask(lead, query="When was the Eiffel Tower completed?")
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="never")
+    r = ask(pipe, query="When was the Eiffel Tower completed?")
     assert r.escalation.escalated and r.escalation.reasons
     assert r.route == "claude"  # a threshold of 1.0 is never met by the SLM's second try
     assert len(server.calls("rewrite_query")) == 1
@@ -99,10 +107,10 @@ def test_low_confidence_escalates_to_rewrite_then_claude(engine, server):
 
 
 def test_rewrite_that_helps_stays_on_the_slm(engine, server):
-    lead = make_lead(engine, server, threshold=0.01, verify="never")
-    r = ask(lead, query="it?")  # ambiguous: still escalates below the floor? no: tiny threshold
+    pipe = make_pipeline(engine, server, threshold=0.01, verify="never")
+    r = ask(pipe, query="it?")  # ambiguous: still escalates below the floor? no: tiny threshold
     assert r.route == "slm"
-    lead = make_lead(engine, server, threshold=0.5, verify="never")
+    pipe = make_pipeline(engine, server, threshold=0.5, verify="never")
     server.queue_tool_input(
         "rewrite_query",
         {
@@ -111,30 +119,32 @@ def test_rewrite_that_helps_stays_on_the_slm(engine, server):
             "steps": [],
         },
     )
-    r = ask(lead, query="what about it? eiffel when")
+    r = ask(pipe, query="what about it? eiffel when")
     if r.escalation.escalated:
         assert r.route in ("slm+rewrite", "claude")
         assert len(server.calls("rewrite_query")) == 1
 
 
 def test_sensitive_query_never_reaches_claude(engine, server):
-    lead = make_lead(engine, server, threshold=1.0, verify="always")
-    r = ask(lead, query="When was the Eiffel Tower completed?", sensitive=True)
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="always")
+    r = ask(pipe, query="When was the Eiffel Tower completed?", sensitive=True)
     assert server.calls() == []
     assert r.route == "slm" and "sensitive_local_only" in r.degraded
     assert "sensitive_kept_local" in r.escalation.reasons and not r.escalation.escalated
-    lead = make_lead(engine, server, threshold=1.0, sensitive_patterns=[r"\bproject\s+x\b"])
-    ask(lead, query="What is the budget of Project X?")
+    pipe = make_pipeline(engine, server, threshold=1.0, sensitive_patterns=[r"\bproject\s+x\b"])
+    ask(pipe, query="What is the budget of Project X?")
     assert server.calls() == []
 
 
 def test_sensitive_query_escalates_only_to_an_on_premises_tier(engine, server):
     query = "When was the Eiffel Tower completed? Ask jane.doe@example.com"
-    hosted = make_lead(engine, server, threshold=1.0, verify="never")
+    hosted = make_pipeline(engine, server, threshold=1.0, verify="never")
     r = ask(hosted, query=query, sensitive=True)
     assert server.calls() == [] and r.usage.llm_tier is None
-    lead = make_lead(engine, server, threshold=1.0, verify="never", on_premises=True, pii="keep")
-    r = ask(lead, query=query, sensitive=True)
+    pipe = make_pipeline(
+        engine, server, threshold=1.0, verify="never", on_premises=True, pii="keep"
+    )
+    r = ask(pipe, query=query, sensitive=True)
     assert r.sensitive and r.escalation.escalated and r.route == "claude"
     assert "sensitive_local_only" not in r.degraded
     assert "sensitive_kept_local" not in r.escalation.reasons
@@ -143,31 +153,31 @@ def test_sensitive_query_escalates_only_to_an_on_premises_tier(engine, server):
 
 
 def test_sensitive_document_tag_keeps_the_query_local(engine, server):
-    lead = make_lead(engine, server, threshold=1.0, sensitive_tags=["hr"])
+    pipe = make_pipeline(engine, server, threshold=1.0, sensitive_tags=["hr"])
     tagged = PASSAGES[0].model_copy(update={"tags": ["hr"]})
 
     async def retrieve(query, top_k, collections=None):
         return [tagged]
 
-    lead.retrieve = retrieve
-    ask(lead, query="When was the Eiffel Tower completed?")
+    pipe.services.retrieve = retrieve
+    ask(pipe, query="When was the Eiffel Tower completed?")
     assert server.calls() == []
 
 
 def test_pii_block_and_redact(engine, server):
     q = "Email bob@corp.example when the Eiffel Tower was completed"
-    lead = make_lead(engine, server, threshold=1.0, verify="never")
-    r = ask(lead, query=q, pii="block")
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="never")
+    r = ask(pipe, query=q, pii="block")
     assert server.calls() == [] and "pii_blocked" in r.degraded
     server.answer_text = "Send it to [EMAIL_1]: 1889 [1]."
-    r = ask(lead, query=q, pii="redact")
+    r = ask(pipe, query=q, pii="redact")
     assert server.calls() and all("bob@corp.example" not in c.text for c in server.calls())
     assert all("[EMAIL_1]" in c.text for c in server.calls())
     assert r.answer == "Send it to bob@corp.example: 1889 [1]."
 
 
 def test_verification_below_the_bar_retries_once_with_the_notes(engine, server):
-    lead = make_lead(engine, server, threshold=1.0, verify="auto", verify_min_score=0.7)
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="auto", verify_min_score=0.7)
     low = {
         "factual_support": 0.2,
         "citation_match": 0.3,
@@ -176,7 +186,7 @@ def test_verification_below_the_bar_retries_once_with_the_notes(engine, server):
         "notes": "Cite the passage that gives the year.",
     }
     server.queue_tool_input("grade_answer", low, {**low, "score": 0.5, "notes": "still weak"})
-    r = ask(lead, query="When was the Eiffel Tower completed?")
+    r = ask(pipe, query="When was the Eiffel Tower completed?")
     assert len(server.calls("grade_answer")) == 2  # exactly one retry
     answers = [c for c in server.calls() if "tool_choice" not in c.body]
     assert "Cite the passage that gives the year." in answers[-1].text  # the notes were used
@@ -185,8 +195,8 @@ def test_verification_below_the_bar_retries_once_with_the_notes(engine, server):
 
 
 def test_verification_passes_first_time(engine, server):
-    lead = make_lead(engine, server, threshold=0.0, verify="always")
-    r = ask(lead, query="When was the Eiffel Tower completed?")
+    pipe = make_pipeline(engine, server, threshold=0.0, verify="always")
+    r = ask(pipe, query="When was the Eiffel Tower completed?")
     assert r.verification.passed and r.verification.attempts == 1 and r.verification.score == 0.9
     assert r.route == "slm"
 
@@ -197,14 +207,14 @@ def test_a_share_of_kept_answers_is_graded_in_the_background(engine, server):
     async def on_verdict(v):
         verdicts.append(v)
 
-    lead = make_lead(engine, server, threshold=0.0, shadow_verify_share=1.0)
-    lead.on_verdict = on_verdict
+    pipe = make_pipeline(engine, server, threshold=0.0, shadow_verify_share=1.0)
+    pipe.services.on_verdict = on_verdict
     low = {"factual_support": 0.2, "citation_match": 0.3, "completeness": 0.3, "score": 0.3}
     server.queue_tool_input("grade_answer", {**low, "notes": "wrong year"})
 
     async def answer_then_wait(**req):
-        r = await lead.answer(AnswerRequest(**req), "trace-shadow")
-        await lead.shadow_idle()
+        r = await answer(pipe, AnswerRequest(**req), "trace-shadow")
+        await pipe.shadow_idle()
         return r
 
     r = asyncio.run(answer_then_wait(query="When was the Eiffel Tower completed?"))
@@ -213,8 +223,8 @@ def test_a_share_of_kept_answers_is_graded_in_the_background(engine, server):
     assert [(v.trace_id, v.score, v.wrong) for v in verdicts] == [("trace-shadow", 0.3, True)]
     assert verdicts[0].confidence == r.confidence and verdicts[0].threshold == 0.0
     assert len(server.calls("grade_answer")) == 1
-    assert lead.gateway.ledger.totals.requests == 1  # the grade is not a request of its own
-    assert lead.gateway.ledger.per_request == {}
+    assert pipe.gateway.ledger.totals.requests == 1  # the grade is not a request of its own
+    assert pipe.gateway.ledger.per_request == {}
     # Never for a sensitive request, nor for an answer that was not kept by the threshold.
     asyncio.run(answer_then_wait(query="When was the Eiffel Tower completed?", sensitive=True))
     asyncio.run(answer_then_wait(query="When was the Eiffel Tower completed?", mode="slm"))
@@ -223,16 +233,16 @@ def test_a_share_of_kept_answers_is_graded_in_the_background(engine, server):
 
 def test_claude_down_degrades_but_answers(engine, server):
     server.inject(*[Fault(status=529)] * 20)
-    lead = make_lead(engine, server, threshold=1.0, verify="auto")
-    r = ask(lead, query="When was the Eiffel Tower completed?")
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="auto")
+    r = ask(pipe, query="When was the Eiffel Tower completed?")
     assert r.answer and r.route == "slm" and "claude_error" in r.degraded
 
 
 def test_mode_slm_and_mode_claude(engine, server):
-    lead = make_lead(engine, server, threshold=1.0, verify="never")
-    assert ask(lead, query="When was the Eiffel Tower completed?", mode="slm").route == "slm"
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="never")
+    assert ask(pipe, query="When was the Eiffel Tower completed?", mode="slm").route == "slm"
     assert server.calls() == []
-    r = ask(lead, query="When was the Eiffel Tower completed?", mode="claude")
+    r = ask(pipe, query="When was the Eiffel Tower completed?", mode="claude")
     assert r.route == "claude" and r.escalation.reasons == ["mode_claude"]
 
 
@@ -255,15 +265,15 @@ TWO_PART_PLAN = {
 
 
 def test_decompose_plans_with_claude_and_merges_cited_subanswers(engine, server):
-    lead = make_lead(engine, server, verify="always")
+    pipe = make_pipeline(engine, server, verify="always")
     server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
     events = []
 
-    async def emit(name, data):
-        events.append((name, data))
+    async def emit(event):
+        events.append((event.name, event.data()))
 
     r = ask(
-        lead,
+        pipe,
         emit,
         query="When was the Eiffel Tower completed, and what is the Louvre?",
         mode="decompose",
@@ -285,9 +295,9 @@ def test_decompose_plans_with_claude_and_merges_cited_subanswers(engine, server)
 
 
 def test_decompose_without_claude_uses_the_local_planner(engine, server):
-    lead = make_lead(engine, server, verify="always")
+    pipe = make_pipeline(engine, server, verify="always")
     r = ask(
-        lead,
+        pipe,
         query="Which is older, the Eiffel Tower or the Louvre?",
         mode="decompose",
         sensitive=True,
@@ -298,30 +308,30 @@ def test_decompose_without_claude_uses_the_local_planner(engine, server):
 
 
 def test_auto_mode_decomposes_a_comparison(engine, server):
-    lead = make_lead(engine, server, verify="never")
+    pipe = make_pipeline(engine, server, verify="never")
     server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
-    r = ask(lead, query="Which is older, the Eiffel Tower or the Louvre?")
+    r = ask(pipe, query="Which is older, the Eiffel Tower or the Louvre?")
     assert r.route == "decomposed" and r.escalation.reasons == ["complex_query"]
 
 
 def test_auto_splits_with_the_local_planner_only_if_configured(engine, server):
     q = "Which is older, the Eiffel Tower or the Louvre?"
-    lead = make_lead(engine, server, verify="never", auto_local_plan=True)
-    local = ask(lead, query=q, sensitive=True)
+    pipe = make_pipeline(engine, server, verify="never", auto_local_plan=True)
+    local = ask(pipe, query=q, sensitive=True)
     assert local.route == "decomposed" and "local_planner" in local.escalation.reasons
-    whole = ask(make_lead(engine, server, verify="never"), query=q, sensitive=True)
+    whole = ask(make_pipeline(engine, server, verify="never"), query=q, sensitive=True)
     assert whole.route == "slm" and not whole.subtasks
     # Claude's plans are still followed
     server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
-    planned = ask(make_lead(engine, server, verify="never"), query=q)
+    planned = ask(make_pipeline(engine, server, verify="never"), query=q)
     assert planned.route == "decomposed" and planned.escalation.reasons == ["complex_query"]
 
 
 def test_subtask_timeout_gives_a_partial_answer(engine, server):
-    lead = make_lead(engine, server, verify="never", subtask_timeout_s=0.001)
+    pipe = make_pipeline(engine, server, verify="never", subtask_timeout_s=0.001)
     server.queue_tool_input("plan_subtasks", TWO_PART_PLAN)
     r = ask(
-        lead, query="When was the Eiffel Tower completed, and what is the Louvre?", mode="decompose"
+        pipe, query="When was the Eiffel Tower completed, and what is the Louvre?", mode="decompose"
     )
     assert r.route == "decomposed" and {s.status for s in r.subtasks} == {"timeout"}
     assert "Not answered" in r.answer and r.confidence == 0.0
@@ -329,10 +339,11 @@ def test_subtask_timeout_gives_a_partial_answer(engine, server):
 
 def test_a_hung_claude_is_cut_at_the_deadline_and_the_slm_answers(engine, server):
     server.always = Fault(delay_s=30)
-    lead = make_lead(engine, server, threshold=1.0, verify="always")
+    pipe = make_pipeline(engine, server, threshold=1.0, verify="always")
     started = time.monotonic()
     r = asyncio.run(
-        lead.answer(
+        answer(
+            pipe,
             AnswerRequest(query="When was the Eiffel Tower completed?", mode="claude"),
             "trace-d",
             timeout_s=3.0,
@@ -341,29 +352,30 @@ def test_a_hung_claude_is_cut_at_the_deadline_and_the_slm_answers(engine, server
     assert time.monotonic() - started < 3.5
     assert r.route == "slm" and r.answer and "deadline" in r.degraded
     assert r.deadline.cut == ["claude", "verify"] or r.deadline.cut == ["claude"]
-    assert r.deadline.used_s <= 3.0 and lead.gateway.ledger.reserved == 0
+    assert r.deadline.used_s <= 3.0 and pipe.gateway.ledger.reserved == 0
 
 
 def test_a_late_claude_answer_within_the_deadline_wins_over_the_hedge(engine, server):
     """Late in the deadline the SLM's answer is started beside a pending Claude call; Claude's
     answer, when it comes in time, is still the one returned."""
     server.always = Fault(delay_s=1.5)
-    lead = make_lead(engine, server, verify="never")
+    pipe = make_pipeline(engine, server, verify="never")
     r = asyncio.run(
-        lead.answer(
+        answer(
+            pipe,
             AnswerRequest(query="When was the Eiffel Tower completed?", mode="claude"),
             "trace-h",
             timeout_s=4.0,
         )
     )
     assert r.route == "claude" and "deadline" not in r.degraded and r.deadline.cut == []
-    assert len(server.calls()) == 1 and lead.gateway.ledger.reserved == 0
+    assert len(server.calls()) == 1 and pipe.gateway.ledger.reserved == 0
 
 
 def test_nothing_ready_by_the_deadline_raises(engine, server):
-    lead = make_lead(engine, server)
+    pipe = make_pipeline(engine, server)
     with pytest.raises(DeadlineExceeded) as e:
-        asyncio.run(lead.answer(AnswerRequest(query="q?"), "t", timeout_s=0.01))
+        asyncio.run(answer(pipe, AnswerRequest(query="q?"), "t", timeout_s=0.01))
     assert e.value.step == "retrieve"
 
 
@@ -374,19 +386,19 @@ FOLLOW_UP = [
 
 
 def test_claude_rewrites_a_follow_up_unless_the_conversation_is_sensitive(engine, server):
-    lead = make_lead(
+    pipe = make_pipeline(
         engine, server, threshold=0.0, verify="never", sensitive_patterns=[r"(?i)payroll"]
     )
     server.queue_tool_input("condense_question", {"question": "When was the Eiffel Tower built?"})
     req = AnswerRequest(query="When was it built?", mode="auto")
-    r = asyncio.run(lead.answer(req, "trace-f", history=FOLLOW_UP))
+    r = asyncio.run(answer(pipe, req, "trace-f", history=FOLLOW_UP))
     assert r.searched_query == "When was the Eiffel Tower built?"
     (call,) = server.calls("condense_question")
     assert "wrought-iron tower in Paris" in call.text  # the conversation went with it
     assert r.usage.claude_input_tokens > 0
     server.reset()
     secret = [{"role": "user", "content": "Whose payroll is in the Eiffel Tower file?"}]
-    r = asyncio.run(lead.answer(req, "trace-g", history=secret))
+    r = asyncio.run(answer(pipe, req, "trace-g", history=secret))
     assert server.calls() == [] and r.searched_query  # rewritten locally, or the fallback
     assert r.sensitive  # a pattern in the history keeps the whole request inside
 
@@ -402,15 +414,15 @@ SECRET = Passage(
 )
 
 
-def over(engine, server, **settings) -> Lead:
-    """A lead whose retrieval finds the confidential passage only for rocket questions."""
-    lead = make_lead(engine, server, **settings)
+def over(engine, server, **settings) -> Pipeline:
+    """A pipe whose retrieval finds the confidential passage only for rocket questions."""
+    pipe = make_pipeline(engine, server, **settings)
 
     async def retrieve(query, top_k, collections=None):
         return [SECRET] if "rocket" in query.lower() else PASSAGES[:top_k]
 
-    lead.retrieve = retrieve
-    return lead
+    pipe.services.retrieve = retrieve
+    return pipe
 
 
 def sent(server) -> str:
@@ -419,14 +431,14 @@ def sent(server) -> str:
 
 
 def test_a_rewrite_that_retrieves_a_confidential_document_stays_local(engine, server):
-    lead = over(engine, server, threshold=1.0, verify="always")
+    pipe = over(engine, server, threshold=1.0, verify="always")
     rewrite = {
         "rewritten_query": "What is the rocket's launch code?",
         "search_queries": ["rocket launch code"],
         "steps": [],
     }
     server.queue_tool_input("rewrite_query", rewrite)
-    r = ask(lead, query="When was the Eiffel Tower completed?")
+    r = ask(pipe, query="When was the Eiffel Tower completed?")
     assert len(server.calls()) == 1 and server.calls("rewrite_query")  # public until then
     assert "ZEBRA" not in sent(server) and "launch code of the rocket" not in sent(server)
     assert r.sensitive and "sensitive_local_only" in r.degraded
@@ -434,7 +446,7 @@ def test_a_rewrite_that_retrieves_a_confidential_document_stays_local(engine, se
 
 
 def test_subtasks_that_retrieve_a_confidential_document_keep_the_merge_local(engine, server):
-    lead = over(engine, server, verify="always", shadow_verify_share=1.0)
+    pipe = over(engine, server, verify="always", shadow_verify_share=1.0)
     plan = {
         "subtasks": [
             TWO_PART_PLAN["subtasks"][0],
@@ -447,37 +459,37 @@ def test_subtasks_that_retrieve_a_confidential_document_keep_the_merge_local(eng
         ]
     }
     server.queue_tool_input("plan_subtasks", plan)
-    r = ask(lead, query="When was the Eiffel Tower completed, and what else?", mode="decompose")
-    asyncio.run(lead.shadow_idle())
+    r = ask(pipe, query="When was the Eiffel Tower completed, and what else?", mode="decompose")
+    asyncio.run(pipe.shadow_idle())
     assert r.route == "decomposed" and r.sensitive and "sensitive_local_only" in r.degraded
     assert [c.body["tool_choice"]["name"] for c in server.calls()] == ["plan_subtasks"]
     assert "ZEBRA" not in sent(server)
 
 
 def test_a_follow_up_to_an_answer_from_a_confidential_document_stays_local(engine, server):
-    lead = over(engine, server, threshold=1.0, verify="always")
+    pipe = over(engine, server, threshold=1.0, verify="always")
     history = [
         {"role": "user", "content": "What does the Falcon file say?"},
         {"role": "assistant", "content": "The launch code of the rocket is ZEBRA-7731 [1]."},
     ]
     req = AnswerRequest(query="And when was the Eiffel Tower completed?")
-    r = asyncio.run(lead.answer(req, "trace-h", history=history))
+    r = asyncio.run(answer(pipe, req, "trace-h", history=history))
     assert server.calls() == [] and r.sensitive  # not even the condense call
     # The same conversation about public documents is rewritten by Claude as before.
     public = [
         {"role": "user", "content": "Tell me about the Louvre."},
         {"role": "assistant", "content": "The Louvre is an art museum in Paris [1]."},
     ]
-    r = asyncio.run(lead.answer(req, "trace-i", history=public))
+    r = asyncio.run(answer(pipe, req, "trace-i", history=public))
     assert server.calls("condense_question") and not r.sensitive
 
 
 def test_a_follow_up_whose_earlier_question_retrieved_a_confidential_document(engine, server):
-    lead = over(engine, server, threshold=1.0, verify="always")
+    pipe = over(engine, server, threshold=1.0, verify="always")
     history = [
         {"role": "user", "content": "What is the rocket's code?"},
         {"role": "assistant", "content": "I cannot say."},
     ]
     req = AnswerRequest(query="When was the Eiffel Tower completed?")
-    r = asyncio.run(lead.answer(req, "trace-j", history=history))
+    r = asyncio.run(answer(pipe, req, "trace-j", history=history))
     assert server.calls() == [] and r.sensitive

@@ -6,7 +6,7 @@ route for reference. Separation: on SQuAD questions answered by the SLM alone (r
 file's paragraphs, in process), AUROC of the confidence for "F1 > 0.5", and the escalation rate
 at the configured threshold.
 
-    python -m hybrid_serve.benchmarks.confidence \
+    python -m hybrid_serve.benchmarks.confidence_signal \
         --squad ../shared/data/squad/squad-v1.1-dev-part-a.json \
         --limit 100 --out bench-out/confidence
 """
@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybrid_serve.agents.lead import Lead
-from hybrid_serve.benchmarks.metrics import auroc, f1_score, strip_citations
+from hybrid_serve.agents.context import RequestOptions
+from hybrid_serve.agents.pipeline import Pipeline
 from hybrid_serve.benchmarks.report import Progress, publish
+from hybrid_serve.benchmarks.scoring import auroc, f1_score, strip_citations
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.schemas import AnswerRequest, GenerationRequest
 
@@ -63,12 +64,12 @@ def overhead(rounds: int, max_tokens: int, threads: int, logits_all: bool, progr
         llm = Llama(
             str(bundled_gguf()), n_ctx=2048, n_threads=threads, logits_all=True, verbose=False
         )
-        prompt = engine._formatter(messages=PROMPT).prompt
+        prompt = engine._formatter(messages=PROMPT).prompt  # type: ignore[arg-type]  # plain dicts
         speeds = []
         for i in range(max(1, rounds // 2)):
             progress.step(i + 1, max(1, rounds // 2), "logits_all reference")
             t0 = time.perf_counter()
-            r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, logprobs=1)
+            r: Any = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, logprobs=1)
             speeds.append(r["usage"]["completion_tokens"] / (time.perf_counter() - t0))
         out["logits_all_tok_s"] = statistics.median(speeds)
         out["logits_all_ratio"] = out["logits_all_tok_s"] / out["off_tok_s"]
@@ -131,13 +132,14 @@ def separation(squad: Path, limit: int, seed: int, threads: int, progress: Progr
     async def retrieve(query: str, top_k: int, collections=None):
         return store.search(query, top_k)
 
-    lead = Lead(retrieve, engine.generate, cfg)
+    pipe = Pipeline(retrieve, engine.generate, cfg)
     rows = []
 
     async def run() -> None:
         for i, q in enumerate(questions):
             progress.step(i + 1, len(questions), "SLM answers")
-            r = await lead.answer(AnswerRequest(query=q["question"], mode="slm"), f"q{i}")
+            req = AnswerRequest(query=q["question"], mode="slm")
+            r = await pipe.answer(RequestOptions(req), f"q{i}")
             f1 = f1_score(strip_citations(r.answer), q["answers"])
             rows.append(
                 {

@@ -1,6 +1,6 @@
 import pytest
 
-from hybrid_serve.benchmarks.metrics import (
+from hybrid_serve.benchmarks.scoring import (
     auroc,
     exact_match,
     f1_score,

@@ -4,8 +4,8 @@ roles exactly as ClaudeProxy sends them (prompts, forced tool calls, token ceili
 with claude.deploy) or Anthropic's API. Per role: latency p50/p95, output tokens, and how often
 the step gave a usable result (a tool call validating against its schema) or degraded.
 
-    hybrid-serve up  # with HYBRID_SERVE_CLAUDE__DEPLOY__ENABLED=true, ... (README)
-    python -m hybrid_serve.benchmarks.llm_tier --base-url http://127.0.0.1:8000/llm \
+    hybrid-serve up  # with HYBRID_SERVE_LLM__DEPLOY__ENABLED=true, ... (README)
+    python -m hybrid_serve.benchmarks.tier_latency --base-url http://127.0.0.1:8000/llm \
         --model smollm2-135m-instruct --on-premises --rounds 3
 """
 
@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybrid_serve.agents.claude import ROLES, ClaudeCall, ClaudeGateway, ClaudeUnavailable, Role
+from hybrid_serve.agents.interfaces import LLMCall, Role, Unavailable
+from hybrid_serve.agents.llm_gateway import LLMGateway
+from hybrid_serve.agents.roles import ROLES
 from hybrid_serve.benchmarks.report import Progress, percentile, publish
-from hybrid_serve.config import ClaudeConfig, PolicyConfig
+from hybrid_serve.config import LLMConfig, PolicyConfig
 from hybrid_serve.schemas import Passage
 
 STEPS: tuple[Role, ...] = ("plan", "rewrite", "verify", "answer")
@@ -45,13 +47,13 @@ QUESTIONS = [
 ]
 
 
-async def measure(gateway: ClaudeGateway, rounds: int, progress: Progress) -> list[dict]:
+async def measure(gateway: LLMGateway, rounds: int, progress: Progress) -> list[dict]:
     rows = []
     total = rounds * len(QUESTIONS) * len(STEPS)
     for r in range(rounds):
         for q, question in enumerate(QUESTIONS):
             for role in STEPS:
-                call = ClaudeCall(
+                call = LLMCall(
                     f"bench-{r}-{q}-{role}",
                     question,
                     PASSAGES,
@@ -63,7 +65,7 @@ async def measure(gateway: ClaudeGateway, rounds: int, progress: Progress) -> li
                 try:
                     result = await gateway.call(role, call)
                     row.update(ok=True, output_tokens=result.usage.output_tokens)
-                except ClaudeUnavailable as exc:
+                except Unavailable as exc:
                     row.update(ok=False, reason=exc.reason, output_tokens=0)
                 row["latency_s"] = round(time.perf_counter() - started, 3)
                 rows.append(row)
@@ -72,7 +74,7 @@ async def measure(gateway: ClaudeGateway, rounds: int, progress: Progress) -> li
     return rows
 
 
-def summarize(rows: list[dict], cfg: ClaudeConfig, base_url: str | None) -> dict[str, Any]:
+def summarize(rows: list[dict], cfg: LLMConfig, base_url: str | None) -> dict[str, Any]:
     steps = {}
     for role in STEPS:
         mine = [r for r in rows if r["role"] == role]
@@ -133,16 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-out/llm-tier")
     args = ap.parse_args(argv)
-    from hybrid_serve.agents.claude import tier_client
+    from hybrid_serve.agents.llm_gateway import tier_client
 
     progress = Progress("llm-tier")
-    cfg = ClaudeConfig(
+    cfg = LLMConfig(
         model=args.model, on_premises=args.on_premises, max_tokens=args.max_tokens, timeout_s=300
     )
     client, reason = tier_client(args.base_url, os.environ.get(args.key_env))
     if client is None:
         raise SystemExit(f"no client for the tier: {reason}")
-    gateway = ClaudeGateway(cfg, PolicyConfig(), client)
+    gateway = LLMGateway(cfg, PolicyConfig(), client)
     rows = asyncio.run(measure(gateway, args.rounds, progress))
     progress.done()
     report = summarize(rows, cfg, args.base_url)

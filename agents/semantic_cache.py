@@ -1,5 +1,5 @@
-"""The answer cache: a finished answer is reused for the same or a near-identical question asked
-under the same conditions, until its TTL passes or the index changes.
+"""The answer cache's store: a finished answer is reused for the same or a near-identical
+question asked under the same conditions, until its TTL passes or the index changes.
 
 Hand-written because what it must know is ours: an entry is valid only for one index version and
 one set of request options, a hit is decided by embedding similarity with the retriever's own
@@ -68,7 +68,7 @@ class CacheStats:
 
 
 @dataclass
-class AnswerCache:
+class SemanticCache:
     """Entries grouped by request key (the options that shape an answer), with one LRU order and
     one bound over all of them."""
 
@@ -162,6 +162,13 @@ class AnswerCache:
             self._drop(next(iter(self._lru)))
             self.stats.evictions += 1
         return True
+
+    def reconfigure(self, max_entries: int, ttl_s: float, min_similarity: float) -> None:
+        """New bounds for what comes next; entries over a smaller bound go, oldest first."""
+        self.max_entries, self.ttl_s, self.min_similarity = max_entries, ttl_s, min_similarity
+        while len(self._lru) > self.max_entries:
+            self._drop(next(iter(self._lru)))
+            self.stats.evictions += 1
 
     def __len__(self) -> int:
         return len(self._lru)

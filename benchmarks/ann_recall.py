@@ -5,7 +5,7 @@ queried with their questions. Larger corpora are simulated by adding distractors
 paragraph vectors plus noise (normalised), so the neighbourhood structure stays MiniLM-like.
 Recall is measured against flat (exact) search on the same vectors in the same run.
 
-    python -m hybrid_serve.benchmarks.ann --sizes 913,20000,100000 --out bench-out/ann
+    python -m hybrid_serve.benchmarks.ann_recall --sizes 913,20000,100000 --out bench-out/ann
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_serve.benchmarks.confidence import load_squad
+from hybrid_serve.benchmarks.confidence_signal import load_squad
 from hybrid_serve.benchmarks.report import Progress, percentile, publish
 from hybrid_serve.retrieval import ann
 from hybrid_serve.retrieval.ann import ANNSpec

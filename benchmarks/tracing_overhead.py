@@ -1,7 +1,7 @@
 """Tracing overhead: `/v1/answer` latency with tracing on (OTLP/HTTP to a local receiver) against
 off, in the same run and cluster.
 
-    python -m hybrid_serve.benchmarks.tracing --requests 80 --out bench-out/tracing
+    python -m hybrid_serve.benchmarks.tracing_overhead --requests 80 --out bench-out/tracing
 
 Two copies of the application run side by side in one Ray cluster: `/off` with tracing off (the
 default: no provider, no spans) and `/on` exporting every span over OTLP/HTTP to a receiver in

@@ -1,0 +1,399 @@
+"""The gateway to the LLM tier, behind every limit an enterprise asks for: the only place a call
+leaves the cluster.
+
+One `LLMGateway` lives in the single LLMProxy replica; it owns the `anthropic.AsyncAnthropic`
+client, the privacy gate, the rate limiter, the circuit breaker, the spend ledger and PII
+redaction. Retries are the SDK's own (`max_retries`: 408/409/429/5xx, timeouts, resets,
+`x-should-retry`, `retry-after(-ms)`); a middleware adds what the SDK lacks: failing fast on a
+`retry-after` longer than `llm.max_retry_after_s`, counting attempts, and the concurrency cap per
+attempt. Structured results come back through tool use with a strict JSON schema and are
+validated again with pydantic (`roles.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import email.utils
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anthropic
+from pydantic import BaseModel, ValidationError
+
+from hybrid_serve.agents import pricing
+from hybrid_serve.agents.interfaces import CallUsage, LLMCall, LLMResult, Role, Unavailable
+from hybrid_serve.agents.limits import (
+    BudgetExhausted,
+    CircuitBreaker,
+    Ledger,
+    RateLimited,
+    RateLimiter,
+)
+from hybrid_serve.agents.pii import Redactor
+from hybrid_serve.agents.policy import KEPT_LOCAL, PrivacyGate
+from hybrid_serve.agents.roles import ROLES, recover_tool_input, tool_spec
+from hybrid_serve.config import LLMConfig, PolicyConfig
+from hybrid_serve.schemas import PIIHandling
+
+T = TypeVar("T", bound=BaseModel)
+
+# -- what the SDK's retries lack ----------------------------------------------------------------
+
+
+@dataclass
+class _InFlight:
+    """The call in progress in this task, as the middleware sees it on every attempt."""
+
+    usage: CallUsage
+    deadline: float | None
+
+
+_in_flight: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar(
+    "claude_in_flight", default=None
+)
+# An attempt with less time than this left before the request's deadline is not started.
+MIN_ATTEMPT_S = 0.5
+
+
+class DeadlineReached(Exception):
+    """The request's deadline leaves no time for another attempt."""
+
+
+class RetryAfterTooLong(Exception):
+    """The API asked for a longer wait than we are willing to hold a request for."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"retry-after {seconds:.0f}s")
+        self.seconds = seconds
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Seconds a response asks to wait (`retry-after-ms`, `retry-after` as seconds or a date)."""
+    if headers is None:
+        return None
+    try:
+        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except (KeyError, TypeError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        return None if parsed is None else max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+class AttemptGuard(anthropic.Middleware):
+    """Anthropic SDK middleware, run once per attempt inside the SDK's retry loop: holds a slot
+    of the concurrency cap for the attempt, counts it, starts none past the request's deadline,
+    and stops the retries when the API asks for a wait longer than `max_retry_after_s` (the SDK
+    would sleep up to any length)."""
+
+    def __init__(self, max_concurrency: int, max_retry_after_s: float) -> None:
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_retry_after_s = max_retry_after_s
+
+    async def handle_async(self, request: Any, call_next: Any) -> Any:
+        call = _in_flight.get()
+        if call is not None:
+            if call.deadline is not None and call.deadline - time.time() < MIN_ATTEMPT_S:
+                raise DeadlineReached()
+            call.usage.attempts += 1
+        async with self.slots:
+            response = await call_next(request)
+        if response.status_code == 429 or response.status_code >= 500:
+            wait = retry_after_s(response.headers)
+            if wait is not None and wait > self.max_retry_after_s:
+                raise RetryAfterTooLong(wait)
+        return response
+
+
+def tier_client(
+    base_url: str | None, key: str | None
+) -> tuple[anthropic.AsyncAnthropic | None, str | None]:
+    """The SDK client for the tier, or None and why. The SDK sends the key as a bearer token,
+    which Anthropic's API and vLLM's --api-key both check. Anthropic's API (base_url None: the
+    SDK's default or ANTHROPIC_BASE_URL) needs a key; another server may have none."""
+    # The gateway sets the retries and timeout from the configuration.
+    if base_url is None:
+        return (anthropic.AsyncAnthropic(api_key=key), None) if key else (None, "no_api_key")
+    # The SDK insists on some credential; a server without a key ignores this one.
+    return anthropic.AsyncAnthropic(base_url=base_url, api_key=key or "none"), None
+
+
+class LLMGateway:
+    """`client`: an AsyncAnthropic (key and base URL as the caller built it), or None when no key
+    is set. The gateway uses a copy with its own retries, timeout and middleware."""
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        policy: PolicyConfig,
+        client: anthropic.AsyncAnthropic | None,
+        ledger_path: Path | None = None,
+        unavailable_reason: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.gate = PrivacyGate(policy, cfg.on_premises)
+        self.guard = AttemptGuard(cfg.max_concurrency, cfg.max_retry_after_s)
+        self.client = (
+            client.with_middleware(self.guard).with_options(
+                max_retries=cfg.max_retries, timeout=cfg.timeout_s
+            )
+            if client is not None
+            else None
+        )
+        self.unavailable_reason = unavailable_reason if client is None else None
+        self.limiter = RateLimiter(
+            cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_limit_wait_s
+        )
+        self.breaker = CircuitBreaker(cfg.circuit_failures, cfg.circuit_cooldown_s)
+        self.ledger = Ledger(cfg.daily_budget_usd, cfg.request_budget_usd, ledger_path)
+        self.retries = 0  # attempts beyond each call's first, since start
+        self.recovered_tool_calls = 0  # tool calls taken from the reply's text
+
+    def reconfigure(self, cfg: LLMConfig, policy: PolicyConfig) -> None:
+        """New limits, budgets, prices and policies, in place: the ledger's totals, the
+        circuit's state and the requests the gate has kept stay as they are."""
+        kept = self.gate
+        self.cfg, self.policy = cfg, policy
+        self.gate = PrivacyGate(policy, cfg.on_premises, kept.max_requests, kept.ttl_s)
+        self.gate.refused, self.gate._kept = kept.refused, kept._kept
+        self.guard.slots = asyncio.Semaphore(cfg.max_concurrency)
+        self.guard.max_retry_after_s = cfg.max_retry_after_s
+        if self.client is not None:
+            self.client = self.client.with_options(
+                max_retries=cfg.max_retries, timeout=cfg.timeout_s
+            )
+        self.limiter.reconfigure(
+            cfg.requests_per_minute, cfg.tokens_per_minute, cfg.rate_limit_wait_s
+        )
+        self.breaker.threshold = cfg.circuit_failures
+        self.breaker.cooldown_s = cfg.circuit_cooldown_s
+        self.ledger.daily_budget_usd = cfg.daily_budget_usd
+        self.ledger.request_budget_usd = cfg.request_budget_usd
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": True,
+            "available": self.client is not None and self.breaker.state != "open",
+            "reason": self.unavailable_reason
+            or ("claude_circuit_open" if self.breaker.state == "open" else None),
+            "model": self.cfg.model,
+            "tier": self.cfg.tier,
+            "circuit": self.breaker.state,
+            "budget_remaining_usd": round(self.ledger.remaining_today(), 6),
+            "reserved_usd": round(self.ledger.reserved, 8),
+            "retries": self.retries,
+            "recovered_tool_calls": self.recovered_tool_calls,
+            "kept_local": self.gate.refused,
+            "totals": self.ledger.totals.__dict__,
+        }
+
+    # -- the roles ---------------------------------------------------------------------------
+
+    async def call(self, role: Role, request: LLMCall) -> LLMResult:
+        """One role's call. Every call to the tier comes through here, past the privacy gate."""
+        why = self.gate.check(request)
+        if why is not None:
+            raise Unavailable(KEPT_LOCAL, f"kept inside the cluster: {why}")
+        spec = ROLES[role]
+        max_tokens = spec.max_tokens or min(self.cfg.max_tokens, 1024)
+        return await self._call(
+            request.request_id,
+            spec.system,
+            spec.user(request),
+            request.pii,
+            spec.tool,
+            max_tokens,
+            request.deadline,
+        )
+
+    async def finish_request(
+        self,
+        request_id: str,
+        slm_cost_usd: float,
+        all_llm_estimate_usd: float,
+        requests: int = 1,
+    ) -> None:
+        """Close a request's ledger entry and add it to the totals a report shows (`requests`
+        0: background work such as a shadow verification, not a request)."""
+        self.ledger.forget(request_id)
+        t = self.ledger.totals
+        t.requests += requests
+        t.slm_cost_usd += slm_cost_usd
+        t.all_claude_cost_usd_estimate += all_llm_estimate_usd
+
+    # -- one call, every limit -------------------------------------------------------------
+
+    async def _call(
+        self,
+        request_id: str,
+        system: str,
+        user: str,
+        pii: PIIHandling,
+        tool: tuple[str, type[T]] | None,
+        max_tokens: int,
+        deadline: float | None = None,
+    ) -> LLMResult:
+        if self.client is None:
+            raise Unavailable("claude_unavailable", self.unavailable_reason or "")
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < MIN_ATTEMPT_S:
+            raise Unavailable("deadline", "no time left in the request for a call")
+        redactor = Redactor(names=self.policy.pii_names)
+        # `keep` (an on-premises tier only, checked by the configuration) sends the prompt as is.
+        outgoing = user if pii == "keep" else redactor.redact(user)
+        if redactor.found and pii == "block":
+            raise Unavailable("pii_blocked", "the prompt contains PII and pii=block")
+        if not self.breaker.allow():
+            raise Unavailable("claude_circuit_open")
+        verdict: bool | None = None
+        reserved = 0.0
+        try:
+            input_estimate = pricing.estimate_tokens(system + outgoing) + (300 if tool else 0)
+            reserved = pricing.reserve_estimate(self.cfg, input_estimate, max_tokens)
+            try:
+                self.ledger.reserve(request_id, reserved)
+            except BudgetExhausted as exc:
+                reserved = 0.0
+                raise Unavailable("budget_exhausted", str(exc)) from exc
+            try:
+                await self.limiter.acquire(input_estimate + max_tokens, left)
+            except RateLimited as exc:
+                raise Unavailable("claude_rate_limited", str(exc)) from exc
+            kwargs = self._request(system, outgoing, tool, max_tokens)
+            usage = CallUsage()
+            started = time.perf_counter()
+            try:
+                message = await self._send(kwargs, usage, deadline)
+            except Unavailable:
+                verdict = False
+                raise
+            finally:
+                usage.seconds = time.perf_counter() - started
+                self._settle(request_id, reserved, usage)
+                reserved = 0.0
+            verdict = True
+            output = self._parse(message, tool, redactor)
+            served = getattr(message, "model", None) or self.cfg.model
+            return LLMResult(output=output, usage=usage, redacted=redactor.found, model=served)
+        finally:
+            if reserved:
+                self.ledger.settle(request_id, reserved, 0.0)
+            if verdict is True:
+                self.breaker.success()
+            elif verdict is False:
+                self.breaker.failure()
+            else:
+                self.breaker.release_trial()
+
+    def _request(
+        self, system: str, user: str, tool: tuple[str, type[T]] | None, max_tokens: int
+    ) -> dict[str, Any]:
+        """The Messages API request: a cached system prompt, the user message, the forced tool."""
+        kwargs: dict[str, Any] = {
+            "model": self.cfg.model,
+            "max_tokens": max_tokens,
+            # Fixed system prompts are cached: later calls pay cache-read prices for them.
+            "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": user}],
+        }
+        if tool:
+            name, model = tool
+            # An on-premises tier serves an open model: its server enforces the full schema.
+            kwargs["tools"] = [tool_spec(name, model, full_schema=self.cfg.on_premises)]
+            kwargs["tool_choice"] = {"type": "tool", "name": name}
+        return kwargs
+
+    def _settle(self, request_id: str, reserved: float, usage: CallUsage) -> None:
+        """A call's real cost in place of its reservation, and in the totals."""
+        usage.cost_usd = pricing.call_cost(self.cfg, usage)
+        self.ledger.settle(request_id, reserved, usage.cost_usd)
+        t = self.ledger.totals
+        t.calls += usage.attempts
+        self.retries += max(0, usage.attempts - 1)
+        t.input_tokens += usage.input_tokens
+        t.output_tokens += usage.output_tokens
+        t.cache_read_tokens += usage.cache_read_tokens
+        t.cache_write_tokens += usage.cache_write_tokens
+
+    async def _send(self, kwargs: dict[str, Any], usage: CallUsage, deadline: float | None) -> Any:
+        """One Messages API call with the SDK's retries, each attempt's timeout cut to what
+        remains of the request's deadline; its failures as degraded reasons."""
+        assert self.client is not None
+        client = self.client
+        if deadline is not None:
+            left = max(deadline - time.time(), MIN_ATTEMPT_S)
+            client = client.with_options(timeout=min(self.cfg.timeout_s, left))
+        token = _in_flight.set(_InFlight(usage, deadline))
+        try:
+            message = await client.messages.create(**kwargs)
+        except DeadlineReached as exc:
+            raise Unavailable("deadline", "the request's deadline ended the retries") from exc
+        except RetryAfterTooLong as exc:
+            raise Unavailable("claude_rate_limited", str(exc)) from exc
+        except anthropic.APIStatusError as exc:
+            raise Unavailable("claude_error", f"HTTP {exc.status_code}") from exc
+        except anthropic.APIError as exc:  # timeouts and connection failures, after retries
+            raise Unavailable("claude_error", type(exc).__name__) from exc
+        finally:
+            _in_flight.reset(token)
+        u = message.usage
+        usage.input_tokens += u.input_tokens or 0
+        usage.output_tokens += u.output_tokens or 0
+        usage.cache_read_tokens += getattr(u, "cache_read_input_tokens", 0) or 0
+        usage.cache_write_tokens += getattr(u, "cache_creation_input_tokens", 0) or 0
+        return message
+
+    def _parse(self, message: Any, tool: tuple[str, type[T]] | None, redactor: Redactor) -> Any:
+        text = "".join(b.text for b in message.content if getattr(b, "type", "") == "text")
+        if tool is None:
+            return redactor.restore(text)
+        name, model = tool
+        found: Any = None
+        recovered = False
+        for block in message.content:
+            if getattr(block, "type", "") == "tool_use" and block.name == name:
+                found = block.input
+                break
+        else:
+            # A model served without enforced tool calls may write the call as text instead.
+            found = recover_tool_input(text, name)
+            if found is None:
+                raise Unavailable("claude_malformed_output", f"no {name} tool call in the reply")
+            recovered = True
+        try:
+            parsed = model.model_validate(found)
+        except ValidationError as exc:
+            raise Unavailable(
+                "claude_malformed_output", f"{name}: {exc.error_count()} schema errors"
+            ) from exc
+        self.recovered_tool_calls += recovered
+        return _restore_model(parsed, redactor)
+
+
+_PLACEHOLDER = re.compile(r"\[[A-Z]+_\d+\]")
+
+
+def _restore_model(model: T, redactor: Redactor) -> T:
+    if not redactor.found:
+        return model
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            return redactor.restore(v) if _PLACEHOLDER.search(v) else v
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    return model.model_copy(update={k: fix(v) for k, v in model.__dict__.items()})

@@ -1,0 +1,148 @@
+"""The request pipeline: one request from question to cited answer, as stages over one
+`RequestContext`. Pure asyncio; the ingress gives it Ray handles as plain async callables
+(`agents/interfaces.py`), tests give it local ones.
+
+    follow_up → retrieve → route ─┬─ SLM, confident ──────────────────────► "slm"
+                                  ├─ escalate: rewrite → retrieve → SLM ──► "slm+rewrite"
+                                  │            └─ the LLM tier's answer ──► "claude"
+                                  └─ decompose: plan → sub-agents → merge ► "decomposed"
+              → verify (policy) → respond
+
+Each stage is a module named after it; every policy decision is in `policy.py`. Policies are code,
+not prompt text: nothing a passage says can change them.
+"""
+
+from __future__ import annotations
+
+from hybrid_serve.agents import follow_up, prompts, respond, route, tracing, verify
+from hybrid_serve.agents.attempts import Finish, slm_attempt
+from hybrid_serve.agents.context import Deadline, RequestContext, RequestOptions
+from hybrid_serve.agents.events import EventSink, text_deltas
+from hybrid_serve.agents.interfaces import Generate, GenerateStream, LLMRoles, Retrieve
+from hybrid_serve.agents.retrieve import search
+from hybrid_serve.agents.services import OnVerdict, Services
+from hybrid_serve.config import HybridServeConfig
+from hybrid_serve.schemas import AnswerRequest, AnswerResponse, Collections
+
+
+class Pipeline:
+    def __init__(
+        self,
+        retrieve: Retrieve,
+        generate: Generate,
+        config: HybridServeConfig,
+        llm: LLMRoles | None = None,
+        generate_stream: GenerateStream | None = None,
+        on_verdict: OnVerdict | None = None,
+    ) -> None:
+        self.services = Services(retrieve, generate, config, llm, generate_stream, on_verdict)
+        self.shadow = verify.ShadowGrader()
+
+    @property
+    def cfg(self) -> HybridServeConfig:
+        return self.services.cfg
+
+    def reconfigure(self, config: HybridServeConfig) -> None:
+        """New tunables (thresholds, policies, prices) for the requests that start from now."""
+        s = self.services
+        self.services = Services(
+            s.retrieve, s.generate, config, s.llm, s.generate_stream, s.on_verdict, s.timing
+        )
+
+    def _context(
+        self, options: RequestOptions, trace_id: str, events: EventSink | None
+    ) -> RequestContext:
+        s = self.services
+        ctx = RequestContext(
+            options=options,
+            trace_id=trace_id,
+            pii=options.req.pii or s.cfg.policies.pii,
+            llm=s.llm,
+            deadline=Deadline(options.timeout_s),
+            events=events,
+            on_premises=s.cfg.llm.on_premises,
+        )
+        if s.policy.sensitivity.request(options.req):
+            ctx.keep_local()
+        return ctx
+
+    async def answer(
+        self, options: RequestOptions, trace_id: str, events: EventSink | None = None
+    ) -> AnswerResponse:
+        """The whole pipeline. Later steps are cut short to answer by the deadline;
+        DeadlineExceeded when not even a first answer is ready."""
+        s = self.services
+        ctx = self._context(options, trace_id, events)
+        attributes = {"hybrid.mode": options.req.mode, "hybrid.top_k": options.req.top_k}
+        with tracing.span("Pipeline.answer", attributes=attributes):
+            await follow_up.run(s, ctx)
+            passages = await ctx.within("retrieve", search(s, ctx, ctx.req.query, ctx.req.top_k))
+            tracing.annotate({"hybrid.sensitive": ctx.sensitive})
+            attempt = await route.run(s, ctx, passages)
+            if events is not None:
+                for delta in text_deltas(attempt.text):
+                    await events(delta)
+            if s.policy.wants_verification(ctx.req, attempt.route):
+                attempt = await verify.run(s, ctx, attempt)
+            response = await respond.run(s, ctx, passages, attempt)
+            tracing.annotate(respond.attributes(response))
+            self.shadow.maybe(s, ctx, attempt)
+            return response
+
+    async def answer_slm(
+        self,
+        options: RequestOptions,
+        trace_id: str,
+        events: EventSink | None = None,
+        retrieval: bool = True,
+    ) -> tuple[AnswerResponse, Finish]:
+        """The small model alone (the `slm` chat model): no escalation, no verification, the
+        model's own generation settings. With `events`, tokens go out as the SLM writes them, so
+        the model's citation numbers are kept rather than renumbered."""
+        s = self.services
+        ctx = self._context(options, trace_id, events)
+        with tracing.span(
+            "Pipeline.answer", attributes={"hybrid.mode": "slm", "hybrid.chat": True}
+        ):
+            passages = []
+            if retrieval:
+                await follow_up.run(s, ctx)
+                work = search(s, ctx, ctx.req.query, ctx.req.top_k)
+                passages = await ctx.within("retrieve", work)
+                messages = prompts.answer_messages(ctx.req.query, passages, ctx.history)
+            else:
+                messages = [*ctx.history, {"role": "user", "content": ctx.req.query}]
+            attempt = await ctx.within(
+                "generate",
+                slm_attempt(
+                    s,
+                    ctx,
+                    ctx.req.query,
+                    passages,
+                    messages=messages,
+                    chat=True,
+                    stream=events is not None,
+                ),
+            )
+            response = await respond.run(s, ctx, passages, attempt)
+            tracing.annotate(respond.attributes(response))
+            return response, attempt.finish_reason
+
+    async def followup_query(
+        self,
+        question: str,
+        history: list[dict[str, str]],
+        collections: Collections = None,
+    ) -> str | None:
+        """What retrieval would search for `question` asked after `history`; None when it is
+        not a follow-up (for measuring the rewrite on its own)."""
+        options = RequestOptions(
+            AnswerRequest(query=question), history=history, collections=collections
+        )
+        ctx = self._context(options, "followup", None)
+        await follow_up.run(self.services, ctx)
+        return ctx.searched_query
+
+    async def shadow_idle(self) -> None:
+        """Wait for the shadow verifications in flight (tests; a draining replica)."""
+        await self.shadow.idle()

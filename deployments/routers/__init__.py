@@ -1,0 +1,1 @@
+"""The HTTP routes, a router per resource; each reaches the shared `Ingress` as a dependency."""
