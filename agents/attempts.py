@@ -24,6 +24,10 @@ from hybrid_serve.schemas import (
     Subtask,
 )
 
+# Degraded reason of an answer whose prompt was fitted to the SLM's context: lower-ranked
+# passages (or the oldest chat turns) were left out.
+PROMPT_TRIMMED = "prompt_trimmed"
+
 Finish = Literal["stop", "length"]
 
 
@@ -45,7 +49,7 @@ async def slm_attempt(
     ctx: RequestContext,
     query: str,
     passages: list[Passage],
-    messages: list[dict[str, str]] | None = None,
+    prompt: prompts.Prompt | None = None,
     route: Route = "slm",
     chat: bool = False,
     stream: bool = False,
@@ -59,8 +63,9 @@ async def slm_attempt(
         "stop": [] if chat else prompts.ANSWER_STOP,
         **ctx.options.sampling,  # what the client set wins
     }
+    prompt = prompt or prompts.answer_prompt(query, passages, ctx.history)
     gen_req = GenerationRequest(
-        messages=messages or prompts.answer_messages(query, passages, ctx.history), **params
+        messages=prompt.messages, evidence=prompt.evidence, evidence_at=prompt.evidence_at, **params
     )
     # The answer prompt's layout (passages, labels) may be echoed; a plain chat's cannot.
     layout = not (chat and not passages)
@@ -71,6 +76,11 @@ async def slm_attempt(
         gen = await s.generate(gen_req)
     s.timing.observe(time.monotonic() - started)
     ctx.count_slm(gen)
+    if gen.evidence_used is not None or gen.history_dropped:
+        # The prompt was fitted to the SLM's context: the answer can cite only what it saw.
+        ctx.degrade(PROMPT_TRIMMED)
+        if gen.evidence_used is not None:
+            passages = passages[: gen.evidence_used]
     raw, echoed = prompts.strip_echo(gen.text, passages) if layout else (gen.text, False)
     sources: list[Passage] = []
     if stream:

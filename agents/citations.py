@@ -7,6 +7,7 @@ answer points at an entry of `citations`, so the text is repaired here rather th
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
 
 from hybrid_serve.schemas import Citation, Passage
@@ -35,10 +36,15 @@ def content_words(text: str) -> set[str]:
 
 def support(claim: str, evidence: str) -> float:
     """Share of the claim's content words found in the evidence (0-1): cheap lexical entailment."""
-    words = content_words(MARKER.sub(" ", claim))
-    if not words:
-        return 0.0
-    return len(words & content_words(evidence)) / len(words)
+    return _share(claim_words(claim), content_words(evidence))
+
+
+def claim_words(claim: str) -> set[str]:
+    return content_words(MARKER.sub(" ", claim))
+
+
+def _share(words: set[str], evidence: set[str]) -> float:
+    return len(words & evidence) / len(words) if words else 0.0
 
 
 def markers(text: str) -> list[int]:
@@ -63,11 +69,13 @@ def attribute(text: str, passages: Sequence[Passage], min_support: float = 0.5) 
     if not passages:
         return text
     out: list[str] = []
+    evidence = [content_words(p.text) for p in passages]  # once, not once a sentence
     for sentence in split_sentences(text):
         if markers(sentence):
             out.append(sentence)
             continue
-        scores = [support(sentence, p.text) for p in passages]
+        words = claim_words(sentence)
+        scores = [_share(words, e) for e in evidence]
         best = max(range(len(passages)), key=scores.__getitem__)
         if scores[best] >= min_support:
             stripped = sentence.rstrip()
@@ -79,11 +87,12 @@ def attribute(text: str, passages: Sequence[Passage], min_support: float = 0.5) 
     return " ".join(out)
 
 
-def _claim_before(text: str, pos: int) -> str:
-    """The sentence a marker at `pos` closes: the last sentence before it ("… Tallinn. [1]"
-    cites the sentence it follows)."""
-    spans = sentence_spans(text[:pos])
-    return text[spans[-1][0] : pos] if spans else ""
+def _claim_before(text: str, starts: Sequence[int], pos: int) -> str:
+    """The sentence a marker at `pos` closes: from the last sentence start before it ("…
+    Tallinn. [1]" cites the sentence it follows). `starts`: the text's sentence starts, found
+    once for every marker (splitting the text up to each marker again was quadratic)."""
+    i = bisect_left(starts, pos)
+    return text[starts[i - 1] : pos] if i else ""
 
 
 def _citation(number: int, passage: Passage, claim: str) -> Citation:
@@ -101,11 +110,12 @@ def as_numbered(text: str, passages: Sequence[Passage]) -> list[Citation]:
     """Citations for the markers already in `text`, keeping the model's own numbers (for text
     already streamed, which can no longer be renumbered); numbers with no passage are left out."""
     out: dict[int, Citation] = {}
+    starts = [start for start, _ in sentence_spans(text)]
     for m in MARKER.finditer(text):
         for raw in re.split(r"\s*,\s*", m.group(1)):
             n = int(raw)
             if 1 <= n <= len(passages) and n not in out:
-                out[n] = _citation(n, passages[n - 1], _claim_before(text, m.start()))
+                out[n] = _citation(n, passages[n - 1], _claim_before(text, starts, m.start()))
     return list(out.values())
 
 
@@ -132,8 +142,10 @@ def finalize_sources(
     number_of_chunk: dict[str, int] = {}
     cited: list[tuple[Passage, str]] = []
 
+    starts = [start for start, _ in sentence_spans(text)]
+
     def renumber(match: re.Match[str]) -> str:
-        claim = _claim_before(text, match.start())
+        claim = _claim_before(text, starts, match.start())
         new: list[int] = []
         for raw in re.split(r"\s*,\s*", match.group(1)):
             n = int(raw)

@@ -63,8 +63,8 @@ async def _rewrite_then_llm(
     queries = [plan.rewritten_query, *plan.search_queries[:3]]
     try:
         passages = await search_many(s, ctx, queries, ctx.req.top_k)
-        messages = prompts.answer_messages(plan.rewritten_query, passages, ctx.history)
-        second = await slm_attempt(s, ctx, query, passages, messages=messages, route="slm+rewrite")
+        prompt = prompts.answer_prompt(plan.rewritten_query, passages, ctx.history)
+        second = await slm_attempt(s, ctx, query, passages, prompt=prompt, route="slm+rewrite")
     except Unavailable as exc:  # overloaded, a replica gone: the first answer stands
         ctx.degrade(exc.reason)
         return first

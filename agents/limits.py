@@ -267,7 +267,7 @@ class KeyLimits:
     in one replica, and its check-and-update steps have no `await` in between).
 
     The budget is checked when a request is admitted and charged when it ends, so requests
-    admitted together may pass it by at most their own budgets (claude.request_budget_usd each).
+    admitted together may pass it by at most their own budgets (llm.request_budget_usd each).
     Keys are known by label only (a name, or a prefix of the key's hash); the day's spend is kept
     in `path` so a restart does not reset it.
     """

@@ -109,9 +109,10 @@ class Pipeline:
                 await follow_up.run(s, ctx)
                 work = search(s, ctx, ctx.req.query, ctx.req.top_k)
                 passages = await ctx.within("retrieve", work)
-                messages = prompts.answer_messages(ctx.req.query, passages, ctx.history)
+                prompt = prompts.answer_prompt(ctx.req.query, passages, ctx.history)
             else:
-                messages = [*ctx.history, {"role": "user", "content": ctx.req.query}]
+                history = [*ctx.history, {"role": "user", "content": ctx.req.query}]
+                prompt = prompts.Prompt(history)
             attempt = await ctx.within(
                 "generate",
                 slm_attempt(
@@ -119,7 +120,7 @@ class Pipeline:
                     ctx,
                     ctx.req.query,
                     passages,
-                    messages=messages,
+                    prompt=prompt,
                     chat=True,
                     stream=events is not None,
                 ),

@@ -128,10 +128,17 @@ def _subtask(sid: str, question: str, query: str, deps: tuple[str, ...] = ()) ->
     return SubtaskPlan(id=sid, question=question, search_queries=[query], depends_on=list(deps))
 
 
+# Longest question the shape rules read. The questions they recognise (comparisons, bridges) are
+# one sentence; their regexes backtrack quadratically on long comma- or "or"-laden text (93 s at
+# 64,000 characters), so a longer one is only split at question marks and semicolons.
+SHAPE_MAX_CHARS = 400
+
+
 def local_plan(query: str) -> Plan:
     """Rules for the shapes that can be recognised without a model; one sub-task otherwise."""
     q = " ".join(query.split()).strip()
-    for pattern in (_EITHER, _EITHER_BARE, _BOTH, _BOTH_FIRST):
+    shapes = (_EITHER, _EITHER_BARE, _BOTH, _BOTH_FIRST) if len(q) <= SHAPE_MAX_CHARS else ()
+    for pattern in shapes:
         m = pattern.match(q)
         if m and m.group("a").strip() and m.group("b").strip():
             aspect = " ".join(
@@ -147,7 +154,7 @@ def local_plan(query: str) -> Plan:
                     subtasks=[_subtask(f"s{i}", _about(x, aspect), x) for i, x in ((1, a), (2, b))]
                 )
             )
-    m = _BRIDGE_WH.match(q)
+    m = _BRIDGE_WH.match(q) if shapes else None
     if m:
         thing, rel, rest = m.group("thing").strip(), m.group("rel"), m.group("rest").strip()
         return validate_plan(
@@ -165,7 +172,7 @@ def local_plan(query: str) -> Plan:
                 ]
             )
         )
-    m = _BRIDGE_SUBJECT.match(q)
+    m = _BRIDGE_SUBJECT.match(q) if shapes else None
     if m:
         thing, rel, rest = m.group("thing").strip(), m.group("rel"), m.group("rest").strip()
         tail = f"{m.group('verb')} {m.group('tail')}"

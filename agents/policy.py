@@ -6,9 +6,9 @@ A request is sensitive when it says so, when its text matches a `policies.sensit
 regex, or the moment any retrieval made for it (the first, a rewrite's, a sub-task's, a
 follow-up's check of the earlier turns) returns a passage of a document tagged with one of
 `policies.sensitive_tags` (case-insensitively); from then on nothing it produced may reach a
-hosted tier. The lead decides early, to skip work that could not be sent; `PrivacyGate`
+hosted tier. The pipeline decides early, to skip work that could not be sent; `PrivacyGate`
 decides last, inside the gateway that sends, on the whole content of the call, so that a code
-path that forgets to ask is still stopped. An on-premises tier (`claude.on_premises`) is inside
+path that forgets to ask is still stopped. An on-premises tier (`llm.on_premises`) is inside
 the cluster and may take sensitive requests.
 """
 

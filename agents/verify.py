@@ -67,11 +67,9 @@ async def _verify(
         if attempt.route == "claude":
             retry = await llm_attempt(ctx, llm, query, attempt.passages, notes=grade.notes)
         else:
-            messages = prompts.slm_retry_messages(
-                query, attempt.passages, attempt.text, grade.notes
-            )
+            prompt = prompts.slm_retry_prompt(query, attempt.passages, attempt.text, grade.notes)
             retry = await slm_attempt(
-                s, ctx, query, attempt.passages, messages=messages, route=attempt.route
+                s, ctx, query, attempt.passages, prompt=prompt, route=attempt.route
             )
         second = await _grade(ctx, llm, retry)
     except Unavailable:

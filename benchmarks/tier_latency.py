@@ -1,7 +1,7 @@
 """Latency of each escalation step (plan, rewrite, verify, answer) against an LLM tier: the
 roles exactly as ClaudeProxy sends them (prompts, forced tool calls, token ceilings), through the
 `anthropic` SDK, to any Messages-API endpoint — the cluster's own vLLM tier (`hybrid-serve up`
-with claude.deploy) or Anthropic's API. Per role: latency p50/p95, output tokens, and how often
+with llm.deploy) or Anthropic's API. Per role: latency p50/p95, output tokens, and how often
 the step gave a usable result (a tool call validating against its schema) or degraded.
 
     hybrid-serve up  # with HYBRID_SERVE_LLM__DEPLOY__ENABLED=true, ... (README)

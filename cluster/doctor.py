@@ -333,7 +333,7 @@ def _probe_engine() -> int:
 
 def check_claude(cfg: HybridServeConfig) -> Check:
     """A minimal Messages API call to the LLM tier, when it can be reached now: Anthropic's API
-    with a key (it costs a few tokens), or a tier at claude.base_url. A tier the cluster deploys
+    with a key (it costs a few tokens), or a tier at llm.base_url. A tier the cluster deploys
     itself is checked by `up` (its warm-up) and /readyz."""
     import anthropic
 

@@ -156,7 +156,7 @@ def stage(
 
 
 def chunk_docs(
-    batch: dict[str, np.ndarray], chunk_words: int, overlap_words: int
+    batch: dict[str, np.ndarray], chunk_words: int, overlap_words: int, chunk_chars: int
 ) -> dict[str, np.ndarray]:
     """Ray Data stage: documents → one row per chunk (document fields on its first chunk)."""
     out: dict[str, list[Any]] = {
@@ -165,7 +165,7 @@ def chunk_docs(
     for doc_id, title, text, metadata in zip(
         batch["id"], batch["title"], batch["text"], batch["metadata"]
     ):
-        pieces = chunk_text(str(text), chunk_words, overlap_words)
+        pieces = chunk_text(str(text), chunk_words, overlap_words, chunk_chars)
         for i, piece in enumerate(pieces):
             out["doc_id"].append(doc_id)
             out["index"].append(i)
@@ -339,7 +339,7 @@ def _pipeline(
         ray.data.read_parquet(str(folder), num_cpus=STAGE_CPUS)
         .map_batches(
             chunk_docs,  # type: ignore[arg-type]  # with fn_args, which Ray's annotation omits
-            fn_args=(rc.chunk_words, rc.chunk_overlap_words),
+            fn_args=(rc.chunk_words, rc.chunk_overlap_words, rc.chunk_chars),
             batch_size=256,
             batch_format="numpy",
             num_cpus=STAGE_CPUS,

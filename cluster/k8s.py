@@ -36,7 +36,7 @@ DATA_DIR = "/data/hybrid-serve"
 SECRET_FIELDS = {"http": ["api_keys"]}
 SECRET_ENV = [
     ("ANTHROPIC_API_KEY", "anthropic-api-key"),
-    # The cluster's own LLM tier (claude.deploy), as claude.api_key_env names it in the profile.
+    # The cluster's own LLM tier (llm.deploy), as llm.api_key_env names it in the profile.
     ("HYBRID_SERVE_LLM_TIER_KEY", "llm-tier-key"),
     ("HYBRID_SERVE_HTTP__API_KEYS", "api-keys"),  # a JSON list; plain keys or sha256:<hex>
     ("HF_TOKEN", "hf-token"),  # gated model weights for vLLM

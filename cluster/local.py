@@ -381,7 +381,7 @@ def _remedy(cfg: HybridServeConfig, deployment: str, cause: str) -> str:
         )
     if deployment.startswith("LLM:"):
         return (
-            "check the claude.deploy settings (model_source, device, tensor_parallel_size, "
+            "check the llm.deploy settings (model_source, device, tensor_parallel_size, "
             "max_model_len against the memory there); the replica's log is under "
             "/tmp/ray/session_latest/logs/serve"
         )

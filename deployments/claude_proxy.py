@@ -22,7 +22,12 @@ from hybrid_serve.agents.tracing import TraceContext
 from hybrid_serve.config import HybridServeConfig, LLMConfig, PolicyConfig, TracingConfig
 from hybrid_serve.deployments import tunables
 from hybrid_serve.deployments.metrics import CIRCUIT_STATES, keep_gauges_fresh, metrics
-from hybrid_serve.deployments.placement import cpu_actor_options, deployment, placement
+from hybrid_serve.deployments.placement import (
+    cpu_actor_options,
+    deployment,
+    placement,
+    shared_service_options,
+)
 from hybrid_serve.deployments.versions import versioned
 
 TIER_PROBE_TIMEOUT_S = 0.5
@@ -170,6 +175,7 @@ def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
     return {
         "num_replicas": 1,  # the one place the ledger and the limits are exact
         "ray_actor_options": cpu_actor_options(cfg, cfg.llm.num_cpus),
+        **shared_service_options(cfg, calls_per_request=2),
         "user_config": tunables.claude_proxy(cfg),
     }
 

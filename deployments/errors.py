@@ -22,6 +22,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from hybrid_serve.agents.interfaces import Unavailable
+from hybrid_serve.engines.prompt_fit import PromptTooLong
 from hybrid_serve.schemas import NON_BLANK
 
 log = logging.getLogger("ray.serve")
@@ -182,6 +183,11 @@ def install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": wait},
             path_of(request.scope),
         )
+
+    @app.exception_handler(PromptTooLong)
+    async def _too_long(request: Request, exc: PromptTooLong) -> JSONResponse:
+        # The question (and its instructions) alone outgrow the SLM's context.
+        return error_response(400, str(exc), "prompt_too_long", path=path_of(request.scope))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

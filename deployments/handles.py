@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import stamina
 from ray.exceptions import RayActorError
@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from hybrid_serve.agents import tracing
 from hybrid_serve.agents.interfaces import LLMCall, LLMResult, Role, Unavailable
 from hybrid_serve.deployments.metrics import metrics
+from hybrid_serve.engines.prompt_fit import PromptTooLong
 
 # Reads whose replica died go again: Serve's routers learn of a death within about a second,
 # and its controller starts a replacement.
@@ -48,6 +49,18 @@ def unavailable(exc: BaseException, deployment: str) -> Unavailable | None:
     if isinstance(inner, IndexNotReady):
         return Unavailable("index_not_ready", f"{inner}; retry shortly", 5.0)
     return None
+
+
+def _reraise(exc: Exception, deployment: str) -> NoReturn:
+    """What a failed call raises here: Unavailable for the cluster's own trouble, the client's
+    error (a prompt too long for the model) as itself, anything else as Ray raised it."""
+    inner = cause(exc)
+    if isinstance(inner, PromptTooLong):
+        raise inner from None
+    out = unavailable(exc, deployment)
+    if out is None:
+        raise exc
+    raise out from exc
 
 
 class Backend(Protocol):
@@ -94,10 +107,7 @@ class HandleBackend:
                         tracing.annotate({"hybrid.replica_retries": attempt.num - 1})
                     return await self._once(method, *args)
         except Exception as exc:
-            mapped = unavailable(exc, self.name)
-            if mapped is None:
-                raise
-            raise mapped from exc
+            _reraise(exc, self.name)
         raise AssertionError("unreachable")
 
     async def stream(self, method: str, *args: Any) -> AsyncIterator[Any]:
@@ -110,10 +120,7 @@ class HandleBackend:
             async for item in items:
                 yield item
         except Exception as exc:
-            mapped = unavailable(exc, self.name)
-            if mapped is None:
-                raise
-            raise mapped from exc
+            _reraise(exc, self.name)
 
 
 class LLMViaBackend:

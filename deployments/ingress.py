@@ -42,6 +42,8 @@ log = logging.getLogger("ray.serve")
 STATUS_TIMEOUT_S = 5.0
 LLM_STATUS_TTL_S = 10.0
 HEALTH_TTL_S = 5.0
+# What `/readyz` may take in all, under the rendered manifests' probe timeout (4 s).
+READYZ_BUDGET_S = 2.5
 # The pipeline answers by its deadline on its own; this is the backstop for what it does not bound.
 DEADLINE_GRACE_S = 1.0
 # Without keys the API is open, and every caller may do everything.
@@ -119,6 +121,7 @@ class Ingress:
         self.background: set[asyncio.Task[Any]] = set()
         self._llm_status: tuple[float, dict[str, Any]] | None = None
         self._health: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._health_lookups: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self.pipeline = Pipeline(
             retrieve=self._retrieve,
             generate=self._generate,
@@ -335,28 +338,47 @@ class Ingress:
     # -- health ----------------------------------------------------------------------------
 
     async def component(self, name: str, backend: Backend) -> dict[str, Any]:
+        """A deployment's status for `/readyz`, within READYZ_BUDGET_S whatever it is doing:
+        a Kubernetes probe that times out counts as a failure."""
+        started = time.monotonic()
         try:
-            status = await asyncio.wait_for(backend.call("status"), STATUS_TIMEOUT_S)
+            status = await asyncio.wait_for(backend.call("status"), READYZ_BUDGET_S)
         except Exception as exc:
             status = {"ready": False, "error": type(exc).__name__}
-        health = await self._health_of(backend.name)
+        left = READYZ_BUDGET_S - (time.monotonic() - started)
+        health = await self._health_of(backend.name, max(left, 0.0))
         if health.get("restarts"):
             status.update(restarts=health["restarts"], last_death=health["last_death"])
         if not status.get("ready"):
             status["state"] = not_ready_state(health)
         return status
 
-    async def _health_of(self, deployment: str) -> dict[str, Any]:
-        """At most every few seconds (probes come often; the actor table is cluster-wide)."""
+    async def _health_of(self, deployment: str, wait_s: float) -> dict[str, Any]:
+        """Looked up at most every few seconds (probes come often; the actor table is
+        cluster-wide), in the background: a slow lookup is waited for `wait_s` at most, and the
+        last one known is used meanwhile."""
         if self.health_of is None:
             return {}
-        now = time.monotonic()
         cached = self._health.get(deployment)
-        if cached and now - cached[0] < HEALTH_TTL_S:
+        if cached and time.monotonic() - cached[0] < HEALTH_TTL_S:
             return cached[1]
-        health = await asyncio.to_thread(self.health_of, deployment)
-        self._health[deployment] = (now, health)
-        return health
+        lookup = self._health_lookups.get(deployment)
+        if lookup is None:
+            lookup = asyncio.create_task(self._look_up_health(deployment))
+            self._health_lookups[deployment] = lookup
+        try:
+            return await asyncio.wait_for(asyncio.shield(lookup), wait_s)
+        except TimeoutError:
+            return cached[1] if cached else {}
+
+    async def _look_up_health(self, deployment: str) -> dict[str, Any]:
+        assert self.health_of is not None
+        try:
+            health = await asyncio.to_thread(self.health_of, deployment)
+            self._health[deployment] = (time.monotonic(), health)
+            return health
+        finally:
+            del self._health_lookups[deployment]
 
 
 # The replica's Ingress. Serve sends the FastAPI app to the replica inside its ingress class, a

@@ -14,7 +14,12 @@ from hybrid_serve.agents.limits import KeyLimits as Limits
 from hybrid_serve.agents.tracing import TraceContext
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments import tunables
-from hybrid_serve.deployments.placement import cpu_actor_options, deployment, placement
+from hybrid_serve.deployments.placement import (
+    cpu_actor_options,
+    deployment,
+    placement,
+    shared_service_options,
+)
 from hybrid_serve.deployments.versions import versioned
 
 
@@ -57,6 +62,7 @@ def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
     return {
         "num_replicas": 1,  # one count per key for the whole cluster
         "ray_actor_options": cpu_actor_options(cfg, cfg.cache.num_cpus),
+        **shared_service_options(cfg, calls_per_request=1),
         "user_config": tunables.key_limits(cfg),
     }
 

@@ -1,5 +1,5 @@
 """The cluster's own LLM tier: an open model on vLLM through Ray Serve LLM, deployed as a Serve
-application of its own (`claude.deploy`), whose HTTP routes are vLLM's own server — the Anthropic
+application of its own (`llm.deploy`), whose HTTP routes are vLLM's own server — the Anthropic
 Messages API at `<route_prefix>/v1/messages` for ClaudeProxy, and OpenAI's beside it.
 
 The replica is Ray Serve LLM's LLMServer with its late-bound ASGI ingress (vLLM's FastAPI app, as
@@ -82,7 +82,7 @@ def tier_key() -> str:
     key = os.environ.get(var, "") if var else ""
     if not key:
         raise RuntimeError(
-            f"the cluster's LLM tier needs a key: set {var or 'claude.api_key_env'} in the "
+            f"the cluster's LLM tier needs a key: set {var or 'llm.api_key_env'} in the "
             "environment of the cluster's nodes (`hybrid-serve up` makes one for a cluster it "
             "starts; on Kubernetes, the Secret's llm-tier-key)"
         )
@@ -117,7 +117,7 @@ def build_llm_tier(
     cfg: HybridServeConfig, progress: Callable[[str], None] | None = None
 ) -> Application:
     """The tier's application, its deployment named `LLM:<model>`; on the cluster's GPUs, or on
-    its CPUs where it has none (`claude.deploy.device`), the weights prepared first."""
+    its CPUs where it has none (`llm.deploy.device`), the weights prepared first."""
     require_vllm()
     tier = cfg.llm.deploy
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None

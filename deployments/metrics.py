@@ -72,7 +72,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "hybrid_serve_deadline_exceeded_total",
         "counter",
         "Requests answered 504 because nothing was ready by their deadline, by the step it ran "
-        "out in (retrieve, generate, subtasks; request when outside the lead).",
+        "out in (retrieve, generate, subtasks; request when outside the pipeline).",
         ("step",),
     ),
     MetricSpec(

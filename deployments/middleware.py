@@ -155,7 +155,9 @@ class DeadlineHeaderMiddleware:
 
 
 class AdmissionMiddleware:
-    """503 + Retry-After once `limit` requests are in progress, instead of queueing without end."""
+    """503 + Retry-After once `limit` requests are in progress, instead of queueing without end.
+    A request counts once its body has arrived: clients that send their bodies slowly hold no
+    slot (the body is bounded by BodyLimitMiddleware, outside this one)."""
 
     def __init__(self, app: ASGIApp, limit: Callable[[], int], retry_after_s: Callable[[], int]):
         self.app = app
@@ -167,6 +169,19 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or path_of(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        arrived: list[Message] = []
+        while True:
+            message = await receive()
+            arrived.append(message)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        if arrived[-1]["type"] == "http.disconnect":
+            return  # gone before its body was complete
+        replay = iter(arrived)
+
+        async def replayed() -> Message:
+            return next(replay, None) or await receive()
+
         if self.in_progress >= self.limit():
             response = error_response(
                 503,
@@ -179,7 +194,7 @@ class AdmissionMiddleware:
             return
         self.in_progress += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, replayed, send)
         finally:
             self.in_progress -= 1
 

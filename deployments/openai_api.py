@@ -113,11 +113,9 @@ class ChatCompletionRequest(StrictModel):
         return self
 
     def texts(self) -> list[str]:
-        """Every string of every message: each is held to http.max_query_chars."""
-        out = []
-        for m in self.messages:
-            out.extend([m.content] if isinstance(m.content, str) else [p.text for p in m.content])
-        return out
+        """Each message's text as the server uses it (its parts joined): each is held to
+        http.max_query_chars, so splitting a long text into parts does not step around it."""
+        return [m.text() for m in self.messages]
 
     @field_validator("stop")
     @classmethod

@@ -65,12 +65,12 @@ def create_app() -> FastAPI:
         return made["document"]
 
     app.openapi = document  # type: ignore[method-assign]
-    app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: http().max_body_bytes)
     app.add_middleware(
         AdmissionMiddleware,
         limit=lambda: http().max_concurrent_requests,
         retry_after_s=lambda: http().retry_after_s,
     )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: http().max_body_bytes)
     app.add_middleware(DeadlineHeaderMiddleware, max_s=lambda: http().max_request_timeout_s)
     app.add_middleware(
         KeyLimitMiddleware,

@@ -31,6 +31,16 @@ def cpu_actor_options(cfg: HybridServeConfig, num_cpus: float) -> dict[str, Any]
     return options
 
 
+def shared_service_options(cfg: HybridServeConfig, calls_per_request: int) -> dict[str, Any]:
+    """Concurrency of a single-replica service every ingress replica calls (ClaudeProxy,
+    AnswerCache, KeyLimits): room for every request the ingress replicas can hold at once.
+    Serve's default (5) queued `/readyz`'s status call behind a few slow LLM calls, past the
+    probe's timeout; the work itself is asyncio and light, so the bound only stops a runaway."""
+    o = cfg.orchestrator
+    ongoing = o.replicas * o.max_ongoing_requests * calls_per_request
+    return {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing}
+
+
 def deployment(cls: Any) -> Deployment:
     """A class `@serve.deployment` decorated, as the Deployment it is (Ray types the decorator as
     returning the class)."""

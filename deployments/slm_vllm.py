@@ -26,6 +26,7 @@ from hybrid_serve.deployments.slm import SLMEndpoints
 from hybrid_serve.deployments.versions import versioned_app
 from hybrid_serve.engines.base import warm_up
 from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.engines.prompt_fit import CountPrompt, Fitted, fit_prompt
 from hybrid_serve.engines.vllm_model import model_source
 from hybrid_serve.engines.vllm_options import (
     KV_CACHE_NOTE_ENV,
@@ -51,11 +52,24 @@ def _chat_request(model: str, req: GenerationRequest, stream: bool) -> ChatCompl
 class LLMServerEngine:
     """The Engine protocol over an LLMServer's own chat endpoint, in the same replica."""
 
-    def __init__(self, server: LLMServer, model_id: str, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        server: LLMServer,
+        model_id: str,
+        max_num_seqs: int,
+        count: CountPrompt | None = None,
+        context: int | None = None,
+    ) -> None:
         self.server = server
         self.model_name = model_id
         self.max_num_seqs = max_num_seqs
         self.in_flight = 0
+        self.count, self.context = count, context
+
+    def _fit(self, req: GenerationRequest) -> tuple[GenerationRequest, Fitted]:
+        """The request with its prompt fitted to max_model_len (vLLM would refuse it whole)."""
+        fitted = fit_prompt(req, self.count, self.context)
+        return req.model_copy(update={"messages": fitted.messages, "evidence": []}), fitted
 
     @classmethod
     def from_config(cls, cfg: SLMConfig, replicas_on_node: int = 1) -> LLMServerEngine:
@@ -68,6 +82,7 @@ class LLMServerEngine:
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         start = time.perf_counter()
+        req, fitted = self._fit(req)
         response: Any = None
         self.in_flight += 1
         try:
@@ -78,10 +93,11 @@ class LLMServerEngine:
         if response is None or isinstance(response, ErrorResponse):
             error = getattr(getattr(response, "error", None), "message", "no output")
             raise VLLMEngineError(error)
-        return completion_result(response, self.model_name, start)
+        return fitted.report(completion_result(response, self.model_name, start))
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         tally = StreamTally(self.model_name)
+        req, fitted = self._fit(req)
         self.in_flight += 1
         try:
             stream = await self.server.chat(_chat_request(self.model_name, req, True))
@@ -102,7 +118,19 @@ class LLMServerEngine:
                                 yield delta
         finally:
             self.in_flight -= 1
-        yield tally.result()
+        yield fitted.report(tally.result())
+
+
+def chat_prompt_counter(source: str) -> CountPrompt:
+    """Tokens of a chat prompt as vLLM renders it: the model's tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+
+    def count(messages: list[dict[str, str]]) -> int:
+        return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    return count
 
 
 def _chunks(item: Any) -> list[ChatCompletionChunk]:
@@ -129,8 +157,13 @@ class HybridLLMServer(SLMEndpoints, LLMServer):
         await super().start()
         tracing.setup("SLM")  # settings by environment (see llm_config_kwargs)
         model_id = self._llm_config.model_id
-        max_num_seqs = int(self._llm_config.engine_kwargs.get("max_num_seqs", 1))
-        self.slm_engine = LLMServerEngine(self, model_id, max_num_seqs)
+        kwargs = self._llm_config.engine_kwargs
+        max_num_seqs = int(kwargs.get("max_num_seqs", 1))
+        loading = self._llm_config.model_loading_config
+        source = loading["model_source"] if isinstance(loading, dict) else loading.model_source
+        count = chat_prompt_counter(str(source))
+        context = kwargs.get("max_model_len")
+        self.slm_engine = LLMServerEngine(self, model_id, max_num_seqs, count, context)
         # LLMServer is built from an LLMConfig alone: the setting comes by its environment.
         timeout = float(os.environ.get(WARMUP_TIMEOUT_ENV, "180"))
         self.warmup = await warm_up(self.slm_engine.generate, timeout)

@@ -28,11 +28,8 @@ import numpy as np
 
 from hybrid_serve.config import ExtraBuffers, SLMConfig
 from hybrid_serve.engines.hardware import has_amx
+from hybrid_serve.engines.prompt_fit import Fitted, PromptTooLong, fit_prompt
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
-
-
-class PromptTooLong(ValueError):
-    pass
 
 
 def extra_buffers_enabled(setting: ExtraBuffers, amx: bool | None) -> bool:
@@ -193,6 +190,11 @@ class LlamaCppEngine:
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
         )
 
+    def fitted_prompt(self, req: GenerationRequest) -> tuple[list[int], Fitted]:
+        """The prompt's tokens, fitted to the context with room for max_tokens."""
+        fitted = fit_prompt(req, lambda m: len(self.prompt_tokens(m)), self.n_ctx)
+        return self.prompt_tokens(fitted.messages), fitted
+
     # -- generation on a worker thread -------------------------------------------------------
 
     def _generate_blocking(
@@ -275,15 +277,15 @@ class LlamaCppEngine:
 
     def generate_blocking(self, req: GenerationRequest) -> GenerationResult:
         """Synchronous path for benchmarks and scripts (uses the first context)."""
-        return self._generate_blocking(
-            self._contexts[0], req, self.prompt_tokens(req.messages), None, threading.Event()
-        )
+        prompt, fitted = self.fitted_prompt(req)
+        result = self._generate_blocking(self._contexts[0], req, prompt, None, threading.Event())
+        return fitted.report(result)
 
     # -- async API -----------------------------------------------------------------------------
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Yield text deltas, then the GenerationResult. Closing the iterator stops generation."""
-        prompt = self.prompt_tokens(req.messages)
+        prompt, fitted = self.fitted_prompt(req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
@@ -317,7 +319,7 @@ class LlamaCppEngine:
                 if kind == "delta":
                     yield value
                 elif kind == "done":
-                    yield value
+                    yield fitted.report(value)
                     return
                 else:
                     raise value

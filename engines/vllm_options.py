@@ -203,7 +203,7 @@ def llm_config_kwargs(
     )
 
 
-# Names the variable holding the tier's key (`claude.api_key_env`), for the replica to read.
+# Names the variable holding the tier's key (`llm.api_key_env`), for the replica to read.
 TIER_KEY_ENV_ENV = "HYBRID_SERVE_LLM_TIER_KEY_ENV"
 
 
@@ -255,7 +255,7 @@ def gpus_per_replica(cfg: HybridServeConfig) -> float:
 
 
 def tier_gpus(cfg: HybridServeConfig) -> float:
-    """GPUs the cluster's own LLM tier holds (claude.deploy), all replicas."""
+    """GPUs the cluster's own LLM tier holds (llm.deploy), all replicas."""
     tier = cfg.llm.deploy
     if not tier.enabled or vllm_device(tier) != "cuda":
         return 0.0

@@ -204,6 +204,12 @@ class RetrieverConfig(_Section):
     )
     chunk_words: int = Field(180, ge=16, description="Words per chunk.")
     chunk_overlap_words: int = Field(40, ge=0, description="Words shared by consecutive chunks.")
+    chunk_chars: int = Field(
+        4000,
+        ge=256,
+        description="Characters per chunk at most, whatever its word count: text without spaces "
+        "is cut too (a chunk is stored, embedded and shown whole).",
+    )
     # Tuned on SQuAD (benchmarks.quality; both halves of the questions agree): k 5 and dense 0.8
     # give recall@5 0.963 / recall@1 0.770, against 0.948 / 0.743 with the textbook k 60, 1:1.
     rrf_k: int = Field(5, ge=1, description="Reciprocal-rank-fusion constant.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,6 +15,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     StringConstraints,
+    field_validator,
 )
 
 Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
@@ -232,6 +234,12 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     logprobs: bool = True
+    # The passages the last message quotes, best first: they are in it from character
+    # `evidence_at`, joined by blank lines. An engine whose context cannot hold them all shows
+    # the best that fit (`GenerationResult.evidence_used`) rather than fail; one that does not
+    # fit prompts sends `messages` as they are.
+    evidence: list[str] = Field(default_factory=list)
+    evidence_at: int = 0
 
 
 class GenerationResult(BaseModel):
@@ -243,6 +251,43 @@ class GenerationResult(BaseModel):
     token_logprobs: list[float] = Field(default_factory=list)
     model: str = ""
     seconds: float = 0.0
+    # What the prompt held when it had to be fitted to the context (None: all evidence shown).
+    evidence_used: int | None = None
+    history_dropped: int = 0
+
+
+# What a document's metadata may hold: it is stored with the document and returned by GET, and
+# its tags travel with every search hit of it.
+METADATA_MAX_BYTES = 16_384
+METADATA_MAX_DEPTH = 8
+MAX_TAGS = 32
+TAG_MAX_CHARS = 64
+
+
+def check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The bounds above, named in the error. Depth is walked without recursion: the check must
+    not be what a deeply nested value breaks."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > METADATA_MAX_DEPTH:
+            raise ValueError(f"metadata is nested deeper than {METADATA_MAX_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, (dict, list)):
+            stack.extend((v, depth + 1) for v in children)
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > METADATA_MAX_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON; the limit is {METADATA_MAX_BYTES}")
+    tags = metadata.get("tags")
+    if tags is not None:
+        tags = [tags] if isinstance(tags, str) else tags
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("metadata.tags must be a string or a list of strings")
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"metadata.tags has {len(tags)} tags; the limit is {MAX_TAGS}")
+        if any(len(t) > TAG_MAX_CHARS for t in tags):
+            raise ValueError(f"a tag is longer than {TAG_MAX_CHARS} characters")
+    return metadata
 
 
 class DocumentIn(StrictModel):
@@ -259,13 +304,34 @@ class DocumentIn(StrictModel):
     metadata: dict[str, Any] = Field(
         default_factory=dict,
         description="Kept with the document; `tags` (a list) marks it, e.g. `confidential`: a "
-        "request that retrieves it never leaves the cluster (policies.sensitive_tags).",
+        "request that retrieves it never leaves the cluster (policies.sensitive_tags). At most "
+        f"{METADATA_MAX_BYTES} bytes as JSON, {METADATA_MAX_DEPTH} levels deep, {MAX_TAGS} tags "
+        f"of at most {TAG_MAX_CHARS} characters.",
+        json_schema_extra={
+            "properties": {
+                "tags": {
+                    "anyOf": [
+                        {"type": "string", "maxLength": TAG_MAX_CHARS},
+                        {
+                            "type": "array",
+                            "items": {"type": "string", "maxLength": TAG_MAX_CHARS},
+                            "maxItems": MAX_TAGS,
+                        },
+                    ]
+                }
+            }
+        },
     )
     collection: CollectionName | None = Field(
         None,
         description="Where the document lives; the API key must be allowed to write it. Unset: "
         "the key's first collection (`default` for a key without collections).",
     )
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_metadata(v)
 
 
 class DocumentBatch(StrictModel):

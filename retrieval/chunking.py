@@ -20,10 +20,13 @@ def _units(text: str) -> list[list[str]]:
     return units
 
 
-def chunk_text(text: str, chunk_words: int = 180, overlap_words: int = 40) -> list[str]:
+def chunk_text(
+    text: str, chunk_words: int = 180, overlap_words: int = 40, chunk_chars: int = 4000
+) -> list[str]:
     """Split into chunks of at most `chunk_words` words that start on a sentence boundary where
     possible; consecutive chunks share about `overlap_words` words so that a fact cut by a
-    boundary still appears whole in one chunk."""
+    boundary still appears whole in one chunk. No chunk is longer than `chunk_chars`: a chunk of
+    very long "words" (text without spaces) is cut again, without overlap."""
     if chunk_words <= 0 or overlap_words < 0 or overlap_words >= chunk_words:
         raise ValueError("need chunk_words > overlap_words >= 0")
     units: list[list[str]] = []
@@ -44,7 +47,7 @@ def chunk_text(text: str, chunk_words: int = 180, overlap_words: int = 40) -> li
         while end < len(units) and (size + len(units[end]) <= chunk_words or end == start):
             size += len(units[end])
             end += 1
-        chunks.append(" ".join(w for u in units[start:end] for w in u))
+        chunks.extend(_at_most(" ".join(w for u in units[start:end] for w in u), chunk_chars))
         if end >= len(units):
             break
         # Step back over whole sentences worth at most `overlap_words` words.
@@ -54,3 +57,22 @@ def chunk_text(text: str, chunk_words: int = 180, overlap_words: int = 40) -> li
             shared += len(units[back])
         start = back
     return chunks
+
+
+def _at_most(chunk: str, chars: int) -> list[str]:
+    """`chunk` in pieces of at most `chars` characters, cut between words where it can be."""
+    if len(chunk) <= chars:
+        return [chunk]
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for word in chunk.split(" "):
+        for part in (word[i : i + chars] for i in range(0, len(word), chars)):
+            if current and size + 1 + len(part) > chars:
+                pieces.append(" ".join(current))
+                current, size = [], 0
+            size += len(part) + (1 if current else 0)
+            current.append(part)
+    if current:
+        pieces.append(" ".join(current))
+    return pieces

@@ -204,6 +204,7 @@ class IndexStore:
         embedding_model: str = "",
         chunk_words: int = 180,
         chunk_overlap_words: int = 40,
+        chunk_chars: int = 4000,
         keep_snapshots: int = 2,
         ann_spec: ANNSpec | None = None,
         merge_factor: int = 8,
@@ -215,6 +216,7 @@ class IndexStore:
         self.embedding_model = embedding_model
         self.chunk_words = chunk_words
         self.chunk_overlap_words = chunk_overlap_words
+        self.chunk_chars = chunk_chars
         self.keep_snapshots = keep_snapshots
         self.merge_factor = merge_factor
         for sub in ("segments", "manifests"):
@@ -234,6 +236,7 @@ class IndexStore:
             embedding_model=embedder.name,
             chunk_words=rc.chunk_words,
             chunk_overlap_words=rc.chunk_overlap_words,
+            chunk_chars=rc.chunk_chars,
             keep_snapshots=rc.keep_snapshots,
             ann_spec=ANNSpec.from_config(rc),
             merge_factor=rc.merge_factor,
@@ -459,7 +462,7 @@ class IndexStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def chunk(self, doc: NewDocument) -> list[str]:
-        return chunk_text(doc.text, self.chunk_words, self.chunk_overlap_words)
+        return chunk_text(doc.text, self.chunk_words, self.chunk_overlap_words, self.chunk_chars)
 
     def prepare(
         self, documents: Sequence[NewDocument]
@@ -488,15 +491,20 @@ class IndexStore:
         Durable when it returns."""
         prepared = self.prepare(documents)
         ids = [r.public_id for r, _ in prepared]
+        # Unchanged documents are neither re-embedded nor re-versioned. Embedding, the slow part,
+        # runs before the writer lock: one large document holds up no other writer.
+        same = self.unchanged([r for r, _ in prepared])
+        changed = [(r, c) for r, c in prepared if r.id not in same]
+        vectors = self._embed_with_progress([c.text for _, cs in changed for c in cs], progress)
         with self._writer():
-            # Unchanged documents are neither re-embedded nor re-versioned.
-            same = self.unchanged([r for r, _ in prepared])
-            changed = [(r, c) for r, c in prepared if r.id not in same]
+            # Another writer may have stored the same content meanwhile: nothing to publish.
+            same = self.unchanged([r for r, _ in changed])
+            keep = np.array([r.id not in same for r, cs in changed for _ in cs], dtype=bool)
+            changed = [(r, c) for r, c in changed if r.id not in same]
             if not changed:
                 return self.version, ids
             chunks = [c for _, cs in changed for c in cs]
-            vectors = self._embed_with_progress([c.text for c in chunks], progress)
-            version = self._append([r for r, _ in changed], chunks, vectors, deletes=())
+            version = self._append([r for r, _ in changed], chunks, vectors[keep], deletes=())
             return version, ids
 
     def add_embedded(

@@ -50,6 +50,39 @@ def test_answer_contract(client):
         assert c["doc_id"].startswith("sample:") and c["snippet"]
 
 
+def test_the_largest_top_k_is_answered_from_the_passages_that_fit(client):
+    """top_k 50 over long passages is more than the SLM's context holds (it was a 500): the
+    best passages that fit are shown, the answer cites only those, and the response says so.
+    The documents are this test's own, removed at the end."""
+    words = "owl river stone cloud lamp field bread tower song glass".split()
+    docs = [
+        {
+            "id": f"fit-{i}",
+            "title": f"Zqxwv log {i}",
+            "text": " ".join(
+                f"Zqxwv entry {i}.{j} lists {' '.join(words[(i + j + k) % 10] for k in range(16))}."
+                for j in range(10)
+            ),
+        }
+        for i in range(60)
+    ]
+    for i in range(0, len(docs), 10):  # under the test cluster's body limit
+        r = client.post("/v1/documents", json={"documents": docs[i : i + 10]})
+        assert r.status_code == 201, r.text
+    try:
+        body = {"query": "Which zqxwv entry lists an owl?", "top_k": 50, "mode": "slm"}
+        r = client.post("/v1/answer", json={**body, "use_cache": False}, timeout=300)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert "prompt_trimmed" in answer["degraded"]
+        assert 1000 < answer["usage"]["slm_prompt_tokens"] <= 4096 - 48
+        numbers = [c["number"] for c in answer["citations"]]
+        assert numbers == list(range(1, len(numbers) + 1))  # only passages the model saw
+    finally:
+        for d in docs:
+            client.delete(f"/v1/documents/{d['id']}")
+
+
 def test_traceparent_continues_the_callers_trace(client):
     trace = uuid.uuid4().hex
     r = client.post(

@@ -45,3 +45,10 @@ def test_paragraph_break_ends_a_sentence():
 def test_bad_parameters(size, overlap):
     with pytest.raises(ValueError):
         chunk_text("text", size, overlap)
+
+
+def test_text_without_spaces_is_cut_to_the_character_bound():
+    chunks = chunk_text("x" * 10_000 + " tail. Next sentence here.", chunk_chars=4000)
+    assert all(len(c) <= 4000 for c in chunks)
+    assert "".join(chunks).replace(" ", "").startswith("x" * 10_000)
+    assert chunks[-1].endswith("tail. Next sentence here.")

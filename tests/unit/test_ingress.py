@@ -268,6 +268,19 @@ def test_bad_input_is_a_clear_4xx(path):
     assert r.status_code == 422 and "limit is 10" in r.json()["error"]["message"]
 
 
+def test_the_length_limit_holds_for_a_message_split_into_parts():
+    """The server joins a message's parts into one text: the limit is on that text."""
+    app, _ = app_over(**{"http.max_query_chars": 10})
+    parts = [{"type": "text", "text": "x" * 6}, {"type": "text", "text": "y" * 6}]
+    body = {"model": "hybrid", "messages": [{"role": "user", "content": parts}]}
+    r = request(app, "POST", "/v1/chat/completions", json=body)
+    assert r.status_code == 422 and "12 characters; the limit is 10" in r.json()["error"]["message"]
+    blocks = [{"type": "text", "text": "x" * 6}, {"type": "text", "text": "y" * 6}]
+    body = {"model": "hybrid", "max_tokens": 16, "messages": [{"role": "user", "content": blocks}]}
+    r = request(app, "POST", "/v1/messages", json=body)
+    assert r.status_code == 422 and "limit is 10" in r.text
+
+
 def test_a_reload_says_which_deployments_need_new_replicas():
     from hybrid_serve.deployments.app import restarts
 

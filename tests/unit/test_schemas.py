@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -32,3 +34,26 @@ def test_documents():
         DocumentIn.model_validate({"text": " "})
     with pytest.raises(ValidationError):
         DocumentBatch.model_validate({"documents": []})
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ({"tags": ["t"] * 33}, "33 tags; the limit is 32"),
+        ({"tags": ["t" * 65]}, "longer than 64 characters"),
+        ({"tags": [1]}, "list of strings"),
+        ({"x": "y" * 20_000}, "the limit is 16384"),
+        (
+            {"a": [[[[[[[[[[{}]]]]]]]]]]},
+            "deeper than 8 levels",
+        ),  # what GET answered with a 500 at 300 levels
+    ],
+)
+def test_metadata_is_bounded_and_the_bound_named(metadata, says):
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        DocumentIn(text="t", metadata=metadata)
+    deep: dict = {}
+    for _ in range(100_000):  # the check itself is not what a deep value breaks
+        deep = {"d": deep}
+    with pytest.raises(ValidationError, match="deeper than"):
+        DocumentIn(text="t", metadata=deep)

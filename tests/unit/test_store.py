@@ -148,3 +148,30 @@ def test_approximate_indexes_agree_with_exact_search_on_random_vectors():
         assert recall > 0.8, (spec.kind, recall)
     assert ann.ivf_lists(4000, None) == 102 and ann.ivf_lists(10, None) == 1
     assert ann.to_device("index", ANNSpec(gpu=True)) == "index" or ann.gpu_count() > 0
+
+
+def test_a_slow_embedding_holds_up_no_other_writer(tmp_path, embedder):
+    """Embedding runs before the writer lock: a large document being embedded does not keep a
+    small one (or a delete) from being acknowledged; both end up in the index."""
+    import threading
+
+    release, embedding = threading.Event(), threading.Event()
+
+    def embed(texts):
+        if any("slow" in t for t in texts):
+            embedding.set()
+            assert release.wait(30)
+        return embedder.encode(texts)
+
+    store = IndexStore(tmp_path, embed, embedder.dim)
+    slow = threading.Thread(
+        target=store.upsert, args=([NewDocument(id="big", title="B", text="A slow one.")],)
+    )
+    slow.start()
+    assert embedding.wait(30)
+    version, ids = store.upsert([DOCS[1]])  # returns while the other is still embedding
+    assert ids == ["nile"] and slow.is_alive()
+    release.set()
+    slow.join(30)
+    assert store.get("nile") is not None and store.get("big") is not None
+    assert store.version == version + 1
