@@ -191,9 +191,15 @@ class LlamaCppEngine:
         )
 
     def fitted_prompt(self, req: GenerationRequest) -> tuple[list[int], Fitted]:
-        """The prompt's tokens, fitted to the context with room for max_tokens."""
-        fitted = fit_prompt(req, lambda m: len(self.prompt_tokens(m)), self.n_ctx)
-        return self.prompt_tokens(fitted.messages), fitted
+        """The prompt's tokens, fitted to the context with room for max_tokens. A prompt that
+        fits is tokenized once."""
+        tokens = self.prompt_tokens(req.messages)
+
+        def count(messages: list[dict[str, str]]) -> int:
+            return len(self.prompt_tokens(messages))
+
+        fitted = fit_prompt(req, count, self.n_ctx, whole=len(tokens))
+        return (self.prompt_tokens(fitted.messages) if fitted.trimmed else tokens), fitted
 
     # -- generation on a worker thread -------------------------------------------------------
 

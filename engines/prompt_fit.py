@@ -49,9 +49,10 @@ def _without_evidence(req: GenerationRequest) -> list[dict[str, str]]:
     if not req.evidence:
         return list(req.messages)
     last = req.messages[-1]
-    at, span = req.evidence_at, len("\n\n".join(req.evidence))
+    evidence = "\n\n".join(req.evidence)
+    at, span = req.evidence_at, len(evidence)
     content = last["content"]
-    if content[at : at + span] != "\n\n".join(req.evidence):
+    if content[at : at + span] != evidence:
         raise ValueError("evidence_at does not point at the evidence in the last message")
     return [*req.messages[:-1], {**last, "content": content[:at] + content[at + span :]}]
 
@@ -68,15 +69,21 @@ def render(
     return [*messages[:-1], {**last, "content": content}]
 
 
-def fit_prompt(req: GenerationRequest, count: CountPrompt | None, context: int | None) -> Fitted:
+def fit_prompt(
+    req: GenerationRequest,
+    count: CountPrompt | None,
+    context: int | None,
+    whole: int | None = None,
+) -> Fitted:
     """The messages to send: the request's own when they fit with room for `max_tokens`; else
     earlier turns dropped oldest first, then the lowest-ranked passages, the last one kept cut
-    at a sentence end. Tokenizes O(log passages + turns) times, each linear in the prompt."""
-    if (
-        count is None
-        or context is None
-        or count(req.messages) <= context - req.max_tokens - SLACK_TOKENS
-    ):
+    at a sentence end. Tokenizes O(log passages + turns) times, each linear in the prompt.
+    `whole`: the tokens of the request's own messages, when the caller has them already."""
+    if count is None or context is None:
+        return Fitted(req.messages, len(req.evidence), 0)
+    if whole is None:
+        whole = count(req.messages)
+    if whole <= context - req.max_tokens - SLACK_TOKENS:
         return Fitted(req.messages, len(req.evidence), 0)
     room = context - req.max_tokens - SLACK_TOKENS
     if room <= 0:
