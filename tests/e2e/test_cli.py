@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_ready
-from tests.support.cli import CLI, Up, clean_env
+from tests.support.cli import CLI, STARTED, Up, clean_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
@@ -32,7 +32,7 @@ def test_up_ask_index_add_restart(tmp_path):
     port, metrics_port = free_port(), free_port()
     up = Up(data, port, "--metrics-port", str(metrics_port))
     try:
-        out = up.wait_for("serving on")
+        out = up.wait_for(STARTED)
         assert f"http://127.0.0.1:{port}" in out and "ready in" in out
         assert f"http://127.0.0.1:{metrics_port}/metrics" in out
         assert out.count("no API keys configured") == 1
@@ -109,7 +109,7 @@ def test_up_ask_index_add_restart(tmp_path):
     config.write_text("http:\n  max_query_chars: 4000\n")
     up2 = Up(data, port, "--config", str(config))
     try:
-        up2.wait_for("serving on")
+        up2.wait_for(STARTED)
         status = wait_ready(up2.url)["components"]["retriever"]
         assert status["version"] == version and status["documents"] == 52
         assert status["progress"] == {}  # the sample corpus was not indexed again

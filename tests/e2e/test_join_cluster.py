@@ -16,7 +16,7 @@ import pytest
 import ray.util
 
 from tests.conftest import free_port, wait_ready
-from tests.support.cli import CLI, MARK, Up, clean_env
+from tests.support.cli import CLI, MARK, STARTED, Up, clean_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
@@ -131,7 +131,7 @@ def test_up_joins_a_running_cluster_and_leaves_it_running(tmp_path):
         # No RAY_ADDRESS: found the way `ray.init()` finds it, from what `ray start` recorded.
         up = Up(tmp_path / "data", http_port)
         try:
-            out = up.wait_for("serving on")
+            out = up.wait_for(STARTED)
             assert f"joined the Ray cluster at {head.address}" in out and "stays running" in out
             assert "oversubscribing" not in out and "local Ray cluster" not in out
             wait_ready(up.url)
@@ -153,7 +153,7 @@ def test_up_joins_a_running_cluster_and_leaves_it_running(tmp_path):
             env={"HYBRID_SERVE_RETRIEVER__INDEX_SAMPLE_CORPUS": "false"},  # not asked anything
         )
         try:
-            assert "local Ray cluster" in mine.wait_for("serving on")
+            assert "local Ray cluster" in mine.wait_for(STARTED)
         finally:
             assert mine.stop() == 0
         assert head.alive()

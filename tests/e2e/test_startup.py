@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_ready
-from tests.support.cli import CLI, Up, clean_env, engine_env
+from tests.support.cli import CLI, STARTED, Up, clean_env, engine_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
 
@@ -53,7 +53,7 @@ def test_readyz_counts_replicas_that_die_after_start(tmp_path):
         env=engine_env("tests.support.faulty_engines:CrashAfterWarmupEngine"),
     )
     try:
-        up.wait_for("serving on")
+        up.wait_for(STARTED)
         slm = wait_ready(up.url)["components"]["slm"]
         assert slm["warmup"]["passed"] and "restarts" not in slm
         # The first real generation kills the replica: the request fails over HTTP, cleanly.

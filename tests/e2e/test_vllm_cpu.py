@@ -22,7 +22,7 @@ import pytest
 
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from tests.conftest import free_port, wait_ready
-from tests.support.cli import Up
+from tests.support.cli import STARTED, Up
 from tests.support.vllm import MODEL, require_vllm_or_skip, shared_models
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
@@ -55,7 +55,7 @@ def vllm(tmp_path_factory, vllm_models):
         }
         up = Up(data, free_port(), "--metrics-port", str(metrics_port), env=env)
         try:
-            up.wait_for("serving on", timeout=1200)
+            up.wait_for(STARTED, timeout=1200)
             yield VLLMCluster(up, data, otlp, metrics_port)
         finally:
             assert up.stop() == 0

@@ -15,7 +15,7 @@ import pytest
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.retrieval.chunking import chunk_text
 from tests.conftest import free_port, wait_ready
-from tests.support.cli import Up
+from tests.support.cli import STARTED, Up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster, pytest.mark.reliability]
 
@@ -59,7 +59,7 @@ def test_sigkill_mid_ingestion_loses_no_acknowledged_document(tmp_path, request)
                 batch += 1
 
     try:
-        up.wait_for("serving on")
+        up.wait_for(STARTED)
         wait_ready(up.url)
         worker = threading.Thread(target=ingest, daemon=True)
         worker.start()
@@ -81,7 +81,7 @@ def test_sigkill_mid_ingestion_loses_no_acknowledged_document(tmp_path, request)
 
     restart = Up(data, port)
     try:
-        restart.wait_for("serving on")
+        restart.wait_for(STARTED)
         status = wait_ready(restart.url)["components"]["retriever"]
         # Loaded from disk: the snapshot of the last acknowledged batch (or the in-flight one, if
         # it committed before the kill), no re-indexing of anything.

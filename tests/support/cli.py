@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 CLI = [sys.executable, "-m", "hybrid_serve.cluster.cli"]
+# The last line `up` prints at start-up: everything it says about the start is written by then
+# ("serving on" comes earlier, before the notes about metrics and keys).
+STARTED = "Ctrl-C to stop"
 
 
 def clean_env() -> dict[str, str]:
