@@ -23,7 +23,7 @@ from starlette.types import Scope
 
 from hybrid_serve.agents.interfaces import Unavailable
 from hybrid_serve.engines.prompt_fit import PromptTooLong
-from hybrid_serve.schemas import NON_BLANK
+from hybrid_serve.schemas import BODY_SHAPES, NON_BLANK
 
 log = logging.getLogger("ray.serve")
 
@@ -136,6 +136,8 @@ def _describe(errors: list[dict[str, Any]]) -> tuple[str, str]:
     code = "invalid_request"
     for err in errors[:10]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if loc and loc[0] in BODY_SHAPES:
+            loc = loc[1:]  # which shape of a union body was meant: not a field
         where = ".".join(loc) or "body"
         kind = err.get("type", "")
         if kind == "json_invalid":

@@ -9,12 +9,14 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     StringConstraints,
+    Tag,
     field_validator,
 )
 
@@ -336,6 +338,22 @@ class DocumentIn(StrictModel):
 
 class DocumentBatch(StrictModel):
     documents: list[DocumentIn] = Field(..., min_length=1, max_length=1000)
+
+
+# The tags of the shapes a body may take: not part of any field's name in an error.
+BODY_SHAPES = ("document", "batch")
+
+
+def _document_or_batch(body: Any) -> str:
+    return "batch" if isinstance(body, dict) and "documents" in body else "document"
+
+
+# What POST /v1/documents takes. Told apart by the `documents` key, so a bad body is reported
+# against the one shape it was meant as, not against both.
+DocumentsBody = Annotated[
+    Annotated[DocumentIn, Tag("document")] | Annotated[DocumentBatch, Tag("batch")],
+    Discriminator(_document_or_batch),
+]
 
 
 class DocumentInfo(BaseModel):

@@ -3,12 +3,17 @@
 Files in `segments/<name>/`, written once into a temporary folder, fsynced, then renamed:
 
     meta.json        counts, dim, embedding model, the parameters of the saved ANN index
-    records.sqlite   docs(id, title, text, metadata, chunk_ids, digest) and chunks(row, ...)
+    records.sqlite   docs(id, title, text, metadata, chunk_ids, digest, tags) and
+                     chunks(row, chunk_id, doc_id, text): a document's title and tags are stored
+                     once, with the document, and joined onto the chunks a search returns
     vectors.npy      float32 [rows, dim], unit length: the record of every vector, memory-mapped
     postings.npz     BM25 term frequencies, chunks x terms (CSC); terms.json the vocabulary;
                      lengths.npy the tokens of each chunk
     deletes.json     ids of documents this segment removes from *older* segments (tombstones)
     ann-<kind>.faiss the approximate index, for segments large enough to want one
+
+Segments are written by `SegmentWriter`, which streams records into SQLite and vectors into a
+memory-mapped file: compaction never holds the texts or vectors of the segments it merges.
 
 Records live in SQLite, not in memory: a replica holds per chunk only its vector (or, with
 `ivf_pq`, its code), its BM25 postings and an 8-byte hash of its document id.
@@ -27,6 +32,7 @@ import mmap
 import os
 import sqlite3
 import threading
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +47,9 @@ from hybrid_serve.schemas import DEFAULT_COLLECTION
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+# Format 3 stores titles and tags once per document; format 2 (a copy on every chunk) is read.
+SEGMENT_FORMAT = 3
+READABLE_SEGMENT_FORMATS = (2, 3)
 # BM25 as Lucene (and bm25s's default "lucene" method) computes it.
 BM25_K1 = 1.5
 BM25_B = 0.75
@@ -224,14 +232,6 @@ def document_records(
     return DocRecord(doc_id, title, text, metadata, [c.chunk_id for c in chunks]), chunks
 
 
-def row_collections(chunks: Sequence[ChunkRecord]) -> tuple[list[str], np.ndarray]:
-    """The collections of a segment's rows: their names, and each row's index into them."""
-    names = sorted({split_key(c.doc_id)[0] for c in chunks})
-    code = {n: i for i, n in enumerate(names)}
-    rows = np.fromiter((code[split_key(c.doc_id)[0]] for c in chunks), dtype=np.int32)
-    return names, rows
-
-
 def doc_tags(metadata: dict[str, Any]) -> list[str]:
     raw = metadata.get("tags")
     if isinstance(raw, str):
@@ -252,7 +252,8 @@ class Segment:
         self.folder = folder
         self.name = folder.name
         self.meta = json.loads((folder / "meta.json").read_text())
-        if self.meta.get("format") != FORMAT_VERSION:
+        self.format = self.meta.get("format")
+        if self.format not in READABLE_SEGMENT_FORMATS:
             raise RuntimeError(f"{folder}: segment format {self.meta.get('format')} not supported")
         self.rows = int(self.meta["chunks"])
         self.dim = int(self.meta["dim"])
@@ -369,6 +370,15 @@ class Segment:
         with self._db_lock:
             return self._db.execute(sql, args).fetchall()
 
+    def _chunk_columns(self) -> str:
+        """row, chunk_id, doc_id, title, text, tags of `chunks c` (joined to `docs d`)."""
+        if self.format == 2:
+            return "c.row, c.chunk_id, c.doc_id, c.title, c.text, c.tags FROM chunks c"
+        return (
+            "c.row, c.chunk_id, c.doc_id, d.title, c.text, d.tags FROM chunks c"
+            " JOIN docs d ON d.id = c.doc_id"
+        )
+
     def chunks_at(self, rows: Sequence[int]) -> list[ChunkRecord]:
         if not rows:
             return []
@@ -376,22 +386,26 @@ class Segment:
         found = {
             r[0]: _chunk(r)
             for r in self._query(
-                "SELECT row, chunk_id, doc_id, title, text, tags FROM chunks"
-                f" WHERE row IN ({marks})",
+                f"SELECT {self._chunk_columns()} WHERE c.row IN ({marks})",
                 [int(r) for r in rows],
             )
         }
         return [found[int(r)] for r in rows]
 
-    def iter_chunks(self) -> Iterator[ChunkRecord]:
-        """Every chunk in row order (for compaction: no giant IN lists)."""
-        with self._db_lock:
-            cursor = self._db.execute(
-                "SELECT row, chunk_id, doc_id, title, text, tags FROM chunks ORDER BY row"
+    def iter_chunks(self, page: int = 256) -> Iterator[ChunkRecord]:
+        """Every chunk in row order, a page at a time: compaction holds one page, and searches
+        of this segment wait for one page's query at most."""
+        after = -1
+        while True:
+            rows = self._query(
+                f"SELECT {self._chunk_columns()} WHERE c.row > ? ORDER BY c.row LIMIT ?",
+                (after, page),
             )
-            rows = cursor.fetchall()
-        for r in rows:
-            yield _chunk(r)
+            for r in rows:
+                yield _chunk(r)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
 
     def doc(self, doc_id: str) -> DocRecord | None:
         rows = self._query(
@@ -410,13 +424,20 @@ class Segment:
             )
         return out
 
-    def iter_docs(self) -> Iterator[DocRecord]:
-        with self._db_lock:
-            rows = self._db.execute(
-                "SELECT id, title, text, metadata, chunk_ids FROM docs ORDER BY rowid"
-            ).fetchall()
-        for r in rows:
-            yield _doc(r)
+    def iter_docs(self, page: int = 256) -> Iterator[DocRecord]:
+        """Every document in insertion order, a page at a time (as `iter_chunks`)."""
+        after = -1
+        while True:
+            rows = self._query(
+                "SELECT rowid, id, title, text, metadata, chunk_ids FROM docs"
+                " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after, page),
+            )
+            for r in rows:
+                yield _doc(r[1:])
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
 
     def close(self) -> None:
         with self._db_lock:
@@ -437,6 +458,133 @@ def _doc(row: tuple) -> DocRecord:
     )
 
 
+class SegmentWriter:
+    """Writes one segment into `folder` (which must not exist): documents, then their chunks,
+    then the vectors (given, or filled into `vectors_file()`), then `finish`. Records go to
+    SQLite as they come, so what is written need not fit in memory."""
+
+    def __init__(self, folder: Path, dim: int, spec: ANNSpec, embedding_model: str) -> None:
+        self.folder, self.dim, self.spec, self.embedding_model = folder, dim, spec, embedding_model
+        folder.mkdir(parents=True)
+        self._db = sqlite3.connect(folder / "records.sqlite")
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE docs (id TEXT PRIMARY KEY, title TEXT, text TEXT, metadata TEXT,"
+            " chunk_ids TEXT, digest TEXT, tags TEXT);"
+            "CREATE TABLE chunks (row INTEGER PRIMARY KEY, chunk_id TEXT, doc_id TEXT, text TEXT);"
+        )
+        # Per row only an 8-byte document hash and a 4-byte collection code are kept.
+        self._doc_hashes = array("q")
+        self._row_docs = array("q")
+        self._collection_codes: dict[str, int] = {}
+        self._row_collections = array("i")
+        self._vectors: np.memmap | None = None
+
+    def add_docs(self, docs: Iterable[DocRecord]) -> None:
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for d in docs:
+                self._doc_hashes.append(id_hash(d.id))
+                yield (
+                    d.id,
+                    d.title,
+                    d.text,
+                    json.dumps(d.metadata, ensure_ascii=False),
+                    json.dumps(d.chunk_ids),
+                    d.digest(),
+                    json.dumps(doc_tags(d.metadata), ensure_ascii=False),
+                )
+
+        self._db.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?, ?)", rows())
+
+    def add_chunks(self, chunks: Iterable[ChunkRecord]) -> None:
+        """After their documents: a chunk takes its title and tags from its document's row, so
+        one whose document is not in the segment is refused (it would lose its tags)."""
+        known = set(self._doc_hashes)
+        codes = self._collection_codes
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for c in chunks:
+                h = id_hash(c.doc_id)
+                if h not in known:
+                    raise ValueError(f"chunk {c.chunk_id!r}: its document is not in the segment")
+                row = len(self._row_docs)
+                self._row_docs.append(h)
+                collection = split_key(c.doc_id)[0]
+                self._row_collections.append(codes.setdefault(collection, len(codes)))
+                yield (row, c.chunk_id, c.doc_id, c.text)
+
+        self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)", rows())
+
+    @property
+    def rows(self) -> int:
+        return len(self._row_docs)
+
+    def vectors_file(self) -> np.memmap:
+        """A writable, memory-mapped [rows, dim] array for the chunks added, to fill in place."""
+        self._vectors = np.lib.format.open_memmap(
+            self.folder / "vectors.npy", mode="w+", dtype=np.float32, shape=(self.rows, self.dim)
+        )
+        return self._vectors
+
+    def finish(
+        self,
+        postings: Postings,
+        deletes: Iterable[str],
+        vectors: np.ndarray | None = None,
+    ) -> None:
+        """Write what remains and fsync the folder: `vectors` unless `vectors_file` was filled."""
+        self._db.commit()
+        self._db.close()
+        if vectors is not None:
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            np.save(self.folder / "vectors.npy", vectors)
+        elif self._vectors is not None:
+            self._vectors.flush()
+            vectors = self._vectors
+        else:
+            raise ValueError("no vectors: pass them or fill vectors_file()")
+        if vectors.shape != (self.rows, self.dim):
+            raise ValueError(f"{vectors.shape} vectors for {self.rows} chunks of {self.dim} dims")
+        if postings.matrix.shape[0] != self.rows:
+            raise ValueError(f"postings of {postings.matrix.shape[0]} rows for {self.rows} chunks")
+        m = postings.matrix.tocsc()
+        collections = sorted(self._collection_codes)
+        remap = np.zeros(len(collections), dtype=np.int32)
+        for name, code in self._collection_codes.items():
+            remap[code] = collections.index(name)
+        np.savez(
+            self.folder / "postings.npz",
+            data=m.data.astype(np.float32),
+            indices=m.indices,
+            indptr=m.indptr,
+            shape=np.array(m.shape),
+            lengths=postings.lengths.astype(np.float32),
+            row_doc=np.frombuffer(self._row_docs, dtype=np.int64),
+            doc_hash=np.frombuffer(self._doc_hashes, dtype=np.int64),
+            row_collection=remap[np.frombuffer(self._row_collections, dtype=np.int32)],
+        )
+        (self.folder / "terms.json").write_text(json.dumps(postings.terms, ensure_ascii=False))
+        (self.folder / "deletes.json").write_text(json.dumps(sorted(set(deletes))))
+        ann_key = None
+        if self.spec.kind != "flat" and self.rows >= self.spec.min_rows_for(self.spec.kind):
+            import faiss
+
+            index = ann.build(np.asarray(vectors), self.spec)
+            faiss.write_index(index, str(self.folder / f"ann-{self.spec.kind}.faiss"))
+            ann_key = self.spec.key()
+        meta = {
+            "format": SEGMENT_FORMAT,
+            "documents": len(self._doc_hashes),
+            "chunks": self.rows,
+            "dim": self.dim,
+            "embedding_model": self.embedding_model,
+            "ann": ann_key,
+            "collections": collections,
+        }
+        (self.folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        fsync_tree(self.folder)
+
+
 def write_segment(
     folder: Path,
     docs: Sequence[DocRecord],
@@ -447,79 +595,16 @@ def write_segment(
     embedding_model: str,
     postings: Postings | None = None,
 ) -> None:
-    """Write a complete segment into `folder` (which must not exist) and fsync it."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    """Write a complete segment of records held in memory (a write's batch)."""
     if len(vectors) != len(chunks):
         raise ValueError(f"{len(vectors)} vectors for {len(chunks)} chunks")
-    folder.mkdir(parents=True)
-    db = sqlite3.connect(folder / "records.sqlite")
-    try:
-        db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-            "CREATE TABLE docs (id TEXT PRIMARY KEY, title TEXT, text TEXT, metadata TEXT,"
-            " chunk_ids TEXT, digest TEXT);"
-            "CREATE TABLE chunks (row INTEGER PRIMARY KEY, chunk_id TEXT, doc_id TEXT,"
-            " title TEXT, text TEXT, tags TEXT);"
-        )
-        db.executemany(
-            "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                (
-                    d.id,
-                    d.title,
-                    d.text,
-                    json.dumps(d.metadata, ensure_ascii=False),
-                    json.dumps(d.chunk_ids),
-                    d.digest(),
-                )
-                for d in docs
-            ),
-        )
-        db.executemany(
-            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                (i, c.chunk_id, c.doc_id, c.title, c.text, json.dumps(c.tags))
-                for i, c in enumerate(chunks)
-            ),
-        )
-        db.commit()
-    finally:
-        db.close()
-    np.save(folder / "vectors.npy", vectors)
+    dim = int(vectors.shape[1]) if vectors.ndim == 2 else 0
+    writer = SegmentWriter(folder, dim, spec, embedding_model)
+    writer.add_docs(docs)
+    writer.add_chunks(chunks)
     if postings is None:
         postings = Postings.from_texts([f"{c.title}\n{c.text}" for c in chunks])
-    m = postings.matrix.tocsc()
-    collections, row_collection = row_collections(chunks)
-    np.savez(
-        folder / "postings.npz",
-        data=m.data.astype(np.float32),
-        indices=m.indices,
-        indptr=m.indptr,
-        shape=np.array(m.shape),
-        lengths=postings.lengths.astype(np.float32),
-        row_doc=id_hashes(c.doc_id for c in chunks),
-        doc_hash=id_hashes(d.id for d in docs),
-        row_collection=row_collection,
-    )
-    (folder / "terms.json").write_text(json.dumps(postings.terms, ensure_ascii=False))
-    (folder / "deletes.json").write_text(json.dumps(sorted(set(deletes))))
-    ann_key = None
-    if spec.kind != "flat" and len(chunks) >= spec.min_rows_for(spec.kind):
-        import faiss
-
-        faiss.write_index(ann.build(vectors, spec), str(folder / f"ann-{spec.kind}.faiss"))
-        ann_key = spec.key()
-    meta = {
-        "format": FORMAT_VERSION,
-        "documents": len(docs),
-        "chunks": len(chunks),
-        "dim": int(vectors.shape[1]),
-        "embedding_model": embedding_model,
-        "ann": ann_key,
-        "collections": collections,
-    }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    fsync_tree(folder)
+    writer.finish(postings, deletes, vectors=vectors)
 
 
 def fsync_file(path: Path) -> None:

@@ -49,11 +49,11 @@ from hybrid_serve.retrieval.chunking import chunk_text
 from hybrid_serve.retrieval.embedder import Embedder
 from hybrid_serve.retrieval.fusion import reciprocal_rank_fusion
 from hybrid_serve.retrieval.segment import (
-    FORMAT_VERSION,
     ChunkRecord,
     DocRecord,
     Postings,
     Segment,
+    SegmentWriter,
     bm25_idf,
     bm25_tokenize,
     contains,
@@ -70,6 +70,8 @@ from hybrid_serve.schemas import DEFAULT_COLLECTION, Collections, Passage
 __all__ = ["ChunkRecord", "DocRecord", "IndexStore", "IndexView", "NewDocument", "index_on_disk"]
 
 log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 2  # segments carry their own format (segment.SEGMENT_FORMAT)
 
 
 @dataclass
@@ -183,7 +185,7 @@ def index_on_disk(root: str | Path) -> dict[str, Any] | None:
         manifest = json.loads((folder / "manifest.json").read_text())
         return {**manifest, "segments": 1, "note": "snapshot format 1: converted on next start"}
     manifest = json.loads((root / "manifests" / f"{name}.json").read_text())
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise RuntimeError(f"{name}: index format {manifest.get('format')} is not supported")
     missing = [
         s for s in manifest["segments"] if not (root / "segments" / s / "meta.json").exists()
@@ -304,7 +306,7 @@ class IndexStore:
         raise RuntimeError(f"could not load the index named by {self.root / 'CURRENT'}")
 
     def _open_view(self, manifest: dict[str, Any]) -> IndexView:
-        if manifest.get("format") != FORMAT_VERSION:
+        if manifest.get("format") != MANIFEST_FORMAT:
             raise RuntimeError(f"index format {manifest.get('format')} is not supported")
         segments = []
         for name in manifest["segments"]:
@@ -578,9 +580,9 @@ class IndexStore:
     def _publish(self, names: list[str], version: int | None = None) -> int:
         """Point CURRENT at a new manifest of `names` (under the writer lock); durable on return."""
         version = self.version + 1 if version is None else version
-        view = self._open_view({"format": FORMAT_VERSION, "version": version, "segments": names})
+        view = self._open_view({"format": MANIFEST_FORMAT, "version": version, "segments": names})
         manifest = {
-            "format": FORMAT_VERSION,
+            "format": MANIFEST_FORMAT,
             "version": version,
             "created": time.time(),
             "segments": names,
@@ -708,33 +710,34 @@ class IndexStore:
             return True
 
     def _write_merged(self, folder: Path, view: IndexView, start: int, end: int) -> None:
-        docs: list[DocRecord] = []
-        chunks: list[ChunkRecord] = []
-        vectors = []
-        parts = []
-        deletes: set[str] = set()
-        for i in range(start, end):
-            seg = view.segments[i]
+        """The live records of segments [start, end) as one segment, streamed: records a page
+        at a time, vectors a block at a time into the new segment's memory-mapped file."""
+        parts = view.segments[start:end]
+        keeps = []
+        for i, seg in zip(range(start, end), parts):
             alive = view.alive[i]
-            keep = alive if alive is not None else np.ones(seg.rows, dtype=bool)
+            keeps.append(alive if alive is not None else np.ones(seg.rows, dtype=bool))
+        writer = SegmentWriter(folder, self.dim, self.ann_spec, self.embedding_model)
+        for i, seg in zip(range(start, end), parts):
             doc_keep = view.doc_alive[i]
-            docs.extend(d for j, d in enumerate(seg.iter_docs()) if doc_keep is None or doc_keep[j])
-            chunks.extend(c for c, k in zip(seg.iter_chunks(), keep) if k)
-            vectors.append(np.asarray(seg.vectors[keep]))
-            parts.append((seg.postings, keep))
-            deletes.update(seg.deletes)
-        if start == 0:
-            deletes.clear()  # nothing older left to delete from
-        write_segment(
-            folder,
-            docs,
-            chunks,
-            np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32),
-            sorted(deletes),
-            self.ann_spec,
-            self.embedding_model,
-            postings=Postings.merge(parts),
-        )
+            writer.add_docs(
+                d for j, d in enumerate(seg.iter_docs()) if doc_keep is None or doc_keep[j]
+            )
+        for seg, keep in zip(parts, keeps):
+            writer.add_chunks(c for c, k in zip(seg.iter_chunks(), keep) if k)
+        out = writer.vectors_file()
+        at = 0
+        block = 8192
+        for seg, keep in zip(parts, keeps):
+            for lo in range(0, seg.rows, block):
+                rows = np.flatnonzero(keep[lo : lo + block]) + lo
+                out[at : at + len(rows)] = seg.vectors[rows]
+                at += len(rows)
+        deletes: set[str] = set()
+        if start > 0:  # at the oldest segment nothing older is left to delete from
+            for seg in parts:
+                deletes.update(seg.deletes)
+        writer.finish(Postings.merge(list(zip((s.postings for s in parts), keeps))), deletes)
 
     # -- the snapshot format of earlier releases ---------------------------------------------
 

@@ -16,8 +16,8 @@ from hybrid_serve.schemas import (
     COLLECTION_PATTERN,
     Collections,
     DocumentBatch,
-    DocumentIn,
     DocumentInfo,
+    DocumentsBody,
 )
 
 router = APIRouter()
@@ -86,7 +86,7 @@ def not_found(doc_id: str) -> APIError:
     responses=error_responses(401, 403, 413, 422, 503, 504),
 )
 async def add_documents(
-    body: Annotated[DocumentIn | DocumentBatch, Body()], request: Request, ing: Shared
+    body: Annotated[DocumentsBody, Body()], request: Request, ing: Shared
 ) -> dict[str, Any]:
     docs = body.documents if isinstance(body, DocumentBatch) else [body]
     caller = ing.access(request)

@@ -2,9 +2,12 @@
 Schemathesis generates valid and invalid requests for every operation from `/openapi.json`
 (examples, coverage, fuzzing and stateful phases) and runs all of its checks — no 5xx, statuses,
 content types, headers and bodies as documented, schema-valid data accepted and invalid data
-rejected, Allow headers, authentication honoured. Then the bodies a schema cannot describe, the
-cases the project's earlier hand-written generator found: invalid UTF-8, JSON nested 50,000 deep,
-bodies over the limit, the wrong content type. The cluster answers normally afterwards.
+rejected, Allow headers, authentication honoured — and a response time per operation
+(schemathesis.toml), so a request that stalls the server fails the run. Then the bodies a
+schema cannot describe, the cases the project's earlier hand-written generator found: invalid
+UTF-8, JSON nested 50,000 deep, bodies over the limit, the wrong content type; and the inputs a
+hostile client once used to step around the limits (deep metadata, thousands of tags, a query
+split into parts), each refused naming its bound. The cluster answers normally afterwards.
 """
 
 from __future__ import annotations
@@ -93,6 +96,47 @@ def test_bodies_a_schema_cannot_describe_get_clear_errors(rel, path, content, co
         r = client.post(path, content=content, headers={"content-type": content_type})
     assert r.status_code == status, r.text[:300]
     assert r.json()["error"]["message"]
+
+
+def nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/v1/documents", {"text": "x", "metadata": nested(300)}, "deeper than 8 levels"),
+        ("/v1/documents", {"text": "x", "metadata": {"tags": ["t"] * 60_000}}, "limit is 16384"),
+        ("/v1/documents", {"text": "x", "metadata": {"tags": ["t"] * 33}}, "the limit is 32"),
+        ("/v1/documents", {"text": "x", "metadata": {"tags": ["t" * 65]}}, "64 characters"),
+        (
+            "/v1/documents",
+            {"documents": [{"text": "x"}, {"text": "y", "metadata": {"tags": ["t"] * 33}}]},
+            "documents.1.metadata: metadata.tags has 33 tags; the limit is 32",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "hybrid",
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "a " * 2000}] * 16}
+                ],
+            },
+            "64000 characters; the limit is 4000",
+        ),
+        ("/v1/answer", {"query": "x" * 4001}, "the limit is 4000"),
+    ],
+    ids=["metadata-300-deep", "60000-tags", "33-tags", "long-tag", "batch", "16-parts", "query"],
+)
+def test_limits_are_on_what_the_server_uses_and_named(rel, path, body, named):
+    """The cases a hostile client sent before the bounds: each is a 422 naming its limit."""
+    with rel.client() as client:
+        r = client.post(path, json=body)
+    assert r.status_code == 422, r.text[:300]
+    assert named in r.json()["error"]["message"]
 
 
 def test_the_cluster_answers_after_the_fuzzing(rel):

@@ -213,3 +213,88 @@ def test_embedding_device_auto_cpu_and_cuda_without_a_gpu():
             resolve_device("cuda")
     with pytest.raises(ValueError):
         HybridServeConfig.model_validate({"retriever": {"device": "tpu"}})
+
+
+def hashed_vectors(texts, dim=8):
+    """Vectors that depend only on the text: embedding costs nothing in tests of storage."""
+    out = np.stack(
+        [np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(dim) for t in texts]
+    ).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_titles_and_tags_are_stored_once_per_document(tmp_path, make):
+    import sqlite3
+
+    store = make(tmp_path)  # 40-word chunks
+    tags = [f"tag-{i}" for i in range(32)]
+    text = " ".join(f"word{i}" for i in range(400))
+    store.upsert([NewDocument(id="long", title="T" * 200, text=text, metadata={"tags": tags})])
+    seg = store.view.segments[0]
+    assert seg.rows > 10
+    db = sqlite3.connect(seg.folder / "records.sqlite")
+    columns = [r[1] for r in db.execute("PRAGMA table_info(chunks)")]
+    assert columns == ["row", "chunk_id", "doc_id", "text"]
+    assert db.execute("SELECT tags FROM docs").fetchall() == [(json.dumps(tags),)]
+    db.close()
+    hit = store.search("word7 word8", 1)[0]
+    assert hit.tags == tags and hit.title == "T" * 200  # joined back onto every hit
+
+
+def test_segments_of_format_2_are_still_read(tmp_path, make):
+    """Segments written before titles and tags moved to the document (a copy on each chunk)."""
+    import sqlite3
+
+    store = make(tmp_path)
+    store.upsert(
+        [NewDocument(id="Nile", title="Nile", text=TOPICS[1][1], metadata={"tags": ["kb"]})]
+    )
+    folder = store.view.segments[0].folder
+    db = sqlite3.connect(folder / "records.sqlite")
+    db.executescript(
+        "ALTER TABLE chunks ADD COLUMN title TEXT; ALTER TABLE chunks ADD COLUMN tags TEXT;"
+        "UPDATE chunks SET title = 'Nile', tags = '[\"kb\"]'; ALTER TABLE docs DROP COLUMN tags;"
+    )
+    db.commit()
+    db.close()
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format": 2}))
+    again = make(tmp_path)
+    assert again.refresh()
+    hit = again.search("river in Africa", 1)[0]
+    assert hit.doc_id == "Nile" and hit.title == "Nile" and hit.tags == ["kb"]
+    again.upsert(docs("new-"))
+    assert again.compact(force=True)  # format 2 merged into format 3
+    assert json.loads((again.view.segments[0].folder / "meta.json").read_text())["format"] == 3
+    assert again.search("river in Africa", 1)[0].tags in (["kb"], [])
+    nile = [h for h in again.search("Nile river Africa", 9) if h.doc_id == "Nile"]
+    assert nile and nile[0].tags == ["kb"]
+
+
+def test_compaction_streams_what_it_merges(tmp_path):
+    """Merging holds a page of records, not the segments: peak Python memory stays a small
+    fraction of the text merged (vectors go straight to the new segment's mapped file)."""
+    import tracemalloc
+
+    store = IndexStore(
+        tmp_path, hashed_vectors, 8, "hashed", chunk_words=2000, chunk_chars=4000,
+        merge_factor=100,
+    )  # fmt: skip
+    per_doc = 3900
+    for part in range(4):
+        store.upsert(
+            [
+                NewDocument(id=f"d{part}-{i}", title="t", text=f"doc{part}x{i} " + "z" * per_doc)
+                for i in range(1500)
+            ]
+        )
+    merged_text = 4 * 1500 * per_doc
+    tracemalloc.start()
+    try:
+        assert store.compact(force=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.view.segments[0].rows == 6000
+    assert peak < merged_text / 3, f"peak {peak / 1e6:.1f} MB for {merged_text / 1e6:.1f} MB"
+    assert store.get("d3-1499").text.endswith("z" * 10)
