@@ -196,7 +196,7 @@ class RequestContext:
     def count_slm(self, gen: GenerationResult) -> None:
         self.usage.slm_prompt_tokens += gen.prompt_tokens
         self.usage.slm_completion_tokens += gen.completion_tokens
-        self.slm_seconds += gen.seconds
+        self.slm_seconds += gen.charged_seconds()
 
     def count_llm(self, result: LLMResult) -> None:
         u, cu = self.usage, result.usage

@@ -27,6 +27,7 @@ from hybrid_serve.deployments.versions import versioned_app
 from hybrid_serve.engines.base import warm_up
 from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
 from hybrid_serve.engines.prompt_fit import CountPrompt, Fitted, fit_prompt
+from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.engines.vllm_model import model_source
 from hybrid_serve.engines.vllm_options import (
     KV_CACHE_NOTE_ENV,
@@ -63,7 +64,7 @@ class LLMServerEngine:
         self.server = server
         self.model_name = model_id
         self.max_num_seqs = max_num_seqs
-        self.in_flight = 0
+        self.clock = ReplicaClock()
         self.count, self.context = count, context
 
     def _fit(self, req: GenerationRequest) -> tuple[GenerationRequest, Fitted]:
@@ -76,7 +77,7 @@ class LLMServerEngine:
         raise TypeError("built by HybridLLMServer around its own LLMServer")
 
     def info(self) -> dict[str, Any]:
-        info = {"contexts": self.max_num_seqs, "in_flight": self.in_flight}
+        info = {"contexts": self.max_num_seqs, **self.clock.info()}
         note = os.environ.get(KV_CACHE_NOTE_ENV)
         return {**info, "kv_cache": note} if note else info
 
@@ -84,22 +85,19 @@ class LLMServerEngine:
         start = time.perf_counter()
         req, fitted = self._fit(req)
         response: Any = None
-        self.in_flight += 1
-        try:
+        with self.clock.charging() as charge:
             async for item in await self.server.chat(_chat_request(self.model_name, req, False)):
                 response = item
-        finally:
-            self.in_flight -= 1
         if response is None or isinstance(response, ErrorResponse):
             error = getattr(getattr(response, "error", None), "message", "no output")
             raise VLLMEngineError(error)
-        return fitted.report(completion_result(response, self.model_name, start))
+        result = completion_result(response, self.model_name, start)
+        return fitted.report(result.model_copy(update={"replica_seconds": charge.seconds}))
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         tally = StreamTally(self.model_name)
         req, fitted = self._fit(req)
-        self.in_flight += 1
-        try:
+        with self.clock.charging() as charge:
             stream = await self.server.chat(_chat_request(self.model_name, req, True))
             async for batch in stream:
                 for item in batch if isinstance(batch, list) else [batch]:
@@ -116,9 +114,8 @@ class LLMServerEngine:
                             )
                             if delta:
                                 yield delta
-        finally:
-            self.in_flight -= 1
-        yield fitted.report(tally.result())
+        result = tally.result().model_copy(update={"replica_seconds": charge.seconds})
+        yield fitted.report(result)
 
 
 def chat_prompt_counter(source: str) -> CountPrompt:

@@ -15,6 +15,7 @@ from typing import Any
 
 from hybrid_serve.config import SLMConfig
 from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
@@ -36,7 +37,7 @@ class OpenAICompatEngine:
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._contexts = contexts
-        self.in_flight = 0
+        self.clock = ReplicaClock()
         # Bound to the loop of first use: a replica serves from one loop.
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
@@ -60,7 +61,7 @@ class OpenAICompatEngine:
         return self._contexts
 
     def info(self) -> dict[str, Any]:
-        return {"contexts": self._contexts, "in_flight": self.in_flight, "server": self.base_url}
+        return {"contexts": self._contexts, **self.clock.info(), "server": self.base_url}
 
     def _ready(self) -> tuple[Any, asyncio.Semaphore]:
         if self._client is None:
@@ -84,9 +85,8 @@ class OpenAICompatEngine:
         stream, which a vLLM or llama.cpp server takes as the request's cancellation."""
         client, slots = self._ready()
         async with slots:
-            self.in_flight += 1
             tally = StreamTally(self.model_name)
-            try:
+            with self.clock.charging() as charge:
                 stream = await client.chat.completions.create(
                     **self._params(req), stream=True, stream_options={"include_usage": True}
                 )
@@ -104,17 +104,13 @@ class OpenAICompatEngine:
                                 yield delta
                 finally:
                     await stream.close()
-            finally:
-                self.in_flight -= 1
-        yield tally.result()
+        yield tally.result().model_copy(update={"replica_seconds": charge.seconds})
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         client, slots = self._ready()
         async with slots:
-            self.in_flight += 1
             start = time.perf_counter()
-            try:
+            with self.clock.charging() as charge:
                 response = await client.chat.completions.create(**self._params(req))
-            finally:
-                self.in_flight -= 1
-        return completion_result(response, response.model or self.model_name, start)
+        result = completion_result(response, response.model or self.model_name, start)
+        return result.model_copy(update={"replica_seconds": charge.seconds})

@@ -256,6 +256,12 @@ class GenerationResult(BaseModel):
     # What the prompt held when it had to be fitted to the context (None: all evidence shown).
     evidence_used: int | None = None
     history_dropped: int = 0
+    # What it is charged of its replica's time: on an engine that batches, its share of the
+    # steps it ran in (engines.replica_time); None: its wall time, `seconds`.
+    replica_seconds: float | None = None
+
+    def charged_seconds(self) -> float:
+        return self.seconds if self.replica_seconds is None else self.replica_seconds
 
 
 # What a document's metadata may hold: it is stored with the document and returned by GET, and

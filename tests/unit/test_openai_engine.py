@@ -46,7 +46,7 @@ def test_replica_concurrency_is_bounded_by_contexts(server):
         return await asyncio.gather(*(engine.generate(REQ) for _ in range(6)))
 
     results = asyncio.run(many())
-    assert len(results) == 6 and server.max_in_flight == 2 and engine.in_flight == 0
+    assert len(results) == 6 and server.max_in_flight == 2 and engine.clock.running == 0
 
 
 def test_server_errors_surface_as_exceptions():
