@@ -64,7 +64,7 @@ async def slm_attempt(
         **ctx.options.sampling,  # what the client set wins
     }
     prompt = prompt or prompts.answer_prompt(query, passages, ctx.history)
-    gen_req = GenerationRequest(
+    gen_req = ctx.slm_request(
         messages=prompt.messages, evidence=prompt.evidence, evidence_at=prompt.evidence_at, **params
     )
     # The answer prompt's layout (passages, labels) may be echoed; a plain chat's cannot.

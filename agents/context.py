@@ -25,9 +25,11 @@ from hybrid_serve.schemas import (
     AnswerRequest,
     Collections,
     Escalation,
+    GenerationRequest,
     GenerationResult,
     Passage,
     PIIHandling,
+    Priority,
     Usage,
     Verification,
 )
@@ -43,7 +45,7 @@ class RequestOptions:
     LLM tier is known to be unusable for it before it starts (no key, the key's budget spent);
     `sampling`: GenerationRequest fields the client set; `history`: the chat before the
     question; `collections`: what the caller's key may read (None: every collection);
-    `timeout_s`: its deadline."""
+    `timeout_s`: its deadline; `priority`: batch work yields to interactive work."""
 
     req: AnswerRequest
     llm_down: str | None = None
@@ -51,6 +53,7 @@ class RequestOptions:
     history: Sequence[dict[str, str]] = ()
     collections: Collections = None
     timeout_s: float | None = None
+    priority: Priority = "interactive"
 
 
 @dataclass
@@ -137,6 +140,16 @@ class RequestContext:
 
     def remaining(self) -> float:
         return self.deadline.remaining()
+
+    def slm_request(self, **fields: Any) -> GenerationRequest:
+        """A generation for this request: it carries what remains of the deadline and the
+        priority, so the SLM replica can refuse what it cannot finish in time."""
+        left = self.remaining()
+        return GenerationRequest(
+            **fields,
+            deadline_s=None if left == math.inf else max(left, 0.0),
+            priority=self.options.priority,
+        )
 
     async def within(self, step: str, work: Awaitable[T], reserve_s: float = 0.0) -> T:
         return await self.deadline.within(step, work, reserve_s)

@@ -20,7 +20,6 @@ from hybrid_serve.agents.interfaces import DeadlineExceeded, Unavailable
 from hybrid_serve.agents.policy import KEPT_LOCAL, history_in_use
 from hybrid_serve.agents.retrieve import search
 from hybrid_serve.agents.services import Services
-from hybrid_serve.schemas import GenerationRequest
 
 _PREFIX = re.compile(
     r"^\s*(?:rewritten question|standalone question|question|rewritten|answer)\s*:\s*", re.I
@@ -143,7 +142,7 @@ async def _condense_by_llm(ctx: RequestContext) -> str | None:
 async def _condense_by_slm(s: Services, ctx: RequestContext) -> str | None:
     """The SLM's rewrite, inside the cluster; the answer must still fit after it."""
     question = ctx.req.query
-    gen_req = GenerationRequest(
+    gen_req = ctx.slm_request(
         messages=prompts.condense_messages(ctx.history, question),
         max_tokens=s.cfg.conversation.condense_max_tokens,
         temperature=0.0,

@@ -1,21 +1,27 @@
 """Load test and capacity plan against any hybrid-serve endpoint (local, or a KubeRay ingress).
 
     hybrid-serve bench load --url URL [--rate R | --concurrency C] [--sweep R1,R2,...]
-                            --duration SECONDS [--queries FILE] --out DIR
+                            --duration SECONDS [--deadline S] [--priority batch]
+                            [--queries FILE] --out DIR
 
 Open loop (`--rate`, `--sweep`): arrivals are a Poisson process at the offered rate and every
 request's latency counts from its scheduled arrival, so queueing shows up honestly (no coordinated
 omission). Closed loop (`--concurrency`): C clients, each sending as soon as its last answer came.
 The first `--warmup` seconds are sent but not counted. Everything per route, tokens and cost comes
-from the responses' own `route` and `usage` fields.
+from the responses' own `route` and `usage` fields. Goodput counts the answers that arrived inside
+their deadline (`--deadline`, sent as X-Request-Timeout; else the server's default, 60 s) from
+their scheduled arrival: what a client received in time, where throughput counts every answer.
 
-`DIR/report.json` fields (stable): `mode`, `offered_rps`, `throughput_rps`, `requests`
+`DIR/report.json` fields (stable): `mode`, `offered_rps`, `throughput_rps`, `goodput_rps`,
+`deadline_s`, `refusals` (503s: `count`, `rate`, `latency_ms`), `requests`
 (`sent`, `counted`, `ok`), `latency_ms` and `ttft_ms` (`p50`, `p90`, `p95`, `p99`, `max`, ms,
 over successful counted requests), `errors` (count by HTTP status, or `timeout` / `connection`),
 `rate_503`, `error_rate`, `routes` (per route: `share`, `latency_ms`, `tokens`, `cost_usd`),
-`cost` (mean USD per request), `slo`, `capacity_plan`, and for a sweep `runs` (one such object
-per rate) and `saturation_rps`. Also `report.md` and `latency_vs_load.png`,
-`throughput_vs_load.png`, `cost_per_1k.png`.
+`cost` (mean USD per request), `slo`, `capacity_plan` (sized by goodput), and for a sweep `runs`
+(one such object per rate, every rate given) and `saturation_rps`; `replica_time` (with an
+admin key: the SLM replica's busy seconds during the run against the answers' summed
+`slm_cost_usd`; `answers_over_busy` is 1.0 when every charge adds up). Also `report.md` and
+`latency_vs_load.png`, `throughput_vs_load.png` (throughput and goodput), `cost_per_1k.png`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from httpx_sse import aconnect_sse
 from hybrid_serve.benchmarks.report import NO_CACHE, Progress, percentile, publish
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The server's deadline when a request sends none (http.request_timeout_s's default).
+SERVER_DEFAULT_DEADLINE_S = 60.0
 BUNDLED_QUERIES = [
     "How are documents split into chunks?",
     "What port does the HTTP API use?",
@@ -164,23 +172,50 @@ class RunSpec:
     api_key: str | None = None
     seed: int = 0
     use_cache: bool = False
+    deadline_s: float | None = None  # sent as X-Request-Timeout
+    priority: str | None = None  # sent as X-Priority
+
+
+async def replica_time(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    """The SLM replica's busy and charged seconds and the price they are charged at, from
+    `/readyz` (an admin key's details); None where it does not say (another key, an older
+    server)."""
+    try:
+        data = (await client.get("/readyz", timeout=30)).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    slm = data.get("components", {}).get("slm", {})
+    price = data.get("prices", {}).get("slm_gpu_hour_usd")
+    if "replica_time" not in slm or price is None:
+        return None
+    return {**slm["replica_time"], "slm_gpu_hour_usd": price}
 
 
 async def run_load(
-    spec: RunSpec, queries: list[dict[str, Any]], progress: Progress | None = None
+    spec: RunSpec,
+    queries: list[dict[str, Any]],
+    progress: Progress | None = None,
+    replica: dict[str, Any] | None = None,
 ) -> list[Result]:
+    """`replica`, when given, receives the SLM replica's time `before` and `after` the run."""
     rng = random.Random(spec.seed)
     headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     if not spec.use_cache:
         # A load test repeats its queries: served from the answer cache, they would measure
         # the cache rather than the cluster's capacity.
         headers.update(NO_CACHE)
+    if spec.deadline_s is not None:
+        headers["x-request-timeout"] = f"{spec.deadline_s:g}"
+    if spec.priority is not None:
+        headers["x-priority"] = spec.priority
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     total = spec.warmup + spec.duration
     results: list[Result] = []
     async with httpx.AsyncClient(
         base_url=spec.url.rstrip("/"), timeout=spec.timeout, limits=limits, headers=headers
     ) as client:
+        if replica is not None:
+            replica["before"] = await replica_time(client)
         t0 = time.perf_counter()
         sent = 0
         stop_progress = asyncio.Event()
@@ -234,6 +269,8 @@ async def run_load(
             await asyncio.gather(*(worker() for _ in range(spec.concurrency or 1)))
         stop_progress.set()
         await reporter
+        if replica is not None:
+            replica["after"] = await replica_time(client)
     return results
 
 
@@ -252,8 +289,35 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     }
 
 
+def cost_check(results: list[Result], replica: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Do the answers' SLM costs add up to the replica's busy time at its price? Over the whole
+    run (warm-up included, as the replica counts it); requests refused or cut off after
+    generating were charged by the replica but reported by no response."""
+    before, after = (replica or {}).get("before"), (replica or {}).get("after")
+    if not before or not after:
+        return None
+    busy = after["busy_seconds"] - before["busy_seconds"]
+    charged = after["charged_seconds"] - before["charged_seconds"]
+    price = after["slm_gpu_hour_usd"]
+    reported = sum(float(r.usage.get("slm_cost_usd", 0) or 0) for r in results if r.ok)
+    busy_cost = busy * price / 3600
+    return {
+        "replica_busy_s": round(busy, 3),
+        "replica_charged_s": round(charged, 3),
+        "generations": after["generations"] - before["generations"],
+        "answers_slm_cost_usd": round(reported, 8),
+        "busy_time_cost_usd": round(busy_cost, 8),
+        "answers_over_busy": round(reported / busy_cost, 4) if busy_cost else None,
+        "note": "one SLM replica's /readyz (exact with one replica)",
+    }
+
+
 def summarize(
-    results: list[Result], spec: RunSpec, slo_p95_ms: float, max_error_rate: float
+    results: list[Result],
+    spec: RunSpec,
+    slo_p95_ms: float,
+    max_error_rate: float,
+    replica: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     counted = [r for r in results if r.scheduled >= spec.warmup]
     ok = [r for r in counted if r.ok]
@@ -290,6 +354,9 @@ def summarize(
     latency = percentiles([r.latency_ms for r in ok])
     error_rate = (len(counted) - len(ok)) / len(counted) if counted else 0.0
     p95 = latency["p95"]
+    deadline_s = spec.deadline_s or SERVER_DEFAULT_DEADLINE_S
+    in_time = [r for r in ok if r.latency_ms <= deadline_s * 1000]
+    refused = [r for r in counted if r.status == 503]
     return {
         "mode": "open" if spec.rate is not None else "closed",
         "offered_rps": spec.rate,
@@ -298,6 +365,13 @@ def summarize(
         "duration_s": spec.duration,
         "warmup_s": spec.warmup,
         "throughput_rps": round(len(ok) / window, 3) if window > 0 else 0.0,
+        "goodput_rps": round(len(in_time) / window, 3) if window > 0 else 0.0,
+        "deadline_s": deadline_s,
+        "refusals": {
+            "count": len(refused),
+            "rate": round(len(refused) / len(counted), 4) if counted else 0.0,
+            "latency_ms": percentiles([r.latency_ms for r in refused]),
+        },
         "requests": {"sent": len(results), "counted": len(counted), "ok": len(ok)},
         "latency_ms": latency,
         "ttft_ms": percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None]),
@@ -310,6 +384,7 @@ def summarize(
             "slm_usd_per_request_reported": round(mean(ok, "slm_cost_usd"), 8),
             "all_claude_usd_per_request": round(mean(ok, "all_claude_cost_usd_estimate"), 8),
         },
+        "replica_time": cost_check(results, replica),
         "slo": {
             "p95_ms": slo_p95_ms,
             "max_error_rate": max_error_rate,
@@ -331,8 +406,9 @@ class CostAssumptions:
 
 
 def capacity_plan(run: dict[str, Any], a: CostAssumptions) -> dict[str, Any]:
-    """Replicas and GPUs for a peak rate at the SLO, and the cost of 1,000 requests."""
-    per_replica = run["throughput_rps"] / max(a.slm_replicas_measured, 1)
+    """Replicas and GPUs for a peak rate at the SLO, and the cost of 1,000 requests: sized by
+    goodput, the answers that arrived in time."""
+    per_replica = run["goodput_rps"] / max(a.slm_replicas_measured, 1)
     if not run["slo"]["met"] or per_replica <= 0:
         return {
             "feasible": False,
@@ -380,22 +456,35 @@ def markdown(report: dict[str, Any]) -> str:
         f"Target: `{report['url']}`; {report['queries']} queries; SLO p95 <= "
         f"{report['slo']['p95_ms']:.0f} ms, errors <= {report['slo']['max_error_rate']:.1%}.",
         "",
-        "| offered | throughput rps | p50 | p90 | p95 | p99 | max ms | errors | SLO |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| offered | throughput rps | goodput rps (in {report['deadline_s']:g} s) | p50 | p90 "
+        "| p95 | p99 | max ms | errors | refused (503) | refusal p50 ms | SLO |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lat = r["latency_ms"]
         offered = f"{r['offered_rps']} rps" if r["offered_rps"] else f"C={r['concurrency']}"
         cells = [f"{lat[k]:.0f}" if lat[k] is not None else "-" for k in lat]
+        refusal = r["refusals"]["latency_ms"]["p50"]
         lines.append(
-            f"| {offered} | {r['throughput_rps']:.2f} | {' | '.join(cells)} | "
-            f"{sum(r['errors'].values())} | {'met' if r['slo']['met'] else 'missed'} |"
+            f"| {offered} | {r['throughput_rps']:.2f} | {r['goodput_rps']:.2f} | "
+            f"{' | '.join(cells)} | {sum(r['errors'].values())} | {r['refusals']['rate']:.1%} | "
+            f"{'-' if refusal is None else f'{refusal:.0f}'} | "
+            f"{'met' if r['slo']['met'] else 'missed'} |"
         )
     if report.get("saturation_rps") is not None:
         lines += [
             "",
             f"Saturation: the highest offered rate meeting the SLO was "
             f"{report['saturation_rps']} rps.",
+        ]
+    check = report.get("replica_time")
+    if check:
+        lines += [
+            "",
+            f"Cost check: the answers' SLM cost ${check['answers_slm_cost_usd']:.6f} against the "
+            f"replica's busy time ({check['replica_busy_s']} s) at its price "
+            f"${check['busy_time_cost_usd']:.6f}: x{check['answers_over_busy']} "
+            f"({check['generations']} generations; {check['note']}).",
         ]
     lines += [
         "",
@@ -444,11 +533,12 @@ def plots(report: dict[str, Any]) -> dict[str, Any]:
         ax.legend(fontsize=8)
 
     def throughput(ax: Any) -> None:
-        ax.plot(x, [r["throughput_rps"] for r in runs], "o-", label="measured")
+        ax.plot(x, [r["throughput_rps"] for r in runs], "o-", label="throughput (all answers)")
+        ax.plot(x, [r["goodput_rps"] for r in runs], "s-", label="goodput (answers in time)")
         ax.plot(x, x, color="#888", linestyle=":", label="offered")
         ax.set_xlabel("offered load (requests/s)")
-        ax.set_ylabel("throughput (successful requests/s)")
-        ax.set_title("Throughput vs offered load")
+        ax.set_ylabel("answers/s")
+        ax.set_title("Throughput and goodput vs offered load")
         ax.legend(fontsize=8)
 
     def cost(ax: Any) -> None:
@@ -476,7 +566,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     how.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
     how.add_argument("--concurrency", type=int, help="closed loop: clients in parallel")
     how.add_argument(
-        "--sweep", help="open loop at each rate, e.g. 0.5,1,2,4; stops past saturation"
+        "--sweep", help="open loop at each rate, e.g. 0.5,1,2,4 (goodput past saturation too)"
     )
     ap.add_argument("--duration", type=float, required=True, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds sent but not counted")
@@ -486,6 +576,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--stream", action="store_true", help="SSE requests; measures time to first token"
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        help="each request's deadline in seconds (X-Request-Timeout); goodput counts the "
+        "answers inside it (default: the server's, 60 s)",
+    )
+    ap.add_argument(
+        "--priority", choices=["interactive", "batch"], help="sent as X-Priority (batch yields)"
+    )
     ap.add_argument("--api-key", help="bearer key (default: $HYBRID_SERVE_API_KEY)")
     ap.add_argument(
         "--use-cache",
@@ -524,12 +623,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             api_key=api_key,
             seed=args.seed,
             use_cache=args.use_cache,
+            deadline_s=args.deadline,
+            priority=args.priority,
         )
 
     def measure(rate: float | None) -> dict[str, Any]:
         s = spec(rate)
-        results = asyncio.run(run_load(s, queries, progress))
-        return summarize(results, s, args.slo_p95_ms, args.max_error_rate)
+        replica: dict[str, Any] = {}
+        results = asyncio.run(run_load(s, queries, progress, replica))
+        return summarize(results, s, args.slo_p95_ms, args.max_error_rate, replica)
 
     assumptions = CostAssumptions(
         target_rps=args.target_rps,
@@ -543,8 +645,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for rate in sorted(float(r) for r in args.sweep.split(",")):
             progress.say(f"offered {rate} rps")
             runs.append(measure(rate))
-            if not runs[-1]["slo"]["met"]:
-                break  # past saturation: higher rates only queue more
         passing = [r for r in runs if r["slo"]["met"]]
         best = max(passing, key=lambda r: r["throughput_rps"]) if passing else runs[-1]
         report = {**best, "runs": runs}

@@ -372,6 +372,36 @@ def render_dashboard() -> dict[str, Any]:
             "(escalation.shadow_verify_share). Re-fit the threshold from the verdicts with "
             "`hybrid-serve calibrate --from-log DATA_DIR/shadow`.",
         ),
+        _panel(
+            "Refused at once / s by reason and priority (could not finish inside the deadline)",
+            [
+                (
+                    f"sum by (reason, priority) (rate({_m('hybrid_serve_refusals_total')}{RATE}))",
+                    "{{reason}} {{priority}}",
+                )
+            ],
+            0,
+            72,
+            "reqps",
+        ),
+        _panel(
+            "SLM: expected wait for a slot vs the deadline left on arrival",
+            [
+                *[
+                    (e, f"wait {legend}")
+                    for e, legend in _quantiles("hybrid_serve_slm_expected_wait_seconds")
+                ],
+                *[
+                    (e, f"deadline left {legend}")
+                    for e, legend in _quantiles("hybrid_serve_slm_deadline_seconds")[:1]
+                ],
+            ],
+            12,
+            72,
+            "s",
+            description="When the expected wait nears the deadline left, generations are "
+            "refused (503 with Retry-After) instead of timing out.",
+        ),
     ]
     for i, panel in enumerate(panels, start=1):
         panel["id"] = i

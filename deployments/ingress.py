@@ -24,9 +24,7 @@ from hybrid_serve.config import APIKey, HTTPConfig, HybridServeConfig
 from hybrid_serve.deployments.errors import APIError
 from hybrid_serve.deployments.handles import Backend, LLMViaBackend
 from hybrid_serve.deployments.metrics import metrics, record_answer
-from hybrid_serve.deployments.middleware import (
-    request_timeout,
-)
+from hybrid_serve.deployments.middleware import request_priority, request_timeout
 from hybrid_serve.schemas import (
     AnswerRequest,
     AnswerResponse,
@@ -75,7 +73,7 @@ def request_deadline(request: Request, http: HTTPConfig, asked: float | None = N
     if asked is None and (header := request.headers.get("x-request-timeout")) is not None:
         try:
             asked = request_timeout(header, http.max_request_timeout_s)
-        except ValueError as exc:  # DeadlineHeaderMiddleware answers these first
+        except ValueError as exc:  # ControlHeadersMiddleware answers these first
             raise APIError(422, str(exc), "invalid_timeout") from None
     return min(asked or http.request_timeout_s, http.max_request_timeout_s)
 
@@ -199,6 +197,7 @@ class Ingress:
             llm_down=down,
             collections=self.access(request).readable(),
             timeout_s=timeout_s,
+            priority=request_priority(request.headers.get("x-priority")),
             **fields,
         )
 

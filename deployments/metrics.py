@@ -18,6 +18,7 @@ from hybrid_serve.schemas import AnswerResponse
 
 LATENCY_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 SCORE = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+WAIT_S = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120]
 TOKENS_PER_S = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -146,6 +147,29 @@ CATALOGUE: tuple[MetricSpec, ...] = (
         "SLM decode rate of each generation (completion tokens / generation time).",
         (),
         tuple(TOKENS_PER_S),
+    ),
+    MetricSpec(
+        "hybrid_serve_refusals_total",
+        "counter",
+        "Generations refused at once by the SLM replica, by reason (deadline: it could not "
+        "finish inside its deadline) and priority (interactive, batch).",
+        ("reason", "priority"),
+    ),
+    MetricSpec(
+        "hybrid_serve_slm_expected_wait_seconds",
+        "histogram",
+        "Expected wait for an SLM slot when a generation arrives (compare with the deadlines).",
+        (),
+        tuple(WAIT_S),
+        "s",
+    ),
+    MetricSpec(
+        "hybrid_serve_slm_deadline_seconds",
+        "histogram",
+        "What remained of the request's deadline when its generation reached the SLM replica.",
+        (),
+        tuple(WAIT_S),
+        "s",
     ),
     # ClaudeProxy.
     MetricSpec(

@@ -24,7 +24,7 @@ from hybrid_serve.agents import tracing
 from hybrid_serve.config import APIKey
 from hybrid_serve.deployments.errors import error_response, path_of
 from hybrid_serve.deployments.metrics import metrics
-from hybrid_serve.schemas import MIN_TIMEOUT_S
+from hybrid_serve.schemas import MIN_TIMEOUT_S, PRIORITIES, Priority
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -131,9 +131,20 @@ def request_timeout(value: str, max_s: float) -> float:
     return seconds
 
 
-class DeadlineHeaderMiddleware:
-    """422 for an invalid X-Request-Timeout on any route, as the OpenAPI document states it for
-    every operation (the routes that do not read it would otherwise accept any value)."""
+def request_priority(value: str | None) -> Priority:
+    """An X-Priority header's priority (interactive when absent); ValueError naming the values."""
+    if value is None:
+        return "interactive"
+    priority = value.strip().lower()
+    if priority not in PRIORITIES:
+        raise ValueError(f"X-Priority must be one of {', '.join(PRIORITIES)}; got {value[:40]!r}")
+    return priority
+
+
+class ControlHeadersMiddleware:
+    """422 for an invalid X-Request-Timeout or X-Priority on any route, as the OpenAPI document
+    states them for every operation (the routes that do not read them would otherwise accept
+    any value)."""
 
     def __init__(self, app: ASGIApp, max_s: Callable[[], float]) -> None:
         self.app = app
@@ -142,15 +153,16 @@ class DeadlineHeaderMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for name, value in scope.get("headers", []):
-                if name == b"x-request-timeout":
-                    try:
+                try:
+                    if name == b"x-request-timeout":
                         request_timeout(value.decode("latin-1"), self.max_s())
-                    except ValueError as exc:
-                        response = error_response(
-                            422, str(exc), "invalid_timeout", path=path_of(scope)
-                        )
-                        await response(scope, receive, send)
-                        return
+                    elif name == b"x-priority":
+                        request_priority(value.decode("latin-1"))
+                except ValueError as exc:
+                    code = "invalid_timeout" if name == b"x-request-timeout" else "invalid_priority"
+                    response = error_response(422, str(exc), code, path=path_of(scope))
+                    await response(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 

@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from hybrid_serve.config import HTTPConfig
 from hybrid_serve.deployments.errors import MESSAGES_PATH, error_responses
-from hybrid_serve.schemas import MIN_TIMEOUT_S
+from hybrid_serve.schemas import MIN_TIMEOUT_S, PRIORITIES
 
 BODY_METHODS = {"post", "put", "patch"}
 
@@ -51,6 +51,14 @@ def document(app: FastAPI, http: HTTPConfig) -> dict[str, Any]:
             "maximum": http.max_request_timeout_s,
         },
     }
+    priority = {
+        "name": "X-Priority",
+        "in": "header",
+        "required": False,
+        "description": "batch: yields to interactive work in every queue and is refused first "
+        "under overload (default interactive).",
+        "schema": {"type": "string", "enum": list(PRIORITIES)},
+    }
     if http.api_keys:
         schema.setdefault("components", {})["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer"},
@@ -68,7 +76,7 @@ def document(app: FastAPI, http: HTTPConfig) -> dict[str, Any]:
                 responses[status] = _plain(spec, body)
             if method in BODY_METHODS:
                 responses.update({s: _plain(spec, body) for s, spec in body_errors.items()})
-            op.setdefault("parameters", []).append(header)
+            op.setdefault("parameters", []).extend([header, priority])
             if http.api_keys and not open_path:
                 op["security"] = [{"bearer": []}, {"apiKey": []}]
     return schema

@@ -25,7 +25,7 @@ from hybrid_serve.deployments.middleware import (
     AdmissionMiddleware,
     APIKeyMiddleware,
     BodyLimitMiddleware,
-    DeadlineHeaderMiddleware,
+    ControlHeadersMiddleware,
     KeyLimitMiddleware,
     RequestTelemetryMiddleware,
 )
@@ -71,7 +71,7 @@ def create_app() -> FastAPI:
         retry_after_s=lambda: http().retry_after_s,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: http().max_body_bytes)
-    app.add_middleware(DeadlineHeaderMiddleware, max_s=lambda: http().max_request_timeout_s)
+    app.add_middleware(ControlHeadersMiddleware, max_s=lambda: http().max_request_timeout_s)
     app.add_middleware(
         KeyLimitMiddleware,
         admit=lambda: ing.admit if (ing := ingress()) is not None and ing.keys else None,

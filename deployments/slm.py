@@ -8,6 +8,7 @@ instead of the first user request.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry.trace import SpanKind
@@ -15,12 +16,14 @@ from ray import serve
 from ray.serve import Application
 
 from hybrid_serve.agents import tracing
+from hybrid_serve.agents.admission import DeadlineQueue, Refusal
 from hybrid_serve.agents.tracing import TraceContext
 from hybrid_serve.config import HybridServeConfig, SLMConfig, TracingConfig
 from hybrid_serve.deployments.metrics import metrics
 from hybrid_serve.deployments.placement import deployment, placement
 from hybrid_serve.deployments.versions import versioned
 from hybrid_serve.engines import Engine, make_engine, warm_up
+from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
 
@@ -53,23 +56,79 @@ def record_generation(result: GenerationResult) -> None:
         metrics.observe("hybrid_serve_slm_tokens_per_second", tok_s)
 
 
+class ReplicaTime:
+    """The replica's time spent generating (at least one generation running) against what its
+    answers were charged: summed over a run, the charges should come to the busy time (the load
+    report checks it), whatever the engine."""
+
+    def __init__(self) -> None:
+        self.clock = ReplicaClock()
+        self.charged_s = 0.0
+        self.generations = 0
+
+    def busy(self) -> AbstractContextManager[Any]:
+        return self.clock.charging()
+
+    def charged(self, result: GenerationResult) -> None:
+        self.charged_s += result.charged_seconds()
+        self.generations += 1
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "busy_seconds": self.clock.info()["busy_seconds"],
+            "charged_seconds": round(self.charged_s, 3),
+            "generations": self.generations,
+        }
+
+
+def record_refusal(refusal: Refusal) -> None:
+    metrics.inc("hybrid_serve_refusals_total", reason="deadline", priority=refusal.priority)
+
+
 class SLMEndpoints:
     """The SLM methods the orchestrator calls on every engine's deployment, over `slm_engine`;
-    `warmup` is what the replica's warm-up generation took."""
+    `warmup` is what the replica's warm-up generation took. Every generation waits for one of
+    the engine's slots in a DeadlineQueue: interactive before batch, and refused at once when it
+    cannot finish inside its deadline."""
 
     slm_engine: Engine
     engine_kind: str
     warmup: dict[str, Any] | None = None
+    _queue: DeadlineQueue | None = None
+    _time: ReplicaTime | None = None
+
+    @property
+    def replica_time(self) -> ReplicaTime:
+        if self._time is None:
+            self._time = ReplicaTime()
+        return self._time
+
+    @property
+    def queue(self) -> DeadlineQueue:
+        if self._queue is None:
+            slots = int(self.slm_engine.info().get("contexts", 1))
+            self._queue = DeadlineQueue(slots, on_refuse=record_refusal)
+        return self._queue
 
     def _attributes(self, request: GenerationRequest) -> dict[str, Any]:
         return generation_attributes(self.engine_kind, self.slm_engine.model_name, request)
+
+    def _record_wait(self, request: GenerationRequest) -> None:
+        wait = self.queue.expected_wait_s(request.priority)
+        metrics.observe("hybrid_serve_slm_expected_wait_seconds", wait)
+        if request.deadline_s is not None:
+            metrics.observe("hybrid_serve_slm_deadline_seconds", request.deadline_s)
 
     async def generate(
         self, request: GenerationRequest, trace_context: TraceContext = None
     ) -> GenerationResult:
         attributes = self._attributes(request)
         with tracing.span("SLM.generate", trace_context, SpanKind.SERVER, attributes):
-            result = await self.slm_engine.generate(request)
+            self._record_wait(request)
+            async with self.queue.slot(request):
+                with self.replica_time.busy():
+                    result = await self.slm_engine.generate(request)
+            self.replica_time.charged(result)
             record_generation(result)
             return result
 
@@ -79,10 +138,14 @@ class SLMEndpoints:
         """Text deltas, then the GenerationResult (call with `handle.options(stream=True)`)."""
         attributes = {**self._attributes(request), "hybrid.stream": True}
         with tracing.span("SLM.generate_stream", trace_context, SpanKind.SERVER, attributes):
-            async for item in self.slm_engine.stream(request):
-                if isinstance(item, GenerationResult):
-                    record_generation(item)
-                yield item
+            self._record_wait(request)
+            async with self.queue.slot(request):
+                with self.replica_time.busy():
+                    async for item in self.slm_engine.stream(request):
+                        if isinstance(item, GenerationResult):
+                            self.replica_time.charged(item)
+                            record_generation(item)
+                        yield item
 
     async def status(self, trace_context: TraceContext = None) -> dict[str, Any]:
         return {
@@ -92,6 +155,8 @@ class SLMEndpoints:
             "model": self.slm_engine.model_name,
             "warmup": self.warmup,
             **self.slm_engine.info(),
+            "queue": self.queue.info(),
+            "replica_time": self.replica_time.info(),
         }
 
 

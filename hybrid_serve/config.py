@@ -170,7 +170,12 @@ class SLMConfig(_Section):
     num_cpus: float = Field(1.0, ge=0.0, description="Ray logical CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0.0)
     max_ongoing_requests: int = Field(
-        4, ge=1, description="Requests a replica accepts at once (at least contexts_per_replica)."
+        32,
+        ge=1,
+        description="Requests a replica accepts at once (at least contexts_per_replica). Those "
+        "beyond its slots wait in the replica's deadline queue, where one that cannot finish "
+        "inside its deadline is refused at once (503 with Retry-After) and batch work yields "
+        "to interactive work.",
     )
     max_queued_requests: int = Field(256, ge=-1)
     autoscaling: AutoscalingConfig | None = Field(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -40,6 +40,9 @@ LLMTier = Literal["hosted", "on_premises"]
 SubtaskStatus = Literal["ok", "failed", "timeout", "cancelled"]
 FinishReason = Literal["stop", "length", "cancelled"]
 CacheResult = Literal["hit", "miss", "bypass"]
+# Batch work yields to interactive work in every queue, and is refused first (X-Priority).
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)  # best first
 
 
 def _whole_number(v: Any) -> Any:
@@ -242,6 +245,10 @@ class GenerationRequest(BaseModel):
     # fit prompts sends `messages` as they are.
     evidence: list[str] = Field(default_factory=list)
     evidence_at: int = 0
+    # Seconds left of the request's deadline when this was sent (None: no deadline): a replica
+    # that cannot finish it in time refuses it at once (agents.admission).
+    deadline_s: float | None = None
+    priority: Priority = "interactive"
 
 
 class GenerationResult(BaseModel):

@@ -38,10 +38,13 @@ async def readyz(request: Request, ing: Shared) -> JSONResponse:
     components = dict(zip(backends, results))
     ready = all(c.get("ready") for c in components.values())
     caller = access_of(ing.keys, request)
+    body: dict[str, Any] = {"ready": ready, "version": __version__, "components": components}
     if caller is None or not caller.admin:
-        components = {n: {"ready": bool(c.get("ready"))} for n, c in components.items()}
+        body["components"] = {n: {"ready": bool(c.get("ready"))} for n, c in components.items()}
+    else:  # what replica time is charged at, for comparing charges with busy time
+        body["prices"] = {"slm_gpu_hour_usd": ing.cfg.cost.slm_gpu_hour_usd}
     return JSONResponse(
-        {"ready": ready, "version": __version__, "components": components},
+        body,
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )

@@ -9,7 +9,16 @@ from hybrid_serve.cluster.cli import main
 
 pytestmark = pytest.mark.e2e
 
-FIELDS = {"throughput_rps", "latency_ms", "errors", "routes", "capacity_plan", "ttft_ms"}
+FIELDS = {
+    "throughput_rps",
+    "goodput_rps",
+    "refusals",
+    "latency_ms",
+    "errors",
+    "routes",
+    "capacity_plan",
+    "ttft_ms",
+}
 
 
 def test_open_loop_run_writes_report_and_plots(app, tmp_path):
@@ -46,6 +55,11 @@ def test_open_loop_run_writes_report_and_plots(app, tmp_path):
     assert report["routes"]["slm"]["tokens"]["slm"] > 0
     plan = report["capacity_plan"]
     assert plan["feasible"] and plan["replicas"] >= 1 and plan["cost_per_1k_usd"]["all_claude"] > 0
+    # The answers' SLM costs add up to the replica's busy time at its price (llama.cpp: one
+    # context; what the replica spent outside a generation's own clock is the gap).
+    check = report["replica_time"]
+    assert check is not None and check["generations"] >= report["requests"]["ok"]
+    assert 0.8 <= check["answers_over_busy"] <= 1.02, check
     for png in ("latency_vs_load.png", "throughput_vs_load.png", "cost_per_1k.png"):
         assert (out / png).stat().st_size > 1000
     assert "Capacity plan" in (out / "report.md").read_text()

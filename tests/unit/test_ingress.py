@@ -20,7 +20,8 @@ from hybrid_serve.config import HybridServeConfig, deep_merge
 from hybrid_serve.deployments import tunables as tunables_of
 from hybrid_serve.deployments.ingress import Ingress
 from hybrid_serve.deployments.orchestrator import create_app
-from hybrid_serve.schemas import GenerationResult, Passage
+from hybrid_serve.deployments.slm import SLMEndpoints
+from hybrid_serve.schemas import GenerationRequest, GenerationResult, Passage
 
 PASSAGES = [
     Passage(
@@ -178,7 +179,10 @@ def app_over(slm: SLM | None = None, llm: LLM | None = None, **overrides: Any):
 
 def request(app, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
     async def go() -> httpx.Response:
-        headers = {"authorization": f"Bearer {key}"} if key else {}
+        headers = {
+            **kwargs.pop("headers", {}),
+            **({"authorization": f"Bearer {key}"} if key else {}),
+        }
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
             return await client.request(method, path, headers=headers, **kwargs)
@@ -233,6 +237,74 @@ def test_an_overload_before_any_answer_is_a_503_with_retry_after():
     r = request(app, "POST", "/v1/answer", json={"query": "Which port does the API use?"})
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
     assert r.json()["error"]["code"] == "overloaded"
+
+
+class SlowEngine:
+    """An engine with one slot that takes `seconds` a generation."""
+
+    model_name = "slow"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.seen: list[GenerationRequest] = []
+
+    def info(self):
+        return {"contexts": 1, "in_flight": 0}
+
+    async def generate(self, req):
+        self.seen.append(req)
+        await asyncio.sleep(self.seconds)
+        return GenerationResult(
+            text="The HTTP API listens on port 8000 [1].",
+            prompt_tokens=50,
+            completion_tokens=9,
+            token_logprobs=[-0.05] * 9,
+            seconds=self.seconds,
+        )
+
+
+def slow_slm(seconds: float) -> SLMEndpoints:
+    """The SLM deployment's endpoints (its deadline queue included) over a slow engine."""
+    endpoints = SLMEndpoints()
+    endpoints.slm_engine = SlowEngine(seconds)  # type: ignore[assignment]
+    endpoints.engine_kind = "fake"
+    return endpoints
+
+
+def test_at_capacity_what_cannot_finish_in_time_is_refused_at_once():
+    """One slot, 0.3 s a generation, 1 s deadlines, 6 at once: those that fit are answered, the
+    rest are refused on arrival with 503 and a Retry-After, none runs out its deadline (504)."""
+    slm = slow_slm(0.3)
+    app, _ = app_over(slm)
+    body = {"query": "Which port does the API use?", "use_cache": False}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
+            for _ in range(2):  # the replica measures its service time
+                assert (await client.post("/v1/answer", json=body)).status_code == 200
+            headers = {"x-request-timeout": "1", "x-priority": "batch"}
+            return await asyncio.gather(
+                *(client.post("/v1/answer", json=body, headers=headers) for _ in range(6))
+            )
+
+    responses = asyncio.run(go())
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses and 504 not in statuses, statuses
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.json()["error"]["code"] == "overloaded" for r in refused)
+    assert "after its deadline" in refused[0].json()["error"]["message"]
+    seen = slm.slm_engine.seen[-1]  # type: ignore[attr-defined]
+    assert seen.priority == "batch" and 0 < seen.deadline_s < 1
+    assert slm.queue.refused["batch"] == len(refused)
+
+
+def test_an_unknown_priority_is_a_422_naming_the_values():
+    app, _ = app_over()
+    r = request(app, "GET", "/v1/models", headers={"x-priority": "urgent"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_priority"
+    assert "interactive, batch" in r.json()["error"]["message"]
 
 
 def test_keys_and_what_health_tells_a_stranger():

@@ -70,13 +70,33 @@ def test_summary_excludes_warmup_and_splits_routes_and_errors():
     assert s["routes"]["claude"]["tokens"]["claude"] == 1100
     assert s["latency_ms"]["max"] == 3000.0 and s["slo"]["met"] is True
     assert s["throughput_rps"] == round(7 / 7.5, 3)  # counted window ends at the last arrival
+    assert s["goodput_rps"] == s["throughput_rps"] and s["deadline_s"] == 60.0
+    assert s["refusals"]["count"] == 1 and s["refusals"]["latency_ms"]["p50"] == 50.0
     strict = summarize(results, spec, slo_p95_ms=5000, max_error_rate=0.1)
     assert strict["slo"]["met"] is False
+
+
+def test_goodput_counts_the_answers_inside_their_deadline():
+    """An answer that arrived after its deadline (from its scheduled arrival) was received by
+    nobody who waited for it: throughput counts it, goodput does not."""
+    spec = RunSpec(url="http://x", duration=4, rate=2.0, warmup=0, deadline_s=2.0)
+    results = [
+        Result(0.0, 1500.0, 200, None, "slm", usage(0)),
+        Result(1.0, 1999.0, 200, None, "slm", usage(0)),
+        Result(2.0, 2500.0, 200, None, "slm", usage(0)),  # late
+        Result(3.0, 12.0, 503),
+        Result(4.0, 2001.0, 504),
+    ]
+    s = summarize(results, spec, slo_p95_ms=5000, max_error_rate=1.0)
+    assert s["throughput_rps"] == 0.75 and s["goodput_rps"] == 0.5  # window: 4 s
+    assert s["refusals"] == {"count": 1, "rate": 0.2, "latency_ms": s["refusals"]["latency_ms"]}
+    assert s["deadline_s"] == 2.0
 
 
 def test_capacity_plan_arithmetic():
     run = {
         "throughput_rps": 2.0,
+        "goodput_rps": 2.0,
         "slo": {"met": True},
         "routes": {"slm": {"share": 0.8}, "claude": {"share": 0.2}},
         "cost": {"claude_usd_per_request": 0.001, "all_claude_usd_per_request": 0.004},

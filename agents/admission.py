@@ -1,0 +1,229 @@
+"""Admission by deadline at a replica: a request waits for one of the replica's slots
+(llama.cpp contexts, a batching engine's sequences), interactive work before batch work, and one
+that cannot start and finish inside its deadline is refused at once — with how long to wait —
+instead of queueing until it times out. Under overload a replica then spends its time on answers
+someone will receive (goodput), not on answers whose clients have already gone.
+
+Expected completion = the wait for a slot (the work ahead of it, in this request's priority
+order, divided among the slots, times the measured service time) + its own service time. Service
+times are measured per `max_tokens` (a 48-token rewrite and a 160-token answer differ several
+fold), an exponentially weighted mean of the last few. Until a length has been measured nothing
+is refused on its account.
+
+Written here because admission control of this kind (deadline-aware, priority-ordered, with a
+queue model of the replica) is the replica's own policy; asyncio's queues have no deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from hybrid_serve.agents.interfaces import Unavailable
+from hybrid_serve.schemas import PRIORITIES, GenerationRequest, Priority
+
+# Weight of the newest measurement in the service-time mean.
+EWMA_WEIGHT = 0.2
+OVERLOADED = "overloaded"
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: tuple[int, int]  # (priority, arrival): the order slots are handed out in
+    due: float = field(compare=False)  # when its deadline runs out (monotonic); inf: none
+    service_s: float | None = field(compare=False)
+    future: asyncio.Future[None] = field(compare=False)
+
+
+@dataclass
+class Refusal:
+    """Why a request was refused, for metrics: the reason and its priority."""
+
+    priority: Priority
+    expected_s: float
+    deadline_s: float
+
+
+class DeadlineQueue:
+    """Slots of one replica. `on_refuse` hears every refusal (metrics live in the deployment)."""
+
+    def __init__(
+        self,
+        slots: int,
+        now: Callable[[], float] = time.monotonic,
+        on_refuse: Callable[[Refusal], None] | None = None,
+    ) -> None:
+        self.slots = max(1, slots)
+        self._now = now
+        self._on_refuse = on_refuse
+        self.running = 0
+        self._waiting: list[_Waiter] = []  # a heap by rank
+        self._arrivals = itertools.count()
+        self._service: dict[int, float] = {}  # max_tokens -> mean seconds
+        self.refused = {p: 0 for p in PRIORITIES}
+
+    # -- the queue model -----------------------------------------------------------------------
+
+    def service_s(self, max_tokens: int) -> float | None:
+        """The mean service time of requests of this length, or of the nearest measured one
+        scaled by length (None before anything was measured)."""
+        if max_tokens in self._service:
+            return self._service[max_tokens]
+        if not self._service:
+            return None
+        nearest = min(self._service, key=lambda n: abs(n - max_tokens))
+        return self._service[nearest] * max(max_tokens, 1) / max(nearest, 1)
+
+    def _wait_s(self, ahead: list[_Waiter]) -> float:
+        """Until a slot frees for the request behind `ahead`."""
+        typical = self._typical_s()
+        return self._wait_for(len(ahead), sum(w.service_s or typical for w in ahead), typical)
+
+    def _wait_for(self, waiting: int, waiting_work_s: float, typical: float) -> float:
+        """The running work and `waiting_work_s` ahead, shared among the slots (a running
+        request counted at half its time: on average it is halfway through)."""
+        if self.running + waiting < self.slots:
+            return 0.0
+        return (self.running * typical / 2 + waiting_work_s) / self.slots
+
+    def _typical_s(self) -> float:
+        return sum(self._service.values()) / len(self._service) if self._service else 0.0
+
+    def expected_wait_s(self, priority: Priority = "interactive") -> float:
+        """What a request of `priority` arriving now would wait for a slot."""
+        rank = PRIORITIES.index(priority)
+        return self._wait_s([w for w in self._waiting if w.rank[0] <= rank])
+
+    def _refuse(
+        self, priority: Priority, expected_s: float, deadline_s: float, drain_s: float | None = None
+    ) -> Unavailable:
+        """The refusal; Retry-After is the time the queue needs to drain (`drain_s`, when the
+        caller has it)."""
+        self.refused[priority] += 1
+        if self._on_refuse is not None:
+            self._on_refuse(Refusal(priority, expected_s, deadline_s))
+        if drain_s is None:
+            drain_s = self._wait_s(list(self._waiting))
+        retry = max(1.0, math.ceil(drain_s))
+        return Unavailable(
+            OVERLOADED,
+            f"at capacity: this {priority} request would finish in about {expected_s:.1f} s, "
+            f"after its deadline ({max(deadline_s, 0):.1f} s left); retry after {retry:g} s",
+            retry,
+        )
+
+    # -- slots ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def slot(self, request: GenerationRequest) -> AsyncIterator[None]:
+        """Held while the request runs; refused (Unavailable, `overloaded`) when it cannot
+        finish inside `request.deadline_s`, now or by the time a slot frees."""
+        arrived = self._now()
+        left = math.inf if request.deadline_s is None else request.deadline_s
+        service = self.service_s(request.max_tokens)
+        rank = PRIORITIES.index(request.priority)
+        ahead = [w for w in self._waiting if w.rank[0] <= rank]
+        expected = self._wait_s(ahead) + (service or 0.0)
+        if expected > left:
+            raise self._refuse(request.priority, expected, left)
+        if self.running < self.slots and not self._waiting:
+            self.running += 1
+        else:
+            waiter = _Waiter(
+                (rank, next(self._arrivals)),
+                arrived + left,
+                service,
+                asyncio.get_running_loop().create_future(),
+            )
+            heapq.heappush(self._waiting, waiter)
+            self._prune()  # who waits behind it may no longer make it
+            try:
+                await waiter.future  # resolved with a slot held for it, or an Unavailable
+            except asyncio.CancelledError:
+                if waiter.future.done() and not waiter.future.cancelled():
+                    if waiter.future.exception() is None:
+                        self._release()  # a slot was handed over just as it was cancelled
+                else:
+                    self._discard(waiter)
+                raise
+        started = self._now()
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            if finished:
+                self._measure(request.max_tokens, self._now() - started)
+            self._release()
+
+    def _measure(self, max_tokens: int, seconds: float) -> None:
+        old = self._service.get(max_tokens)
+        new = seconds if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * seconds
+        if old is None and len(self._service) >= 64:  # lengths are few; keep it bounded anyway
+            self._service.pop(next(iter(self._service)))
+        self._service[max_tokens] = new
+
+    def _release(self) -> None:
+        self.running -= 1
+        while self._waiting and self.running < self.slots:
+            waiter = heapq.heappop(self._waiting)
+            if waiter.future.done():
+                continue
+            if self._now() > waiter.due:  # its deadline ran out while it waited
+                waiter.future.set_exception(
+                    self._refuse(self._priority(waiter), waiter.service_s or 0.0, 0.0)
+                )
+                continue
+            self.running += 1
+            waiter.future.set_result(None)
+        self._prune()
+
+    def _discard(self, waiter: _Waiter) -> None:
+        try:
+            self._waiting.remove(waiter)
+            heapq.heapify(self._waiting)
+        except ValueError:
+            pass
+
+    @staticmethod
+    def _priority(waiter: _Waiter) -> Priority:
+        return PRIORITIES[waiter.rank[0]]
+
+    def _prune(self) -> None:
+        """Refuse the waiters that can no longer finish in time, lowest priority first to be
+        affected: a walk in slot order, linear in the queue."""
+        if not self._waiting:
+            return
+        now = self._now()
+        typical = self._typical_s()
+        drain = self._wait_s(self._waiting)
+        kept: list[_Waiter] = []
+        work = 0.0  # of the kept waiters, summed as the walk goes: linear, not quadratic
+        for waiter in sorted(self._waiting):
+            if waiter.future.done():
+                continue
+            expected = self._wait_for(len(kept), work, typical) + (waiter.service_s or 0.0)
+            left = waiter.due - now
+            if expected > left:
+                refusal = self._refuse(self._priority(waiter), expected, left, drain)
+                waiter.future.set_exception(refusal)
+            else:
+                kept.append(waiter)
+                work += waiter.service_s or typical
+        self._waiting = kept  # sorted, so already a heap
+
+    def info(self) -> dict[str, object]:
+        return {
+            "slots": self.slots,
+            "running": self.running,
+            "waiting": len(self._waiting),
+            "expected_wait_s": {p: round(self.expected_wait_s(p), 3) for p in PRIORITIES},
+            "service_s": {str(k): round(v, 3) for k, v in sorted(self._service.items())},
+            "refused": dict(self.refused),
+        }

@@ -1,0 +1,148 @@
+"""Admission by deadline at a replica (agents.admission): what cannot finish in time is refused
+at once with a Retry-After from the queue; batch work yields to interactive work and is refused
+first; a waiter whose client has gone frees its place."""
+
+import asyncio
+
+import pytest
+
+from hybrid_serve.agents.admission import DeadlineQueue
+from hybrid_serve.agents.interfaces import Unavailable
+from hybrid_serve.schemas import GenerationRequest
+
+
+def req(deadline_s=None, priority="interactive", max_tokens=100):
+    return GenerationRequest(
+        messages=[{"role": "user", "content": "q"}],
+        max_tokens=max_tokens,
+        deadline_s=deadline_s,
+        priority=priority,
+    )
+
+
+class Replica:
+    """A DeadlineQueue in front of work that takes `service_s` (real asyncio time, short)."""
+
+    def __init__(self, slots=1, service_s=0.05):
+        self.queue = DeadlineQueue(slots)
+        self.service_s = service_s
+        self.order: list[str] = []
+
+    async def run(self, name, request):
+        async with self.queue.slot(request):
+            self.order.append(name)
+            await asyncio.sleep(self.service_s)
+        return name
+
+
+async def measured(replica, n=3):
+    for i in range(n):
+        await replica.run(f"warm{i}", req())
+    replica.order.clear()
+
+
+def test_nothing_is_refused_on_arrival_before_anything_was_measured():
+    async def go():
+        replica = Replica(slots=3)
+        return await asyncio.gather(*(replica.run(i, req(deadline_s=0.001)) for i in range(3)))
+
+    assert asyncio.run(go()) == [0, 1, 2]
+
+
+def test_a_waiter_whose_deadline_ran_out_is_refused_not_run():
+    async def go():
+        replica = Replica(service_s=0.05)
+        running = asyncio.create_task(replica.run("running", req()))
+        await asyncio.sleep(0)
+        late = asyncio.create_task(replica.run("late", req(deadline_s=0.01)))
+        results = await asyncio.gather(running, late, return_exceptions=True)
+        return results, replica.order
+
+    results, order = asyncio.run(go())
+    assert isinstance(results[1], Unavailable) and order == ["running"]
+
+
+def test_what_cannot_finish_in_time_is_refused_at_once_with_retry_after():
+    async def go():
+        replica = Replica(service_s=0.2)
+        await measured(replica)
+        busy = [asyncio.create_task(replica.run(f"b{i}", req())) for i in range(3)]
+        await asyncio.sleep(0.01)  # one running, two waiting: ~0.5 s before a new one starts
+        with pytest.raises(Unavailable) as refused:
+            await replica.run("late", req(deadline_s=0.3))
+        started_meanwhile = list(replica.order)
+        fits = await replica.run("fits", req(deadline_s=5.0))
+        await asyncio.gather(*busy)
+        return refused.value, started_meanwhile, fits, replica.queue
+
+    refused, started_meanwhile, fits, queue = asyncio.run(go())
+    assert refused.reason == "overloaded" and refused.retry_after_s >= 1
+    assert "after its deadline" in refused.detail
+    assert started_meanwhile == ["b0"]  # refused on arrival, not after waiting its turn
+    assert fits == "fits" and queue.refused == {"interactive": 1, "batch": 0}
+
+
+def test_interactive_work_goes_before_batch_work_that_waits():
+    async def go():
+        replica = Replica(service_s=0.02)
+        first = asyncio.create_task(replica.run("running", req()))
+        await asyncio.sleep(0)
+        batch = [
+            asyncio.create_task(replica.run(f"batch{i}", req(priority="batch"))) for i in range(3)
+        ]
+        await asyncio.sleep(0)
+        urgent = asyncio.create_task(replica.run("interactive", req()))
+        await asyncio.gather(first, urgent, *batch)
+        return replica.order
+
+    order = asyncio.run(go())
+    assert order[:2] == ["running", "interactive"]
+    assert order[2:] == ["batch0", "batch1", "batch2"]  # in arrival order among themselves
+
+
+def test_batch_work_is_refused_first_when_interactive_work_arrives():
+    async def go():
+        replica = Replica(service_s=0.1)
+        await measured(replica)
+        running = asyncio.create_task(replica.run("running", req()))
+        await asyncio.sleep(0)
+        batch = asyncio.create_task(replica.run("batch", req(deadline_s=0.35, priority="batch")))
+        await asyncio.sleep(0)
+        urgent = [asyncio.create_task(replica.run(f"i{i}", req(deadline_s=5))) for i in range(3)]
+        results = await asyncio.gather(running, batch, *urgent, return_exceptions=True)
+        return results, replica.queue
+
+    results, queue = asyncio.run(go())
+    assert isinstance(results[1], Unavailable)  # its deadline can no longer be met behind them
+    assert results[2:] == ["i0", "i1", "i2"]
+    assert queue.refused == {"interactive": 0, "batch": 1} and queue.info()["waiting"] == 0
+
+
+def test_a_cancelled_waiter_frees_its_place_and_a_running_one_its_slot():
+    async def go():
+        replica = Replica(service_s=0.05)
+        running = asyncio.create_task(replica.run("running", req()))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(replica.run("gone", req()))
+        await asyncio.sleep(0)
+        gone.cancel()
+        after = await replica.run("after", req())
+        await running
+        return replica.order, after, replica.queue.info()
+
+    order, after, info = asyncio.run(go())
+    assert order == ["running", "after"] and after == "after"
+    assert info["running"] == 0 and info["waiting"] == 0
+
+
+def test_service_time_is_measured_per_length():
+    async def go():
+        queue = DeadlineQueue(1)
+        for tokens, seconds in ((32, 0.01), (200, 0.06)):
+            async with queue.slot(req(max_tokens=tokens)):
+                await asyncio.sleep(seconds)
+        return queue
+
+    queue = asyncio.run(go())
+    assert queue.service_s(32) < queue.service_s(200)
+    assert queue.service_s(400) == pytest.approx(2 * queue.service_s(200))  # scaled by length
