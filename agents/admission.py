@@ -71,14 +71,15 @@ class DeadlineQueue:
     # -- the queue model -----------------------------------------------------------------------
 
     def service_s(self, max_tokens: int) -> float | None:
-        """The mean service time of requests of this length, or of the nearest measured one
-        scaled by length (None before anything was measured)."""
+        """The mean service time of requests of this length, or of the nearest measured length
+        (None before anything was measured). Not scaled by length: `max_tokens` is a ceiling
+        most answers stop well short of, and the prompt's cost does not grow with it."""
         if max_tokens in self._service:
             return self._service[max_tokens]
         if not self._service:
             return None
         nearest = min(self._service, key=lambda n: abs(n - max_tokens))
-        return self._service[nearest] * max(max_tokens, 1) / max(nearest, 1)
+        return self._service[nearest]
 
     def _wait_s(self, ahead: list[_Waiter]) -> float:
         """Until a slot frees for the request behind `ahead`."""
@@ -129,12 +130,14 @@ class DeadlineQueue:
         service = self.service_s(request.max_tokens)
         rank = PRIORITIES.index(request.priority)
         ahead = [w for w in self._waiting if w.rank[0] <= rank]
-        expected = self._wait_s(ahead) + (service or 0.0)
-        if expected > left:
-            raise self._refuse(request.priority, expected, left)
         if self.running < self.slots and not self._waiting:
+            # A free slot: it starts now. Its own length is only an estimate (it may stop
+            # early), so an idle replica never refuses; the deadline cuts it if need be.
             self.running += 1
         else:
+            expected = self._wait_s(ahead) + (service or 0.0)
+            if expected > left:
+                raise self._refuse(request.priority, expected, left)
             waiter = _Waiter(
                 (rank, next(self._arrivals)),
                 arrived + left,

@@ -145,4 +145,17 @@ def test_service_time_is_measured_per_length():
 
     queue = asyncio.run(go())
     assert queue.service_s(32) < queue.service_s(200)
-    assert queue.service_s(400) == pytest.approx(2 * queue.service_s(200))  # scaled by length
+    assert queue.service_s(400) == queue.service_s(200)  # the nearest length measured
+
+
+def test_an_idle_replica_never_refuses():
+    """A free slot starts the request now, whatever its estimated length (it may stop early)."""
+
+    async def go():
+        queue = DeadlineQueue(1)
+        async with queue.slot(req(max_tokens=16)):
+            await asyncio.sleep(0.05)
+        async with queue.slot(req(deadline_s=0.001, max_tokens=16)):
+            return queue.refused
+
+    assert asyncio.run(go()) == {"interactive": 0, "batch": 0}
