@@ -127,14 +127,14 @@ class DeadlineQueue:
         finish inside `request.deadline_s`, now or by the time a slot frees."""
         arrived = self._now()
         left = math.inf if request.deadline_s is None else request.deadline_s
-        service = self.service_s(request.max_tokens)
-        rank = PRIORITIES.index(request.priority)
-        ahead = [w for w in self._waiting if w.rank[0] <= rank]
         if self.running < self.slots and not self._waiting:
             # A free slot: it starts now. Its own length is only an estimate (it may stop
             # early), so an idle replica never refuses; the deadline cuts it if need be.
             self.running += 1
         else:
+            service = self.service_s(request.max_tokens)
+            rank = PRIORITIES.index(request.priority)
+            ahead = [w for w in self._waiting if w.rank[0] <= rank]
             expected = self._wait_s(ahead) + (service or 0.0)
             if expected > left:
                 raise self._refuse(request.priority, expected, left)
