@@ -24,13 +24,28 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from hybrid_serve.agents.interfaces import Unavailable
-from hybrid_serve.schemas import PRIORITIES, GenerationRequest, Priority
+from hybrid_serve.schemas import PRIORITIES, Priority
 
 # Weight of the newest measurement in the service-time mean.
 EWMA_WEIGHT = 0.2
 OVERLOADED = "overloaded"
+
+
+class SlotRequest(Protocol):
+    """What admission needs of a request: its length (service times are measured per length),
+    what remains of its deadline, and its priority. A `GenerationRequest` is one."""
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    @property
+    def deadline_s(self) -> float | None: ...
+
+    @property
+    def priority(self) -> Priority: ...
 
 
 @dataclass(order=True)
@@ -122,7 +137,7 @@ class DeadlineQueue:
     # -- slots ---------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def slot(self, request: GenerationRequest) -> AsyncIterator[None]:
+    async def slot(self, request: SlotRequest) -> AsyncIterator[None]:
         """Held while the request runs; refused (Unavailable, `overloaded`) when it cannot
         finish inside `request.deadline_s`, now or by the time a slot frees."""
         arrived = self._now()
@@ -172,8 +187,17 @@ class DeadlineQueue:
             self._service.pop(next(iter(self._service)))
         self._service[max_tokens] = new
 
+    def resize(self, slots: int) -> None:
+        """A new number of slots, in place: who waits keeps its place (and, with more slots,
+        starts now); running work is not stopped by fewer."""
+        self.slots = max(1, slots)
+        self._hand_out()
+
     def _release(self) -> None:
         self.running -= 1
+        self._hand_out()
+
+    def _hand_out(self) -> None:
         while self._waiting and self.running < self.slots:
             waiter = heapq.heappop(self._waiting)
             if waiter.future.done():

@@ -11,7 +11,7 @@ from typing import Literal
 from hybrid_serve.agents import prompts
 from hybrid_serve.agents.citations import as_numbered, finalize_sources
 from hybrid_serve.agents.confidence import Confidence, score_answer
-from hybrid_serve.agents.context import RequestContext
+from hybrid_serve.agents.context import PROMPT_TRIMMED, RequestContext
 from hybrid_serve.agents.events import AnswerDelta
 from hybrid_serve.agents.interfaces import LLMRoles, Unavailable
 from hybrid_serve.agents.services import Services
@@ -23,10 +23,6 @@ from hybrid_serve.schemas import (
     Route,
     Subtask,
 )
-
-# Degraded reason of an answer whose prompt was fitted to the SLM's context: lower-ranked
-# passages (or the oldest chat turns) were left out.
-PROMPT_TRIMMED = "prompt_trimmed"
 
 Finish = Literal["stop", "length"]
 
@@ -131,6 +127,8 @@ async def llm_attempt(
     """The LLM tier's answer from the same evidence, under the same citation rules."""
     result = await llm.call("answer", ctx.call(query, passages, notes=notes))
     ctx.count_llm(result)
+    if result.passages_used is not None:
+        passages = passages[: result.passages_used]  # it can cite only what it saw
     text, citations, sources = finalize_sources(str(result.output), passages)
     confidence = score_answer(query, text, citations, passages, None)
     return Attempt(text, citations, passages, confidence, "claude", sources)

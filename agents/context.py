@@ -35,6 +35,10 @@ from hybrid_serve.schemas import (
 )
 
 T = TypeVar("T")
+
+# Degraded reason of an answer one of whose prompts (the SLM's or the LLM tier's) was fitted to
+# the model's context: lower-ranked passages (or the oldest chat turns) were left out.
+PROMPT_TRIMMED = "prompt_trimmed"
 # Kept back from the deadline for writing the response and the ledger's bookkeeping.
 RESPONSE_MARGIN_S = 0.25
 
@@ -204,6 +208,7 @@ class RequestContext:
             notes=notes,
             deadline=self.deadline.at,
             sensitive=self.sensitive,
+            priority=self.options.priority,
         )
 
     def count_slm(self, gen: GenerationResult) -> None:
@@ -221,3 +226,5 @@ class RequestContext:
         u.cost_usd = round(u.cost_usd + cu.cost_usd, 8)
         u.llm_tier = "on_premises" if self.on_premises else "hosted"
         u.llm_model = result.model
+        if result.passages_used is not None or result.history_dropped:
+            self.degrade(PROMPT_TRIMMED)

@@ -17,6 +17,7 @@ from hybrid_serve.schemas import (
     GenerationResult,
     Passage,
     PIIHandling,
+    Priority,
 )
 
 # (query, top_k, the collections the caller may read: None for all) -> ranked passages
@@ -69,6 +70,8 @@ class LLMCall:
     # The request is sensitive as far as the caller knows (the gateway's PrivacyGate checks the
     # content again, and refuses a hosted tier either way).
     sensitive: bool = False
+    # Batch work waits behind interactive work for the tier's concurrency cap.
+    priority: Priority = "interactive"
 
 
 @dataclass
@@ -88,6 +91,10 @@ class LLMResult:
     usage: CallUsage = field(default_factory=CallUsage)
     redacted: bool = False
     model: str | None = None  # as the tier reported it
+    # Set when the prompt was fitted to the tier's context: the passages it saw (the first
+    # ones) and the earlier chat turns left out.
+    passages_used: int | None = None
+    history_dropped: int = 0
 
 
 class Ledger(Protocol):

@@ -12,12 +12,14 @@ validated again with pydantic (`roles.py`).
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import email.utils
+import json
+import logging
 import re
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +27,7 @@ import anthropic
 from pydantic import BaseModel, ValidationError
 
 from hybrid_serve.agents import pricing
+from hybrid_serve.agents.admission import DeadlineQueue
 from hybrid_serve.agents.interfaces import CallUsage, LLMCall, LLMResult, Role, Unavailable
 from hybrid_serve.agents.limits import (
     BudgetExhausted,
@@ -35,11 +38,12 @@ from hybrid_serve.agents.limits import (
 )
 from hybrid_serve.agents.pii import Redactor
 from hybrid_serve.agents.policy import KEPT_LOCAL, PrivacyGate
-from hybrid_serve.agents.roles import ROLES, recover_tool_input, tool_spec
+from hybrid_serve.agents.roles import ROLES, RoleSpec, recover_tool_input, tool_spec
 from hybrid_serve.config import LLMConfig, PolicyConfig
-from hybrid_serve.schemas import PIIHandling
+from hybrid_serve.schemas import Priority
 
 T = TypeVar("T", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 # -- what the SDK's retries lack ----------------------------------------------------------------
 
@@ -50,11 +54,25 @@ class _InFlight:
 
     usage: CallUsage
     deadline: float | None
+    priority: Priority = "interactive"
+    max_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt as the concurrency cap admits it (`admission.SlotRequest`)."""
+
+    max_tokens: int
+    deadline_s: float | None
+    priority: Priority
 
 
 _in_flight: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar(
     "claude_in_flight", default=None
 )
+# Degraded reason of a call the concurrency cap refused: it could not start and finish inside
+# its request's deadline behind the calls ahead of it.
+LLM_OVERLOADED = "claude_overloaded"
 # An attempt with less time than this left before the request's deadline is not started.
 MIN_ATTEMPT_S = 0.5
 
@@ -91,21 +109,25 @@ def retry_after_s(headers: Any) -> float | None:
 
 class AttemptGuard(anthropic.Middleware):
     """Anthropic SDK middleware, run once per attempt inside the SDK's retry loop: holds a slot
-    of the concurrency cap for the attempt, counts it, starts none past the request's deadline,
-    and stops the retries when the API asks for a wait longer than `max_retry_after_s` (the SDK
-    would sleep up to any length)."""
+    of the concurrency cap for the attempt (interactive calls before batch ones; one that could
+    not finish before its request's deadline is refused at once: `admission.DeadlineQueue`),
+    counts it, starts none past the request's deadline, and stops the retries when the API asks
+    for a wait longer than `max_retry_after_s` (the SDK would sleep up to any length)."""
 
     def __init__(self, max_concurrency: int, max_retry_after_s: float) -> None:
-        self.slots = asyncio.Semaphore(max_concurrency)
+        self.slots = DeadlineQueue(max_concurrency)
         self.max_retry_after_s = max_retry_after_s
 
     async def handle_async(self, request: Any, call_next: Any) -> Any:
         call = _in_flight.get()
+        attempt = _Attempt(0, None, "interactive")  # counting tokens, asking the model list
         if call is not None:
             if call.deadline is not None and call.deadline - time.time() < MIN_ATTEMPT_S:
                 raise DeadlineReached()
             call.usage.attempts += 1
-        async with self.slots:
+            left = None if call.deadline is None else call.deadline - time.time()
+            attempt = _Attempt(call.max_tokens, left, call.priority)
+        async with self.slots.slot(attempt):
             response = await call_next(request)
         if response.status_code == 429 or response.status_code >= 500:
             wait = retry_after_s(response.headers)
@@ -158,6 +180,10 @@ class LLMGateway:
         self.ledger = Ledger(cfg.daily_budget_usd, cfg.request_budget_usd, ledger_path)
         self.retries = 0  # attempts beyond each call's first, since start
         self.recovered_tool_calls = 0  # tool calls taken from the reply's text
+        self.fitted_calls = 0  # calls whose prompt was cut to the tier's context
+        self._asked_context = False
+        self._served_context: int | None = None
+        self._can_count = True
 
     def reconfigure(self, cfg: LLMConfig, policy: PolicyConfig) -> None:
         """New limits, budgets, prices and policies, in place: the ledger's totals, the
@@ -166,7 +192,7 @@ class LLMGateway:
         self.cfg, self.policy = cfg, policy
         self.gate = PrivacyGate(policy, cfg.on_premises, kept.max_requests, kept.ttl_s)
         self.gate.refused, self.gate._kept = kept.refused, kept._kept
-        self.guard.slots = asyncio.Semaphore(cfg.max_concurrency)
+        self.guard.slots.resize(cfg.max_concurrency)
         self.guard.max_retry_after_s = cfg.max_retry_after_s
         if self.client is not None:
             self.client = self.client.with_options(
@@ -195,6 +221,9 @@ class LLMGateway:
             "reserved_usd": round(self.ledger.reserved, 8),
             "retries": self.retries,
             "recovered_tool_calls": self.recovered_tool_calls,
+            "fitted_calls": self.fitted_calls,
+            "queue": self.guard.slots.info(),
+            "context_tokens": self.cfg.known_context_tokens() or self._served_context,
             "kept_local": self.gate.refused,
             "totals": self.ledger.totals.__dict__,
         }
@@ -208,15 +237,7 @@ class LLMGateway:
             raise Unavailable(KEPT_LOCAL, f"kept inside the cluster: {why}")
         spec = ROLES[role]
         max_tokens = spec.max_tokens or min(self.cfg.max_tokens, 1024)
-        return await self._call(
-            request.request_id,
-            spec.system,
-            spec.user(request),
-            request.pii,
-            spec.tool,
-            max_tokens,
-            request.deadline,
-        )
+        return await self._call(request, spec, max_tokens)
 
     async def finish_request(
         self,
@@ -235,35 +256,30 @@ class LLMGateway:
 
     # -- one call, every limit -------------------------------------------------------------
 
-    async def _call(
-        self,
-        request_id: str,
-        system: str,
-        user: str,
-        pii: PIIHandling,
-        tool: tuple[str, type[T]] | None,
-        max_tokens: int,
-        deadline: float | None = None,
-    ) -> LLMResult:
+    async def _call(self, request: LLMCall, spec: RoleSpec, max_tokens: int) -> LLMResult:
         if self.client is None:
             raise Unavailable("claude_unavailable", self.unavailable_reason or "")
+        deadline = request.deadline
         left = None if deadline is None else deadline - time.time()
         if left is not None and left < MIN_ATTEMPT_S:
             raise Unavailable("deadline", "no time left in the request for a call")
         redactor = Redactor(names=self.policy.pii_names)
-        # `keep` (an on-premises tier only, checked by the configuration) sends the prompt as is.
-        outgoing = user if pii == "keep" else redactor.redact(user)
-        if redactor.found and pii == "block":
-            raise Unavailable("pii_blocked", "the prompt contains PII and pii=block")
+        if request.pii == "block":
+            redactor.redact(spec.user(request))
+            if redactor.found:
+                raise Unavailable("pii_blocked", "the prompt contains PII and pii=block")
         if not self.breaker.allow():
             raise Unavailable("claude_circuit_open")
         verdict: bool | None = None
         reserved = 0.0
         try:
-            input_estimate = pricing.estimate_tokens(system + outgoing) + (300 if tool else 0)
+            kwargs, sent = await self._fitted(request, spec, redactor, max_tokens)
+            input_estimate = pricing.estimate_tokens(
+                kwargs["system"][0]["text"] + kwargs["messages"][-1]["content"]
+            ) + (300 if spec.tool else 0)
             reserved = pricing.reserve_estimate(self.cfg, input_estimate, max_tokens)
             try:
-                self.ledger.reserve(request_id, reserved)
+                self.ledger.reserve(request.request_id, reserved)
             except BudgetExhausted as exc:
                 reserved = 0.0
                 raise Unavailable("budget_exhausted", str(exc)) from exc
@@ -271,31 +287,142 @@ class LLMGateway:
                 await self.limiter.acquire(input_estimate + max_tokens, left)
             except RateLimited as exc:
                 raise Unavailable("claude_rate_limited", str(exc)) from exc
-            kwargs = self._request(system, outgoing, tool, max_tokens)
             usage = CallUsage()
             started = time.perf_counter()
             try:
-                message = await self._send(kwargs, usage, deadline)
-            except Unavailable:
-                verdict = False
+                message = await self._send(kwargs, usage, deadline, request.priority)
+            except Unavailable as exc:
+                # The cap's own refusal says nothing of the tier's health.
+                verdict = None if exc.reason == LLM_OVERLOADED else False
                 raise
             finally:
                 usage.seconds = time.perf_counter() - started
-                self._settle(request_id, reserved, usage)
+                self._settle(request.request_id, reserved, usage)
                 reserved = 0.0
             verdict = True
-            output = self._parse(message, tool, redactor)
+            output = self._parse(message, spec.tool, redactor)
             served = getattr(message, "model", None) or self.cfg.model
-            return LLMResult(output=output, usage=usage, redacted=redactor.found, model=served)
+            result = LLMResult(output=output, usage=usage, redacted=redactor.found, model=served)
+            if sent is not request:
+                result.passages_used = len(sent.passages)
+                result.history_dropped = len(request.history) - len(sent.history)
+            return result
         finally:
             if reserved:
-                self.ledger.settle(request_id, reserved, 0.0)
+                self.ledger.settle(request.request_id, reserved, 0.0)
             if verdict is True:
                 self.breaker.success()
             elif verdict is False:
                 self.breaker.failure()
             else:
                 self.breaker.release_trial()
+
+    # -- the prompt fitted to the tier's context -------------------------------------------
+
+    async def _fitted(
+        self, request: LLMCall, spec: RoleSpec, redactor: Redactor, max_tokens: int
+    ) -> tuple[dict[str, Any], LLMCall]:
+        """The Messages API request for `request`, and the call it was built from: the whole
+        call when it fits the tier's context with room for `max_tokens`; else the earlier chat
+        turns left out oldest first, then the lowest-ranked passages, as few as needed (a
+        binary search: O(log n) counts). A prompt sure to fit by its bytes is never counted;
+        one that might not is counted by the tier (`count_tokens`, Anthropic's and vLLM's), or,
+        where the tier cannot count, held to the byte bound."""
+
+        def build(call: LLMCall) -> dict[str, Any]:
+            user = spec.user(call)
+            # `keep` (an on-premises tier only, checked by the configuration) sends it as is.
+            outgoing = user if call.pii == "keep" else redactor.redact(user)
+            return self._request(spec.system, outgoing, spec.tool, max_tokens)
+
+        whole = build(request)
+        context = await self._context_tokens()
+        if context is None:
+            return whole, request
+        room = context - max_tokens
+
+        async def fits(kwargs: dict[str, Any]) -> bool:
+            if byte_bound(kwargs) <= room:
+                return True
+            counted = await self._count_tokens(kwargs, request.deadline)
+            return counted is not None and counted <= room
+
+        if await fits(whole):
+            return whole, request
+        smaller = _smaller_calls(request)
+        low, high = -1, len(smaller)  # smaller[low] does not fit (or the whole), smaller[high] does
+        built: dict[int, dict[str, Any]] = {}
+        while high - low > 1:
+            mid = (low + high) // 2
+            built[mid] = build(smaller[mid])
+            if await fits(built[mid]):
+                high = mid
+            else:
+                low = mid
+        if high == len(smaller):
+            raise Unavailable(
+                "llm_prompt_too_long",
+                f"not even the question and one passage fit the tier's context of {context} "
+                f"tokens with room for {max_tokens}",
+            )
+        self.fitted_calls += 1
+        return built[high], smaller[high]
+
+    async def _context_tokens(self) -> int | None:
+        """The tier's context window: configured or known (`LLMConfig.known_context_tokens`),
+        else as the server's model list says (vLLM's `max_model_len`), asked once."""
+        known = self.cfg.known_context_tokens()
+        if known is not None or self._asked_context:
+            return known or self._served_context
+        self._asked_context = True
+        assert self.client is not None
+        try:
+            listing = await self.client.with_options(max_retries=1, timeout=5.0).get(
+                "/v1/models", cast_to=object
+            )
+            models = listing.get("data", []) if isinstance(listing, dict) else []
+            for model in models:
+                if isinstance(model, dict) and model.get("id") == self.cfg.model:
+                    size = model.get("max_model_len") or model.get("max_input_tokens")
+                    self._served_context = int(size) if size else None
+        except (anthropic.APIError, ValueError, TypeError):
+            self._served_context = None
+        if self._served_context is None:
+            log.warning(
+                "the LLM tier does not say its context window: prompts are not fitted to it "
+                "(set llm.context_tokens)"
+            )
+        return self._served_context
+
+    async def _count_tokens(self, kwargs: dict[str, Any], deadline: float | None) -> int | None:
+        """The request's input tokens as the tier counts them; None where it cannot count (a
+        server without `count_tokens`). A tier that refuses to count a prompt longer than its
+        whole context (vLLM) has answered too: it does not fit."""
+        if not self._can_count:
+            return None
+        assert self.client is not None
+        timeout = self.cfg.timeout_s
+        if deadline is not None:
+            timeout = min(timeout, max(deadline - time.time(), MIN_ATTEMPT_S))
+        body = {k: kwargs[k] for k in _COUNTED if k in kwargs}
+        try:
+            counted = await self.client.with_options(
+                max_retries=1, timeout=timeout
+            ).messages.count_tokens(**body)
+        except anthropic.BadRequestError as exc:
+            if "context length" in str(exc):
+                return sys.maxsize
+            self._can_count = False
+        except anthropic.APIStatusError as exc:
+            # A server without the route; errors of the moment leave counting on.
+            self._can_count = exc.status_code not in (404, 405, 501)
+            return None
+        except anthropic.APIError:
+            return None
+        else:
+            return counted.input_tokens
+        log.warning("the LLM tier cannot count tokens: prompts are fitted by their bytes")
+        return None
 
     def _request(
         self, system: str, user: str, tool: tuple[str, type[T]] | None, max_tokens: int
@@ -327,7 +454,13 @@ class LLMGateway:
         t.cache_read_tokens += usage.cache_read_tokens
         t.cache_write_tokens += usage.cache_write_tokens
 
-    async def _send(self, kwargs: dict[str, Any], usage: CallUsage, deadline: float | None) -> Any:
+    async def _send(
+        self,
+        kwargs: dict[str, Any],
+        usage: CallUsage,
+        deadline: float | None,
+        priority: Priority = "interactive",
+    ) -> Any:
         """One Messages API call with the SDK's retries, each attempt's timeout cut to what
         remains of the request's deadline; its failures as degraded reasons."""
         assert self.client is not None
@@ -335,9 +468,11 @@ class LLMGateway:
         if deadline is not None:
             left = max(deadline - time.time(), MIN_ATTEMPT_S)
             client = client.with_options(timeout=min(self.cfg.timeout_s, left))
-        token = _in_flight.set(_InFlight(usage, deadline))
+        token = _in_flight.set(_InFlight(usage, deadline, priority, kwargs["max_tokens"]))
         try:
             message = await client.messages.create(**kwargs)
+        except Unavailable as exc:  # the concurrency cap's refusal (admission by deadline)
+            raise Unavailable(LLM_OVERLOADED, exc.detail, exc.retry_after_s) from exc
         except DeadlineReached as exc:
             raise Unavailable("deadline", "the request's deadline ended the retries") from exc
         except RetryAfterTooLong as exc:
@@ -380,6 +515,31 @@ class LLMGateway:
             ) from exc
         self.recovered_tool_calls += recovered
         return _restore_model(parsed, redactor)
+
+
+# Tokens a tier's rendering adds beyond the request's text: role markers, the chat template, and
+# the tool-use instructions a Messages API puts in front of tools (a few hundred on Anthropic's).
+TEMPLATE_TOKENS = 512
+# What `count_tokens` takes of a Messages API request.
+_COUNTED = ("model", "system", "messages", "tools", "tool_choice")
+
+
+def byte_bound(kwargs: dict[str, Any]) -> int:
+    """Input tokens a request cannot exceed, known without a tokenizer: a byte-level BPE (or
+    byte-fallback) tokenizer never makes more tokens than the text has UTF-8 bytes."""
+    text = json.dumps([kwargs.get(k) for k in _COUNTED[1:]], ensure_ascii=False)
+    return len(text.encode()) + TEMPLATE_TOKENS
+
+
+def _smaller_calls(request: LLMCall) -> list[LLMCall]:
+    """`request` with less and less in it, in the order things are given up: earlier chat
+    turns oldest first, then passages from the lowest-ranked (one passage at least stays)."""
+    history, passages = list(request.history), list(request.passages)
+    calls = [replace(request, history=history[i:]) for i in range(1, len(history) + 1)]
+    calls += [
+        replace(request, history=(), passages=passages[:n]) for n in range(len(passages) - 1, 0, -1)
+    ]
+    return calls
 
 
 _PLACEHOLDER = re.compile(r"\[[A-Z]+_\d+\]")

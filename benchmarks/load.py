@@ -2,6 +2,7 @@
 
     hybrid-serve bench load --url URL [--rate R | --concurrency C] [--sweep R1,R2,...]
                             --duration SECONDS [--deadline S] [--priority batch]
+                            [--batch-share 0.5]
                             [--queries FILE] --out DIR
 
 Open loop (`--rate`, `--sweep`): arrivals are a Poisson process at the offered rate and every
@@ -11,6 +12,8 @@ The first `--warmup` seconds are sent but not counted. Everything per route, tok
 from the responses' own `route` and `usage` fields. Goodput counts the answers that arrived inside
 their deadline (`--deadline`, sent as X-Request-Timeout; else the server's default, 60 s) from
 their scheduled arrival: what a client received in time, where throughput counts every answer.
+`--batch-share` sends that share of the requests (drawn at random, seeded) as `X-Priority: batch`
+and the rest as interactive, and reports each class's goodput (`by_priority`).
 
 `DIR/report.json` fields (stable): `mode`, `offered_rps`, `throughput_rps`, `goodput_rps`,
 `deadline_s`, `refusals` (503s: `count`, `rate`, `latency_ms`), `requests`
@@ -21,7 +24,9 @@ over successful counted requests), `errors` (count by HTTP status, or `timeout` 
 (one such object per rate, every rate given) and `saturation_rps`; `replica_time` (with an
 admin key: the SLM replica's busy seconds during the run against the answers' summed
 `slm_cost_usd`; `answers_over_busy` is 1.0 when every charge adds up). Also `report.md` and
-`latency_vs_load.png`, `throughput_vs_load.png` (throughput and goodput), `cost_per_1k.png`.
+`latency_vs_load.png`, `throughput_vs_load.png` (throughput and goodput), `cost_per_1k.png`;
+with `--batch-share`, `by_priority` (per class: `sent`, `ok`, `throughput_rps`, `goodput_rps`,
+`refusals`, `latency_ms`).
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class Result:
     ttft_ms: float | None = None
     route: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    priority: str | None = None  # as sent (X-Priority), when the run mixes classes
 
     @property
     def ok(self) -> bool:
@@ -121,13 +127,33 @@ class Result:
 
 
 async def one_request(
-    client: httpx.AsyncClient, body: dict[str, Any], stream: bool, t0: float, scheduled: float
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    stream: bool,
+    t0: float,
+    scheduled: float,
+    priority: str | None = None,
 ) -> Result:
-    """Latency from the scheduled arrival (open loop) or the send (closed loop: scheduled=now)."""
+    """Latency from the scheduled arrival (open loop) or the send (closed loop: scheduled=now).
+    `priority`: this request's X-Priority, over the run's."""
+    result = await _one_request(client, body, stream, t0, scheduled, priority)
+    result.priority = priority
+    return result
+
+
+async def _one_request(
+    client: httpx.AsyncClient,
+    body: dict[str, Any],
+    stream: bool,
+    t0: float,
+    scheduled: float,
+    priority: str | None,
+) -> Result:
     start = t0 + scheduled
+    headers = {"x-priority": priority} if priority else None
     try:
         if not stream:
-            r = await client.post("/v1/answer", json=body)
+            r = await client.post("/v1/answer", json=body, headers=headers)
             latency = (time.perf_counter() - start) * 1000
             if r.status_code != 200:
                 return Result(scheduled, latency, r.status_code)
@@ -135,7 +161,7 @@ async def one_request(
             return Result(scheduled, latency, 200, None, data.get("route"), data.get("usage", {}))
         ttft = None
         done: dict[str, Any] | None = None
-        request = {"json": {**body, "stream": True}}
+        request = {"json": {**body, "stream": True}, "headers": headers}
         async with aconnect_sse(client, "POST", "/v1/answer", **request) as source:
             r = source.response
             if r.status_code != 200:
@@ -174,6 +200,7 @@ class RunSpec:
     use_cache: bool = False
     deadline_s: float | None = None  # sent as X-Request-Timeout
     priority: str | None = None  # sent as X-Priority
+    batch_share: float = 0.0  # this share of the requests sent as X-Priority: batch
 
 
 async def replica_time(client: httpx.AsyncClient) -> dict[str, Any] | None:
@@ -239,6 +266,14 @@ async def run_load(
         def body(i: int) -> dict[str, Any]:
             return dict(queries[i % len(queries)])
 
+        # The classes drawn from their own generator: the arrivals are those of an unmixed run.
+        classes = random.Random(spec.seed + 1)
+
+        def priority() -> str | None:
+            if not spec.batch_share:
+                return None
+            return "batch" if classes.random() < spec.batch_share else "interactive"
+
         if spec.rate is not None:  # open loop
             arrivals = poisson_arrivals(spec.rate, total, rng)
             if spec.max_requests:
@@ -248,7 +283,9 @@ async def run_load(
                 delay = t0 + at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                task = asyncio.create_task(one_request(client, body(i), spec.stream, t0, at))
+                task = asyncio.create_task(
+                    one_request(client, body(i), spec.stream, t0, at, priority())
+                )
                 task.add_done_callback(lambda t: results.append(t.result()))
                 tasks.append(task)
                 sent += 1
@@ -264,7 +301,9 @@ async def run_load(
                         return
                     sent += 1
                     now = time.perf_counter() - t0
-                    results.append(await one_request(client, body(i), spec.stream, t0, now))
+                    results.append(
+                        await one_request(client, body(i), spec.stream, t0, now, priority())
+                    )
 
             await asyncio.gather(*(worker() for _ in range(spec.concurrency or 1)))
         stop_progress.set()
@@ -357,6 +396,25 @@ def summarize(
     deadline_s = spec.deadline_s or SERVER_DEFAULT_DEADLINE_S
     in_time = [r for r in ok if r.latency_ms <= deadline_s * 1000]
     refused = [r for r in counted if r.status == 503]
+
+    def one_class(rs: list[Result]) -> dict[str, Any]:
+        answered = [r for r in rs if r.ok]
+        good = [r for r in answered if r.latency_ms <= deadline_s * 1000]
+        no = [r for r in rs if r.status == 503]
+        return {
+            "sent": len(rs),
+            "ok": len(answered),
+            "throughput_rps": round(len(answered) / window, 3) if window > 0 else 0.0,
+            "goodput_rps": round(len(good) / window, 3) if window > 0 else 0.0,
+            "refusals": {"count": len(no), "rate": round(len(no) / len(rs), 4) if rs else 0.0},
+            "latency_ms": percentiles([r.latency_ms for r in answered]),
+        }
+
+    by_priority = None
+    if spec.batch_share:
+        by_priority = {
+            p: one_class([r for r in counted if r.priority == p]) for p in ("interactive", "batch")
+        }
     return {
         "mode": "open" if spec.rate is not None else "closed",
         "offered_rps": spec.rate,
@@ -373,6 +431,7 @@ def summarize(
             "latency_ms": percentiles([r.latency_ms for r in refused]),
         },
         "requests": {"sent": len(results), "counted": len(counted), "ok": len(ok)},
+        "by_priority": by_priority,
         "latency_ms": latency,
         "ttft_ms": percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         "errors": dict(errors),
@@ -471,6 +530,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"{'-' if refusal is None else f'{refusal:.0f}'} | "
             f"{'met' if r['slo']['met'] else 'missed'} |"
         )
+    if any(r.get("by_priority") for r in runs):
+        lines += [
+            "",
+            "## By priority",
+            "",
+            "| offered | class | sent | goodput rps | refused | p50 ms | p95 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            offered = f"{r['offered_rps']} rps" if r["offered_rps"] else f"C={r['concurrency']}"
+            for name, c in (r.get("by_priority") or {}).items():
+                lat = c["latency_ms"]
+                p50, p95 = (f"{lat[k]:.0f}" if lat[k] is not None else "-" for k in ("p50", "p95"))
+                lines.append(
+                    f"| {offered} | {name} | {c['sent']} | {c['goodput_rps']:.3f} | "
+                    f"{c['refusals']['rate']:.1%} | {p50} | {p95} |"
+                )
     if report.get("saturation_rps") is not None:
         lines += [
             "",
@@ -585,6 +661,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--priority", choices=["interactive", "batch"], help="sent as X-Priority (batch yields)"
     )
+    ap.add_argument(
+        "--batch-share",
+        type=float,
+        default=0.0,
+        help="send this share of the requests (0-1, drawn at random) as X-Priority: batch and "
+        "the rest as interactive; goodput is reported per class",
+    )
     ap.add_argument("--api-key", help="bearer key (default: $HYBRID_SERVE_API_KEY)")
     ap.add_argument(
         "--use-cache",
@@ -625,6 +708,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             use_cache=args.use_cache,
             deadline_s=args.deadline,
             priority=args.priority,
+            batch_share=args.batch_share,
         )
 
     def measure(rate: float | None) -> dict[str, Any]:

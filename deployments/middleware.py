@@ -169,13 +169,35 @@ class ControlHeadersMiddleware:
 class AdmissionMiddleware:
     """503 + Retry-After once `limit` requests are in progress, instead of queueing without end.
     A request counts once its body has arrived: clients that send their bodies slowly hold no
-    slot (the body is bounded by BodyLimitMiddleware, outside this one)."""
+    slot (the body is bounded by BodyLimitMiddleware, outside this one). Batch requests
+    (X-Priority) are refused first: they may take only the share of the slots that
+    `interactive_reserve` leaves, so a flood of batch work cannot shut interactive work out."""
 
-    def __init__(self, app: ASGIApp, limit: Callable[[], int], retry_after_s: Callable[[], int]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: Callable[[], int],
+        retry_after_s: Callable[[], int],
+        interactive_reserve: Callable[[], float] = lambda: 0.0,
+    ):
         self.app = app
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.interactive_reserve = interactive_reserve
         self.in_progress = 0
+
+    def _limit_for(self, scope: Scope) -> tuple[int, Priority]:
+        limit = self.limit()
+        priority: Priority = "interactive"
+        for name, value in scope.get("headers", []):
+            if name == b"x-priority":
+                try:
+                    priority = request_priority(value.decode("latin-1"))
+                except ValueError:
+                    pass  # ControlHeadersMiddleware answers it
+        if priority == "batch":
+            limit = max(1, math.floor(limit * (1 - self.interactive_reserve())))
+        return limit, priority
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or path_of(scope) in OPEN_PATHS:
@@ -194,10 +216,18 @@ class AdmissionMiddleware:
         async def replayed() -> Message:
             return next(replay, None) or await receive()
 
-        if self.in_progress >= self.limit():
+        limit, priority = self._limit_for(scope)
+        if self.in_progress >= limit:
+            kept = (
+                f"; batch requests may take {limit} of its {self.limit()}, the rest are kept "
+                "for interactive ones (http.interactive_reserve)"
+                if priority == "batch"
+                else ""
+            )
             response = error_response(
                 503,
-                f"the server is at capacity ({self.limit()} requests in progress); retry shortly",
+                f"the server is at capacity ({self.in_progress} requests in progress{kept}); "
+                "retry shortly",
                 "overloaded",
                 {"Retry-After": str(self.retry_after_s())},
                 path_of(scope),

@@ -69,6 +69,7 @@ def create_app() -> FastAPI:
         AdmissionMiddleware,
         limit=lambda: http().max_concurrent_requests,
         retry_after_s=lambda: http().retry_after_s,
+        interactive_reserve=lambda: http().interactive_reserve,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: http().max_body_bytes)
     app.add_middleware(ControlHeadersMiddleware, max_s=lambda: http().max_request_timeout_s)

@@ -308,6 +308,10 @@ class LLMTierDeployment(VLLMEngineConfig):
     warmup_timeout_s: float = Field(600.0, gt=0, description="Bound on the first generation.")
 
 
+# The context window of Claude's models on Anthropic's API.
+ANTHROPIC_CONTEXT_TOKENS = 200_000
+
+
 class LLMConfig(_Section):
     """The LLM tier: Anthropic's API (Claude) by default, or any server of the Messages API
     (`base_url`), such as vLLM on the cluster's own GPUs (`deploy`). Configured as `llm` (`claude`,
@@ -331,6 +335,7 @@ class LLMConfig(_Section):
             "daily_budget_usd",
             "request_budget_usd",
             "prices",
+            "context_tokens",
         }
     )
 
@@ -364,6 +369,13 @@ class LLMConfig(_Section):
     )
     deploy: LLMTierDeployment = Field(default_factory=LLMTierDeployment)
     max_tokens: int = Field(1024, ge=1, description="Output ceiling of one call.")
+    context_tokens: int | None = Field(
+        None,
+        ge=256,
+        description="The tier's context window in tokens: every call's prompt is fitted to it "
+        "with room for its output. Unset: the deployed tier's max_model_len, 200,000 for "
+        "Anthropic's API, or what another server's /v1/models says (vLLM's max_model_len).",
+    )
     timeout_s: float = Field(30.0, gt=0, description="Per attempt.")
     max_retries: int = Field(
         3,
@@ -392,6 +404,14 @@ class LLMConfig(_Section):
 
     def price(self, model: str | None = None) -> ModelPrice:
         return self.prices.get(model or self.model) or self.prices["default"]
+
+    def known_context_tokens(self) -> int | None:
+        """The tier's context window as the configuration knows it; None: ask the server."""
+        if self.context_tokens is not None:
+            return self.context_tokens
+        if self.deploy.enabled and not self.base_url:
+            return self.deploy.max_model_len
+        return ANTHROPIC_CONTEXT_TOKENS if self.base_url is None else None
 
     @property
     def tier(self) -> Literal["on_premises", "hosted"]:
@@ -546,6 +566,13 @@ class HTTPConfig(_Section):
     max_messages: int = Field(64, ge=1, description="Most chat messages in one request.")
     max_concurrent_requests: int = Field(
         64, ge=1, description="Requests in progress per ingress replica before 503 + Retry-After."
+    )
+    interactive_reserve: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of max_concurrent_requests that batch requests (X-Priority: batch) "
+        "may not take: kept for interactive ones.",
     )
     retry_after_s: int = Field(2, ge=0, description="Retry-After sent with 503 when overloaded.")
     api_keys: list[str | APIKey] = Field(

@@ -135,6 +135,40 @@ def test_claude_mode_answer_comes_from_the_tier(tier):
     assert span.attributes["gen_ai.response.model"] == MODEL
 
 
+def test_a_prompt_past_the_tiers_context_is_fitted_not_refused(tier):
+    """30 long passages are more than the tier's 4,096 tokens: the tier itself counts the prompt
+    (vLLM's count_tokens) and gets the best passages that fit, where it refused the whole one."""
+    words = "owl river stone cloud lamp field bread tower song glass".split()
+    docs = [
+        {
+            "id": f"tier-fit-{i}",
+            "title": f"Qvzx log {i}",
+            "text": " ".join(
+                f"Qvzx entry {i}.{j} lists {' '.join(words[(i + j + k) % 10] for k in range(16))}."
+                for j in range(10)
+            ),
+        }
+        for i in range(30)
+    ]
+    for i in range(0, len(docs), 10):
+        r = httpx.post(
+            f"{tier.url}/v1/documents", json={"documents": docs[i : i + 10]}, timeout=120
+        )
+        assert r.status_code == 201, r.text
+    try:
+        before = wait_ready(tier.url)["components"]["claude"]["fitted_calls"]
+        body = tier.answer(
+            query="Which qvzx entry lists an owl?", mode="claude", verify="never", top_k=30
+        )
+        assert body["route"] == "claude", body  # the tier answered: its prompt fitted
+        assert "prompt_trimmed" in body["degraded"]
+        assert wait_ready(tier.url)["components"]["claude"]["fitted_calls"] == before + 1
+        assert 2000 < body["usage"]["claude_input_tokens"] <= 4096 - 48
+    finally:
+        for d in docs:
+            httpx.delete(f"{tier.url}/v1/documents/{d['id']}", timeout=60)
+
+
 def test_plan_with_subtasks_by_the_tier(tier):
     # No grade here: a minute of this model's bounded notes on 2 cores; the tier's grading
     # schema is exercised through the SDK above, the pipeline's grading against the Messages-API

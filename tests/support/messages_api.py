@@ -2,8 +2,10 @@
 
 Claude is unreachable from here, so this is the network boundary's stand-in. It answers JSON and
 SSE, tool use (`tool_choice: {"type": "tool"}`), and injected faults: 429/529/500 with or without
-`retry-after`, slow responses, connection resets and malformed tool input. It records every request
-it receives, so a test can prove what did, or did not, leave the cluster.
+`retry-after`, slow responses, connection resets and malformed tool input; `count_tokens` and the
+model list, with a context window per model when a test gives one (`context_tokens`; a prompt
+past it is refused as vLLM refuses it). It records every request it receives, so a test can prove
+what did, or did not, leave the cluster.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class MessagesAPIServer:
     on_request: Callable[[Recorded], None] | None = None
     # A fault for every request the queue has none for: an upstream that hangs or is slow.
     always: Fault | None = None
+    # Model id -> context window: listed by GET /v1/models (`max_input_tokens`, as Anthropic's
+    # API says it), and enforced by count_tokens.
+    context_tokens: dict[str, int] = field(default_factory=dict)
+    counts: bool = True  # False: no count_tokens route (404), as some Messages-API servers
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -94,6 +100,16 @@ class MessagesAPIServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] != "/v1/models":
+                    self._json(404, _error("not_found_error", "no such route"))
+                    return
+                models = [
+                    {"type": "model", "id": name, "display_name": name, "max_input_tokens": n}
+                    for name, n in server.context_tokens.items()
+                ]
+                self._json(200, {"data": models, "has_more": False})
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
@@ -105,9 +121,12 @@ class MessagesAPIServer:
                 rec = Recorded(
                     self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time()
                 )
+                counting = self.path.split("?")[0] == "/v1/messages/count_tokens"
                 with server._lock:
                     server.requests.append(rec)
-                    fault = server.faults.popleft() if server.faults else server.always
+                    fault = None
+                    if not counting:  # faults are for the calls that generate
+                        fault = server.faults.popleft() if server.faults else server.always
                 if server.on_request:
                     server.on_request(rec)
                 if not self.path.startswith("/v1/messages"):
@@ -115,6 +134,12 @@ class MessagesAPIServer:
                     return
                 if not (self.headers.get("x-api-key") or self.headers.get("authorization")):
                     self._json(401, _error("authentication_error", "missing API key"))
+                    return
+                if counting and not server.counts:
+                    self._json(404, _error("not_found_error", "no such route"))
+                    return
+                if counting:
+                    self._count(body)
                     return
                 if fault and fault.delay_s:
                     time.sleep(fault.delay_s)
@@ -138,6 +163,15 @@ class MessagesAPIServer:
                     self._sse(message)
                 else:
                     self._json(200, message, trickle_s=fault.trickle_s if fault else 0.0)
+
+            def _count(self, body: dict[str, Any]) -> None:
+                n = count_tokens(body)
+                window = server.context_tokens.get(body.get("model", ""))
+                if window is not None and n > window:
+                    message = f"This model's maximum context length is {window} tokens."
+                    self._json(400, _error("invalid_request_error", message))
+                    return
+                self._json(200, {"input_tokens": n})
 
             def _json(
                 self,
@@ -260,7 +294,12 @@ class MessagesAPIServer:
             reqs = list(self.requests)
         if tool is None:
             return reqs
-        return [r for r in reqs if (r.body.get("tool_choice") or {}).get("name") == tool]
+        return [
+            r
+            for r in reqs
+            if (r.body.get("tool_choice") or {}).get("name") == tool
+            and not r.path.startswith("/v1/messages/count_tokens")
+        ]
 
     # -- responses ---------------------------------------------------------------------------
 
@@ -323,6 +362,13 @@ class MessagesAPIServer:
                 "cache_read_input_tokens": cache_read,
             },
         }
+
+
+def count_tokens(body: dict[str, Any]) -> int:
+    """This server's token count of a request: a token every four characters of what it carries
+    (system, messages, tools), as the usage of its replies counts them."""
+    parts = [body.get("system"), body.get("messages"), body.get("tools")]
+    return max(1, len(json.dumps(parts, ensure_ascii=False)) // 4)
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:

@@ -19,9 +19,10 @@ async def echo(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
-def call(app, chunks: list[bytes], gate: asyncio.Event | None = None):
+def call(app, chunks: list[bytes], gate: asyncio.Event | None = None, priority: str = ""):
     """Send `chunks` as the body (waiting on `gate` before the last); return (status, body)."""
-    scope = {"type": "http", "method": "POST", "path": "/v1/answer", "headers": []}
+    headers = [(b"x-priority", priority.encode())] if priority else []
+    scope = {"type": "http", "method": "POST", "path": "/v1/answer", "headers": headers}
     pending = list(chunks)
     sent: list[dict] = []
 
@@ -71,5 +72,33 @@ def test_past_the_limit_a_complete_request_is_refused_at_once():
         status, body = await call(app, [b"b"])
         assert status == 503 and b"at capacity" in body
         assert (await first) == (200, b"a")
+
+    asyncio.run(scenario())
+
+
+def test_batch_requests_cannot_take_the_slots_kept_for_interactive_ones():
+    release = asyncio.Event()
+
+    async def hold(scope, receive, send):
+        await release.wait()
+        await echo(scope, receive, send)
+
+    app = AdmissionMiddleware(
+        hold, limit=lambda: 4, retry_after_s=lambda: 3, interactive_reserve=lambda: 0.5
+    )
+
+    async def scenario():
+        batch = [asyncio.create_task(call(app, [b"b"], priority="batch")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert app.in_progress == 2
+        status, body = await call(app, [b"b3"], priority="Batch")  # half the slots: refused
+        assert status == 503 and b"batch requests may take 2 of its 4" in body
+        interactive = [asyncio.create_task(call(app, [b"i"])) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert app.in_progress == 4  # interactive work still got in
+        status, _ = await call(app, [b"i3"], priority="interactive")
+        assert status == 503  # the whole limit holds for everyone
+        release.set()
+        assert [await t for t in batch + interactive] == [(200, b"b")] * 2 + [(200, b"i")] * 2
 
     asyncio.run(scenario())

@@ -10,7 +10,7 @@ from anthropic import AsyncAnthropic
 from hybrid_serve.agents import pricing
 from hybrid_serve.agents.interfaces import LLMCall, Unavailable
 from hybrid_serve.agents.llm_gateway import LLMGateway
-from hybrid_serve.agents.roles import Grade, RewritePlan, tool_spec
+from hybrid_serve.agents.roles import ROLES, Grade, RewritePlan, tool_spec
 from hybrid_serve.config import LLMConfig, PolicyConfig
 from hybrid_serve.schemas import Passage
 from tests.support.messages_api import Fault, MessagesAPIServer
@@ -261,3 +261,134 @@ def test_length_bounds_are_in_the_full_schema_and_cut_to_not_rejected():
     st = plan.subtasks[0]  # a model that overshoots is cut to the bounds, not failed
     assert len(st.question) == 300 and len(st.search_queries) == 3 and st.id == "s1-too-l"
     assert all(len(q) == 120 for q in st.search_queries)
+
+
+# -- the prompt fitted to the tier's context -------------------------------------------------
+
+SMALL = "small-tier-model"
+
+
+def long_passages(n: int, chars: int = 1000) -> list[Passage]:
+    sentence = "The harbour bridge carries eight lanes of traffic over the water. "
+    text = (sentence * (chars // len(sentence) + 1))[:chars]
+    return [
+        Passage(chunk_id=f"d{i}#0", doc_id=f"d{i}", title=f"Doc {i}", text=f"{i}: {text}")
+        for i in range(n)
+    ]
+
+
+def sent(server) -> list:
+    return [r for r in server.calls() if r.path.split("?")[0] == "/v1/messages"]
+
+
+def counted(server) -> list:
+    return [r for r in server.calls() if "count_tokens" in r.path]
+
+
+def small_tier(server, window: int = 3000, **claude) -> LLMGateway:
+    """A tier at a base URL whose model list says its context window, as vLLM's does."""
+    server.context_tokens[SMALL] = window
+    return gateway(server, model=SMALL, base_url=server.url, **claude)
+
+
+def test_a_prompt_past_the_tiers_context_keeps_the_best_passages_that_fit(server):
+    from tests.support.messages_api import count_tokens
+
+    g = small_tier(server, window=3000)
+    passages = long_passages(40)
+    result = run(g.call("answer", LLMCall("r", "Which bridge?", passages, "redact")))
+    kept = result.passages_used
+    assert kept is not None and 1 <= kept < 40 and g.status()["fitted_calls"] == 1
+    [message] = sent(server)
+    room = 3000 - 1024  # the answer role's max_tokens
+    assert count_tokens(message.body) <= room
+    prompt = message.body["messages"][0]["content"]
+    assert f"[{kept}] (Doc {kept - 1})" in prompt and f"[{kept + 1}]" not in prompt
+    # The best passages are the ones kept, and one more would not have fitted.
+    bigger = LLMCall("r2", "Which bridge?", passages[: kept + 1], "redact")
+    bigger_user = ROLES["answer"].user(bigger)
+    assert (
+        count_tokens({**message.body, "messages": [{"role": "user", "content": bigger_user}]})
+        > room
+    )
+    # A binary search: a handful of counts for 40 passages, not one per passage.
+    assert 2 <= len(counted(server)) <= 8
+
+
+def test_a_prompt_sure_to_fit_is_never_counted(server):
+    g = small_tier(server, window=100_000)
+    result = run(
+        g.call(
+            "verify",
+            LLMCall("r", "Which bridge?", long_passages(5), "redact", answer="The bridge [1]."),
+        )
+    )
+    assert result.passages_used is None and counted(server) == [] and len(sent(server)) == 1
+
+
+def test_older_chat_turns_go_before_any_passage(server):
+    g = small_tier(server, window=1500)
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 300}
+        for i in range(6)
+    ]
+    call = LLMCall("r", "And its length?", long_passages(1, 200), "redact", history=history)
+    result = run(g.call("condense", call))
+    assert result.history_dropped > 0 and result.passages_used == 1
+    prompt = sent(server)[0].body["messages"][0]["content"]
+    assert "turn 5" in prompt and "turn 0" not in prompt  # the latest turns stay
+
+
+def test_a_question_too_long_for_the_tier_is_not_sent(server):
+    g = small_tier(server, window=2000)
+    call = LLMCall("r", "Which bridge? " * 400, long_passages(3), "redact")
+    with pytest.raises(Unavailable) as err:
+        run(g.call("answer", call))
+    assert err.value.reason == "llm_prompt_too_long" and "2000 tokens" in err.value.detail
+    assert sent(server) == []  # counted, never generated from
+
+
+def test_a_tier_that_cannot_count_is_held_to_the_byte_bound(server):
+    from hybrid_serve.agents.llm_gateway import byte_bound
+
+    g = small_tier(server, window=4000)
+    server.counts = False  # a Messages-API server without count_tokens
+    result = run(g.call("answer", LLMCall("r", "Which bridge?", long_passages(40), "redact")))
+    assert result.passages_used is not None and result.passages_used >= 1
+    [message] = sent(server)
+    assert byte_bound(message.body) <= 4000 - 1024
+    assert len(counted(server)) == 1  # asked once, then not again
+    run(g.call("answer", LLMCall("r2", "Which bridge?", long_passages(40), "redact")))
+    assert len(counted(server)) == 1
+
+
+# -- the concurrency cap: priority and deadlines ---------------------------------------------
+
+
+def test_interactive_calls_go_before_batch_calls_and_a_hopeless_one_is_refused_at_once(server):
+    server.always = Fault(delay_s=0.4)
+    g = gateway(server, max_concurrency=1)
+
+    def call(rid: str, priority: str, deadline: float | None = None) -> LLMCall:
+        return LLMCall(rid, rid, PASSAGES, "redact", priority=priority, deadline=deadline)
+
+    async def scenario() -> list[str]:
+        await g.call("answer", call("warm", "interactive"))  # measures the service time
+        first = asyncio.create_task(g.call("answer", call("first", "interactive")))
+        await asyncio.sleep(0.1)
+        batch = asyncio.create_task(g.call("answer", call("batch", "batch")))
+        await asyncio.sleep(0.05)
+        interactive = asyncio.create_task(g.call("answer", call("interactive", "interactive")))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as err:  # 3 calls of 0.4 s ahead, 1 s left
+            await g.call("answer", call("late", "batch", deadline=time.time() + 1.0))
+        assert err.value.reason == "claude_overloaded" and err.value.retry_after_s >= 1
+        assert time.monotonic() - started < 0.2  # refused at once, not at its deadline
+        await asyncio.gather(first, batch, interactive)
+        return [json.loads(json.dumps(r.body))["messages"][0]["content"] for r in server.calls()]
+
+    order = run(scenario())
+    asked = [next(q for q in ("warm", "first", "batch", "interactive") if q in m) for m in order]
+    assert asked == ["warm", "first", "interactive", "batch"]
+    assert g.breaker.state == "closed" and g.status()["queue"]["refused"]["batch"] == 1

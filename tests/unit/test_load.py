@@ -93,6 +93,22 @@ def test_goodput_counts_the_answers_inside_their_deadline():
     assert s["deadline_s"] == 2.0
 
 
+def test_a_mixed_run_reports_each_priority_class():
+    spec = RunSpec(url="http://x", duration=4, rate=2.0, warmup=0, deadline_s=2.0, batch_share=0.5)
+    results = [
+        Result(0.0, 1500.0, 200, None, "slm", usage(0), priority="interactive"),
+        Result(1.0, 1900.0, 200, None, "slm", usage(0), priority="interactive"),
+        Result(2.0, 2500.0, 200, None, "slm", usage(0), priority="batch"),  # late
+        Result(3.0, 12.0, 503, priority="batch"),
+    ]
+    s = summarize(results, spec, slo_p95_ms=5000, max_error_rate=1.0)  # a 3-s window
+    interactive, batch = s["by_priority"]["interactive"], s["by_priority"]["batch"]
+    assert interactive["goodput_rps"] == 0.667 and interactive["refusals"]["rate"] == 0.0
+    assert batch["sent"] == 2 and batch["goodput_rps"] == 0.0 and batch["refusals"]["rate"] == 0.5
+    unmixed = RunSpec(url="http://x", duration=4, rate=2.0, warmup=0)
+    assert summarize(results, unmixed, 5000, 1.0)["by_priority"] is None
+
+
 def test_capacity_plan_arithmetic():
     run = {
         "throughput_rps": 2.0,

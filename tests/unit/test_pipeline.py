@@ -246,6 +246,33 @@ def test_mode_slm_and_mode_claude(engine, server):
     assert r.route == "claude" and r.escalation.reasons == ["mode_claude"]
 
 
+def test_a_claude_prompt_past_the_tiers_context_is_answered_from_the_best_passages(engine, server):
+    """A tier with a small context (an on-premises model) gets the best passages that fit, not a
+    prompt it would refuse; the answer cites only those and says it was trimmed."""
+    text = "The Eiffel Tower was completed in 1889 for the World's Fair in Paris. " * 14
+    many = [
+        Passage(chunk_id=f"d{i}#0", doc_id=f"d{i}", title=f"Doc {i}", text=text, score=1 - i / 100)
+        for i in range(30)
+    ]
+
+    async def retrieve(query, top_k, collections=None):
+        return many[:top_k]
+
+    client = AsyncAnthropic(api_key="sk-test", base_url=server.url)
+    cfg = HybridServeConfig.load(
+        overrides={"slm.max_tokens": 40, "escalation.verify": "never", "llm.context_tokens": 3000}
+    )
+    gateway = LLMGateway(cfg.llm, cfg.policies, client)
+    pipe = Pipeline(retrieve, engine.generate, cfg, gateway)
+    r = ask(pipe, query="When was the Eiffel Tower completed?", mode="claude", top_k=30)
+    assert r.route == "claude" and "prompt_trimmed" in r.degraded
+    [call] = [c for c in server.calls() if c.path.split("?")[0] == "/v1/messages"]
+    shown = call.body["messages"][0]["content"]
+    assert "[1] (Doc 0)" in shown and "[30]" not in shown
+    kept = max(i for i in range(1, 31) if f"[{i}] (Doc {i - 1})" in shown)
+    assert r.citations and all(int(c.doc_id[1:]) < kept for c in r.citations)
+
+
 TWO_PART_PLAN = {
     "subtasks": [
         {
