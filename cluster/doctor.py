@@ -112,8 +112,15 @@ def check_cpu(cfg: HybridServeConfig) -> Check:
         try:
             import llama_cpp
 
+            from hybrid_serve.bundled import bundled_gguf
+            from hybrid_serve.engines.llama_setup import remembered
+
             built = llama_cpp.llama_print_system_info().decode(errors="replace")
             detail += f"; llama.cpp build: {' '.join(built.split())}"
+            if cfg.slm.model_path is None:
+                threads = cfg.slm.threads or max(1, (os.cpu_count() or 1) // cfg.slm.replicas)
+                setup = remembered(bundled_gguf(), cfg.slm.llama_cpp, threads)
+                detail += f"; llama.cpp set-up {setup}"
         except Exception as exc:  # reported by the packages and engine checks
             detail += f"; llama.cpp not loadable: {exc}"
     return Check("cpu", status, detail, data=cpu)

@@ -77,7 +77,15 @@ class LLMServerEngine:
         raise TypeError("built by HybridLLMServer around its own LLMServer")
 
     def info(self) -> dict[str, Any]:
-        info = {"contexts": self.max_num_seqs, **self.clock.info()}
+        from vllm import __version__
+        from vllm.platforms import current_platform
+
+        info = {
+            "contexts": self.max_num_seqs,
+            "device": current_platform.device_type,  # cpu, cuda, ...
+            "version": __version__,
+            **self.clock.info(),
+        }
         note = os.environ.get(KV_CACHE_NOTE_ENV)
         return {**info, "kv_cache": note} if note else info
 

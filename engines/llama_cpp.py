@@ -16,11 +16,10 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
-import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,46 +27,14 @@ import numpy as np
 
 from hybrid_serve.config import ExtraBuffers, SLMConfig
 from hybrid_serve.engines.hardware import has_amx
+from hybrid_serve.engines.llama_setup import (
+    Setup,
+    choose,
+    extra_buffers_enabled,
+    model_params,
+)
 from hybrid_serve.engines.prompt_fit import Fitted, PromptTooLong, fit_prompt
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
-
-
-def extra_buffers_enabled(setting: ExtraBuffers, amx: bool | None) -> bool:
-    """Whether llama.cpp may use its extra buffer types. `auto` turns them off on CPUs with AMX
-    (`amx` True), whose repacking path segfaults on the first generation (llama.cpp issue 20824),
-    and where the CPU's flags cannot be read (None); elsewhere they stay on, as llama.cpp's
-    default."""
-    if setting != "auto":
-        return setting == "on"
-    return amx is False
-
-
-_params_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _model_params(use_extra_bufts: bool) -> Iterator[None]:
-    """llama-cpp-python's `Llama` does not expose `use_extra_bufts` (it builds its model params
-    from `llama_model_default_params()` inside the constructor), so the defaults it reads are
-    adjusted for the duration of one construction; a lock keeps constructions apart."""
-    import llama_cpp.llama_cpp as low
-
-    if use_extra_bufts:
-        yield
-        return
-    original = low.llama_model_default_params
-
-    def defaults() -> Any:
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    with _params_lock:
-        low.llama_model_default_params = defaults
-        try:
-            yield
-        finally:
-            low.llama_model_default_params = original
 
 
 class LlamaCppEngine:
@@ -80,6 +47,9 @@ class LlamaCppEngine:
         n_batch: int = 512,
         contexts: int = 1,
         extra_buffers: ExtraBuffers = "auto",
+        flash_attention: bool = False,
+        n_threads_batch: int | None = None,
+        setup: Setup | None = None,
     ) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -87,15 +57,19 @@ class LlamaCppEngine:
         self.model_path = str(model_path)
         self.model_name = model_name or Path(model_path).stem
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_threads_batch = n_threads_batch or self.n_threads
+        self.flash_attention = flash_attention
+        self.setup = setup
         self.extra_buffers = extra_buffers_enabled(extra_buffers, has_amx())
-        with _model_params(self.extra_buffers):
+        with model_params(self.extra_buffers):
             self._contexts = [
                 Llama(
                     model_path=self.model_path,
                     n_ctx=n_ctx,
                     n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads,
+                    n_threads_batch=self.n_threads_batch,
                     n_batch=n_batch,
+                    flash_attn=flash_attention,
                     logits_all=False,
                     verbose=False,
                 )
@@ -124,16 +98,24 @@ class LlamaCppEngine:
 
     @classmethod
     def from_config(cls, cfg: SLMConfig, replicas_on_node: int = 1) -> LlamaCppEngine:
+        """The engine with the set-up `engines.llama_setup` chose for this machine (measured at
+        the first start, then remembered) and the configuration's overrides."""
         from hybrid_serve.bundled import bundled_gguf
 
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, replicas_on_node))
+        source = Path(cfg.model_path or bundled_gguf())
+        setup = choose(source, cfg.llama_cpp, threads, own_model=cfg.model_path is not None)
         return cls(
-            model_path=cfg.model_path or bundled_gguf(),
+            model_path=setup.model_path,
             model_name=cfg.model_name,
             n_ctx=cfg.n_ctx,
-            n_threads=cfg.threads or max(1, (os.cpu_count() or 1) // max(1, replicas_on_node)),
+            n_threads=threads,
             n_batch=cfg.n_batch,
             contexts=cfg.contexts_per_replica,
             extra_buffers=cfg.llama_cpp.extra_buffers,
+            flash_attention=setup.flash_attention,
+            n_threads_batch=setup.threads_batch,
+            setup=setup,
         )
 
     @property
@@ -146,6 +128,7 @@ class LlamaCppEngine:
             "in_flight": self.in_flight,
             "threads": self.n_threads,
             "extra_buffers": self.extra_buffers,
+            **({"setup": self.setup.info()} if self.setup is not None else {}),
         }
 
     async def _acquire(self) -> Any:

