@@ -132,6 +132,7 @@ class DeadlineQueue:
             f"at capacity: this {priority} request would finish in about {expected_s:.1f} s, "
             f"after its deadline ({max(deadline_s, 0):.1f} s left); retry after {retry:g} s",
             retry,
+            expected_s,
         )
 
     # -- slots ---------------------------------------------------------------------------------
@@ -254,3 +255,56 @@ class DeadlineQueue:
             "service_s": {str(k): round(v, 3) for k, v in sorted(self._service.items())},
             "refused": dict(self.refused),
         }
+
+
+# How long a refusal speaks for the requests that arrive after it.
+HEARD_FOR_S = 2.0
+
+
+class RecentRefusals:
+    """The SLM's refusals as a pipeline heard them, so that a request arriving just after one,
+    which would be refused too, is refused on arrival — before its retrieval and its hops spend
+    the CPU the replica is short of. Per priority: when, and when that request would have
+    finished. A request of that priority or lower is refused if it could not finish by then
+    (less the time since: the queue drains meanwhile) inside its own deadline; after
+    `heard_for_s` requests go through again, and the replica's own check decides."""
+
+    def __init__(
+        self,
+        heard_for_s: float = HEARD_FOR_S,
+        now: Callable[[], float] = time.monotonic,
+        on_refuse: Callable[[Priority], None] | None = None,
+    ) -> None:
+        self.heard_for_s = heard_for_s
+        self._now = now
+        self.on_refuse = on_refuse
+        self._last: dict[Priority, tuple[float, float, float]] = {}  # at, expected, retry
+        self.refused = {p: 0 for p in PRIORITIES}
+
+    def heard(self, priority: Priority, refusal: Unavailable) -> None:
+        if refusal.reason == OVERLOADED and refusal.expected_s is not None:
+            retry = refusal.retry_after_s or 1.0
+            self._last[priority] = (self._now(), refusal.expected_s, retry)
+
+    def check(self, priority: Priority, left_s: float) -> Unavailable | None:
+        """The refusal for a request of `priority` with `left_s` of its deadline, or None."""
+        now = self._now()
+        rank = PRIORITIES.index(priority)
+        for heard_priority, (at, expected, retry) in self._last.items():
+            since = now - at
+            if PRIORITIES.index(heard_priority) > rank or since > self.heard_for_s:
+                continue  # a batch refusal says nothing of interactive work; or it is old
+            if expected - since > left_s:
+                self.refused[priority] += 1
+                if self.on_refuse is not None:
+                    self.on_refuse(priority)
+                return Unavailable(
+                    OVERLOADED,
+                    f"at capacity: {since:.1f} s ago the SLM refused a request of priority "
+                    f"{heard_priority} that would have finished in {expected:.0f} s, after "
+                    f"this one's deadline ({left_s:.0f} s); retry after "
+                    f"{max(1.0, retry - since):.0f} s",
+                    max(1.0, math.ceil(retry - since)),
+                    expected - since,
+                )
+        return None

@@ -33,11 +33,19 @@ class Unavailable(Exception):
     loading). `reason` is what `degraded` (or the HTTP error) says; `retry_after_s`, when
     known, how long a client should wait."""
 
-    def __init__(self, reason: str, detail: str = "", retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        retry_after_s: float | None = None,
+        expected_s: float | None = None,
+    ) -> None:
         super().__init__(detail or reason)
         self.reason = reason
         self.detail = detail
         self.retry_after_s = retry_after_s
+        # Overloaded: when the refused request would have finished, had it waited (seconds).
+        self.expected_s = expected_s
 
 
 class DeadlineExceeded(Exception):

@@ -14,15 +14,24 @@ not prompt text: nothing a passage says can change them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 from hybrid_serve.agents import follow_up, prompts, respond, route, tracing, verify
 from hybrid_serve.agents.attempts import Finish, slm_attempt
 from hybrid_serve.agents.context import Deadline, RequestContext, RequestOptions
 from hybrid_serve.agents.events import EventSink, text_deltas
-from hybrid_serve.agents.interfaces import Generate, GenerateStream, LLMRoles, Retrieve
+from hybrid_serve.agents.interfaces import (
+    Generate,
+    GenerateStream,
+    LLMRoles,
+    Retrieve,
+    Unavailable,
+)
 from hybrid_serve.agents.retrieve import search
 from hybrid_serve.agents.services import OnVerdict, Services
 from hybrid_serve.config import HybridServeConfig
-from hybrid_serve.schemas import AnswerRequest, AnswerResponse, Collections
+from hybrid_serve.schemas import AnswerRequest, AnswerResponse, Collections, Priority
 
 
 class Pipeline:
@@ -34,8 +43,11 @@ class Pipeline:
         llm: LLMRoles | None = None,
         generate_stream: GenerateStream | None = None,
         on_verdict: OnVerdict | None = None,
+        on_refuse: Callable[[Priority], None] | None = None,
     ) -> None:
+        """`on_refuse` hears each request refused on arrival (`_admitted`)."""
         self.services = Services(retrieve, generate, config, llm, generate_stream, on_verdict)
+        self.services.refusals.on_refuse = on_refuse
         self.shadow = verify.ShadowGrader()
 
     @property
@@ -46,7 +58,14 @@ class Pipeline:
         """New tunables (thresholds, policies, prices) for the requests that start from now."""
         s = self.services
         self.services = Services(
-            s.retrieve, s.generate, config, s.llm, s.generate_stream, s.on_verdict, s.timing
+            s.retrieve,
+            s.generate,
+            config,
+            s.llm,
+            s.generate_stream,
+            s.on_verdict,
+            s.timing,
+            s.refusals,
         )
 
     def _context(
@@ -66,6 +85,20 @@ class Pipeline:
             ctx.keep_local()
         return ctx
 
+    @contextlib.contextmanager
+    def _admitted(self, ctx: RequestContext) -> Iterator[None]:
+        """Refused on arrival when the SLM has just refused a request like it (no retrieval,
+        no hops); a refusal of this one is remembered for those that follow."""
+        refusals = self.services.refusals
+        refused = refusals.check(ctx.options.priority, ctx.remaining())
+        if refused is not None:
+            raise refused
+        try:
+            yield
+        except Unavailable as exc:
+            refusals.heard(ctx.options.priority, exc)
+            raise
+
     async def answer(
         self, options: RequestOptions, trace_id: str, events: EventSink | None = None
     ) -> AnswerResponse:
@@ -74,7 +107,7 @@ class Pipeline:
         s = self.services
         ctx = self._context(options, trace_id, events)
         attributes = {"hybrid.mode": options.req.mode, "hybrid.top_k": options.req.top_k}
-        with tracing.span("Pipeline.answer", attributes=attributes):
+        with tracing.span("Pipeline.answer", attributes=attributes), self._admitted(ctx):
             await follow_up.run(s, ctx)
             passages = await ctx.within("retrieve", search(s, ctx, ctx.req.query, ctx.req.top_k))
             tracing.annotate({"hybrid.sensitive": ctx.sensitive})
@@ -101,8 +134,9 @@ class Pipeline:
         the model's citation numbers are kept rather than renumbered."""
         s = self.services
         ctx = self._context(options, trace_id, events)
-        with tracing.span(
-            "Pipeline.answer", attributes={"hybrid.mode": "slm", "hybrid.chat": True}
+        with (
+            tracing.span("Pipeline.answer", attributes={"hybrid.mode": "slm", "hybrid.chat": True}),
+            self._admitted(ctx),
         ):
             passages = []
             if retrieval:

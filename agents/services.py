@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from hybrid_serve.agents.admission import RecentRefusals
 from hybrid_serve.agents.interfaces import Generate, GenerateStream, LLMRoles, Retrieve
 from hybrid_serve.agents.policy import Policy
 from hybrid_serve.agents.shadow import Verdict
@@ -41,6 +42,7 @@ class Services:
     generate_stream: GenerateStream | None = None
     on_verdict: OnVerdict | None = None
     timing: SLMTiming = field(default_factory=SLMTiming)
+    refusals: RecentRefusals = field(default_factory=RecentRefusals)
     policy: Policy = field(init=False)
 
     def __post_init__(self) -> None:

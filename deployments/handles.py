@@ -39,7 +39,7 @@ def unavailable(exc: BaseException, deployment: str) -> Unavailable | None:
     """Ray's failure as the pipeline's error, or None for one that is not about availability."""
     inner = cause(exc)
     if isinstance(inner, Unavailable):
-        return Unavailable(inner.reason, inner.detail, inner.retry_after_s)
+        return Unavailable(inner.reason, inner.detail, inner.retry_after_s, inner.expected_s)
     if isinstance(exc, BackPressureError):
         return Unavailable(
             "overloaded", "the cluster is at capacity; retry shortly", OVERLOADED_RETRY_AFTER_S

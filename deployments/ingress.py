@@ -127,6 +127,9 @@ class Ingress:
             config=cfg,
             llm=LLMViaBackend(llm),
             on_verdict=self._shadow_verdict,
+            on_refuse=lambda priority: metrics.inc(
+                "hybrid_serve_refusals_total", reason="on_arrival", priority=priority
+            ),
         )
         self.reconfigure(cfg)
 

@@ -151,8 +151,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec(
         "hybrid_serve_refusals_total",
         "counter",
-        "Generations refused at once by the SLM replica, by reason (deadline: it could not "
-        "finish inside its deadline) and priority (interactive, batch).",
+        "Requests refused at once for want of capacity, by reason (deadline: the SLM replica "
+        "found it could not finish inside its deadline; on_arrival: the SLM had just refused one "
+        "like it, so it was refused before retrieval) and priority (interactive, batch).",
         ("reason", "priority"),
     ),
     MetricSpec(

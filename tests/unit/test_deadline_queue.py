@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from hybrid_serve.agents.admission import DeadlineQueue
+from hybrid_serve.agents.admission import OVERLOADED, DeadlineQueue, RecentRefusals
 from hybrid_serve.agents.interfaces import Unavailable
 from hybrid_serve.schemas import GenerationRequest
 
@@ -159,3 +159,74 @@ def test_an_idle_replica_never_refuses():
             return queue.refused
 
     assert asyncio.run(go()) == {"interactive": 0, "batch": 0}
+
+
+# -- refused on arrival, after the replica refused one like it -------------------------------
+
+
+def test_a_request_right_after_a_refusal_is_refused_on_arrival_until_it_is_old():
+    clock = [100.0]
+    heard = []
+    recent = RecentRefusals(heard_for_s=2.0, now=lambda: clock[0], on_refuse=heard.append)
+    refusal = Unavailable(OVERLOADED, "at capacity", retry_after_s=40, expected_s=75.0)
+    recent.heard("interactive", refusal)
+    early = recent.check("interactive", left_s=60.0)
+    assert early is not None and early.reason == OVERLOADED and early.retry_after_s == 40
+    assert recent.check("batch", left_s=60.0) is not None  # lower priority: refused too
+    assert recent.check("interactive", left_s=80.0) is None  # a longer deadline may fit
+    clock[0] += 1.0
+    assert recent.check("interactive", left_s=60.0) is not None  # 74 s still > 60 s
+    clock[0] += 1.5  # older than heard_for_s: the replica decides again
+    assert recent.check("interactive", left_s=60.0) is None
+    assert heard == ["interactive", "batch", "interactive"]
+
+
+def test_a_batch_refusal_says_nothing_of_interactive_work():
+    recent = RecentRefusals()
+    recent.heard("batch", Unavailable(OVERLOADED, "", retry_after_s=30, expected_s=90.0))
+    assert recent.check("interactive", left_s=60.0) is None
+    assert recent.check("batch", left_s=60.0) is not None
+    recent.heard("interactive", Unavailable("replica_failed", "", 1.0))  # not an overload
+    assert recent.check("interactive", left_s=60.0) is None
+
+
+def test_the_pipeline_refuses_on_arrival_without_retrieving():
+    """The SLM replica's real queue refuses a request; the next one, right after, is refused
+    by the pipeline before retrieval."""
+    from hybrid_serve.agents.context import RequestOptions
+    from hybrid_serve.agents.pipeline import Pipeline
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.schemas import AnswerRequest, GenerationResult, Passage
+
+    searched = []
+
+    async def retrieve(query, top_k, collections=None):
+        searched.append(query)
+        return [Passage(chunk_id="a#0", doc_id="a", title="A", text="Paris is in France.")]
+
+    replica = Replica(slots=1, service_s=0.3)
+
+    async def generate(request):
+        await replica.run("answer", request)
+        return GenerationResult(text="Paris is in France [1].", completion_tokens=6)
+
+    async def go():
+        await measured(replica, n=2)
+        busy = [asyncio.create_task(replica.run(f"busy{i}", req())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        pipe = Pipeline(retrieve, generate, HybridServeConfig.load(overrides={}))
+
+        def ask(q):
+            return pipe.answer(RequestOptions(AnswerRequest(query=q), timeout_s=0.5), "t")
+
+        with pytest.raises(Unavailable) as first:  # ~1 s of work ahead, 0.5 s deadline
+            await ask("first")
+        with pytest.raises(Unavailable) as second:
+            await ask("second")
+        await asyncio.gather(*busy)
+        return first.value, second.value
+
+    first, second = asyncio.run(go())
+    assert first.reason == second.reason == OVERLOADED
+    assert searched == ["first"]  # the second was refused before retrieval
+    assert "the SLM refused a request of priority interactive" in second.detail
