@@ -161,7 +161,9 @@ async def _one_request(
             return Result(scheduled, latency, 200, None, data.get("route"), data.get("usage", {}))
         ttft = None
         done: dict[str, Any] | None = None
-        request = {"json": {**body, "stream": True}, "headers": headers}
+        request: dict[str, Any] = {"json": {**body, "stream": True}}
+        if headers:
+            request["headers"] = headers
         async with aconnect_sse(client, "POST", "/v1/answer", **request) as source:
             r = source.response
             if r.status_code != 200:
