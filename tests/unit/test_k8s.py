@@ -3,6 +3,7 @@ CRD's openAPIV3Schema; serveConfigV2 runs this package; secrets are references o
 
 import copy
 import importlib
+import os
 from pathlib import Path
 
 import jsonschema
@@ -58,6 +59,15 @@ def json6902(doc, ops):
             node = node[p]
         node[last] = op["value"]
     return doc
+
+
+@pytest.fixture(autouse=True)
+def product_defaults(monkeypatch):
+    """Manifests carry the product's defaults, not the engine set-up the suite pins
+    (tests/conftest.py)."""
+    for name in list(os.environ):
+        if name.startswith("HYBRID_SERVE_SLM__LLAMA_CPP__"):
+            monkeypatch.delenv(name)
 
 
 def load(profile: str, **overrides) -> HybridServeConfig:
