@@ -323,9 +323,11 @@ def choose(
             for m in measured
         }
         cache.mkdir(parents=True, exist_ok=True)
-        partial = record.with_suffix(".part")
-        partial.write_text(json.dumps(known, indent=1))
-        partial.replace(record)
+        # A file of its own, then one rename: replicas starting together on a node each write
+        # whole records, never one another's half.
+        with tempfile.NamedTemporaryFile("w", dir=cache, suffix=".part", delete=False) as tmp:
+            tmp.write(json.dumps(known, indent=1))
+        Path(tmp.name).replace(record)
     best = min(measured, key=Measured.answer_s)
     if not best.ok:
         raise RuntimeError(

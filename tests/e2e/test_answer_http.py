@@ -8,6 +8,7 @@ from ray import serve
 
 from hybrid_serve.agents.citations import markers
 from tests.conftest import APP
+from tests.support.documents import long_documents
 
 pytestmark = pytest.mark.e2e
 
@@ -54,18 +55,7 @@ def test_the_largest_top_k_is_answered_from_the_passages_that_fit(client):
     """top_k 50 over long passages is more than the SLM's context holds (it was a 500): the
     best passages that fit are shown, the answer cites only those, and the response says so.
     The documents are this test's own, removed at the end."""
-    words = "owl river stone cloud lamp field bread tower song glass".split()
-    docs = [
-        {
-            "id": f"fit-{i}",
-            "title": f"Zqxwv log {i}",
-            "text": " ".join(
-                f"Zqxwv entry {i}.{j} lists {' '.join(words[(i + j + k) % 10] for k in range(16))}."
-                for j in range(10)
-            ),
-        }
-        for i in range(60)
-    ]
+    docs = long_documents("fit", "zqxwv", 60)
     for i in range(0, len(docs), 10):  # under the test cluster's body limit
         r = client.post("/v1/documents", json={"documents": docs[i : i + 10]})
         assert r.status_code == 201, r.text

@@ -23,6 +23,7 @@ from hybrid_serve.agents.roles import Grade, tool_spec
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import STARTED, Up
+from tests.support.documents import long_documents
 from tests.support.vllm import MODEL, require_vllm_or_skip, shared_models
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
@@ -138,18 +139,7 @@ def test_claude_mode_answer_comes_from_the_tier(tier):
 def test_a_prompt_past_the_tiers_context_is_fitted_not_refused(tier):
     """30 long passages are more than the tier's 4,096 tokens: the tier itself counts the prompt
     (vLLM's count_tokens) and gets the best passages that fit, where it refused the whole one."""
-    words = "owl river stone cloud lamp field bread tower song glass".split()
-    docs = [
-        {
-            "id": f"tier-fit-{i}",
-            "title": f"Qvzx log {i}",
-            "text": " ".join(
-                f"Qvzx entry {i}.{j} lists {' '.join(words[(i + j + k) % 10] for k in range(16))}."
-                for j in range(10)
-            ),
-        }
-        for i in range(30)
-    ]
+    docs = long_documents("tier-fit", "qvzx", 30)
     for i in range(0, len(docs), 10):
         r = httpx.post(
             f"{tier.url}/v1/documents", json={"documents": docs[i : i + 10]}, timeout=120
