@@ -4,8 +4,9 @@ that cannot start and finish inside its deadline is refused at once — with how
 instead of queueing until it times out. Under overload a replica then spends its time on answers
 someone will receive (goodput), not on answers whose clients have already gone.
 
-Expected completion = the wait for a slot (the work ahead of it, in this request's priority
-order, divided among the slots, times the measured service time) + its own service time. Service
+Expected completion = the wait for a slot + its own service time. The wait: each slot frees when
+its running request's expected time, less what it has run, is up; the waiters ahead of it (in
+this request's priority order) take the slots as they free, each for its service time. Service
 times are measured per `max_tokens` (a 48-token rewrite and a 160-token answer differ several
 fold), an exponentially weighted mean of the last few. Until a length has been measured nothing
 is refused on its account.
@@ -53,7 +54,7 @@ class _Waiter:
     rank: tuple[int, int]  # (priority, arrival): the order slots are handed out in
     due: float = field(compare=False)  # when its deadline runs out (monotonic); inf: none
     service_s: float | None = field(compare=False)
-    future: asyncio.Future[None] = field(compare=False)
+    future: asyncio.Future[int] = field(compare=False)  # the slot's token, once handed one
 
 
 @dataclass
@@ -77,7 +78,8 @@ class DeadlineQueue:
         self.slots = max(1, slots)
         self._now = now
         self._on_refuse = on_refuse
-        self.running = 0
+        self._running: dict[int, tuple[float, float]] = {}  # slot token -> started, expected
+        self._tokens = itertools.count()
         self._waiting: list[_Waiter] = []  # a heap by rank
         self._arrivals = itertools.count()
         self._service: dict[int, float] = {}  # max_tokens -> mean seconds
@@ -96,20 +98,34 @@ class DeadlineQueue:
         nearest = min(self._service, key=lambda n: abs(n - max_tokens))
         return self._service[nearest]
 
-    def _wait_s(self, ahead: list[_Waiter]) -> float:
-        """Until a slot frees for the request behind `ahead`."""
-        typical = self._typical_s()
-        return self._wait_for(len(ahead), sum(w.service_s or typical for w in ahead), typical)
+    def _free_at(self) -> list[float]:
+        """When each slot frees, in seconds from now (a heap): a running request after its
+        expected time less what it has run (a tenth of it at least, once overdue: it is about to
+        end, but not this instant); a free slot at once."""
+        now = self._now()
+        frees = [
+            max(expected - (now - started), expected / 10)
+            for started, expected in self._running.values()
+        ]
+        frees += [0.0] * max(self.slots - len(frees), 0)
+        heapq.heapify(frees)
+        return frees
 
-    def _wait_for(self, waiting: int, waiting_work_s: float, typical: float) -> float:
-        """The running work and `waiting_work_s` ahead, shared among the slots (a running
-        request counted at half its time: on average it is halfway through)."""
-        if self.running + waiting < self.slots:
-            return 0.0
-        return (self.running * typical / 2 + waiting_work_s) / self.slots
+    def _wait_s(self, ahead: list[_Waiter]) -> float:
+        """Until a slot frees for the request behind `ahead`: the slots' free times, each
+        waiter ahead taking the first to free (a walk in slot order, n log slots)."""
+        frees = self._free_at()
+        typical = self._typical_s()
+        for waiter in sorted(ahead):
+            heapq.heapreplace(frees, frees[0] + (waiter.service_s or typical))
+        return frees[0]
 
     def _typical_s(self) -> float:
         return sum(self._service.values()) / len(self._service) if self._service else 0.0
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def expected_wait_s(self, priority: Priority = "interactive") -> float:
         """What a request of `priority` arriving now would wait for a slot."""
@@ -143,12 +159,12 @@ class DeadlineQueue:
         finish inside `request.deadline_s`, now or by the time a slot frees."""
         arrived = self._now()
         left = math.inf if request.deadline_s is None else request.deadline_s
+        service = self.service_s(request.max_tokens)
         if self.running < self.slots and not self._waiting:
             # A free slot: it starts now. Its own length is only an estimate (it may stop
             # early), so an idle replica never refuses; the deadline cuts it if need be.
-            self.running += 1
+            token = self._start(service)
         else:
-            service = self.service_s(request.max_tokens)
             rank = PRIORITIES.index(request.priority)
             ahead = [w for w in self._waiting if w.rank[0] <= rank]
             expected = self._wait_s(ahead) + (service or 0.0)
@@ -163,11 +179,12 @@ class DeadlineQueue:
             heapq.heappush(self._waiting, waiter)
             self._prune()  # who waits behind it may no longer make it
             try:
-                await waiter.future  # resolved with a slot held for it, or an Unavailable
+                token = await waiter.future  # a slot held for it, or an Unavailable
             except asyncio.CancelledError:
                 if waiter.future.done() and not waiter.future.cancelled():
                     if waiter.future.exception() is None:
-                        self._release()  # a slot was handed over just as it was cancelled
+                        # a slot was handed over just as it was cancelled
+                        self._release(waiter.future.result())
                 else:
                     self._discard(waiter)
                 raise
@@ -179,7 +196,12 @@ class DeadlineQueue:
         finally:
             if finished:
                 self._measure(request.max_tokens, self._now() - started)
-            self._release()
+            self._release(token)
+
+    def _start(self, service_s: float | None) -> int:
+        token = next(self._tokens)
+        self._running[token] = (self._now(), service_s or self._typical_s())
+        return token
 
     def _measure(self, max_tokens: int, seconds: float) -> None:
         old = self._service.get(max_tokens)
@@ -194,8 +216,8 @@ class DeadlineQueue:
         self.slots = max(1, slots)
         self._hand_out()
 
-    def _release(self) -> None:
-        self.running -= 1
+    def _release(self, token: int) -> None:
+        self._running.pop(token, None)
         self._hand_out()
 
     def _hand_out(self) -> None:
@@ -208,8 +230,7 @@ class DeadlineQueue:
                     self._refuse(self._priority(waiter), waiter.service_s or 0.0, 0.0)
                 )
                 continue
-            self.running += 1
-            waiter.future.set_result(None)
+            waiter.future.set_result(self._start(waiter.service_s))
         self._prune()
 
     def _discard(self, waiter: _Waiter) -> None:
@@ -225,25 +246,25 @@ class DeadlineQueue:
 
     def _prune(self) -> None:
         """Refuse the waiters that can no longer finish in time, lowest priority first to be
-        affected: a walk in slot order, linear in the queue."""
+        affected: a walk in slot order, n log slots."""
         if not self._waiting:
             return
         now = self._now()
         typical = self._typical_s()
         drain = self._wait_s(self._waiting)
         kept: list[_Waiter] = []
-        work = 0.0  # of the kept waiters, summed as the walk goes: linear, not quadratic
+        frees = self._free_at()  # the slots as the kept waiters ahead will have taken them
         for waiter in sorted(self._waiting):
             if waiter.future.done():
                 continue
-            expected = self._wait_for(len(kept), work, typical) + (waiter.service_s or 0.0)
+            expected = frees[0] + (waiter.service_s or 0.0)
             left = waiter.due - now
             if expected > left:
                 refusal = self._refuse(self._priority(waiter), expected, left, drain)
                 waiter.future.set_exception(refusal)
             else:
                 kept.append(waiter)
-                work += waiter.service_s or typical
+                heapq.heapreplace(frees, frees[0] + (waiter.service_s or typical))
         self._waiting = kept  # sorted, so already a heap
 
     def info(self) -> dict[str, object]:

@@ -151,7 +151,7 @@ class RequestContext:
         left = self.remaining()
         return GenerationRequest(
             **fields,
-            deadline_s=None if left == math.inf else max(left, 0.0),
+            deadline=None if left == math.inf else time.time() + max(left, 0.0),
             priority=self.options.priority,
         )
 

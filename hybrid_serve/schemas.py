@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -245,10 +246,16 @@ class GenerationRequest(BaseModel):
     # fit prompts sends `messages` as they are.
     evidence: list[str] = Field(default_factory=list)
     evidence_at: int = 0
-    # Seconds left of the request's deadline when this was sent (None: no deadline): a replica
+    # When the request's deadline runs out, wall-clock (time.time(); None: no deadline), as
+    # the LLM tier's calls carry it: the hop to the replica is counted against it. A replica
     # that cannot finish it in time refuses it at once (agents.admission).
-    deadline_s: float | None = None
+    deadline: float | None = None
     priority: Priority = "interactive"
+
+    @property
+    def deadline_s(self) -> float | None:
+        """Seconds left of the deadline now (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.time()
 
 
 class GenerationResult(BaseModel):

@@ -3,6 +3,7 @@ at once with a Retry-After from the queue; batch work yields to interactive work
 first; a waiter whose client has gone frees its place."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ def req(deadline_s=None, priority="interactive", max_tokens=100):
     return GenerationRequest(
         messages=[{"role": "user", "content": "q"}],
         max_tokens=max_tokens,
-        deadline_s=deadline_s,
+        deadline=None if deadline_s is None else time.time() + deadline_s,
         priority=priority,
     )
 
@@ -80,6 +81,28 @@ def test_what_cannot_finish_in_time_is_refused_at_once_with_retry_after():
     assert "after its deadline" in refused.detail
     assert started_meanwhile == ["b0"]  # refused on arrival, not after waiting its turn
     assert fits == "fits" and queue.refused == {"interactive": 1, "batch": 0}
+
+
+def test_the_wait_counts_what_the_running_request_has_left_not_half_of_it():
+    """Just after a request started, a slot frees in its whole service time: a request that
+    would need 0.2 + 0.2 s is refused with 0.33 s left (counting the running one at half its
+    time, it was admitted and finished late); near its end, one with 0.3 s left is admitted."""
+
+    async def go():
+        replica = Replica(service_s=0.2)
+        await measured(replica)
+        running = asyncio.create_task(replica.run("running", req()))
+        await asyncio.sleep(0.005)
+        with pytest.raises(Unavailable) as early:
+            await replica.run("early", req(deadline_s=0.33))
+        await asyncio.sleep(0.17)
+        late = await replica.run("late", req(deadline_s=0.3))
+        await running
+        return early.value, late
+
+    early, late = asyncio.run(go())
+    assert early.reason == OVERLOADED and early.expected_s > 0.33
+    assert late == "late"
 
 
 def test_interactive_work_goes_before_batch_work_that_waits():
