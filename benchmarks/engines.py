@@ -1,6 +1,7 @@
 """The `vllm` engine (continuous batching) against `llama_cpp` (a pool of contexts) on the same
 model and prompt, each deployed in turn in one Ray session and driven over HTTP through the
-`slm` chat model (no retrieval), so the ratio compares engines, not set-ups:
+`slm` chat model (no retrieval), so the ratio compares engines, not set-ups (the results are
+remembered for this machine: `hybrid-serve doctor` advises an engine from them):
 
 - single-stream generated tokens/s (the median of `--rounds` requests, greedy, fixed length);
 - throughput at 1, 4, 8 and 16 concurrent clients (closed loop, generated tokens/s summed).
@@ -26,6 +27,7 @@ from typing import Any
 import httpx
 
 from hybrid_serve.benchmarks.report import NO_CACHE, Progress, publish, start_private_ray
+from hybrid_serve.engines.advice import remember
 
 PROMPT = "Write a short paragraph about the history of Paris."
 PORT = 8767
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         ax.legend()
 
     publish(Path(args.out), report, "\n".join(md), {"throughput.png": plot})
+    if len(rows) >= 2:
+        kept = remember(rows)
+        print(f"remembered for this machine's `doctor` engine advice: {kept}")
     return 0
 
 

@@ -1,8 +1,11 @@
-"""SLM tokens/s inside a Serve replica vs llama.cpp called directly, and /v1/answer latency.
+"""SLM tokens/s inside a Serve replica vs llama.cpp called directly, and /v1/answer latency
+against a reference: raw llama-cpp-python on the bundled model as shipped, reading a 1,000-token
+prompt (what a 5-passage answer sends) and writing 160 tokens.
 
 Both sides run in one invocation, interleaved round by round, with the same prompt, max tokens
-and threads, so the ratio is robust to a noisy machine. Writes report.json, report.md and
-tokens_per_s.png to --out.
+and threads, so the ratios are robust to a noisy machine. The cluster uses the llama.cpp set-up
+it chooses (`--quantization` to pin one, e.g. `bundled` for the model as shipped). Writes
+report.json, report.md and tokens_per_s.png to --out.
 
     python -m hybrid_serve.benchmarks.slm_serving --rounds 5 --out bench-out/slm_serving
 """
@@ -34,6 +37,50 @@ PROMPT = [
     {"role": "user", "content": "Write a short paragraph about the history of Paris."},
 ]
 QUESTION = "What port does the HTTP API use?"
+# Short questions on the sample corpus the cluster indexes at start, asked in turn.
+QUESTIONS = (
+    QUESTION,
+    "How do I add documents to the index?",
+    "When is a question escalated to Claude?",
+    "How is hybrid-serve deployed on Kubernetes?",
+    "Which retrieval methods are combined?",
+)
+REFERENCE_PROMPT_TOKENS = 1000
+REFERENCE_GENERATED_TOKENS = 160
+
+
+class Reference:
+    """Raw llama-cpp-python on the bundled GGUF, nothing of ours in between: the floor an
+    answer's latency is compared with. Each call reads the whole prompt (the KV cache is reset)
+    and writes exactly 160 tokens (end of text barred)."""
+
+    def __init__(self, threads: int) -> None:
+        import llama_cpp
+
+        from hybrid_serve.bundled import bundled_gguf
+
+        self.llm = llama_cpp.Llama(
+            str(bundled_gguf()), n_ctx=4096, n_threads=threads, verbose=False
+        )
+        corpus = Path(__file__).resolve().parents[1] / "cluster" / "sample_corpus"
+        text = "\n\n".join(p.read_text() for p in sorted(corpus.glob("*.md")))
+        tokens = self.llm.tokenize(text.encode())[:REFERENCE_PROMPT_TOKENS]
+        self.prompt = tokens
+        self.no_end = {self.llm.token_eos(): float("-inf")}
+
+    def seconds(self) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        out = self.llm.create_completion(
+            self.prompt,
+            max_tokens=REFERENCE_GENERATED_TOKENS,
+            temperature=0.0,
+            logit_bias=self.no_end,
+        )
+        took = time.perf_counter() - t0
+        assert isinstance(out, dict)  # not streamed
+        assert out["usage"]["completion_tokens"] == REFERENCE_GENERATED_TOKENS, out["usage"]
+        return took
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--answers", type=int, default=20, help="/v1/answer requests to time")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--quantization",
+        help="pin the cluster's slm.llama_cpp.quantization (default: what it chooses)",
+    )
     ap.add_argument("--out", default="bench-out/slm_serving")
     args = ap.parse_args(argv)
 
@@ -61,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = tempfile.mkdtemp(prefix="hs-bench-")
     port = 8765
-    cfg = HybridServeConfig.load(
-        overrides={"data_dir": data_dir, "http.port": port, "slm.threads": args.threads}
-    )
+    overrides: dict[str, Any] = {
+        "data_dir": data_dir,
+        "http.port": port,
+        "slm.threads": args.threads,
+    }
+    if args.quantization:
+        overrides["slm.llama_cpp.quantization"] = args.quantization
+    cfg = HybridServeConfig.load(overrides=overrides)
     progress.say("starting Ray and the application")
     start_private_ray(4, port)
     serve.run(build(cfg), name="hybrid-serve", route_prefix="/")
@@ -92,15 +148,21 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
-    latencies = []
+    progress.say("loading the reference (raw llama-cpp-python, the bundled model)")
+    reference = Reference(args.threads)
+    reference.seconds()  # warm
+    latencies, reference_ms, prompt_tokens = [], [], []
     with httpx.Client(timeout=300, headers=NO_CACHE) as client:
+        setup = client.get(f"{url}/readyz").json()
         client.post(f"{url}/v1/answer", json={"query": QUESTION})  # warm
         for i in range(args.answers):
-            progress.step(i + 1, args.answers, "/v1/answer")
+            progress.step(i + 1, args.answers, "/v1/answer and the reference, in turn")
+            reference_ms.append(reference.seconds() * 1000)
             t0 = time.perf_counter()
-            r = client.post(f"{url}/v1/answer", json={"query": QUESTION})
+            r = client.post(f"{url}/v1/answer", json={"query": QUESTIONS[i % len(QUESTIONS)]})
             r.raise_for_status()
             latencies.append((time.perf_counter() - t0) * 1000)
+            prompt_tokens.append(r.json()["usage"]["slm_prompt_tokens"])
     progress.done()
 
     serve.shutdown()
@@ -122,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
             "through_handle_over_direct": med["through_handle_tok_s"] / med["direct_tok_s"],
         },
         "answer_latency_ms": {
-            "query": QUESTION,
+            "queries": list(QUESTIONS),
             "n": len(latencies),
             "p50": percentile(latencies, 50),
             "p90": percentile(latencies, 90),
             "max": max(latencies),
+            "slm_prompt_tokens_median": statistics.median(prompt_tokens),
         },
+        "reference_ms": {
+            "what": f"raw llama-cpp-python, bundled model, {REFERENCE_PROMPT_TOKENS}-token "
+            f"prompt, {REFERENCE_GENERATED_TOKENS} generated",
+            "p50": percentile(reference_ms, 50),
+        },
+        "answer_p50_over_reference": percentile(latencies, 50) / percentile(reference_ms, 50),
+        "slm_setup": _setup(setup),
         "rounds": rows,
     }
     tps = report["tokens_per_s"]
@@ -144,8 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         f"| through the Serve handle | {tps['through_handle_median']:.1f} "
         f"| {tps['through_handle_over_direct']:.2f} |",
         "",
-        f"`/v1/answer` for {QUESTION!r}: p50 {report['answer_latency_ms']['p50']:.0f} ms, "
-        f"p90 {report['answer_latency_ms']['p90']:.0f} ms over {len(latencies)} requests.",
+        f"`/v1/answer` for {len(QUESTIONS)} short questions in turn: p50 "
+        f"{report['answer_latency_ms']['p50']:.0f} ms, p90 "
+        f"{report['answer_latency_ms']['p90']:.0f} ms over {len(latencies)} requests "
+        f"(median SLM prompt {report['answer_latency_ms']['slm_prompt_tokens_median']:.0f} "
+        "tokens); the reference "
+        f"({report['reference_ms']['what']}) p50 {report['reference_ms']['p50']:.0f} ms: "
+        f"**{report['answer_p50_over_reference']:.2f}x** the reference.",
+        "",
+        f"The cluster's llama.cpp set-up: `{json.dumps(report['slm_setup'])}`.",
     ]
 
     def plot(ax: Any) -> None:
@@ -158,8 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     out = write_report(Path(args.out), report, "\n".join(md), {"tokens_per_s.png": plot})
     print(json.dumps(report["tokens_per_s"], indent=2))
     print(json.dumps(report["answer_latency_ms"], indent=2))
+    print(f"answer p50 / reference: {report['answer_p50_over_reference']:.2f}")
     print(f"wrote {out}")
     return 0
+
+
+def _setup(readyz: dict[str, Any]) -> Any:
+    """The llama.cpp set-up the SLM replica reports in /readyz (None if it does not say)."""
+    slm = readyz.get("components", {}).get("slm", {})
+    return slm.get("setup") if isinstance(slm, dict) else None
 
 
 if __name__ == "__main__":

@@ -149,6 +149,20 @@ def check_gpus(cfg: HybridServeConfig) -> Check:
     return Check("gpus", "ok" if gpus else "skip", detail, data={"gpus": gpus, "cuda": cuda})
 
 
+def check_advice(cfg: HybridServeConfig) -> Check:
+    """Which engine this machine should run for interactive and for batch load: from the
+    engines benchmark's numbers when it ran here, else from the hardware. Never a failure."""
+    from hybrid_serve.engines.advice import advise, measured
+    from hybrid_serve.engines.hardware import nvidia_gpus
+
+    advice = advise(nvidia_gpus(), _version("vllm") is not None, measured())
+    detail = (
+        f"interactive: {advice.interactive}, batch: {advice.batch} (configured: "
+        f"{cfg.slm.engine}); {advice.why}"
+    )
+    return Check("advice", "ok", detail, data=advice.info())
+
+
 def check_faiss(cfg: HybridServeConfig) -> Check:
     try:
         import faiss
@@ -396,6 +410,7 @@ def run_checks(
         ("gpus", lambda: check_gpus(cfg)),
         ("faiss", lambda: check_faiss(cfg)),
         ("engine", lambda: check_engine(cfg)),
+        ("advice", lambda: check_advice(cfg)),
         ("ray", check_ray),
         ("port", lambda: check_port(cfg)),
         ("index", lambda: check_index(cfg)),

