@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hybrid_serve.agents import prompts
-from hybrid_serve.agents.citations import as_numbered, finalize_sources
+from hybrid_serve.agents.citations import as_numbered, content_words, finalize_sources
 from hybrid_serve.agents.confidence import Confidence, score_answer
 from hybrid_serve.agents.context import PROMPT_TRIMMED, RequestContext
 from hybrid_serve.agents.events import AnswerDelta
@@ -23,6 +23,7 @@ from hybrid_serve.schemas import (
     Route,
     Subtask,
 )
+from hybrid_serve.text import split_sentences
 
 Finish = Literal["stop", "length"]
 
@@ -132,3 +133,30 @@ async def llm_attempt(
     text, citations, sources = finalize_sources(str(result.output), passages)
     confidence = score_answer(query, text, citations, passages, None)
     return Attempt(text, citations, passages, confidence, "claude", sources)
+
+
+# Sentences an extractive answer quotes, and how many of the best passages it reads.
+EXTRACT_SENTENCES = 2
+EXTRACT_PASSAGES = 5
+
+
+def extractive_attempt(query: str, passages: list[Passage]) -> Attempt:
+    """The cheaper route when the SLM cannot answer in time and the request allows it
+    (`overload: extract`): the sentences of the best passages that share the most content words
+    with the question, quoted in passage order, each cited. No generation: linear in the
+    passages read, which are at most EXTRACT_PASSAGES."""
+    asked = content_words(query)
+    scored: list[tuple[float, int, int, str]] = []
+    for rank, passage in enumerate(passages[:EXTRACT_PASSAGES]):
+        for position, sentence in enumerate(split_sentences(passage.text)):
+            shared = len(asked & content_words(sentence))
+            if shared:
+                scored.append((-shared, rank, position, sentence))
+    best = sorted(sorted(scored)[:EXTRACT_SENTENCES], key=lambda t: (t[1], t[2]))
+    if not best and passages:
+        first = split_sentences(passages[0].text)
+        best = [(0, 0, 0, first[0])] if first else []
+    raw = " ".join(f"{sentence} [{rank + 1}]" for _, rank, _, sentence in best)
+    text, citations, sources = finalize_sources(raw, passages)
+    confidence = score_answer(query, text, citations, passages, None)
+    return Attempt(text, citations, passages, confidence, "extractive", sources)

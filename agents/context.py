@@ -39,6 +39,9 @@ T = TypeVar("T")
 # Degraded reason of an answer one of whose prompts (the SLM's or the LLM tier's) was fitted to
 # the model's context: lower-ranked passages (or the oldest chat turns) were left out.
 PROMPT_TRIMMED = "prompt_trimmed"
+# The SLM was at capacity and the request allowed the cheaper route: the answer was extracted
+# from the passages, not written (`overload: extract`).
+SLM_OVERLOADED = "slm_overloaded"
 # Kept back from the deadline for writing the response and the ledger's bookkeeping.
 RESPONSE_MARGIN_S = 0.25
 

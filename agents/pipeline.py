@@ -5,7 +5,8 @@
     follow_up → retrieve → route ─┬─ SLM, confident ──────────────────────► "slm"
                                   ├─ escalate: rewrite → retrieve → SLM ──► "slm+rewrite"
                                   │            └─ the LLM tier's answer ──► "claude"
-                                  └─ decompose: plan → sub-agents → merge ► "decomposed"
+                                  ├─ decompose: plan → sub-agents → merge ► "decomposed"
+                                  └─ SLM at capacity, `overload: extract` ► "extractive"
               → verify (policy) → respond
 
 Each stage is a module named after it; every policy decision is in `policy.py`. Policies are code,
@@ -18,8 +19,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from hybrid_serve.agents import follow_up, prompts, respond, route, tracing, verify
-from hybrid_serve.agents.attempts import Finish, slm_attempt
-from hybrid_serve.agents.context import Deadline, RequestContext, RequestOptions
+from hybrid_serve.agents.admission import OVERLOADED
+from hybrid_serve.agents.attempts import Attempt, Finish, extractive_attempt, slm_attempt
+from hybrid_serve.agents.context import SLM_OVERLOADED, Deadline, RequestContext, RequestOptions
 from hybrid_serve.agents.events import EventSink, text_deltas
 from hybrid_serve.agents.interfaces import (
     Generate,
@@ -31,7 +33,7 @@ from hybrid_serve.agents.interfaces import (
 from hybrid_serve.agents.retrieve import search
 from hybrid_serve.agents.services import OnVerdict, Services
 from hybrid_serve.config import HybridServeConfig
-from hybrid_serve.schemas import AnswerRequest, AnswerResponse, Collections, Priority
+from hybrid_serve.schemas import AnswerRequest, AnswerResponse, Collections, Passage, Priority
 
 
 class Pipeline:
@@ -86,18 +88,41 @@ class Pipeline:
         return ctx
 
     @contextlib.contextmanager
-    def _admitted(self, ctx: RequestContext) -> Iterator[None]:
+    def _admitted(self, ctx: RequestContext, extract: bool = False) -> Iterator[bool]:
         """Refused on arrival when the SLM has just refused a request like it (no retrieval,
-        no hops); a refusal of this one is remembered for those that follow."""
+        no hops); a refusal of this one is remembered for those that follow. With `extract`
+        (the request takes the cheaper route) it is not refused: True says the SLM is to be
+        skipped."""
         refusals = self.services.refusals
         refused = refusals.check(ctx.options.priority, ctx.remaining())
-        if refused is not None:
+        if refused is not None and not extract:
             raise refused
         try:
-            yield
+            yield refused is not None
         except Unavailable as exc:
             refusals.heard(ctx.options.priority, exc)
             raise
+
+    async def _routed(
+        self, ctx: RequestContext, passages: list[Passage], skip_slm: bool
+    ) -> Attempt:
+        """The route's answer; where the request allows it (`overload: extract`), the
+        extractive answer instead when the SLM is at capacity — known on arrival, or refused
+        now."""
+        if not skip_slm:
+            try:
+                return await route.run(self.services, ctx, passages)
+            except Unavailable as exc:
+                self._extracts(ctx, exc)
+        ctx.degrade(SLM_OVERLOADED)
+        return extractive_attempt(ctx.req.query, passages)
+
+    def _extracts(self, ctx: RequestContext, exc: Unavailable) -> None:
+        """Returns when the SLM's refusal is to be answered by the extractive route (the
+        request allows it), remembered for the requests that follow; re-raises it otherwise."""
+        if exc.reason != OVERLOADED or ctx.req.overload != "extract":
+            raise exc
+        self.services.refusals.heard(ctx.options.priority, exc)
 
     async def answer(
         self, options: RequestOptions, trace_id: str, events: EventSink | None = None
@@ -107,14 +132,25 @@ class Pipeline:
         s = self.services
         ctx = self._context(options, trace_id, events)
         attributes = {"hybrid.mode": options.req.mode, "hybrid.top_k": options.req.top_k}
-        with tracing.span("Pipeline.answer", attributes=attributes), self._admitted(ctx):
-            await follow_up.run(s, ctx)
+        extract = options.req.overload == "extract"
+        with (
+            tracing.span("Pipeline.answer", attributes=attributes),
+            self._admitted(ctx, extract) as skip_slm,
+        ):
+            if not skip_slm:  # a follow-up's rewrite may need the SLM
+                try:
+                    await follow_up.run(s, ctx)
+                except Unavailable as exc:
+                    self._extracts(ctx, exc)
+                    skip_slm = True
             passages = await ctx.within("retrieve", search(s, ctx, ctx.req.query, ctx.req.top_k))
             tracing.annotate({"hybrid.sensitive": ctx.sensitive})
-            attempt = await route.run(s, ctx, passages)
+            attempt = await self._routed(ctx, passages, skip_slm)
             if events is not None:
                 for delta in text_deltas(attempt.text):
                     await events(delta)
+            if attempt.route == "extractive":  # the cheap route: no Claude, no grading
+                return await respond.run(s, ctx, passages, attempt)
             if s.policy.wants_verification(ctx.req, attempt.route):
                 attempt = await verify.run(s, ctx, attempt)
             response = await respond.run(s, ctx, passages, attempt)

@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-Route = Literal["slm", "slm+rewrite", "decomposed", "claude"]
+Route = Literal["slm", "slm+rewrite", "decomposed", "claude", "extractive"]
 # The shortest deadline a request may set (a millisecond): below it nothing can answer, and a
 # float that small (5e-324) is only a way to find parsers that disagree.
 MIN_TIMEOUT_S = 0.001
@@ -97,6 +97,13 @@ class AnswerRequest(StrictModel):
         True,
         description="false: answer afresh, neither reading nor filling the answer cache (as the "
         "header Cache-Control: no-cache does on every answer endpoint).",
+    )
+    overload: Literal["refuse", "extract"] = Field(
+        "refuse",
+        description="When the SLM cannot answer inside the deadline (at capacity): refuse: 503 "
+        "with Retry-After; extract: answer from the retrieved passages' sentences that best match "
+        "the question, cited, without generation (route `extractive`, degraded "
+        "`slm_overloaded`).",
     )
 
 

@@ -253,3 +253,57 @@ def test_the_pipeline_refuses_on_arrival_without_retrieving():
     assert first.reason == second.reason == OVERLOADED
     assert searched == ["first"]  # the second was refused before retrieval
     assert "the SLM refused a request of priority interactive" in second.detail
+
+
+def test_a_request_that_allows_it_is_answered_extractively_when_the_slm_is_at_capacity():
+    """`overload: extract`: the replica's refusal becomes an answer quoted from the passages,
+    cited; right after, such a request skips the SLM (retrieved, never queued), while one
+    that does not allow it is still refused on arrival."""
+    from hybrid_serve.agents.context import RequestOptions
+    from hybrid_serve.agents.pipeline import Pipeline
+    from hybrid_serve.config import HybridServeConfig
+    from hybrid_serve.schemas import AnswerRequest, GenerationResult, Passage
+
+    searched, asked_slm = [], []
+    passages = [
+        Passage(chunk_id="a#0", doc_id="a", title="A", text="Lyon is large. Paris is in France."),
+        Passage(chunk_id="b#0", doc_id="b", title="B", text="Cheese is made from milk."),
+    ]
+
+    async def retrieve(query, top_k, collections=None):
+        searched.append(query)
+        return passages
+
+    replica = Replica(slots=1, service_s=0.3)
+
+    async def generate(request):
+        asked_slm.append(request)
+        await replica.run("answer", request)
+        return GenerationResult(text="Paris is in France [1].", completion_tokens=6)
+
+    async def go():
+        await measured(replica, n=2)
+        busy = [asyncio.create_task(replica.run(f"busy{i}", req())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        pipe = Pipeline(retrieve, generate, HybridServeConfig.load(overrides={}))
+
+        def ask(q, overload="extract"):
+            body = AnswerRequest(query=q, overload=overload, mode="slm")
+            return pipe.answer(RequestOptions(body, timeout_s=0.5), "t")
+
+        first = await ask("Where is Paris?")
+        second = await ask("Where is Paris, again?")
+        with pytest.raises(Unavailable) as third:
+            await ask("Where is Paris, strictly?", overload="refuse")
+        await asyncio.gather(*busy)
+        return first, second, third.value
+
+    first, second, third = asyncio.run(go())
+    for answer in (first, second):
+        assert answer.route == "extractive" and answer.degraded == ["slm_overloaded"]
+        assert "Paris is in France" in answer.answer and "Lyon" not in answer.answer
+        assert [c.doc_id for c in answer.citations] == ["a"]
+        assert answer.usage.slm_completion_tokens == 0
+    assert len(asked_slm) == 1  # the first was refused by the replica; the second never asked
+    assert searched == ["Where is Paris?", "Where is Paris, again?"]
+    assert third.reason == OVERLOADED
