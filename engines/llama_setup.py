@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from hybrid_serve.config import ExtraBuffers, LlamaCppEngineConfig, Quantization
 from hybrid_serve.engines.hardware import cpu_flags, has_amx
 
@@ -289,6 +291,22 @@ def choose(
             str(path), c.quantization, c.flash_attention, threads, c.threads_batch, "configured"
         )
     cache = cache_dir(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    # One measurer per machine at a time: replicas starting together on a node would measure
+    # side by side, each slowed by the others (a worse choice) and converting the same model
+    # twice; the ones that wait read what the first measured.
+    with FileLock(cache / "setups.lock"):
+        return _choose_measured(source, cfg, threads, candidates, cache, progress)
+
+
+def _choose_measured(
+    source: Path,
+    cfg: LlamaCppEngineConfig,
+    threads: int,
+    candidates: list[Candidate],
+    cache: Path,
+    progress: Any,
+) -> Setup:
     record = cache / "setups.json"
     key = _key(source, threads, cfg)
     known: dict[str, Any] = {}
@@ -322,9 +340,7 @@ def choose(
             }
             for m in measured
         }
-        cache.mkdir(parents=True, exist_ok=True)
-        # A file of its own, then one rename: replicas starting together on a node each write
-        # whole records, never one another's half.
+        # A file of its own, then one rename: a reader (doctor) never sees half a record.
         with tempfile.NamedTemporaryFile("w", dir=cache, suffix=".part", delete=False) as tmp:
             tmp.write(json.dumps(known, indent=1))
         Path(tmp.name).replace(record)

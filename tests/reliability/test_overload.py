@@ -48,3 +48,37 @@ def test_an_overload_is_answered_at_capacity_and_the_rest_refused_at_once(rel):
     for r in responses:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+
+
+def test_an_overload_is_answered_extractively_where_the_request_allows_it(rel):
+    """`overload: extract` over HTTP: what the SLM can answer in time is written by it; the
+    rest is quoted from the passages at once, not refused."""
+    rel.llm.latency_s = LATENCY_S
+    try:
+
+        async def go() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=rel.url, headers=rel.auth, timeout=60) as client:
+
+                async def ask(i: int) -> httpx.Response:
+                    body = {
+                        "query": f"What port does the API use? ({i})",
+                        "mode": "slm",
+                        "use_cache": False,
+                        "overload": "extract",
+                    }
+                    headers = {"x-request-timeout": str(DEADLINE_S)}
+                    return await client.post("/v1/answer", json=body, headers=headers)
+
+                return await asyncio.gather(*(ask(i) for i in range(AT_ONCE)))
+
+        responses = asyncio.run(go())
+    finally:
+        rel.llm.latency_s = 0.05
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) >= AT_ONCE - 2, statuses  # a stray 504 at most, as above
+    routes = [r.json()["route"] for r in responses if r.status_code == 200]
+    extracted = [r.json() for r in responses if r.status_code == 200]
+    extracted = [b for b in extracted if b["route"] == "extractive"]
+    assert routes.count("slm") >= 2 and len(extracted) >= AT_ONCE // 3, routes
+    for body in extracted:
+        assert body["degraded"] == ["slm_overloaded"] and body["citations"], body

@@ -62,3 +62,41 @@ def test_a_model_of_the_users_own_is_not_converted_under_auto(cache):
     cfg = LlamaCppEngineConfig(cache_dir=str(cache), flash_attention="off")
     candidates = llama_setup._candidates(cfg, 2, own_model=True)
     assert [c.quantization for c in candidates] == ["bundled"]
+
+
+def test_replicas_starting_together_measure_one_at_a_time_and_once(tmp_path, monkeypatch):
+    """Two replicas on one node: the first measures (alone: never beside the other, which
+    would slow both), the second waits and reads what it measured."""
+    import threading
+    import time
+
+    calls, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def measure_alone(path, candidate, threads, extra):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+            calls.append(candidate)
+        fast = {"bundled": 200.0, "q8_0": 400.0, "f16": 300.0}[candidate.quantization]
+        return llama_setup.Measured(candidate, fast, 90.0)
+
+    monkeypatch.setattr(llama_setup, "measure", measure_alone)
+    monkeypatch.setattr(llama_setup, "converted", lambda source, q, cache: source)
+    cfg = LlamaCppEngineConfig(cache_dir=str(tmp_path), flash_attention="off")
+    chosen = []
+
+    def start():
+        chosen.append(choose(Path(bundled_gguf()), cfg, threads=2))
+
+    replicas = [threading.Thread(target=start) for _ in range(2)]
+    for r in replicas:
+        r.start()
+    for r in replicas:
+        r.join()
+    assert most[0] == 1 and len(calls) == 3  # one at a time, each candidate once
+    assert [c.quantization for c in chosen] == ["q8_0", "q8_0"]
+    assert sum("measured before" in c.reason for c in chosen) == 1
