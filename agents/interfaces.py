@@ -91,6 +91,9 @@ class CallUsage:
     cost_usd: float = 0.0
     attempts: int = 0
     seconds: float = 0.0  # wall time of the call, retries included
+    # Its share of the tier's time: while n calls run together each is charged 1/n of the
+    # elapsed time (engines.replica_time), what a self-hosted, batching tier is priced by.
+    shared_seconds: float | None = None
 
 
 @dataclass

@@ -40,6 +40,7 @@ from hybrid_serve.agents.pii import Redactor
 from hybrid_serve.agents.policy import KEPT_LOCAL, PrivacyGate
 from hybrid_serve.agents.roles import ROLES, RoleSpec, recover_tool_input, tool_spec
 from hybrid_serve.config import LLMConfig, PolicyConfig
+from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.schemas import Priority
 
 T = TypeVar("T", bound=BaseModel)
@@ -111,12 +112,15 @@ class AttemptGuard(anthropic.Middleware):
     """Anthropic SDK middleware, run once per attempt inside the SDK's retry loop: holds a slot
     of the concurrency cap for the attempt (interactive calls before batch ones; one that could
     not finish before its request's deadline is refused at once: `admission.DeadlineQueue`),
-    counts it, starts none past the request's deadline, and stops the retries when the API asks
-    for a wait longer than `max_retry_after_s` (the SDK would sleep up to any length)."""
+    counts it and charges it its share of the tier's time (attempts running together share it:
+    a self-hosted tier batches them), starts none past the request's deadline, and stops the
+    retries when the API asks for a wait longer than `max_retry_after_s` (the SDK would sleep up
+    to any length)."""
 
     def __init__(self, max_concurrency: int, max_retry_after_s: float) -> None:
         self.slots = DeadlineQueue(max_concurrency)
         self.max_retry_after_s = max_retry_after_s
+        self.tier_time = ReplicaClock()
 
     async def handle_async(self, request: Any, call_next: Any) -> Any:
         call = _in_flight.get()
@@ -128,7 +132,12 @@ class AttemptGuard(anthropic.Middleware):
             left = None if call.deadline is None else call.deadline - time.time()
             attempt = _Attempt(call.max_tokens, left, call.priority)
         async with self.slots.slot(attempt):
-            response = await call_next(request)
+            if call is None:
+                response = await call_next(request)
+            else:
+                with self.tier_time.charging() as share:
+                    response = await call_next(request)
+                call.usage.shared_seconds = (call.usage.shared_seconds or 0.0) + share.seconds
         if response.status_code == 429 or response.status_code >= 500:
             wait = retry_after_s(response.headers)
             if wait is not None and wait > self.max_retry_after_s:
@@ -223,6 +232,7 @@ class LLMGateway:
             "recovered_tool_calls": self.recovered_tool_calls,
             "fitted_calls": self.fitted_calls,
             "queue": self.guard.slots.info(),
+            "tier_time": self.guard.tier_time.info(),
             "context_tokens": self.cfg.known_context_tokens() or self._served_context,
             "kept_local": self.gate.refused,
             "totals": self.ledger.totals.__dict__,

@@ -23,10 +23,12 @@ def estimate_tokens(text: str) -> int:
 
 
 def call_cost(llm: LLMConfig, usage: CallUsage) -> float:
-    """Per token for a hosted API; for a self-hosted tier (`gpu_hours`) the call's time at its
-    replica-hour price, as the SLM's cost is counted."""
+    """Per token for a hosted API; for a self-hosted tier (`gpu_hours`) the call's share of the
+    tier's time (calls that ran together share it: the tier batches them) at its replica-hour
+    price, as the SLM's cost is counted."""
     if llm.price_model == "gpu_hours":
-        return usage.seconds * llm.gpu_hour_usd / 3600
+        seconds = usage.seconds if usage.shared_seconds is None else usage.shared_seconds
+        return seconds * llm.gpu_hour_usd / 3600
     p = llm.price()
     return (
         usage.input_tokens * p.input

@@ -383,7 +383,8 @@ class LLMConfig(_Section):
     price_model: Literal["tokens", "gpu_hours"] = Field(
         "tokens",
         description="tokens: a hosted API's per-token `prices`; gpu_hours: a self-hosted tier, "
-        "a call costing its duration at gpu_hour_usd, like the SLM's cost.",
+        "a call costing its share of the tier's time at gpu_hour_usd (calls that run together "
+        "share it), like the SLM's cost.",
     )
     gpu_hour_usd: float = Field(
         0.0, ge=0, description="gpu_hours: the price of one tier replica-hour, all its GPUs."

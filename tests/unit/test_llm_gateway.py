@@ -205,7 +205,8 @@ def test_a_self_hosted_tier_costs_its_gpu_time_and_may_keep_pii(server):
     assert "alice@corp.com" in server.calls()[0].text  # keep: sent as is, nothing redacted
     assert not result.redacted and result.model
     u = result.usage
-    assert u.seconds > 0 and u.cost_usd == pytest.approx(u.seconds * 36.0 / 3600)
+    assert 0 < u.shared_seconds <= u.seconds  # alone, its share is its time at the tier
+    assert u.cost_usd == pytest.approx(u.shared_seconds * 36.0 / 3600)
     assert g.status()["tier"] == "on_premises"
     # GPU time is known only after a call: nothing is reserved, the spend is settled after.
     assert pricing.reserve_estimate(g.cfg, 10_000, 1_000) == 0.0
@@ -392,3 +393,22 @@ def test_interactive_calls_go_before_batch_calls_and_a_hopeless_one_is_refused_a
     asked = [next(q for q in ("warm", "first", "batch", "interactive") if q in m) for m in order]
     assert asked == ["warm", "first", "interactive", "batch"]
     assert g.breaker.state == "closed" and g.status()["queue"]["refused"]["batch"] == 1
+
+
+def test_a_self_hosted_tier_charges_calls_that_ran_together_their_share_of_its_time(server):
+    """A batching tier priced by the hour: four calls side by side for 0.4 s cost the tier
+    0.4 s, not 1.6 s — each is charged a quarter, and the charges sum to the busy time."""
+    server.always = Fault(delay_s=0.4)
+    g = gateway(server, price_model="gpu_hours", gpu_hour_usd=3600.0, max_concurrency=4)
+
+    async def scenario():
+        calls = [ask(g, "answer", f"r{i}", f"question {i}") for i in range(4)]
+        return await asyncio.gather(*calls)
+
+    results = run(scenario())
+    walls = [r.usage.seconds for r in results]
+    costs = [r.usage.cost_usd for r in results]  # $1 a second
+    busy = g.status()["tier_time"]["busy_seconds"]
+    assert min(walls) >= 0.4 and sum(costs) < 0.5 * sum(walls)
+    assert sum(costs) == pytest.approx(busy, rel=0.05)
+    assert all(c == pytest.approx(busy / 4, rel=0.2) for c in costs)
