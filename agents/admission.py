@@ -307,8 +307,10 @@ class RecentRefusals:
             retry = refusal.retry_after_s or 1.0
             self._last[priority] = (self._now(), refusal.expected_s, retry)
 
-    def check(self, priority: Priority, left_s: float) -> Unavailable | None:
-        """The refusal for a request of `priority` with `left_s` of its deadline, or None."""
+    def check(self, priority: Priority, left_s: float, count: bool = True) -> Unavailable | None:
+        """The refusal for a request of `priority` with `left_s` of its deadline, or None;
+        counted (and heard by `on_refuse`) unless `count` is False — the request takes another
+        route rather than being refused."""
         now = self._now()
         rank = PRIORITIES.index(priority)
         for heard_priority, (at, expected, retry) in self._last.items():
@@ -316,9 +318,10 @@ class RecentRefusals:
             if PRIORITIES.index(heard_priority) > rank or since > self.heard_for_s:
                 continue  # a batch refusal says nothing of interactive work; or it is old
             if expected - since > left_s:
-                self.refused[priority] += 1
-                if self.on_refuse is not None:
-                    self.on_refuse(priority)
+                if count:
+                    self.refused[priority] += 1
+                    if self.on_refuse is not None:
+                        self.on_refuse(priority)
                 return Unavailable(
                     OVERLOADED,
                     f"at capacity: {since:.1f} s ago the SLM refused a request of priority "

@@ -94,7 +94,7 @@ class Pipeline:
         (the request takes the cheaper route) it is not refused: True says the SLM is to be
         skipped."""
         refusals = self.services.refusals
-        refused = refusals.check(ctx.options.priority, ctx.remaining())
+        refused = refusals.check(ctx.options.priority, ctx.remaining(), count=not extract)
         if refused is not None and not extract:
             raise refused
         try:
@@ -149,13 +149,13 @@ class Pipeline:
             if events is not None:
                 for delta in text_deltas(attempt.text):
                     await events(delta)
-            if attempt.route == "extractive":  # the cheap route: no Claude, no grading
-                return await respond.run(s, ctx, passages, attempt)
-            if s.policy.wants_verification(ctx.req, attempt.route):
+            written = attempt.route != "extractive"  # the cheap route: no Claude, no grading
+            if written and s.policy.wants_verification(ctx.req, attempt.route):
                 attempt = await verify.run(s, ctx, attempt)
             response = await respond.run(s, ctx, passages, attempt)
             tracing.annotate(respond.attributes(response))
-            self.shadow.maybe(s, ctx, attempt)
+            if written:
+                self.shadow.maybe(s, ctx, attempt)
             return response
 
     async def answer_slm(

@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = Reference(args.threads)
     reference.seconds()  # warm
     latencies, reference_ms, prompt_tokens = [], [], []
+    failures: list[dict[str, Any]] = []
     with httpx.Client(timeout=300, headers=NO_CACHE) as client:
         setup = client.get(f"{url}/readyz").json()
         client.post(f"{url}/v1/answer", json={"query": QUESTION})  # warm
@@ -159,9 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             progress.step(i + 1, args.answers, "/v1/answer and the reference, in turn")
             reference_ms.append(reference.seconds() * 1000)
             t0 = time.perf_counter()
-            r = client.post(f"{url}/v1/answer", json={"query": QUESTIONS[i % len(QUESTIONS)]})
-            r.raise_for_status()
-            latencies.append((time.perf_counter() - t0) * 1000)
+            query = QUESTIONS[i % len(QUESTIONS)]
+            r = client.post(f"{url}/v1/answer", json={"query": query})
+            took = (time.perf_counter() - t0) * 1000
+            if r.status_code != 200:  # reported, not dropped: a failure is a finding
+                failures.append(
+                    {"query": query, "status": r.status_code, "ms": took, "body": r.text[:500]}
+                )
+                continue
+            latencies.append(took)
             prompt_tokens.append(r.json()["usage"]["slm_prompt_tokens"])
     progress.done()
 
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             f"prompt, {REFERENCE_GENERATED_TOKENS} generated",
             "p50": percentile(reference_ms, 50),
         },
+        "answer_failures": failures,
         "answer_p50_over_reference": percentile(latencies, 50) / percentile(reference_ms, 50),
         "slm_setup": _setup(setup),
         "rounds": rows,
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens); the reference "
         f"({report['reference_ms']['what']}) p50 {report['reference_ms']['p50']:.0f} ms: "
         f"**{report['answer_p50_over_reference']:.2f}x** the reference.",
+        f" Failed: {len(failures)}"
+        + "".join(f"; {f['status']} after {f['ms']:.0f} ms: {f['body'][:200]}" for f in failures),
         "",
         f"The cluster's llama.cpp set-up: `{json.dumps(report['slm_setup'])}`.",
     ]
