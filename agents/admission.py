@@ -108,8 +108,9 @@ class DeadlineQueue:
             for started, expected in self._running.values()
         ]
         frees += [0.0] * max(self.slots - len(frees), 0)
-        heapq.heapify(frees)
-        return frees
+        frees.sort()
+        # More running than slots (resized down): the first to end free no slot of their own.
+        return frees[len(frees) - self.slots :]  # sorted, so a heap
 
     def _wait_s(self, ahead: list[_Waiter]) -> float:
         """Until a slot frees for the request behind `ahead`: the slots' free times, each

@@ -307,3 +307,28 @@ def test_a_request_that_allows_it_is_answered_extractively_when_the_slm_is_at_ca
     assert len(asked_slm) == 1  # the first was refused by the replica; the second never asked
     assert searched == ["Where is Paris?", "Where is Paris, again?"]
     assert third.reason == OVERLOADED
+
+
+def test_the_wait_is_when_a_slot_frees_even_after_the_slots_were_cut():
+    """Two running (1 s each, started at 0 and 0.5): at 0.6 a slot frees in 0.4 s; resized to
+    one slot, only when both have ended (0.9 s)."""
+    import contextlib
+
+    clock = [0.0]
+    queue = DeadlineQueue(2, now=lambda: clock[0])
+
+    async def go():
+        async with queue.slot(req()):
+            clock[0] += 1.0  # measured: 1 s for this length
+        async with contextlib.AsyncExitStack() as held:
+            clock[0] = 10.0
+            await held.enter_async_context(queue.slot(req()))
+            clock[0] = 10.5
+            await held.enter_async_context(queue.slot(req()))
+            clock[0] = 10.6
+            both = queue.expected_wait_s()
+            queue.resize(1)
+            return both, queue.expected_wait_s()
+
+    both, one = asyncio.run(go())
+    assert both == pytest.approx(0.4) and one == pytest.approx(0.9)
