@@ -97,12 +97,14 @@ def test_doctor_lists_every_check(tmp_path):
         "gpus",
         "faiss",
         "engine",
+        "advice",
         "ray",
         "port",
         "index",
         "claude",
     ]
     checks = {c["name"]: c for c in report["checks"]}
+    assert checks["advice"]["data"]["interactive"] in ("llama_cpp", "vllm")
     assert r.returncode == 0 and report["ok"], r.stdout
     assert checks["engine"]["status"] == "ok" and checks["engine"]["data"]["completion_tokens"] > 0
     assert checks["claude"]["status"] == "skip"  # no key: no call
