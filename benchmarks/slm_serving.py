@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(median SLM prompt {report['answer_latency_ms']['slm_prompt_tokens_median']:.0f} "
         "tokens); the reference "
         f"({report['reference_ms']['what']}) p50 {report['reference_ms']['p50']:.0f} ms: "
-        f"**{report['answer_p50_over_reference']:.2f}x** the reference.",
-        f" Failed: {len(failures)}"
+        f"**{report['answer_p50_over_reference']:.2f}x** the reference. Failed answers: "
+        f"{len(failures)}"
         + "".join(f"; {f['status']} after {f['ms']:.0f} ms: {f['body'][:200]}" for f in failures),
         "",
         f"The cluster's llama.cpp set-up: `{json.dumps(report['slm_setup'])}`.",
