@@ -213,45 +213,68 @@ def test_a_batch_refusal_says_nothing_of_interactive_work():
     assert recent.check("interactive", left_s=60.0) is None
 
 
+class BehindABusyReplica:
+    """A pipeline whose SLM is a replica of one 0.3-s slot (`Replica`'s real queue) with about
+    1 s of work ahead of it once `busy()` has started it; records what the pipeline searched
+    and which generations reached the SLM."""
+
+    def __init__(self, passages):
+        self.passages = passages
+        self.searched, self.asked_slm = [], []
+        self.replica = Replica(slots=1, service_s=0.3)
+
+    async def retrieve(self, query, top_k, collections=None):
+        self.searched.append(query)
+        return self.passages
+
+    async def generate(self, request):
+        from hybrid_serve.schemas import GenerationResult
+
+        self.asked_slm.append(request)
+        await self.replica.run("answer", request)
+        return GenerationResult(text="Paris is in France [1].", completion_tokens=6)
+
+    async def busy(self):
+        """Measures the replica, starts three requests on it; returns them to await."""
+        from hybrid_serve.agents.pipeline import Pipeline
+        from hybrid_serve.config import HybridServeConfig
+
+        await measured(self.replica, n=2)
+        work = [asyncio.create_task(self.replica.run(f"busy{i}", req())) for i in range(3)]
+        await asyncio.sleep(0.01)
+        self.pipe = Pipeline(self.retrieve, self.generate, HybridServeConfig.load(overrides={}))
+        return work
+
+    def ask(self, query, **fields):
+        """An answer request with a 0.5-s deadline."""
+        from hybrid_serve.agents.context import RequestOptions
+        from hybrid_serve.schemas import AnswerRequest
+
+        body = AnswerRequest(query=query, **fields)
+        return self.pipe.answer(RequestOptions(body, timeout_s=0.5), "t")
+
+
 def test_the_pipeline_refuses_on_arrival_without_retrieving():
     """The SLM replica's real queue refuses a request; the next one, right after, is refused
     by the pipeline before retrieval."""
-    from hybrid_serve.agents.context import RequestOptions
-    from hybrid_serve.agents.pipeline import Pipeline
-    from hybrid_serve.config import HybridServeConfig
-    from hybrid_serve.schemas import AnswerRequest, GenerationResult, Passage
+    from hybrid_serve.schemas import Passage
 
-    searched = []
-
-    async def retrieve(query, top_k, collections=None):
-        searched.append(query)
-        return [Passage(chunk_id="a#0", doc_id="a", title="A", text="Paris is in France.")]
-
-    replica = Replica(slots=1, service_s=0.3)
-
-    async def generate(request):
-        await replica.run("answer", request)
-        return GenerationResult(text="Paris is in France [1].", completion_tokens=6)
+    at = BehindABusyReplica(
+        [Passage(chunk_id="a#0", doc_id="a", title="A", text="Paris is in France.")]
+    )
 
     async def go():
-        await measured(replica, n=2)
-        busy = [asyncio.create_task(replica.run(f"busy{i}", req())) for i in range(3)]
-        await asyncio.sleep(0.01)
-        pipe = Pipeline(retrieve, generate, HybridServeConfig.load(overrides={}))
-
-        def ask(q):
-            return pipe.answer(RequestOptions(AnswerRequest(query=q), timeout_s=0.5), "t")
-
+        busy = await at.busy()
         with pytest.raises(Unavailable) as first:  # ~1 s of work ahead, 0.5 s deadline
-            await ask("first")
+            await at.ask("first")
         with pytest.raises(Unavailable) as second:
-            await ask("second")
+            await at.ask("second")
         await asyncio.gather(*busy)
         return first.value, second.value
 
     first, second = asyncio.run(go())
     assert first.reason == second.reason == OVERLOADED
-    assert searched == ["first"]  # the second was refused before retrieval
+    assert at.searched == ["first"]  # the second was refused before retrieval
     assert "the SLM refused a request of priority interactive" in second.detail
 
 
@@ -259,42 +282,23 @@ def test_a_request_that_allows_it_is_answered_extractively_when_the_slm_is_at_ca
     """`overload: extract`: the replica's refusal becomes an answer quoted from the passages,
     cited; right after, such a request skips the SLM (retrieved, never queued), while one
     that does not allow it is still refused on arrival."""
-    from hybrid_serve.agents.context import RequestOptions
-    from hybrid_serve.agents.pipeline import Pipeline
-    from hybrid_serve.config import HybridServeConfig
-    from hybrid_serve.schemas import AnswerRequest, GenerationResult, Passage
+    from hybrid_serve.schemas import Passage
 
-    searched, asked_slm = [], []
-    passages = [
-        Passage(chunk_id="a#0", doc_id="a", title="A", text="Lyon is large. Paris is in France."),
-        Passage(chunk_id="b#0", doc_id="b", title="B", text="Cheese is made from milk."),
-    ]
-
-    async def retrieve(query, top_k, collections=None):
-        searched.append(query)
-        return passages
-
-    replica = Replica(slots=1, service_s=0.3)
-
-    async def generate(request):
-        asked_slm.append(request)
-        await replica.run("answer", request)
-        return GenerationResult(text="Paris is in France [1].", completion_tokens=6)
+    at = BehindABusyReplica(
+        [
+            Passage(
+                chunk_id="a#0", doc_id="a", title="A", text="Lyon is large. Paris is in France."
+            ),
+            Passage(chunk_id="b#0", doc_id="b", title="B", text="Cheese is made from milk."),
+        ]
+    )
 
     async def go():
-        await measured(replica, n=2)
-        busy = [asyncio.create_task(replica.run(f"busy{i}", req())) for i in range(3)]
-        await asyncio.sleep(0.01)
-        pipe = Pipeline(retrieve, generate, HybridServeConfig.load(overrides={}))
-
-        def ask(q, overload="extract"):
-            body = AnswerRequest(query=q, overload=overload, mode="slm")
-            return pipe.answer(RequestOptions(body, timeout_s=0.5), "t")
-
-        first = await ask("Where is Paris?")
-        second = await ask("Where is Paris, again?")
+        busy = await at.busy()
+        first = await at.ask("Where is Paris?", overload="extract", mode="slm")
+        second = await at.ask("Where is Paris, again?", overload="extract", mode="slm")
         with pytest.raises(Unavailable) as third:
-            await ask("Where is Paris, strictly?", overload="refuse")
+            await at.ask("Where is Paris, strictly?", overload="refuse", mode="slm")
         await asyncio.gather(*busy)
         return first, second, third.value
 
@@ -304,8 +308,8 @@ def test_a_request_that_allows_it_is_answered_extractively_when_the_slm_is_at_ca
         assert "Paris is in France" in answer.answer and "Lyon" not in answer.answer
         assert [c.doc_id for c in answer.citations] == ["a"]
         assert answer.usage.slm_completion_tokens == 0
-    assert len(asked_slm) == 1  # the first was refused by the replica; the second never asked
-    assert searched == ["Where is Paris?", "Where is Paris, again?"]
+    assert len(at.asked_slm) == 1  # the first was refused by the replica; the second never asked
+    assert at.searched == ["Where is Paris?", "Where is Paris, again?"]
     assert third.reason == OVERLOADED
 
 
