@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hybrid_serve.engines.hardware import cpu_flags, cpu_summary
+from hybrid_serve.engines.hardware import cpu_flags, cpu_model, cpu_summary
+from hybrid_serve.engines.machine_cache import user_cache_dir, write_record
 
 MEASURED_FILE = "engines.json"
 
@@ -35,32 +35,17 @@ class Advice:
         return asdict(self)
 
 
-def measurements_dir() -> Path:
-    """The user's cache (XDG_CACHE_HOME), where the llama.cpp set-up is remembered too."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hybrid-serve"
-
-
 def machine_key() -> str:
     """This machine as the measurements know it: CPU model, flags and logical CPUs."""
-    model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
     flags = " ".join(sorted(cpu_flags() or ()))
-    ident = f"{model}|{flags}|{os.cpu_count()}"
+    ident = f"{cpu_model() or ''}|{flags}|{os.cpu_count()}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def remember(results: list[dict[str, Any]], where: Path | None = None) -> Path:
     """Keep the engines benchmark's rows (engine, single_stream_tok_s, throughput_tok_s by
     clients) for this machine; written through a temp file, so a reader never sees half."""
-    folder = where or measurements_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / MEASURED_FILE
+    path = (where or user_cache_dir()) / MEASURED_FILE
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -73,17 +58,14 @@ def remember(results: list[dict[str, Any]], where: Path | None = None) -> Path:
         }
         for r in results
     ]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".engines-", suffix=".part")
-    with os.fdopen(fd, "w") as f:
-        json.dump(known, f, indent=2)
-    os.replace(tmp, path)
+    write_record(path, json.dumps(known, indent=2))
     return path
 
 
 def measured(where: Path | None = None) -> list[dict[str, Any]] | None:
     """The rows remembered for this machine, or None."""
     try:
-        known = json.loads(((where or measurements_dir()) / MEASURED_FILE).read_text())
+        known = json.loads(((where or user_cache_dir()) / MEASURED_FILE).read_text())
         rows = known[machine_key()]
     except (OSError, ValueError, KeyError):
         return None

@@ -17,17 +17,29 @@ AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags, or None where the platform does not say (not Linux)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The first CPU's value of the first of `keys` /proc/cpuinfo has (None: not Linux)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return None
     for line in cpuinfo.read_text(errors="replace").splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 and Arm spell it differently
-            return frozenset(value.split())
+        if key.strip() in keys:
+            return value.strip()
     return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags, or None where the platform does not say (not Linux)."""
+    flags = _cpuinfo("flags", "Features")  # x86 and Arm spell it differently
+    return None if flags is None else frozenset(flags.split())
+
+
+@functools.cache
+def cpu_model() -> str | None:
+    """The CPU's model name, or None where the platform does not say."""
+    return _cpuinfo("model name")
 
 
 def has_amx(flags: frozenset[str] | None = None) -> bool | None:

@@ -40,6 +40,7 @@ from filelock import FileLock
 
 from hybrid_serve.config import ExtraBuffers, LlamaCppEngineConfig, Quantization
 from hybrid_serve.engines.hardware import cpu_flags, has_amx
+from hybrid_serve.engines.machine_cache import user_cache_dir, write_record
 
 # llama.cpp's file types for the conversions offered (llama_ftype).
 FILE_TYPES = {"q4_0": 2, "q8_0": 7, "f16": 1}
@@ -145,8 +146,7 @@ def cache_dir(cfg: LlamaCppEngineConfig) -> Path:
     cache (XDG_CACHE_HOME), shared by every data dir on the machine."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hybrid-serve" / "llama_cpp"
+    return user_cache_dir() / "llama_cpp"
 
 
 def _source_id(source: Path) -> str:
@@ -340,10 +340,7 @@ def _choose_measured(
             }
             for m in measured
         }
-        # A file of its own, then one rename: a reader (doctor) never sees half a record.
-        with tempfile.NamedTemporaryFile("w", dir=cache, suffix=".part", delete=False) as tmp:
-            tmp.write(json.dumps(known, indent=1))
-        Path(tmp.name).replace(record)
+        write_record(record, json.dumps(known, indent=1))
     best = min(measured, key=Measured.answer_s)
     if not best.ok:
         raise RuntimeError(
