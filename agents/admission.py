@@ -9,7 +9,11 @@ its running request's expected time, less what it has run, is up; the waiters ah
 this request's priority order) take the slots as they free, each for its service time. Service
 times are measured per `max_tokens` (a 48-token rewrite and a 160-token answer differ several
 fold), an exponentially weighted mean of the last few. Until a length has been measured nothing
-is refused on its account.
+is refused on its account. Batch work also waits for the interactive work that will arrive while
+it waits and go ahead of it: with interactive work claiming a share rho of the slots' time (its
+arrivals over the last minute times their service times), a batch wait W stretches to
+W / (1 - rho), and is unbounded once rho reaches 1 — so batch work that would only be overtaken
+until its deadline runs out is refused when it arrives, not after waiting.
 
 Written here because admission control of this kind (deadline-aware, priority-ordered, with a
 queue model of the replica) is the replica's own policy; asyncio's queues have no deadlines.
@@ -22,6 +26,7 @@ import heapq
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +38,8 @@ from hybrid_serve.schemas import PRIORITIES, Priority
 # Weight of the newest measurement in the service-time mean.
 EWMA_WEIGHT = 0.2
 OVERLOADED = "overloaded"
+# How far back interactive arrivals count towards the load that will go ahead of batch work.
+LOAD_WINDOW_S = 60.0
 
 
 class SlotRequest(Protocol):
@@ -74,10 +81,15 @@ class DeadlineQueue:
         slots: int,
         now: Callable[[], float] = time.monotonic,
         on_refuse: Callable[[Refusal], None] | None = None,
+        load_window_s: float = LOAD_WINDOW_S,
     ) -> None:
         self.slots = max(1, slots)
         self._now = now
         self._on_refuse = on_refuse
+        self.load_window_s = load_window_s
+        # Interactive work admitted in the last load window: (when, its expected service time).
+        self._interactive: deque[tuple[float, float]] = deque()
+        self._interactive_s = 0.0  # their summed service times
         self._running: dict[int, tuple[float, float]] = {}  # slot token -> started, expected
         self._tokens = itertools.count()
         self._waiting: list[_Waiter] = []  # a heap by rank
@@ -128,10 +140,38 @@ class DeadlineQueue:
     def running(self) -> int:
         return len(self._running)
 
+    def interactive_load(self) -> float:
+        """The share of the slots' time that arriving interactive work claims (rho): what was
+        admitted in the last load window, by its service times, over the window. Until a window
+        has passed it reads low, which admits as if interactive work were lighter (the wait as
+        the queue stands)."""
+        horizon = self._now() - self.load_window_s
+        while self._interactive and self._interactive[0][0] < horizon:
+            self._interactive_s -= self._interactive.popleft()[1]
+        if not self._interactive:
+            self._interactive_s = 0.0  # no float drift once empty
+        return max(self._interactive_s, 0.0) / (self.load_window_s * self.slots)
+
+    def _admitted(self, rank: int, service_s: float | None) -> None:
+        if rank == 0:
+            service = service_s or self._typical_s()
+            self._interactive.append((self._now(), service))
+            self._interactive_s += service
+
+    def _overtaken(self, wait_s: float, rank: int) -> float:
+        """A batch wait stretched by the interactive work that arrives meanwhile and goes ahead
+        (each second of waiting brings rho seconds of it): wait / (1 - rho), unbounded once
+        interactive work alone fills the slots. Interactive work is not overtaken."""
+        if rank == 0 or wait_s <= 0:
+            return wait_s
+        rho = self.interactive_load()
+        return wait_s / (1 - rho) if rho < 1 else math.inf
+
     def expected_wait_s(self, priority: Priority = "interactive") -> float:
-        """What a request of `priority` arriving now would wait for a slot."""
+        """What a request of `priority` arriving now would wait for a slot (inf: interactive
+        work alone fills the replica, so batch work would wait for ever)."""
         rank = PRIORITIES.index(priority)
-        return self._wait_s([w for w in self._waiting if w.rank[0] <= rank])
+        return self._overtaken(self._wait_s([w for w in self._waiting if w.rank[0] <= rank]), rank)
 
     def _refuse(
         self, priority: Priority, expected_s: float, deadline_s: float, drain_s: float | None = None
@@ -144,12 +184,19 @@ class DeadlineQueue:
         if drain_s is None:
             drain_s = self._wait_s(list(self._waiting))
         retry = max(1.0, math.ceil(drain_s))
+        if math.isinf(expected_s):
+            why = (
+                f"interactive work takes {self.interactive_load():.0%} of this replica, so this "
+                f"{priority} request would not start before its deadline "
+                f"({max(deadline_s, 0):.1f} s left)"
+            )
+        else:
+            why = (
+                f"this {priority} request would finish in about {expected_s:.1f} s, after its "
+                f"deadline ({max(deadline_s, 0):.1f} s left)"
+            )
         return Unavailable(
-            OVERLOADED,
-            f"at capacity: this {priority} request would finish in about {expected_s:.1f} s, "
-            f"after its deadline ({max(deadline_s, 0):.1f} s left); retry after {retry:g} s",
-            retry,
-            expected_s,
+            OVERLOADED, f"at capacity: {why}; retry after {retry:g} s", retry, expected_s
         )
 
     # -- slots ---------------------------------------------------------------------------------
@@ -161,16 +208,18 @@ class DeadlineQueue:
         arrived = self._now()
         left = math.inf if request.deadline_s is None else request.deadline_s
         service = self.service_s(request.max_tokens)
+        rank = PRIORITIES.index(request.priority)
         if self.running < self.slots and not self._waiting:
             # A free slot: it starts now. Its own length is only an estimate (it may stop
             # early), so an idle replica never refuses; the deadline cuts it if need be.
             token = self._start(service)
+            self._admitted(rank, service)
         else:
-            rank = PRIORITIES.index(request.priority)
             ahead = [w for w in self._waiting if w.rank[0] <= rank]
-            expected = self._wait_s(ahead) + (service or 0.0)
+            expected = self._overtaken(self._wait_s(ahead), rank) + (service or 0.0)
             if expected > left:
                 raise self._refuse(request.priority, expected, left)
+            self._admitted(rank, service)
             waiter = _Waiter(
                 (rank, next(self._arrivals)),
                 arrived + left,
@@ -258,7 +307,7 @@ class DeadlineQueue:
         for waiter in sorted(self._waiting):
             if waiter.future.done():
                 continue
-            expected = frees[0] + (waiter.service_s or 0.0)
+            expected = self._overtaken(frees[0], waiter.rank[0]) + (waiter.service_s or 0.0)
             left = waiter.due - now
             if expected > left:
                 refusal = self._refuse(self._priority(waiter), expected, left, drain)
@@ -273,7 +322,12 @@ class DeadlineQueue:
             "slots": self.slots,
             "running": self.running,
             "waiting": len(self._waiting),
-            "expected_wait_s": {p: round(self.expected_wait_s(p), 3) for p in PRIORITIES},
+            "interactive_load": round(self.interactive_load(), 3),
+            # None: unbounded (interactive work alone fills the replica)
+            "expected_wait_s": {
+                p: None if math.isinf(wait := self.expected_wait_s(p)) else round(wait, 3)
+                for p in PRIORITIES
+            },
             "service_s": {str(k): round(v, 3) for k, v in sorted(self._service.items())},
             "refused": dict(self.refused),
         }

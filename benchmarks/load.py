@@ -23,7 +23,8 @@ over successful counted requests), `errors` (count by HTTP status, or `timeout` 
 `cost` (mean USD per request), `slo`, `capacity_plan` (sized by goodput), and for a sweep `runs`
 (one such object per rate, every rate given) and `saturation_rps`; `replica_time` (with an
 admin key: the SLM replica's busy seconds during the run against the answers' summed
-`slm_cost_usd`; `answers_over_busy` is 1.0 when every charge adds up). Also `report.md` and
+`slm_cost_usd`; `answers_over_busy` is 1.0 when every charge adds up; not `checked` with more
+than one SLM replica, whose `/readyz` shows one replica's time). Also `report.md` and
 `latency_vs_load.png`, `throughput_vs_load.png` (throughput and goodput), `cost_per_1k.png`;
 with `--batch-share`, `by_priority` (per class: `sent`, `ok`, `throughput_rps`, `goodput_rps`,
 `refusals`, `latency_ms`).
@@ -217,7 +218,8 @@ async def replica_time(client: httpx.AsyncClient) -> dict[str, Any] | None:
     price = data.get("prices", {}).get("slm_gpu_hour_usd")
     if "replica_time" not in slm or price is None:
         return None
-    return {**slm["replica_time"], "slm_gpu_hour_usd": price}
+    replicas = slm.get("placement", {}).get("replicas", 1)
+    return {**slm["replica_time"], "slm_gpu_hour_usd": price, "replicas": replicas}
 
 
 async def run_load(
@@ -337,6 +339,14 @@ def cost_check(results: list[Result], replica: dict[str, Any] | None) -> dict[st
     before, after = (replica or {}).get("before"), (replica or {}).get("after")
     if not before or not after:
         return None
+    if after.get("replicas", 1) != 1:
+        # /readyz reads whichever replica Serve routes the status call to: one replica's time
+        # against every replica's answers would be a wrong ratio, not an approximate one.
+        return {
+            "checked": False,
+            "why": f"{after['replicas']} SLM replicas; /readyz shows one replica's time, so "
+            "the check needs a cluster with one SLM replica",
+        }
     busy = after["busy_seconds"] - before["busy_seconds"]
     charged = after["charged_seconds"] - before["charged_seconds"]
     price = after["slm_gpu_hour_usd"]
@@ -349,7 +359,7 @@ def cost_check(results: list[Result], replica: dict[str, Any] | None) -> dict[st
         "answers_slm_cost_usd": round(reported, 8),
         "busy_time_cost_usd": round(busy_cost, 8),
         "answers_over_busy": round(reported / busy_cost, 4) if busy_cost else None,
-        "note": "one SLM replica's /readyz (exact with one replica)",
+        "checked": True,
     }
 
 
@@ -556,14 +566,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{report['saturation_rps']} rps.",
         ]
     check = report.get("replica_time")
-    if check:
+    if check and check.get("checked"):
         lines += [
             "",
             f"Cost check: the answers' SLM cost ${check['answers_slm_cost_usd']:.6f} against the "
             f"replica's busy time ({check['replica_busy_s']} s) at its price "
             f"${check['busy_time_cost_usd']:.6f}: x{check['answers_over_busy']} "
-            f"({check['generations']} generations; {check['note']}).",
+            f"({check['generations']} generations).",
         ]
+    elif check:
+        lines += ["", f"Cost check: not made ({check['why']})."]
     lines += [
         "",
         "## Routes",

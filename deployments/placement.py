@@ -8,6 +8,7 @@ import socket
 from typing import Any, cast
 
 import ray
+from ray import serve
 from ray.serve import Deployment
 
 from hybrid_serve.config import HybridServeConfig
@@ -20,6 +21,9 @@ def placement() -> dict[str, Any]:
         "pid": os.getpid(),
         "resources": {k: round(v, 4) for k, v in ctx.get_assigned_resources().items()},
         "gpu_ids": list(ctx.get_accelerator_ids().get("GPU", [])),
+        # how many replicas of this deployment run: a status is one replica's, and a reader
+        # summing per-replica figures (the load report's cost check) must know it saw one of n
+        "replicas": serve.get_replica_context().world_size,
     }
 
 

@@ -19,7 +19,7 @@ from hybrid_serve.agents import tracing
 from hybrid_serve.agents.admission import DeadlineQueue, Refusal
 from hybrid_serve.agents.tracing import TraceContext
 from hybrid_serve.config import HybridServeConfig, SLMConfig, TracingConfig
-from hybrid_serve.deployments.metrics import metrics
+from hybrid_serve.deployments.metrics import WAIT_S, metrics
 from hybrid_serve.deployments.placement import deployment, placement
 from hybrid_serve.deployments.versions import versioned
 from hybrid_serve.engines import Engine, make_engine, warm_up
@@ -115,7 +115,9 @@ class SLMEndpoints:
 
     def _record_wait(self, request: GenerationRequest) -> None:
         wait = self.queue.expected_wait_s(request.priority)
-        metrics.observe("hybrid_serve_slm_expected_wait_seconds", wait)
+        # An unbounded wait (batch behind interactive work that fills the replica) goes in the
+        # top bucket without making the histogram's sum infinite.
+        metrics.observe("hybrid_serve_slm_expected_wait_seconds", min(wait, 2 * WAIT_S[-1]))
         if request.deadline_s is not None:
             metrics.observe("hybrid_serve_slm_deadline_seconds", request.deadline_s)
 

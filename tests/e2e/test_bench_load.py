@@ -58,7 +58,8 @@ def test_open_loop_run_writes_report_and_plots(app, tmp_path):
     # The answers' SLM costs add up to the replica's busy time at its price (llama.cpp: one
     # context; what the replica spent outside a generation's own clock is the gap).
     check = report["replica_time"]
-    assert check is not None and check["generations"] >= report["requests"]["ok"]
+    assert check is not None and check["checked"]
+    assert check["generations"] >= report["requests"]["ok"]
     assert 0.8 <= check["answers_over_busy"] <= 1.02, check
     for png in ("latency_vs_load.png", "throughput_vs_load.png", "cost_per_1k.png"):
         assert (out / png).stat().st_size > 1000

@@ -3,6 +3,8 @@ at once with a Retry-After from the queue; batch work yields to interactive work
 first; a waiter whose client has gone frees its place."""
 
 import asyncio
+import contextlib
+import math
 import time
 
 import pytest
@@ -139,6 +141,95 @@ def test_batch_work_is_refused_first_when_interactive_work_arrives():
     assert isinstance(results[1], Unavailable)  # its deadline can no longer be met behind them
     assert results[2:] == ["i0", "i1", "i2"]
     assert queue.refused == {"interactive": 0, "batch": 1} and queue.info()["waiting"] == 0
+
+
+class Clocked:
+    """A one-slot DeadlineQueue on a hand-moved clock: requests of 1 s, a 10-s load window."""
+
+    def __init__(self):
+        self.clock = [0.0]
+        self.queue = DeadlineQueue(1, now=lambda: self.clock[0], load_window_s=10.0)
+
+    async def serve(self, n, every_s, priority="interactive"):
+        """`n` requests one after another, one every `every_s`, each 1 s long."""
+        for _ in range(n):
+            async with self.queue.slot(req(priority=priority)):
+                self.clock[0] += 1.0
+            self.clock[0] += every_s - 1.0
+
+
+def test_batch_work_is_refused_at_once_when_interactive_work_will_overtake_it_past_its_deadline():
+    """One interactive request a second claims half of the slot: a batch request behind 1 s
+    of work waits 2 s, not 1 (what arrives meanwhile goes first), so with 2.5 s left it is
+    refused at once; with 3.5 s it is admitted. Interactive work is not stretched."""
+
+    async def go():
+        replica = Clocked()
+        await replica.serve(5, every_s=2.0)  # 5 s of interactive work in the 10-s window
+        load = replica.queue.interactive_load()
+        async with contextlib.AsyncExitStack() as running:
+            await running.enter_async_context(replica.queue.slot(req()))
+            with pytest.raises(Unavailable) as short:
+                await replica.queue.slot(req(deadline_s=2.5, priority="batch")).__aenter__()
+            waits = replica.queue.info()["expected_wait_s"]
+            fits = asyncio.create_task(
+                replica.queue.slot(req(deadline_s=3.5, priority="batch")).__aenter__()
+            )
+            await asyncio.sleep(0)
+            admitted = not fits.done()  # waiting for the slot, not refused
+            fits.cancel()
+        return load, short.value, waits, admitted, replica.queue.refused
+
+    load, short, waits, admitted, refused = asyncio.run(go())
+    assert load == pytest.approx(0.5, abs=0.11)  # the 6th request (running) is counted too
+    assert short.reason == OVERLOADED and short.expected_s > 2.5
+    assert waits["interactive"] == pytest.approx(1.0) and waits["batch"] > 1.8
+    assert admitted and refused == {"interactive": 0, "batch": 1}
+
+
+def test_batch_work_waiting_is_refused_as_soon_as_interactive_work_fills_the_replica():
+    """A batch request admitted while interactive work was light is refused as interactive
+    arrivals (one a second, 1 s each) come to fill the slot — after a few of them, not when its
+    30-s deadline has run out (the queue as it stands would have kept it for ~28); once they
+    fill the slot a new one is refused on arrival however long its deadline, while interactive
+    work still gets in."""
+
+    async def go():
+        replica = Clocked()
+        await replica.serve(1, every_s=1.0)  # service measured, light load
+        queue = replica.queue
+        waiting = []
+        async with contextlib.AsyncExitStack() as running:
+            await running.enter_async_context(queue.slot(req()))
+            batch = asyncio.create_task(
+                queue.slot(req(deadline_s=30.0, priority="batch")).__aenter__()
+            )
+            await asyncio.sleep(0)
+            assert not batch.done()  # admitted: it waits
+            refused_at = None
+            for _ in range(9):
+                replica.clock[0] += 1.0
+                waiting.append(asyncio.create_task(queue.slot(req(deadline_s=1000)).__aenter__()))
+                for _ in range(3):  # the arrival, then the refused waiter's wake-up
+                    await asyncio.sleep(0)
+                if refused_at is None and batch.done():
+                    refused_at = replica.clock[0]
+            assert isinstance(batch.exception(), Unavailable)
+            with pytest.raises(Unavailable) as late:
+                await queue.slot(req(deadline_s=1000.0, priority="batch")).__aenter__()
+            interactive = asyncio.create_task(queue.slot(req(deadline_s=1000)).__aenter__())
+            await asyncio.sleep(0)
+            admitted = not interactive.done()
+            info = queue.info()
+            for task in (*waiting, interactive):
+                task.cancel()
+        return refused_at, late.value, admitted, info
+
+    refused_at, late, admitted, info = asyncio.run(go())
+    assert refused_at is not None and refused_at <= 8.0
+    assert math.isinf(late.expected_s) and "interactive work takes" in late.detail
+    assert late.retry_after_s >= 1 and admitted
+    assert info["expected_wait_s"]["batch"] is None and info["interactive_load"] >= 1
 
 
 def test_a_cancelled_waiter_frees_its_place_and_a_running_one_its_slot():

@@ -11,6 +11,7 @@ from hybrid_serve.benchmarks.load import (
     Result,
     RunSpec,
     capacity_plan,
+    cost_check,
     load_queries,
     percentiles,
     poisson_arrivals,
@@ -107,6 +108,21 @@ def test_a_mixed_run_reports_each_priority_class():
     assert batch["sent"] == 2 and batch["goodput_rps"] == 0.0 and batch["refusals"]["rate"] == 0.5
     unmixed = RunSpec(url="http://x", duration=4, rate=2.0, warmup=0)
     assert summarize(results, unmixed, 5000, 1.0)["by_priority"] is None
+
+
+def test_the_cost_check_adds_up_one_replica_and_declines_with_more():
+    """The answers' SLM cost against the replica's busy time at its price; with more than one
+    SLM replica /readyz shows one of them, so no ratio is made (a wrong one is worse)."""
+    results = [Result(i, 100.0, 200, None, "slm", {"slm_cost_usd": 0.001}) for i in range(3)]
+    before = {"busy_seconds": 10.0, "charged_seconds": 10.0, "generations": 2}
+    after = {"busy_seconds": 13.6, "charged_seconds": 13.6, "generations": 5}
+    price = {"slm_gpu_hour_usd": 1.0, "replicas": 1}
+    one = cost_check(results, {"before": {**before, **price}, "after": {**after, **price}})
+    assert one is not None and one["checked"] and one["generations"] == 3
+    assert one["answers_over_busy"] == pytest.approx(0.003 / (3.6 / 3600), rel=1e-3)
+    two = {**price, "replicas": 2}
+    many = cost_check(results, {"before": {**before, **two}, "after": {**after, **two}})
+    assert many == {"checked": False, "why": many["why"]} and "2 SLM replicas" in many["why"]
 
 
 def test_capacity_plan_arithmetic():
