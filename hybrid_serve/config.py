@@ -83,9 +83,10 @@ class LlamaCppEngineConfig(_Section):
     quantization: Quantization = Field(
         "auto",
         description="Weights run by llama.cpp. auto: the bundled model or a conversion of it that "
-        "keeps its weights (q8_0, f16), whichever answers soonest in a short probe at the first "
+        "keeps its weights (f16), whichever answers soonest in a short probe at the first "
         "start on this machine (a model of your own, model_path, is used as given); bundled: "
-        "as shipped; q4_0, q8_0, f16: converted once and reused.",
+        "as shipped; q4_0, q8_0, f16: converted once and reused (q4_0 and q8_0 re-round the "
+        "weights, and auto never chooses them).",
     )
     flash_attention: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: whichever the probe measured faster."

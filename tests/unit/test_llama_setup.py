@@ -22,19 +22,19 @@ def test_auto_measures_each_candidate_once_and_runs_the_fastest(cache, monkeypat
     source = Path(bundled_gguf())
     setup = choose(source, cfg, threads=2)
     names = {m.candidate.quantization for m in setup.measured}
-    assert names == {"bundled", "q8_0", "f16"}
+    assert names == {"bundled", "f16"}  # q8_0 and q4_0 re-round the weights: configured only
     assert all(m.ok and m.prompt_tps > 0 and m.gen_tps > 0 for m in setup.measured)
     fastest = min(setup.measured, key=lambda m: m.answer_s())
     assert setup.quantization == fastest.candidate.quantization
     assert "measured" in setup.reason and Path(setup.model_path).is_file()
     converted = sorted(p.name for p in (cache / "models").iterdir())
-    assert len(converted) == 2 and all(".part" not in n for n in converted)
+    assert len(converted) == 1 and all(".part" not in n for n in converted)
     # Remembered: the next start measures nothing and chooses the same.
     monkeypatch.setattr(llama_setup, "measure", lambda *a: pytest.fail("measured again"))
     again = choose(source, cfg, threads=2)
     assert again.quantization == setup.quantization and "measured before" in again.reason
     record = json.loads((cache / "setups.json").read_text())
-    assert len(record) == 1 and len(next(iter(record.values()))) == 3
+    assert len(record) == 1 and len(next(iter(record.values()))) == 2
     said = llama_setup.remembered(source, cfg, threads=2)  # what doctor says
     assert said.startswith(f"measured: {setup.quantization}/")
     other = LlamaCppEngineConfig(cache_dir=str(cache / "none"), flash_attention="off")
@@ -81,7 +81,7 @@ def test_replicas_starting_together_measure_one_at_a_time_and_once(tmp_path, mon
         with lock:
             running[0] -= 1
             calls.append(candidate)
-        fast = {"bundled": 200.0, "q8_0": 400.0, "f16": 300.0}[candidate.quantization]
+        fast = {"bundled": 200.0, "f16": 300.0}[candidate.quantization]
         return llama_setup.Measured(candidate, fast, 90.0)
 
     monkeypatch.setattr(llama_setup, "measure", measure_alone)
@@ -97,6 +97,6 @@ def test_replicas_starting_together_measure_one_at_a_time_and_once(tmp_path, mon
         r.start()
     for r in replicas:
         r.join()
-    assert most[0] == 1 and len(calls) == 3  # one at a time, each candidate once
-    assert [c.quantization for c in chosen] == ["q8_0", "q8_0"]
+    assert most[0] == 1 and len(calls) == 2  # one at a time, each candidate once
+    assert [c.quantization for c in chosen] == ["f16", "f16"]
     assert sum("measured before" in c.reason for c in chosen) == 1
