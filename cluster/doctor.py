@@ -89,11 +89,15 @@ def check_packages(cfg: HybridServeConfig) -> Check:
 
 
 def check_cpu(cfg: HybridServeConfig) -> Check:
-    from hybrid_serve.engines.hardware import cpu_summary
+    from hybrid_serve.engines.hardware import cpu_summary, usable_cpus
 
     cpu = cpu_summary()
     features = [name for name in ("amx", "avx512", "avx2") if cpu.get(name)]
-    detail = f"{cpu['machine']}, {os.cpu_count()} logical CPUs; " + (
+    usable = usable_cpus()
+    cpus = f"{os.cpu_count()} logical CPUs"
+    if usable != os.cpu_count():
+        cpus += f", {usable} usable here (affinity, cgroup CPU limit)"
+    detail = f"{cpu['machine']}, {cpus}; " + (
         ", ".join(f.upper() for f in features) or "no AMX/AVX-512/AVX2"
         if cpu["flags_known"]
         else "CPU flags unknown on this platform"
@@ -113,12 +117,13 @@ def check_cpu(cfg: HybridServeConfig) -> Check:
             import llama_cpp
 
             from hybrid_serve.bundled import bundled_gguf
+            from hybrid_serve.engines.llama_cpp import default_threads
             from hybrid_serve.engines.llama_setup import remembered
 
             built = llama_cpp.llama_print_system_info().decode(errors="replace")
             detail += f"; llama.cpp build: {' '.join(built.split())}"
             if cfg.slm.model_path is None:
-                threads = cfg.slm.threads or max(1, (os.cpu_count() or 1) // cfg.slm.replicas)
+                threads = default_threads(cfg.slm, cfg.slm.replicas)
                 setup = remembered(bundled_gguf(), cfg.slm.llama_cpp, threads)
                 detail += f"; llama.cpp set-up {setup}"
         except Exception as exc:  # reported by the packages and engine checks

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from hybrid_serve.config import HybridServeConfig, OrchestratorConfig, RetrieverConfig, SLMConfig
+from hybrid_serve.engines.hardware import usable_cpus
 
 READY_TIMEOUT_S = 600.0
 # The key the command line sends (`ask`, `index add`, and `up` for /readyz's details).
@@ -154,7 +155,7 @@ def init_ray(
             note=f"joined the Ray cluster at {target}: {res.get('CPU', 0):g} CPUs, "
             f"{res.get('GPU', 0):g} GPUs; it stays running when this stops",
         )
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()  # a container's CPU limit, not the node's cores
     # Logical CPUs are scheduling tokens: let a laptop run the configured replicas even when
     # they ask for more than it has, and say so.
     num_cpus = max(cores, int(required_cpus(cfg) + 0.999))

@@ -7,6 +7,8 @@ machine can run on another, and the choices that keep it safe depend on where it
 from __future__ import annotations
 
 import functools
+import math
+import os
 import platform
 import shutil
 import subprocess
@@ -59,6 +61,53 @@ def cpu_summary() -> dict[str, object]:
         "avx2": None if flags is None else "avx2" in flags,
         "flags_known": flags is not None,
     }
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (a Kubernetes CPU limit, `docker --cpus`),
+    None where there is none. cgroup v2's `cpu.max` ("400000 100000", or "max ..."), else v1's
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none); the process's own cgroup (from
+    /proc/self/cgroup) first, then the mount's root, which is the container's own under a
+    cgroup namespace."""
+    own = ""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hierarchy, _, path = line.split(":", 2)
+            if hierarchy == "0":
+                own = path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    for base in dict.fromkeys((root / own, root)):  # v2, the process's cgroup first
+        try:
+            quota, period = (base / "cpu.max").read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        return None if quota == "max" else int(quota) / int(period)
+    for v1 in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process can run on at once: the ones its affinity allows, capped by its
+    cgroup's quota (rounded down, at least one). `os.cpu_count()` is the node's cores — in a pod
+    limited to 4 CPUs on a 64-core node, an engine with a thread per node core is throttled most
+    of each period while its threads wait at barriers for the ones the quota stopped. Written
+    here because Python (before 3.13's affinity-only `os.process_cpu_count`) and psutil read
+    neither the affinity and the quota together."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, math.floor(limit))
+    return max(1, cpus)
 
 
 def nvidia_gpus(timeout_s: float = 10.0) -> list[str]:

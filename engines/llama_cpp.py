@@ -16,7 +16,6 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from hybrid_serve.config import ExtraBuffers, SLMConfig
-from hybrid_serve.engines.hardware import has_amx
+from hybrid_serve.engines.hardware import has_amx, usable_cpus
 from hybrid_serve.engines.llama_setup import (
     Setup,
     choose,
@@ -35,6 +34,12 @@ from hybrid_serve.engines.llama_setup import (
 )
 from hybrid_serve.engines.prompt_fit import Fitted, PromptTooLong, fit_prompt
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
+
+
+def default_threads(cfg: SLMConfig, replicas_on_node: int = 1) -> int:
+    """llama.cpp threads per replica: `slm.threads`, else the CPUs this process may use (its
+    affinity and its cgroup's quota, not the node's cores) shared by the replicas on the node."""
+    return cfg.threads or max(1, usable_cpus() // max(1, replicas_on_node))
 
 
 class LlamaCppEngine:
@@ -56,7 +61,7 @@ class LlamaCppEngine:
 
         self.model_path = str(model_path)
         self.model_name = model_name or Path(model_path).stem
-        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_threads = n_threads or usable_cpus()
         self.n_threads_batch = n_threads_batch or self.n_threads
         self.flash_attention = flash_attention
         self.setup = setup
@@ -102,7 +107,7 @@ class LlamaCppEngine:
         the first start, then remembered) and the configuration's overrides."""
         from hybrid_serve.bundled import bundled_gguf
 
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // max(1, replicas_on_node))
+        threads = default_threads(cfg, replicas_on_node)
         source = Path(cfg.model_path or bundled_gguf())
         setup = choose(source, cfg.llama_cpp, threads, own_model=cfg.model_path is not None)
         return cls(

@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from typing import Any
 from filelock import FileLock
 
 from hybrid_serve.config import ExtraBuffers, LlamaCppEngineConfig, Quantization
-from hybrid_serve.engines.hardware import cpu_flags, has_amx
+from hybrid_serve.engines.hardware import cpu_flags, has_amx, usable_cpus
 from hybrid_serve.engines.machine_cache import user_cache_dir, write_record
 
 # llama.cpp's file types for the conversions offered (llama_ftype).
@@ -172,7 +171,7 @@ def converted(source: Path, quantization: Quantization, cache: Path) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quantization]
     params.allow_requantize = True  # the bundled model is quantized already
-    params.nthread = max(1, os.cpu_count() or 1)
+    params.nthread = usable_cpus()
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp:
         partial = Path(tmp.name)
     try:

@@ -176,7 +176,10 @@ class SLMConfig(_Section):
     model_name: str = Field("smollm2-135m-instruct", description="Name reported in responses.")
     replicas: int = Field(1, ge=1, le=256)
     threads: int | None = Field(
-        None, ge=1, description="llama.cpp threads per replica; unset: the node's cores / replicas."
+        None,
+        ge=1,
+        description="llama.cpp threads per replica; unset: the CPUs the replica may use (its "
+        "affinity, capped by a cgroup CPU limit such as a Kubernetes pod's) / replicas.",
     )
     contexts_per_replica: int = Field(
         1,
