@@ -98,8 +98,8 @@ def usable_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
     cgroup's quota (rounded down, at least one). `os.cpu_count()` is the node's cores — in a pod
     limited to 4 CPUs on a 64-core node, an engine with a thread per node core is throttled most
     of each period while its threads wait at barriers for the ones the quota stopped. Written
-    here because Python (before 3.13's affinity-only `os.process_cpu_count`) and psutil read
-    neither the affinity and the quota together."""
+    here because neither Python (3.13's `os.process_cpu_count` reads the affinity only) nor
+    psutil reads the cgroup quota."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
