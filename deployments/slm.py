@@ -23,6 +23,7 @@ from hybrid_serve.deployments.metrics import WAIT_S, metrics
 from hybrid_serve.deployments.placement import deployment, placement
 from hybrid_serve.deployments.versions import versioned
 from hybrid_serve.engines import Engine, make_engine, warm_up
+from hybrid_serve.engines.llama_cpp import openmp_env
 from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
@@ -191,6 +192,8 @@ def get_deployment_options(cfg: HybridServeConfig) -> dict[str, Any]:
         options["autoscaling_config"] = slm.autoscaling.serve_options()
     else:
         options["num_replicas"] = slm.replicas
+    if slm.engine == "llama_cpp" and (env := openmp_env()):
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if not slm.num_gpus and cfg.placement.cpu_resources():
         options["ray_actor_options"]["resources"] = cfg.placement.cpu_resources()
     if slm.num_gpus and cfg.placement.slm_node_resource:

@@ -6,6 +6,7 @@ tag — leaves nothing of the confidential document in the recording; keys with 
 collections cannot see, cache-hit or delete each other's documents; the health routes give a
 stranger nothing but ready or not."""
 
+import os
 import time
 
 import httpx
@@ -15,6 +16,7 @@ from ray import serve
 
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.app import build
+from hybrid_serve.engines.llama_cpp import GOMP_SPINCOUNT, OPENMP_SETTINGS
 from tests.conftest import wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -212,3 +214,7 @@ def test_health_routes_give_a_stranger_nothing_but_readiness(private):
     admin = httpx.get(f"{private}/readyz", headers={"x-api-key": OPS}).json()
     assert "budget_remaining_usd" in admin["components"]["claude"]
     assert "placement" in admin["components"]["slm"]
+    # The SLM replica runs llama.cpp with OpenMP's spinning cut short (its runtime_env), or as
+    # the operator set it.
+    own = {k: os.environ[k] for k in OPENMP_SETTINGS if k in os.environ}
+    assert admin["components"]["slm"]["openmp"] == (own or {"GOMP_SPINCOUNT": GOMP_SPINCOUNT})

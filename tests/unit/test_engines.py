@@ -90,3 +90,11 @@ def test_warm_up_fails_on_error_hang_and_empty_output():
     empty = GenerationResult(text="", prompt_tokens=4, completion_tokens=0)
     with pytest.raises(EngineFailed, match="no tokens"):
         asyncio.run(warm_up(_Stub(result=empty).generate, 5))
+
+
+def test_llama_cpp_processes_spin_briefly_unless_the_operator_set_openmp():
+    from hybrid_serve.engines.llama_cpp import openmp_env
+
+    assert openmp_env({}) == {"GOMP_SPINCOUNT": "1000"}
+    assert openmp_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert openmp_env({"GOMP_SPINCOUNT": "1000000"}) == {}

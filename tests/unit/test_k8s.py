@@ -14,6 +14,7 @@ from hybrid_serve.cluster import k8s
 from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.placement import cpu_actor_options
 from hybrid_serve.deployments.slm import get_deployment_options as slm_options
+from hybrid_serve.engines.llama_cpp import openmp_env
 from hybrid_serve.engines.vllm_options import (
     gpus_per_replica,
     llm_config_kwargs,
@@ -224,6 +225,9 @@ def test_slm_options_follow_the_configuration():
     assert options["autoscaling_config"]["min_replicas"] == 2
     assert options["autoscaling_config"]["max_replicas"] == 5 and "num_replicas" not in options
     assert slm_options(load("local", **{"slm.replicas": 3}))["num_replicas"] == 3
+    # llama.cpp replicas start with OpenMP's spinning cut short (engines.llama_cpp.openmp_env)
+    env = slm_options(load("local"))["ray_actor_options"].get("runtime_env", {}).get("env_vars")
+    assert env == (openmp_env() or None)
     with pytest.raises(ValueError, match="max_replicas"):
         load("local", **{"slm.autoscaling": {"min_replicas": 5, "max_replicas": 2}})
 
