@@ -371,10 +371,15 @@ def remembered(source: Path, cfg: LlamaCppEngineConfig, threads: int) -> str:
     if len(candidates) == 1:
         c = candidates[0]
         return f"configured: {_name(c)}"
+    names = {_name(c) for c in candidates}
     try:
         known = json.loads((cache_dir(cfg) / "setups.json").read_text())
-        entries = known[_key(source, threads, cfg)]
+        # Only what the engine may choose now: the record keeps set-ups measured under other
+        # settings or an earlier candidate list (Q8_0 was one), which it will not run.
+        entries = {n: e for n, e in known[_key(source, threads, cfg)].items() if n in names}
     except (OSError, ValueError, KeyError):
+        entries = {}
+    if not entries:
         return (
             f"not measured on this machine yet: the first start measures {len(candidates)} "
             f"set-ups (about {4 * len(candidates)} s) and remembers the fastest"
@@ -387,7 +392,10 @@ def remembered(source: Path, cfg: LlamaCppEngineConfig, threads: int) -> str:
     if not scored:
         return "measured before: no set-up worked"
     best_s, best = min(scored)
-    return f"measured: {best} ({best_s:.1f} s for a typical answer, fastest of {len(entries)})"
+    said = f"measured: {best} ({best_s:.1f} s for a typical answer, fastest of {len(entries)})"
+    if len(entries) < len(names):
+        said += f"; the next start measures {len(names) - len(entries)} more"
+    return said
 
 
 def _name(c: Candidate) -> str:

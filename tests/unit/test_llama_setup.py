@@ -100,3 +100,28 @@ def test_replicas_starting_together_measure_one_at_a_time_and_once(tmp_path, mon
     assert most[0] == 1 and len(calls) == 2  # one at a time, each candidate once
     assert [c.quantization for c in chosen] == ["f16", "f16"]
     assert sum("measured before" in c.reason for c in chosen) == 1
+
+
+def test_doctor_names_only_a_set_up_the_engine_may_choose(tmp_path, monkeypatch):
+    """A record measured under an earlier candidate list (Q8_0, the fastest there) does not make
+    doctor name a set-up the engine will not run; a candidate not yet measured is said."""
+    monkeypatch.setattr(
+        llama_setup,
+        "measure",
+        lambda path, c, threads, extra: llama_setup.Measured(
+            c, 250.0 + 100 * c.flash_attention, 90.0
+        ),
+    )
+    monkeypatch.setattr(llama_setup, "converted", lambda source, q, cache: source)
+    source = Path(bundled_gguf())
+    cfg = LlamaCppEngineConfig(cache_dir=str(tmp_path))
+    chosen = choose(source, cfg, threads=2)
+    record_path = tmp_path / "setups.json"
+    record = json.loads(record_path.read_text())
+    (entries,) = record.values()
+    entries["q8_0/fa-on/tb-2"] = {"prompt_tps": 5000.0, "gen_tps": 500.0, "error": None}
+    del entries["f16/fa-on/tb-2"]
+    record_path.write_text(json.dumps(record))
+    said = llama_setup.remembered(source, cfg, threads=2)
+    assert "q8_0" not in said and said.startswith("measured: bundled/fa-on/")
+    assert said.endswith("the next start measures 1 more") and chosen.flash_attention
