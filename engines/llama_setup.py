@@ -113,6 +113,11 @@ class Measured:
     def ok(self) -> bool:
         return self.error is None and self.prompt_tps > 0 and self.gen_tps > 0
 
+    @classmethod
+    def from_record(cls, candidate: Candidate, entry: dict[str, Any]) -> Measured:
+        """A measurement read back from the cache's record."""
+        return cls(candidate, entry["prompt_tps"], entry["gen_tps"], entry["error"])
+
     def answer_s(self) -> float:
         """Seconds for a typical answer at these speeds (inf when it failed)."""
         if not self.ok:
@@ -321,7 +326,7 @@ def _choose_measured(
     for c in candidates:
         entry = known.get(key, {}).get(_name(c))
         if entry is not None:
-            measured.append(Measured(c, entry["prompt_tps"], entry["gen_tps"], entry["error"]))
+            measured.append(Measured.from_record(c, entry))
             continue
         if progress is not None:
             progress(f"measuring llama.cpp set-up {_name(c)}")
@@ -371,30 +376,32 @@ def remembered(source: Path, cfg: LlamaCppEngineConfig, threads: int) -> str:
     if len(candidates) == 1:
         c = candidates[0]
         return f"configured: {_name(c)}"
-    names = {_name(c) for c in candidates}
     try:
         known = json.loads((cache_dir(cfg) / "setups.json").read_text())
-        # Only what the engine may choose now: the record keeps set-ups measured under other
-        # settings or an earlier candidate list (Q8_0 was one), which it will not run.
-        entries = {n: e for n, e in known[_key(source, threads, cfg)].items() if n in names}
+        entries = known[_key(source, threads, cfg)]
     except (OSError, ValueError, KeyError):
         entries = {}
-    if not entries:
+    # Read back as `choose` reads it, for the candidates it has now: the record also keeps
+    # set-ups measured under an earlier candidate list (Q8_0 was one), which it will not run.
+    measured = [
+        Measured.from_record(c, entry)
+        for c in candidates
+        if (entry := entries.get(_name(c))) is not None
+    ]
+    if not measured:
         return (
             f"not measured on this machine yet: the first start measures {len(candidates)} "
             f"set-ups (about {4 * len(candidates)} s) and remembers the fastest"
         )
-    scored = [
-        (TYPICAL_PROMPT / e["prompt_tps"] + TYPICAL_GEN / e["gen_tps"], name)
-        for name, e in entries.items()
-        if not e.get("error") and e["prompt_tps"] > 0 and e["gen_tps"] > 0
-    ]
-    if not scored:
+    best = min(measured, key=Measured.answer_s)
+    if not best.ok:
         return "measured before: no set-up worked"
-    best_s, best = min(scored)
-    said = f"measured: {best} ({best_s:.1f} s for a typical answer, fastest of {len(entries)})"
-    if len(entries) < len(names):
-        said += f"; the next start measures {len(names) - len(entries)} more"
+    said = (
+        f"measured: {_name(best.candidate)} ({best.answer_s():.1f} s for a typical answer, "
+        f"fastest of {len(measured)})"
+    )
+    if len(measured) < len(candidates):
+        said += f"; the next start measures {len(candidates) - len(measured)} more"
     return said
 
 
