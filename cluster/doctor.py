@@ -286,7 +286,8 @@ def check_engine(cfg: HybridServeConfig, timeout_s: float = ENGINE_TIMEOUT_S) ->
         "ok",
         f"{cfg.slm.engine} ({result['model']}): {result['completion_tokens']} tokens generated "
         f"in {result['seconds']:.2f} s ({took:.1f} s with loading)"
-        + (f"; KV cache {result['kv_cache']}" if result.get("kv_cache") else ""),
+        + (f"; KV cache {result['kv_cache']}" if result.get("kv_cache") else "")
+        + (f"; {result['compilation']}" if result.get("compilation") else ""),
         required=True,
         data=result,
     )
@@ -307,15 +308,22 @@ def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
     """vLLM with the engine arguments the deployment would use, through its offline API."""
     from hybrid_serve.engines.base import WARMUP_REQUEST
     from hybrid_serve.engines.hardware import nvidia_gpus
+    from hybrid_serve.engines.vllm_compile import said
     from hybrid_serve.engines.vllm_model import model_source, require_vllm
-    from hybrid_serve.engines.vllm_options import kv_cache_note, llm_config_kwargs, vllm_device
+    from hybrid_serve.engines.vllm_options import (
+        compilation_note,
+        kv_cache_note,
+        llm_config_kwargs,
+        vllm_device,
+    )
 
     require_vllm()
     device = vllm_device(cfg.slm.vllm, float(len(nvidia_gpus())))
     v = cfg.slm.vllm
-    kwargs = llm_config_kwargs(
-        cfg, device, model_source(v.model_source, cfg.slm.model_name, cfg.data_dir)
-    )
+    source = model_source(v.model_source, cfg.slm.model_name, cfg.data_dir)
+    # The mode the deployment would run in, as far as this machine's check is known.
+    compilation = said(v, source) if device == "cpu" else None
+    kwargs = llm_config_kwargs(cfg, device, source, compilation)
     from vllm import LLM, SamplingParams
 
     source = kwargs["model_loading_config"]["model_source"]
@@ -334,6 +342,7 @@ def _probe_vllm(cfg: HybridServeConfig) -> dict[str, Any]:
         "model": cfg.slm.model_name,
         "device": device,
         **({"kv_cache": note} if (note := kv_cache_note(kwargs)) else {}),
+        **({"compilation": note} if (note := compilation_note(kwargs)) else {}),
     }
 
 

@@ -26,6 +26,7 @@ from hybrid_serve.config import HybridServeConfig
 from hybrid_serve.deployments.errors import error_response
 from hybrid_serve.deployments.slm_vllm import LLMServerEngine
 from hybrid_serve.engines.base import warm_up
+from hybrid_serve.engines.vllm_compile import decide
 from hybrid_serve.engines.vllm_model import model_source, require_vllm
 from hybrid_serve.engines.vllm_options import (
     TIER_KEY_ENV_ENV,
@@ -122,10 +123,13 @@ def build_llm_tier(
     tier = cfg.llm.deploy
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
     source = model_source(tier.model_source, cfg.llm.model, cfg.data_dir, progress)
-    kwargs = tier_llm_config_kwargs(cfg, vllm_device(tier, cluster_gpus), source)
-    note = kv_cache_note(kwargs)
-    if note and progress:
-        progress(f"LLM tier on vLLM's CPU build: KV cache {note}")
+    device = vllm_device(tier, cluster_gpus)
+    compilation = decide(tier, device, source, progress)
+    kwargs = tier_llm_config_kwargs(cfg, device, source, compilation)
+    if progress and compilation:
+        progress(
+            f"LLM tier on vLLM's CPU build: KV cache {kv_cache_note(kwargs)}; {compilation.reason}"
+        )
     return build_llm_deployment(
         LLMConfig(**kwargs), name_prefix="LLM:", deployment_cls=serve.ingress()(LLMTierServer)
     )

@@ -28,8 +28,10 @@ from hybrid_serve.engines.base import warm_up
 from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
 from hybrid_serve.engines.prompt_fit import CountPrompt, Fitted, fit_prompt
 from hybrid_serve.engines.replica_time import ReplicaClock
+from hybrid_serve.engines.vllm_compile import decide
 from hybrid_serve.engines.vllm_model import model_source
 from hybrid_serve.engines.vllm_options import (
+    COMPILATION_NOTE_ENV,
     KV_CACHE_NOTE_ENV,
     WARMUP_TIMEOUT_ENV,
     kv_cache_note,
@@ -60,10 +62,12 @@ class LLMServerEngine:
         max_num_seqs: int,
         count: CountPrompt | None = None,
         context: int | None = None,
+        compiled: bool = True,
     ) -> None:
         self.server = server
         self.model_name = model_id
         self.max_num_seqs = max_num_seqs
+        self.compiled = compiled
         self.clock = ReplicaClock()
         self.count, self.context = count, context
 
@@ -84,10 +88,14 @@ class LLMServerEngine:
             "contexts": self.max_num_seqs,
             "device": current_platform.device_type,  # cpu, cuda, ...
             "version": __version__,
+            "compiled": self.compiled,
             **self.clock.info(),
         }
-        note = os.environ.get(KV_CACHE_NOTE_ENV)
-        return {**info, "kv_cache": note} if note else info
+        # How the KV cache was sized and why the model runs compiled or not (CPUs).
+        for key, env in (("kv_cache", KV_CACHE_NOTE_ENV), ("compilation", COMPILATION_NOTE_ENV)):
+            if note := os.environ.get(env):
+                info[key] = note
+        return info
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         start = time.perf_counter()
@@ -168,7 +176,8 @@ class HybridLLMServer(SLMEndpoints, LLMServer):
         source = loading["model_source"] if isinstance(loading, dict) else loading.model_source
         count = chat_prompt_counter(str(source))
         context = kwargs.get("max_model_len")
-        self.slm_engine = LLMServerEngine(self, model_id, max_num_seqs, count, context)
+        compiled = not kwargs.get("enforce_eager", False)
+        self.slm_engine = LLMServerEngine(self, model_id, max_num_seqs, count, context, compiled)
         # LLMServer is built from an LLMConfig alone: the setting comes by its environment.
         timeout = float(os.environ.get(WARMUP_TIMEOUT_ENV, "180"))
         self.warmup = await warm_up(self.slm_engine.generate, timeout)
@@ -181,10 +190,11 @@ def build_vllm_slm(
     on its CPUs where it has none (`slm.vllm.device`), with the weights prepared first."""
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
     source = model_source(cfg.slm.vllm.model_source, cfg.slm.model_name, cfg.data_dir, progress)
-    kwargs = llm_config_kwargs(cfg, vllm_device(cfg.slm.vllm, cluster_gpus), source)
-    note = kv_cache_note(kwargs)
-    if note and progress:
-        progress(f"SLM on vLLM's CPU build: KV cache {note}")
+    device = vllm_device(cfg.slm.vllm, cluster_gpus)
+    compilation = decide(cfg.slm.vllm, device, source, progress)
+    kwargs = llm_config_kwargs(cfg, device, source, compilation)
+    if progress and compilation:
+        progress(f"SLM on vLLM's CPU build: KV cache {kv_cache_note(kwargs)}; {compilation.reason}")
     app = build_llm_deployment(
         LLMConfig(**kwargs), name_prefix="SLM:", deployment_cls=HybridLLMServer
     )

@@ -53,6 +53,7 @@ def remember(results: list[dict[str, Any]], where: Path | None = None) -> Path:
     known[machine_key()] = [
         {
             "engine": r["engine"],
+            "variant": r.get("variant", r["engine"]),  # vllm:eager, vllm:compiled
             "single_stream_tok_s": r["single_stream_tok_s"],
             "throughput_tok_s": r["throughput_tok_s"],
         }
@@ -121,8 +122,11 @@ def _from_measurements(rows: list[dict[str, Any]]) -> Advice:
     interactive = max(rows, key=lambda r: r["single_stream_tok_s"])
     top = max(int(c) for c in rows[0]["throughput_tok_s"])
     batch = max(rows, key=lambda r: r["throughput_tok_s"].get(str(top), 0.0))
-    singles = ", ".join(f"{r['engine']} {r['single_stream_tok_s']:.0f}" for r in rows)
-    loads = ", ".join(f"{r['engine']} {r['throughput_tok_s'].get(str(top), 0):.0f}" for r in rows)
+    name = [r.get("variant", r["engine"]) for r in rows]
+    singles = ", ".join(f"{n} {r['single_stream_tok_s']:.0f}" for n, r in zip(name, rows))
+    loads = ", ".join(
+        f"{n} {r['throughput_tok_s'].get(str(top), 0):.0f}" for n, r in zip(name, rows)
+    )
     return Advice(
         interactive["engine"],
         batch["engine"],

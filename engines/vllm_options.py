@@ -16,8 +16,10 @@ Device = Literal["cuda", "cpu"]
 # The config keys' own variables, read by the replicas of LLMServer (which gets no config).
 WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_SLM__WARMUP_TIMEOUT_S"
 TIER_WARMUP_TIMEOUT_ENV = "HYBRID_SERVE_LLM__DEPLOY__WARMUP_TIMEOUT_S"
-# Not a config key: how the KV cache was sized, for the replica's status.
+# Not config keys: how the KV cache was sized and why the model runs compiled or eagerly, for
+# the replica's status.
 KV_CACHE_NOTE_ENV = "HYBRID_SERVE_KV_CACHE_NOTE"
+COMPILATION_NOTE_ENV = "HYBRID_SERVE_COMPILATION_NOTE"
 
 
 def vllm_device(v: VLLMEngineConfig, cluster_gpus: float | None = None) -> Device:
@@ -55,6 +57,25 @@ def kv_bytes_per_token(model_dir: str | Path, dtype: str | None = None) -> int |
         return None
     width = 4 if dtype in ("float32", "float") else 2
     return 2 * layers * kv_heads * head_dim * width
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """How replicas on CPUs run the model, and why (their status and `doctor` say); decided
+    where the application is built (engines.vllm_compile)."""
+
+    compiled: bool
+    reason: str
+
+
+def configured_compilation(v: VLLMEngineConfig) -> Compilation:
+    """The mode `compile` names without a check: `auto` until the check has been made is eager,
+    the mode known correct on every CPU."""
+    if v.compile == "on":
+        return Compilation(True, "compiled: as configured (compile: on)")
+    if v.compile == "off":
+        return Compilation(False, "eager: as configured (compile: off)")
+    return Compilation(False, "eager: compile is auto and no check was made where this was built")
 
 
 @dataclass(frozen=True)
@@ -103,22 +124,25 @@ def cpu_kv_cache(
 
 
 def device_engine_kwargs(
-    v: VLLMEngineConfig, device: Device, model_dir: str | Path | None = None
+    v: VLLMEngineConfig,
+    device: Device,
+    model_dir: str | Path | None = None,
+    compilation: Compilation | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """What differs between vLLM on GPUs and its CPU build. On CPUs the KV cache has an
-    absolute size (`cpu_kv_cache`), and the model runs eagerly: torch.compile cost minutes at
-    each start on 2 cores and, with bfloat16 on an AVX2-only CPU, produced wrong tokens where
-    eager mode answered correctly. Returns the engine arguments and, on CPUs, what the KV cache
-    was sized to and why."""
+    absolute size (`cpu_kv_cache`), and the model runs compiled only where `compilation` says
+    (by default as `compile` is configured: engines.vllm_compile checks it on the machine).
+    Returns the engine arguments and, on CPUs, what the KV cache was sized to and why."""
     share = v.gpu_memory_utilization
     if device == "cuda":
         return {"gpu_memory_utilization": share or 0.90}, None
+    eager = not (compilation or configured_compilation(v)).compiled
     plan = cpu_kv_cache(v, model_dir) if model_dir is not None else None
     if plan is None:
         share = share or 0.20
         note = f"{share:.0%} of the node's memory less the worker's own (model shape unknown)"
-        return {"gpu_memory_utilization": share, "enforce_eager": True}, note
-    out: dict[str, Any] = {"kv_cache_memory_bytes": plan.bytes, "enforce_eager": True}
+        return {"gpu_memory_utilization": share, "enforce_eager": eager}, note
+    out: dict[str, Any] = {"kv_cache_memory_bytes": plan.bytes, "enforce_eager": eager}
     if share is not None:
         out["gpu_memory_utilization"] = share
     return out, plan.reason
@@ -127,6 +151,11 @@ def device_engine_kwargs(
 def kv_cache_note(llm_config: dict[str, Any]) -> str | None:
     """What the KV cache of a replica built from these LLMConfig arguments was sized to (CPUs)."""
     return llm_config["runtime_env"]["env_vars"].get(KV_CACHE_NOTE_ENV)
+
+
+def compilation_note(llm_config: dict[str, Any]) -> str | None:
+    """Whether a replica built from these LLMConfig arguments runs compiled, and why (CPUs)."""
+    return llm_config["runtime_env"]["env_vars"].get(COMPILATION_NOTE_ENV)
 
 
 def _llm_config(
@@ -139,10 +168,13 @@ def _llm_config(
     env: dict[str, str],
     resources: dict[str, float] | None = None,
     frontend: dict[str, Any] | None = None,
+    compilation: Compilation | None = None,
 ) -> dict[str, Any]:
-    device_kwargs, kv_note = device_engine_kwargs(v, device, model_source)
-    if kv_note:  # the replica reports it in its status
+    device_kwargs, kv_note = device_engine_kwargs(v, device, model_source, compilation)
+    if kv_note:  # the replica reports these in its status
         env = {**env, KV_CACHE_NOTE_ENV: kv_note}
+    if device == "cpu":
+        env = {**env, COMPILATION_NOTE_ENV: (compilation or configured_compilation(v)).reason}
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": model_id, "model_source": model_source},
         "engine_kwargs": {
@@ -176,10 +208,14 @@ def _llm_config(
 
 
 def llm_config_kwargs(
-    cfg: HybridServeConfig, device: Device = "cuda", model_source: str | None = None
+    cfg: HybridServeConfig,
+    device: Device = "cuda",
+    model_source: str | None = None,
+    compilation: Compilation | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `ray.serve.llm.LLMConfig` for the SLM; `model_source`: where the
-    weights are once prepared (see engines.vllm_model), by default the configured source."""
+    weights are once prepared (see engines.vllm_model), by default the configured source;
+    `compilation`: the check's verdict on CPUs (engines.vllm_compile), else as configured."""
     slm = cfg.slm
     deployment: dict[str, Any] = {
         "max_ongoing_requests": slm.max_ongoing_requests,
@@ -200,6 +236,7 @@ def llm_config_kwargs(
         slm.num_cpus,
         env,
         {pin: 1} if pin else None,
+        compilation=compilation,
     )
 
 
@@ -211,6 +248,7 @@ def tier_llm_config_kwargs(
     cfg: HybridServeConfig,
     device: Device = "cuda",
     model_source: str | None = None,
+    compilation: Compilation | None = None,
 ) -> dict[str, Any]:
     """`ray.serve.llm.LLMConfig` keyword arguments of the cluster's own LLM tier. Only the name
     of its key's variable is passed: the replica reads the key from its own environment (a
@@ -232,6 +270,7 @@ def tier_llm_config_kwargs(
         {cfg.placement.llm_node_resource: 1} if cfg.placement.llm_node_resource else None,
         # vLLM parses tool calls only with auto tool choice on; forced calls need the parser.
         {"tool_call_parser": tier.tool_call_parser, "enable_auto_tool_choice": True},
+        compilation,
     )
 
 

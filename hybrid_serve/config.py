@@ -132,6 +132,13 @@ class VLLMEngineConfig(_Section):
         "least one sequence (start-up and `doctor` print what was chosen).",
     )
     max_num_seqs: int = Field(64, ge=1, description="Sequences batched at once per replica.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="CPUs: run the model compiled (torch.compile) or eagerly. auto: eagerly "
+        "where the CPU has neither AVX-512 nor AMX; elsewhere compiled if a check made once per "
+        "machine finds it agrees with eager mode and is faster (`doctor` says what it found). "
+        "GPUs always compile, as vLLM does.",
+    )
     accelerator_type: str | None = Field(None, description="e.g. A10G, L4, H100; unset: any.")
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="Where a replica's GPUs may be (STRICT_PACK: one node)."

@@ -68,6 +68,8 @@ def tier(tmp_path_factory, vllm_models):
             "HYBRID_SERVE_LLM__DEPLOY__MAX_MODEL_LEN": "4096",
             "HYBRID_SERVE_LLM__DEPLOY__MAX_NUM_SEQS": "4",
             "HYBRID_SERVE_LLM__DEPLOY__NUM_CPUS": "0.5",
+            # eager: compiled mode's check and start are test_vllm_cpu's (the suite's time)
+            "HYBRID_SERVE_LLM__DEPLOY__COMPILE": "off",
             "HYBRID_SERVE_CACHE__ENABLED": "false",
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,

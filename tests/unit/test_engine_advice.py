@@ -35,9 +35,21 @@ def test_without_numbers_gpus_then_cpu_features():
 def test_measurements_are_remembered_for_this_machine_only(tmp_path, monkeypatch):
     assert measured(tmp_path) is None
     remember([dict(r, extra="dropped") for r in ROWS], tmp_path)
-    assert measured(tmp_path) == ROWS
+    assert measured(tmp_path) == [dict(r, variant=r["engine"]) for r in ROWS]
     monkeypatch.setattr(advice, "machine_key", lambda: "another-machine")
     assert measured(tmp_path) is None
+
+
+def test_vllm_measured_in_both_modes_is_named_by_mode(tmp_path):
+    llama, vllm = ROWS
+    rows = [
+        llama,
+        dict(vllm, variant="vllm:eager"),
+        dict(vllm, variant="vllm:compiled", throughput_tok_s={"1": 41, "16": 260}),
+    ]
+    remember(rows, tmp_path)
+    got = advise([], True, measured(tmp_path))
+    assert got.batch == "vllm" and "vllm:compiled 260" in got.why and "vllm:eager" in got.why
 
 
 def test_doctor_says_the_advice_and_the_configured_engine(tmp_path, monkeypatch):
