@@ -100,13 +100,14 @@ def can_compile(flags: frozenset[str] | None) -> bool:
 
 
 def _model_id(model_dir: Path) -> str:
-    """The model as the record knows it: its config and the size and time of its weights."""
-    parts = [str(model_dir.resolve())]
-    for f in sorted(model_dir.glob("*")):
-        if f.suffix in (".json", ".safetensors", ".bin"):
-            stat = f.stat()
-            parts.append(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    """The model as the record knows it: its architecture (config.json), not where it lies or
+    its weights' values — the check is of the kernels the graph compiles to, so the same model
+    converted into another data dir (or fine-tuned) shares the verdict."""
+    try:
+        config = (model_dir / "config.json").read_bytes()
+    except OSError:
+        config = str(model_dir).encode()  # not a directory vLLM loads from disk
+    return hashlib.sha256(config).hexdigest()[:16]
 
 
 def _installed(*names: str) -> str:

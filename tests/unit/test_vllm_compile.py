@@ -114,10 +114,16 @@ def test_compiled_only_where_it_agreed_and_is_faster(
     assert got.compiled is compiled and said in got.reason
 
 
-def test_a_changed_model_is_checked_again(monkeypatch, model, tmp_path):
+def test_the_verdict_follows_the_architecture_not_the_copy(monkeypatch, model, tmp_path):
     flags(monkeypatch, AVX512)
     remember(tmp_path, model, AGREED)
-    (model / "model.safetensors").write_bytes(b"other weights")
+    monkeypatch.setattr(vllm_compile, "measure", never_measure)
+    copy = tmp_path / "another-data-dir" / "model"  # the same conversion elsewhere
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    (copy / "model.safetensors").write_bytes(b"other weights")
+    assert decide(VLLMEngineConfig(), "cpu", copy, cache=tmp_path).compiled
+    (model / "config.json").write_text('{"num_hidden_layers": 2}')  # another architecture
     monkeypatch.setattr(vllm_compile, "measure", lambda *a: CompileCheck(error="boom"))
     assert not decide(VLLMEngineConfig(), "cpu", model, cache=tmp_path).compiled
 
