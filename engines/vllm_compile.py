@@ -2,9 +2,10 @@
 once per machine and remembered.
 
 Compiled mode is vLLM's default on GPUs. On CPUs it is faster where inductor has wide vector
-kernels (measured on a 2-core AMD EPYC with AVX-512: decode 1.1-1.2x eager's) but it starts
-slower (about 45 s more with its compile cache warm, 65 s the first time), and with bfloat16 on
-an AVX2-only CPU it produced wrong tokens where eager mode answered correctly. So under
+kernels (measured on a 2-core AMD EPYC with AVX-512: 1.21x eager's tokens/s for one stream, 1.26x
+at 16 clients) but starts slower (30-45 s more with its compile cache warm, 65 s the first
+time), and with bfloat16 on an AVX2-only CPU it produced wrong tokens where eager mode answered
+correctly. So under
 `compile: auto` a CPU without AVX-512 (or AMX) runs eagerly unchecked, and one with it runs a
 check in child processes (a crash there rules compiled mode out, never a replica): the model
 compiled, then eagerly, each writing greedy tokens for a few fixed prompts. Compiled mode is used
@@ -77,7 +78,10 @@ class CompileCheck:
 
     def reason(self) -> str:
         if self.error is not None:
-            return f"eager: compiled mode failed its check ({self.error})"
+            return (
+                f"eager: compiled mode failed its check ({self.error}); remembered — remove "
+                f"{RECORD} from the cache to check again"
+            )
         speed = (
             f"{self.compiled_tok_s:.0f} against {self.eager_tok_s:.0f} tok/s, start "
             f"{self.compiled_start_s:.0f} against {self.eager_start_s:.0f} s"
