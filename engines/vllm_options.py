@@ -170,11 +170,12 @@ def _llm_config(
     frontend: dict[str, Any] | None = None,
     compilation: Compilation | None = None,
 ) -> dict[str, Any]:
+    compilation = compilation or configured_compilation(v)
     device_kwargs, kv_note = device_engine_kwargs(v, device, model_source, compilation)
     if kv_note:  # the replica reports these in its status
         env = {**env, KV_CACHE_NOTE_ENV: kv_note}
     if device == "cpu":
-        env = {**env, COMPILATION_NOTE_ENV: (compilation or configured_compilation(v)).reason}
+        env = {**env, COMPILATION_NOTE_ENV: compilation.reason}
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": model_id, "model_source": model_source},
         "engine_kwargs": {

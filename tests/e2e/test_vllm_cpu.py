@@ -25,8 +25,8 @@ import pytest
 from hybrid_serve.benchmarks.otlp_receiver import OTLPReceiver
 from hybrid_serve.config import VLLMEngineConfig
 from hybrid_serve.engines import vllm_compile
-from hybrid_serve.engines.hardware import cpu_flags
-from hybrid_serve.engines.vllm_compile import TOLERANCE_NATS, can_compile, check, decide
+from hybrid_serve.engines.hardware import cpu_flags, has_wide_vectors
+from hybrid_serve.engines.vllm_compile import TOLERANCE_NATS, check, decide
 from hybrid_serve.engines.vllm_model import model_source
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import STARTED, Up
@@ -73,7 +73,7 @@ def vllm(tmp_path_factory, vllm_models):
 def test_compiled_mode_is_checked_against_eager_mode_once(tmp_path, vllm_models, monkeypatch):
     """The check `compile: auto` makes on a CPU with AVX-512 or AMX, for real: compiled vLLM
     writes greedy tokens, eager vLLM judges them, the verdict is remembered."""
-    if not can_compile(cpu_flags()):
+    if not has_wide_vectors(cpu_flags()):
         pytest.skip("no AVX-512 or AMX: `compile: auto` runs eagerly here without a check")
     data = tmp_path / "data"
     shared_models(data, vllm_models)
