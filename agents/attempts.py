@@ -58,6 +58,7 @@ async def slm_attempt(
         "max_tokens": s.cfg.slm.max_tokens,
         "temperature": s.cfg.slm.temperature,
         "stop": [] if chat else prompts.ANSWER_STOP,
+        "repetition_detection": None if chat else s.cfg.slm.repetition_detection,
         **ctx.options.sampling,  # what the client set wins
     }
     prompt = prompt or prompts.answer_prompt(query, passages, ctx.history)
@@ -86,7 +87,10 @@ async def slm_attempt(
         text, citations = raw, []
     else:
         text, citations, sources = finalize_sources(raw, passages)
-    confidence = score_answer(query, text, citations, passages, gen.token_logprobs, echoed)
+    looped = gen.finish_reason == "repetition"
+    confidence = score_answer(
+        query, text, citations, passages, gen.token_logprobs, echoed, looped=looped
+    )
     finish: Finish = "length" if gen.finish_reason == "length" else "stop"
     return Attempt(text, citations, passages, confidence, route, sources, finish_reason=finish)
 

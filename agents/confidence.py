@@ -174,6 +174,7 @@ PENALTY = {
     "unsupported_entity": 0.6,
     "prompt_echo": 0.8,
     "copied_passage": 0.85,
+    "repetition": 0.8,
     "multi_part_query": 0.7,
     "comparison_query": 0.85,
     "ambiguous_query": 0.8,
@@ -189,9 +190,12 @@ def score_answer(
     token_logprobs: Sequence[float] | None,
     echoed: bool = False,
     penalties: Mapping[str, float] = PENALTY,
+    looped: bool = False,
 ) -> Confidence:
     """`token_logprobs` None means the answer did not come from the SLM (no token signal);
-    `echoed`: prompt structure was stripped from the model's text (`prompts.strip_echo`)."""
+    `echoed`: prompt structure was stripped from the model's text (`prompts.strip_echo`);
+    `looped`: the SLM was stopped repeating itself (`slm.repetition_detection`), a model that
+    lost the thread."""
     shape = query_shape(query)
     asserted, unsupported = unsupported_claims(query, answer, citations, passages)
     signals = {
@@ -231,6 +235,8 @@ def score_answer(
         reasons.append("unsupported_entity")
     if echoed:
         reasons.append("prompt_echo")
+    if looped:
+        reasons.append("repetition")
     words = len(strip_markers(answer).split())
     if words >= COPIED_WORDS and copied_share(answer, passages) >= COPIED_SHARE:
         reasons.append("copied_passage")

@@ -10,8 +10,12 @@ from typing import Any
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 
-def chat_params(model: str, req: GenerationRequest, logprobs: bool = True) -> dict[str, Any]:
-    """`logprobs`: whether the server is asked for them at all (some servers lack them)."""
+def chat_params(
+    model: str, req: GenerationRequest, logprobs: bool = True, vllm_extensions: bool = True
+) -> dict[str, Any]:
+    """`logprobs`: whether the server is asked for them at all (some servers lack them).
+    `vllm_extensions`: whether it takes vLLM's own sampling parameters (`repetition_detection`);
+    the OpenAI API refuses parameters it does not know."""
     params: dict[str, Any] = {
         "model": model,
         "messages": req.messages,
@@ -25,7 +29,16 @@ def chat_params(model: str, req: GenerationRequest, logprobs: bool = True) -> di
         params["seed"] = req.seed
     if req.logprobs and logprobs:
         params["logprobs"] = True
+    if req.repetition_detection is not None and vllm_extensions:
+        params["repetition_detection"] = req.repetition_detection.model_dump()
     return params
+
+
+def as_finish_reason(reason: str | None) -> FinishReason:
+    """A server's finish reason as ours: vLLM says `repetition` for a repetition stop."""
+    if reason == "length":
+        return "length"
+    return "repetition" if reason == "repetition" else "stop"
 
 
 def completion_result(response: Any, model: str, start: float) -> GenerationResult:
@@ -37,7 +50,7 @@ def completion_result(response: Any, model: str, start: float) -> GenerationResu
         text=choice.message.content or "",
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else len(content),
-        finish_reason="length" if choice.finish_reason == "length" else "stop",
+        finish_reason=as_finish_reason(choice.finish_reason),
         token_logprobs=[float(t.logprob) for t in content],
         model=model,
         seconds=time.perf_counter() - start,
@@ -61,8 +74,8 @@ class StreamTally:
 
     def choice(self, delta: str | None, logprobs: list[float], finish_reason: str | None) -> None:
         self.logprobs.extend(logprobs)
-        if finish_reason == "length":
-            self.finish = "length"
+        if finish_reason is not None:
+            self.finish = as_finish_reason(finish_reason)
         if delta:
             self.parts.append(delta)
 

@@ -35,6 +35,7 @@ from hybrid_serve.engines.llama_setup import (
     model_params,
 )
 from hybrid_serve.engines.prompt_fit import Fitted, PromptTooLong, fit_prompt
+from hybrid_serve.engines.repetition import repeats
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 # OpenMP spin count for llama.cpp's threads (libgomp's default: 300,000 spins before a waiting
@@ -239,7 +240,7 @@ class LlamaCppEngine:
         text = ""
         sent = 0
         logprobs: list[float] = []
-        completion = 0
+        written: list[int] = []
         finish: FinishReason = "length"
         for token in llm.generate(
             prompt,
@@ -256,7 +257,7 @@ class LlamaCppEngine:
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 finish = "stop"
                 break
-            completion += 1
+            written.append(token)
             if req.logprobs:
                 logits = np.ctypeslib.as_array(
                     llama_cpp.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,)
@@ -276,8 +277,11 @@ class LlamaCppEngine:
             if emit is not None and len(text) - hold > sent:
                 emit(text[sent : len(text) - hold])
                 sent = len(text) - hold
-            if completion >= max_tokens:
+            if len(written) >= max_tokens:
                 finish = "length"
+                break
+            if req.repetition_detection and repeats(written, req.repetition_detection):
+                finish = "repetition"
                 break
         text += decoder.decode(b"", final=True) if finish != "stop" else ""
         if emit is not None and len(text) > sent:
@@ -285,7 +289,7 @@ class LlamaCppEngine:
         return GenerationResult(
             text=text,
             prompt_tokens=len(prompt),
-            completion_tokens=completion,
+            completion_tokens=len(written),
             finish_reason=finish,
             token_logprobs=logprobs,
             model=self.model_name,

@@ -29,10 +29,12 @@ class OpenAICompatEngine:
         timeout_s: float = 60.0,
         max_retries: int = 2,
         logprobs: bool = True,
+        vllm_extensions: bool = False,
     ) -> None:
         self.base_url = base_url
         self.model_name = model
         self.logprobs = logprobs
+        self.vllm_extensions = vllm_extensions
         self._api_key = api_key or "unused"  # local servers accept any key; the SDK needs one
         self._timeout_s = timeout_s
         self._max_retries = max_retries
@@ -54,6 +56,7 @@ class OpenAICompatEngine:
             timeout_s=o.timeout_s,
             max_retries=o.max_retries,
             logprobs=o.logprobs,
+            vllm_extensions=o.vllm_extensions,
         )
 
     @property
@@ -78,7 +81,13 @@ class OpenAICompatEngine:
         return self._client, self._slots
 
     def _params(self, req: GenerationRequest) -> dict[str, Any]:
-        return chat_params(self.model_name, req, logprobs=self.logprobs)
+        """The SDK's parameters; vLLM's own go in the request body as the SDK's `extra_body`."""
+        params = chat_params(
+            self.model_name, req, logprobs=self.logprobs, vllm_extensions=self.vllm_extensions
+        )
+        if "repetition_detection" in params:
+            params["extra_body"] = {"repetition_detection": params.pop("repetition_detection")}
+        return params
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         """Yield text deltas, then the GenerationResult. Closing the iterator closes the HTTP

@@ -29,6 +29,7 @@ from hybrid_serve.schemas import (
     CollectionName,
     Collections,
     PIIHandling,
+    RepetitionDetection,
     VerifyPolicy,
 )
 
@@ -69,6 +70,11 @@ class OpenAIEngineConfig(_Section):
     timeout_s: float = Field(60.0, gt=0, description="Per request.")
     max_retries: int = Field(2, ge=0, description="The openai client's retries on 429/5xx.")
     logprobs: bool = Field(True, description="Ask for token log-probabilities (confidence).")
+    vllm_extensions: bool = Field(
+        False,
+        description="The server is vLLM: send its own sampling parameters too "
+        "(repetition_detection, so a looping answer stops early). Other servers may refuse them.",
+    )
 
 
 class LlamaCppEngineConfig(_Section):
@@ -198,6 +204,14 @@ class SLMConfig(_Section):
     n_ctx: int = Field(4096, ge=256)
     n_batch: int = Field(512, ge=8)
     max_tokens: int = Field(160, ge=1, description="Default generation length for answers.")
+    repetition_detection: RepetitionDetection | None = Field(
+        default_factory=RepetitionDetection,
+        description="An answer stops where the SLM starts looping: once its last n tokens "
+        "(min_pattern_size <= n <= max_pattern_size) have come min_count times back to back "
+        "(vLLM's repetition_detection; the openai engine sends it only with "
+        "slm.openai.vllm_extensions). null: answers run to max_tokens. Chat completions of "
+        "the `slm` model are not affected.",
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     num_cpus: float = Field(1.0, ge=0.0, description="Ray logical CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0.0)

@@ -19,6 +19,7 @@ from pydantic import (
     StringConstraints,
     Tag,
     field_validator,
+    model_validator,
 )
 
 Route = Literal["slm", "slm+rewrite", "decomposed", "claude", "extractive"]
@@ -39,7 +40,7 @@ PIIPolicy = Literal["block", "redact"]
 PIIHandling = Literal["block", "redact", "keep"]
 LLMTier = Literal["hosted", "on_premises"]
 SubtaskStatus = Literal["ok", "failed", "timeout", "cancelled"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "repetition"]
 CacheResult = Literal["hit", "miss", "bypass"]
 # Batch work yields to interactive work in every queue, and is refused first (X-Priority).
 Priority = Literal["interactive", "batch"]
@@ -237,6 +238,32 @@ class AnswerResponse(BaseModel):
     trace_id: str
 
 
+# Largest repetition pattern and count an engine checks after every token: the check's work per
+# token is bounded by their product (agents never ask for more than the configuration allows).
+REPETITION_PATTERN_MAX = 128
+REPETITION_COUNT_MAX = 8
+
+
+class RepetitionDetection(StrictModel):
+    """vLLM's `repetition_detection` sampling parameter (`RepetitionDetectionParams`), honoured by
+    every built-in engine: generation ends, finish reason `repetition`, once the last n tokens,
+    for some n from `min_pattern_size` to `max_pattern_size`, have come `min_count` times back to
+    back. A small model that has lost the thread loops ("… and so on. The next document is … and
+    so on.") until max_tokens: the loop is text nobody reads, written at the decode rate."""
+
+    # The defaults are what answers use (slm.repetition_detection): a run of 8 to 64 tokens
+    # written twice back to back, as a looping SLM writes it (measured: README, "Repetition").
+    max_pattern_size: int = Field(64, ge=1, le=REPETITION_PATTERN_MAX)
+    min_pattern_size: int = Field(8, ge=1, le=REPETITION_PATTERN_MAX)
+    min_count: int = Field(2, ge=2, le=REPETITION_COUNT_MAX)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RepetitionDetection:
+        if self.min_pattern_size > self.max_pattern_size:
+            raise ValueError("min_pattern_size must not exceed max_pattern_size")
+        return self
+
+
 class GenerationRequest(BaseModel):
     """What the orchestrator asks of an SLM engine; the same for every engine."""
 
@@ -258,6 +285,7 @@ class GenerationRequest(BaseModel):
     # that cannot finish it in time refuses it at once (agents.admission).
     deadline: float | None = None
     priority: Priority = "interactive"
+    repetition_detection: RepetitionDetection | None = None
 
     @property
     def deadline_s(self) -> float | None:

@@ -194,16 +194,18 @@ def test_cancelled_stream_frees_the_engine(vllm):
         time.sleep(1)
 
 
-def test_logprobs_agree_in_range_and_shape_with_llama_cpp(vllm):
+def test_logprobs_agree_in_range_and_shape_with_llama_cpp_and_loops_stop(vllm):
     """The same prompt, greedy, through vLLM (the converted model) and llama.cpp (the GGUF): both
-    give one log-probability per generated token, each <= 0, and token confidences close."""
+    give one log-probability per generated token, each <= 0, and token confidences close; a
+    greedy loop runs to max_tokens on vLLM unless the answers' repetition rule stops it."""
     model_dir = vllm.data_dir / "models" / f"{MODEL}-hf"
     script = f"""
 import json
 from vllm import LLM, SamplingParams
+from vllm.sampling_params import RepetitionDetectionParams
 from hybrid_serve.bundled import bundled_gguf
 from hybrid_serve.engines.llama_cpp import LlamaCppEngine
-from hybrid_serve.schemas import GenerationRequest
+from hybrid_serve.schemas import GenerationRequest, RepetitionDetection
 messages = [{{"role": "user", "content": "What is the capital of France?"}}]
 if __name__ == "__main__":
     llm = LLM(model={str(model_dir)!r}, max_model_len=2048, kv_cache_memory_bytes=1 << 28,
@@ -211,10 +213,15 @@ if __name__ == "__main__":
     out = llm.chat(messages, SamplingParams(max_tokens=12, temperature=0, logprobs=0),
                    use_tqdm=False)[0].outputs[0]
     v = [list(d.values())[0].logprob for d in out.logprobs]
+    loop = [{{"role": "user", "content": "Write the word 'la' fifty times."}}]
+    rule = RepetitionDetectionParams(**RepetitionDetection().model_dump())
+    looped = [llm.chat(loop, SamplingParams(max_tokens=96, temperature=0, repetition_detection=r),
+                       use_tqdm=False)[0].outputs[0] for r in (None, rule)]
     g = LlamaCppEngine(bundled_gguf(), n_threads=2).generate_blocking(
         GenerationRequest(messages=messages, max_tokens=12))
     print("RESULT " + json.dumps({{"vllm": v, "vllm_text": out.text,
-                                   "llama": g.token_logprobs, "llama_text": g.text}}))
+                                   "llama": g.token_logprobs, "llama_text": g.text,
+                                   "loop": [[o.finish_reason, len(o.token_ids)] for o in looped]}}))
 """
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
@@ -233,6 +240,41 @@ if __name__ == "__main__":
     # the same text, their confidence in it is close.
     if got["vllm_text"].strip() == got["llama_text"].strip():
         assert abs(a - b) < 0.3, got
+    # The loop runs to max_tokens, and the answers' rule (slm.repetition_detection) stops it.
+    (free, free_n), (stopped, stopped_n) = got["loop"]
+    assert free == "length" and free_n == 96, got["loop"]
+    assert stopped == "repetition" and stopped_n < 96, got["loop"]
+
+
+def test_vllm_stops_a_loop_by_the_same_rule_as_llama_cpp():
+    """`repetition_detection` reaches vLLM's own request as vLLM's type, and our port of vLLM's
+    check (for llama.cpp) agrees with vLLM's on random token sequences."""
+    import random
+
+    from vllm.sampling_params import RepetitionDetectionParams
+    from vllm.v1.core.sched.utils import check_sequence_repetition
+
+    from hybrid_serve.deployments.slm_vllm import _chat_request
+    from hybrid_serve.engines.repetition import repeats
+    from hybrid_serve.schemas import GenerationRequest, RepetitionDetection
+
+    rule = RepetitionDetection()
+    hi = [{"role": "user", "content": "hi"}]
+    asked = GenerationRequest(messages=hi, repetition_detection=rule)
+    for stream in (False, True):
+        sent = _chat_request("m", asked, stream).repetition_detection
+        assert sent is not None and sent == RepetitionDetectionParams(**rule.model_dump())
+    rng = random.Random(3)
+    for _ in range(3000):
+        mine = RepetitionDetection(
+            min_pattern_size=rng.randint(1, 4),
+            max_pattern_size=rng.randint(4, 8),
+            min_count=rng.randint(2, 4),
+        )
+        unit = [rng.randint(0, 2) for _ in range(rng.randint(1, 8))]
+        tokens = [rng.randint(0, 2) for _ in range(rng.randint(0, 6))] + unit * rng.randint(1, 4)
+        theirs = RepetitionDetectionParams(**mine.model_dump())
+        assert repeats(tokens, mine) == check_sequence_repetition(tokens, theirs), (tokens, mine)
 
 
 def test_killed_replica_is_replaced_and_counted(vllm):

@@ -64,6 +64,9 @@ def test_each_failure_sign_names_its_reason():
     assert "empty_retrieval" in empty.reasons and empty.score <= 0.1
     short = score_answer("Who wrote Hamlet and when was it written?", "Yes.", [], [P()], GOOD_LP)
     assert "short_answer" in short.reasons
+    good = score_answer(Q, text, cites, [P()], GOOD_LP)
+    looped = score_answer(Q, text, cites, [P()], GOOD_LP, looped=True)
+    assert "repetition" in looped.reasons and looped.score < good.score
 
 
 def test_query_shape_reasons_lower_the_score():
