@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = Reference(args.threads)
     reference.seconds()  # warm
     latencies, reference_ms, prompt_tokens = [], [], []
+    # Each question's answers: what its latency is made of (written tokens, why it stopped).
+    by_query: dict[str, list[dict[str, Any]]] = {q: [] for q in QUESTIONS}
     failures: list[dict[str, Any]] = []
     with httpx.Client(timeout=300, headers=NO_CACHE) as client:
         setup = client.get(f"{url}/readyz").json()
@@ -169,7 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 continue
             latencies.append(took)
-            prompt_tokens.append(r.json()["usage"]["slm_prompt_tokens"])
+            body = r.json()
+            prompt_tokens.append(body["usage"]["slm_prompt_tokens"])
+            by_query[query].append(
+                {
+                    "ms": took,
+                    "written": body["usage"]["slm_completion_tokens"],
+                    "repetition": "repetition" in body["escalation"]["reasons"],
+                }
+            )
     progress.done()
 
     serve.shutdown()
@@ -197,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             "p90": percentile(latencies, 90),
             "max": max(latencies),
             "slm_prompt_tokens_median": statistics.median(prompt_tokens),
+            "by_query": {
+                q: {
+                    "p50": percentile([a["ms"] for a in got], 50),
+                    "written_median": statistics.median(a["written"] for a in got),
+                    "loops_stopped": sum(a["repetition"] for a in got),
+                }
+                for q, got in by_query.items()
+                if got
+            },
         },
         "reference_ms": {
             "what": f"raw llama-cpp-python, bundled model, {REFERENCE_PROMPT_TOKENS}-token "
@@ -231,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         f"**{report['answer_p50_over_reference']:.2f}x** the reference. Failed answers: "
         f"{len(failures)}"
         + "".join(f"; {f['status']} after {f['ms']:.0f} ms: {f['body'][:200]}" for f in failures),
+        "",
+        "| question | answer p50 | tokens written (median) | loops stopped |",
+        "|---|---|---|---|",
+        *(
+            f"| {q} | {a['p50']:.0f} ms | {a['written_median']:.0f} | {a['loops_stopped']} |"
+            for q, a in report["answer_latency_ms"]["by_query"].items()
+        ),
         "",
         f"The cluster's llama.cpp set-up: `{json.dumps(report['slm_setup'])}`.",
     ]

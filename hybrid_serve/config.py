@@ -176,7 +176,7 @@ class AutoscalingConfig(_Section):
 
 class SLMConfig(_Section):
     # What each request sets anyway: the engines never read them.
-    TUNABLE = frozenset({"max_tokens", "temperature"})
+    TUNABLE = frozenset({"max_tokens", "temperature", "repetition_detection"})
     engine: str = Field(
         "llama_cpp",
         description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model), openai "

@@ -98,3 +98,30 @@ def test_llama_cpp_processes_spin_briefly_unless_the_operator_set_openmp():
     assert openmp_env({}) == {"GOMP_SPINCOUNT": "1000"}
     assert openmp_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
     assert openmp_env({"GOMP_SPINCOUNT": "1000000"}) == {}
+
+
+def test_a_context_reads_the_answer_instructions_once():
+    """Consecutive answers on a context read only what follows the prompt they share (the
+    instructions and the passages' opening): llama.cpp keeps that prefix's KV state, as its own
+    prompt-evaluation counter shows."""
+    import llama_cpp
+
+    from hybrid_serve.agents.prompts import answer_messages
+    from hybrid_serve.bundled import bundled_gguf
+    from hybrid_serve.schemas import Passage
+
+    engine = LlamaCppEngine(bundled_gguf(), n_threads=1)
+    ctx = engine._contexts[0]._ctx.ctx  # the context's counters: llama.cpp's public perf API
+
+    def read(query: str, text: str) -> tuple[int, int]:
+        passage = Passage(chunk_id="c", doc_id="d", title="Notes", text=text)
+        messages = answer_messages(query, [passage])
+        llama_cpp.llama_perf_context_reset(ctx)
+        result = engine.generate_blocking(GenerationRequest(messages=messages, max_tokens=2))
+        return result.prompt_tokens, llama_cpp.llama_perf_context(ctx).n_p_eval
+
+    first, first_read = read("Who built it?", "The bridge was built by Roebling in 1883.")
+    assert first_read == first  # a fresh context reads it all
+    second, second_read = read("How tall is it?", "The tower is 330 metres tall and iron.")
+    shared = len(engine.prompt_tokens(answer_messages("", [])[:1]))  # the instructions alone
+    assert second_read <= second - shared + 1
