@@ -232,8 +232,8 @@ class LlamaCppEngine:
         max_tokens = min(req.max_tokens, budget)
         if req.seed is not None:
             llm.set_seed(req.seed)
-        vocab = llm._model.vocab
-        ctx = llm._ctx.ctx
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        ctx = llm.ctx
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = [s for s in req.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1

@@ -111,7 +111,7 @@ def test_a_context_reads_the_answer_instructions_once():
     from hybrid_serve.schemas import Passage
 
     engine = LlamaCppEngine(bundled_gguf(), n_threads=1)
-    ctx = engine._contexts[0]._ctx.ctx  # the context's counters: llama.cpp's public perf API
+    ctx = engine._contexts[0].ctx  # its counters: llama.cpp's public perf API
 
     def read(query: str, text: str) -> tuple[int, int]:
         passage = Passage(chunk_id="c", doc_id="d", title="Notes", text=text)
