@@ -30,6 +30,7 @@ from hybrid_serve.engines.vllm_compile import TOLERANCE_NATS, check, decide
 from hybrid_serve.engines.vllm_model import model_source
 from tests.conftest import free_port, wait_ready
 from tests.support.cli import STARTED, Up
+from tests.support.repetition import random_cases
 from tests.support.vllm import MODEL, require_vllm_or_skip, shared_models
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_cluster]
@@ -249,7 +250,6 @@ if __name__ == "__main__":
 def test_vllm_stops_a_loop_by_the_same_rule_as_llama_cpp():
     """`repetition_detection` reaches vLLM's own request as vLLM's type, and our port of vLLM's
     check (for llama.cpp) agrees with vLLM's on random token sequences."""
-    import random
 
     from vllm.sampling_params import RepetitionDetectionParams
     from vllm.v1.core.sched.utils import check_sequence_repetition
@@ -264,15 +264,7 @@ def test_vllm_stops_a_loop_by_the_same_rule_as_llama_cpp():
     for stream in (False, True):
         sent = _chat_request("m", asked, stream).repetition_detection
         assert sent is not None and sent == RepetitionDetectionParams(**rule.model_dump())
-    rng = random.Random(3)
-    for _ in range(3000):
-        mine = RepetitionDetection(
-            min_pattern_size=rng.randint(1, 4),
-            max_pattern_size=rng.randint(4, 8),
-            min_count=rng.randint(2, 4),
-        )
-        unit = [rng.randint(0, 2) for _ in range(rng.randint(1, 8))]
-        tokens = [rng.randint(0, 2) for _ in range(rng.randint(0, 6))] + unit * rng.randint(1, 4)
+    for tokens, mine in random_cases(seed=3):
         theirs = RepetitionDetectionParams(**mine.model_dump())
         assert repeats(tokens, mine) == check_sequence_repetition(tokens, theirs), (tokens, mine)
 

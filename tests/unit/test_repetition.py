@@ -1,7 +1,5 @@
 """The repetition stop: its rule (vLLM's), its bounds, and llama.cpp stopping a real loop."""
 
-import random
-
 import pytest
 from pydantic import ValidationError
 
@@ -13,6 +11,7 @@ from hybrid_serve.schemas import (
     GenerationRequest,
     RepetitionDetection,
 )
+from tests.support.repetition import random_cases
 
 RULE = RepetitionDetection(min_pattern_size=2, max_pattern_size=6, min_count=3)
 
@@ -37,15 +36,7 @@ def test_a_pattern_written_min_count_times_back_to_back_stops():
 
 
 def test_the_rule_matches_its_literal_reading_on_random_sequences():
-    rng = random.Random(7)
-    for _ in range(3000):
-        p = RepetitionDetection(
-            min_pattern_size=rng.randint(1, 4),
-            max_pattern_size=rng.randint(4, 8),
-            min_count=rng.randint(2, 4),
-        )
-        unit = [rng.randint(0, 2) for _ in range(rng.randint(1, 8))]
-        tokens = [rng.randint(0, 2) for _ in range(rng.randint(0, 6))] + unit * rng.randint(1, 4)
+    for tokens, p in random_cases(seed=7):
         assert repeats(tokens, p) == by_slicing(tokens, p), (tokens, p)
 
 
