@@ -59,6 +59,7 @@ async def slm_attempt(
         "temperature": s.cfg.slm.temperature,
         "stop": [] if chat else prompts.ANSWER_STOP,
         "repetition_detection": None if chat else s.cfg.slm.repetition_detection,
+        "max_recited_words": None if chat else s.cfg.slm.max_recited_words,
         **ctx.options.sampling,  # what the client set wins
     }
     prompt = prompt or prompts.answer_prompt(query, passages, ctx.history)
@@ -87,9 +88,15 @@ async def slm_attempt(
         text, citations = raw, []
     else:
         text, citations, sources = finalize_sources(raw, passages)
-    looped = gen.finish_reason == "repetition"
     confidence = score_answer(
-        query, text, citations, passages, gen.token_logprobs, echoed, looped=looped
+        query,
+        text,
+        citations,
+        passages,
+        gen.token_logprobs,
+        echoed,
+        looped=gen.finish_reason == "repetition",
+        recited=gen.finish_reason == "recitation",
     )
     finish: Finish = "length" if gen.finish_reason == "length" else "stop"
     return Attempt(text, citations, passages, confidence, route, sources, finish_reason=finish)

@@ -191,11 +191,13 @@ def score_answer(
     echoed: bool = False,
     penalties: Mapping[str, float] = PENALTY,
     looped: bool = False,
+    recited: bool = False,
 ) -> Confidence:
     """`token_logprobs` None means the answer did not come from the SLM (no token signal);
     `echoed`: prompt structure was stripped from the model's text (`prompts.strip_echo`);
     `looped`: the SLM was stopped repeating itself (`slm.repetition_detection`), a model that
-    lost the thread."""
+    lost the thread; `recited`: it was stopped copying a passage out (`slm.max_recited_words`),
+    which is `copied_passage` however short the answer it left."""
     shape = query_shape(query)
     asserted, unsupported = unsupported_claims(query, answer, citations, passages)
     signals = {
@@ -238,7 +240,7 @@ def score_answer(
     if looped:
         reasons.append("repetition")
     words = len(strip_markers(answer).split())
-    if words >= COPIED_WORDS and copied_share(answer, passages) >= COPIED_SHARE:
+    if recited or (words >= COPIED_WORDS and copied_share(answer, passages) >= COPIED_SHARE):
         reasons.append("copied_passage")
     # The query's shape lowers the score: a small model fails these more often.
     if shape.multi_part:

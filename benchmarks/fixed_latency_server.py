@@ -4,8 +4,9 @@ exactly `latency_s` however many run at once, so any excess wall time is ours.
 
     python -m hybrid_serve.benchmarks.fixed_latency_server --port 8001 --latency-ms 500
 
-It speaks the parts of `/v1/chat/completions` the engine uses (JSON and SSE, usage, logprobs) and
-`/v1/models`; it counts requests and the most it held at once.
+It speaks the parts of `/v1/chat/completions` the engine uses (JSON and SSE, usage, logprobs;
+vLLM's `continuous_usage_stats`, usage in every streamed chunk) and `/v1/models`; it counts
+requests and the most it held at once.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ class FixedLatencyServer:
                 {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
             )
 
-        def chunk(delta: dict[str, Any], finish: str | None, token: str | None) -> str:
+        options = body.get("stream_options") or {}
+        continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
+
+        def chunk(delta: dict[str, Any], finish: str | None, token: str | None, n: int) -> str:
             choice = {
                 "index": 0,
                 "delta": delta,
@@ -106,14 +110,20 @@ class FixedLatencyServer:
                 "logprobs": {"content": [lp(token)]} if logprobs and token else None,
             }
             data = {**base, "object": "chat.completion.chunk", "choices": [choice]}
+            if continuous:  # vLLM's extension: the usage so far, in every chunk
+                data["usage"] = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": n,
+                    "total_tokens": prompt_tokens + n,
+                }
             return f"data: {json.dumps(data)}\n\n"
 
         async def events() -> Any:
-            yield chunk({"role": "assistant", "content": ""}, None, None)
-            for t in tokens:
-                yield chunk({"content": t}, None, t)
-            yield chunk({}, "stop", None)
-            if (body.get("stream_options") or {}).get("include_usage"):
+            yield chunk({"role": "assistant", "content": ""}, None, None, 0)
+            for n, t in enumerate(tokens, 1):
+                yield chunk({"content": t}, None, t, n)
+            yield chunk({}, "stop", None, len(tokens))
+            if options.get("include_usage"):
                 data = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"

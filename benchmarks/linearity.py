@@ -18,8 +18,9 @@ from typing import Any
 
 from hybrid_serve.agents import citations, confidence, pii, planner, prompts
 from hybrid_serve.benchmarks.report import Progress, write_report
-from hybrid_serve.config import HTTPConfig
-from hybrid_serve.schemas import Passage
+from hybrid_serve.config import HTTPConfig, SLMConfig
+from hybrid_serve.engines.text_stops import TextStops
+from hybrid_serve.schemas import GenerationRequest, Passage
 from hybrid_serve.text import claims, split_sentences
 
 # The largest text each kind of input can be: a query (and each chat message) is held to
@@ -62,6 +63,24 @@ def _echo_filter(text: str) -> None:
     echo.flush()
 
 
+def _text_stops(text: str) -> None:
+    """An answer read as it is written against eight passages made of the same text, with the
+    configured stops, until one ends it as it ends generation (text that loops ends at once:
+    the work that matters is the set-up over the passages and the text before a stop)."""
+    slm = SLMConfig()
+    stops = TextStops(
+        GenerationRequest(
+            messages=[],
+            evidence=[text[i:] + text[:i] for i in range(8)],
+            max_recited_words=slm.max_recited_words,
+            repetition_detection=slm.repetition_detection,
+        )
+    )
+    for i in range(0, len(text), 4):
+        if stops.push(text[i : i + 4]):
+            return
+
+
 # name -> (function of one text, the largest text it sees)
 CASES: dict[str, tuple[Callable[[str], Any], int]] = {
     "planner": (planner.local_plan, QUERY_CHARS),
@@ -72,6 +91,7 @@ CASES: dict[str, tuple[Callable[[str], Any], int]] = {
     "citations": (lambda s: citations.attribute(s, _passage(s)), TEXT_CHARS),
     "confidence": (lambda s: confidence.copied_share(s, _passage(s)), TEXT_CHARS),
     "echo_filter": (_echo_filter, TEXT_CHARS),
+    "text_stops": (_text_stops, TEXT_CHARS),
     "prompt": (lambda s: prompts.answer_messages(s, _passage(s) * 8), TEXT_CHARS),
 }
 

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ms": took,
                     "written": body["usage"]["slm_completion_tokens"],
                     "repetition": "repetition" in body["escalation"]["reasons"],
+                    # stopped reciting (slm.max_recited_words), or kept as a long copy
+                    "copied": "copied_passage" in body["escalation"]["reasons"],
                 }
             )
     progress.done()
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 q: {
                     "p50": percentile([a["ms"] for a in got], 50),
                     "written_median": statistics.median(a["written"] for a in got),
-                    "loops_stopped": sum(a["repetition"] for a in got),
+                    "reason_repetition": sum(a["repetition"] for a in got),
+                    "reason_copied_passage": sum(a["copied"] for a in got),
                 }
                 for q, got in by_query.items()
                 if got
@@ -251,10 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(failures)}"
         + "".join(f"; {f['status']} after {f['ms']:.0f} ms: {f['body'][:200]}" for f in failures),
         "",
-        "| question | answer p50 | tokens written (median) | loops stopped |",
-        "|---|---|---|---|",
+        "Reasons (`repetition`: a loop stopped; `copied_passage`: a recitation stopped, or a "
+        "long copy) are named for answers below the escalation threshold.",
+        "",
+        "| question | answer p50 | tokens written (median) | `repetition` | `copied_passage` |",
+        "|---|---|---|---|---|",
         *(
-            f"| {q} | {a['p50']:.0f} ms | {a['written_median']:.0f} | {a['loops_stopped']} |"
+            f"| {q} | {a['p50']:.0f} ms | {a['written_median']:.0f} | {a['reason_repetition']} "
+            f"| {a['reason_copied_passage']} |"
             for q, a in report["answer_latency_ms"]["by_query"].items()
         ),
         "",

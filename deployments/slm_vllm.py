@@ -24,8 +24,14 @@ from hybrid_serve.agents import tracing
 from hybrid_serve.config import HybridServeConfig, SLMConfig
 from hybrid_serve.deployments.slm import SLMEndpoints
 from hybrid_serve.deployments.versions import versioned_app
-from hybrid_serve.engines.base import warm_up
-from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.engines.base import collect, warm_up
+from hybrid_serve.engines.chat_wire import (
+    StreamTally,
+    chat_params,
+    completion_result,
+    stream_options,
+    text_watched,
+)
 from hybrid_serve.engines.prompt_fit import CountPrompt, Fitted, fit_prompt
 from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.engines.vllm_compile import decide
@@ -45,10 +51,13 @@ class VLLMEngineError(RuntimeError):
     pass
 
 
-def _chat_request(model: str, req: GenerationRequest, stream: bool) -> ChatCompletionRequest:
+def _chat_request(
+    model: str, req: GenerationRequest, stream: dict[str, Any] | None = None
+) -> ChatCompletionRequest:
+    """`stream`: its options (None: not streamed)."""
     params = chat_params(model, req)
-    if stream:
-        params.update(stream=True, stream_options={"include_usage": True})
+    if stream is not None:
+        params.update(stream=True, stream_options=stream)
     return ChatCompletionRequest(**params)
 
 
@@ -98,11 +107,13 @@ class LLMServerEngine:
         return info
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
+        if text_watched(req, vllm_extensions=True):
+            return await collect(self.stream(req))  # the text is read as it is written
         start = time.perf_counter()
         req, fitted = self._fit(req)
         response: Any = None
         with self.clock.charging() as charge:
-            async for item in await self.server.chat(_chat_request(self.model_name, req, False)):
+            async for item in await self.server.chat(_chat_request(self.model_name, req)):
                 response = item
         if response is None or isinstance(response, ErrorResponse):
             error = getattr(getattr(response, "error", None), "message", "no output")
@@ -111,25 +122,33 @@ class LLMServerEngine:
         return fitted.report(result.model_copy(update={"replica_seconds": charge.seconds}))
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
-        tally = StreamTally(self.model_name)
-        req, fitted = self._fit(req)
+        tally = StreamTally.of(self.model_name, req, vllm_extensions=True)
+        options = stream_options(req, vllm_extensions=True)
+        req, fitted = self._fit(req)  # clears the passages: what reads them is settled above
         with self.clock.charging() as charge:
-            stream = await self.server.chat(_chat_request(self.model_name, req, True))
-            async for batch in stream:
-                for item in batch if isinstance(batch, list) else [batch]:
-                    if isinstance(item, ErrorResponse):
-                        raise VLLMEngineError(item.error.message)
-                    for chunk in _chunks(item):
-                        if chunk.usage is not None:
-                            tally.usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                        for choice in chunk.choices:
-                            content = choice.logprobs.content if choice.logprobs else None
-                            delta = choice.delta.content
-                            tally.choice(
-                                delta, [t.logprob for t in content or []], choice.finish_reason
-                            )
-                            if delta:
-                                yield delta
+            stream = await self.server.chat(_chat_request(self.model_name, req, options))
+            try:
+                async for batch in stream:
+                    for item in batch if isinstance(batch, list) else [batch]:
+                        if isinstance(item, ErrorResponse):
+                            raise VLLMEngineError(item.error.message)
+                        for chunk in _chunks(item):
+                            if chunk.usage is not None:
+                                usage = chunk.usage
+                                tally.usage(usage.prompt_tokens, usage.completion_tokens)
+                            for choice in chunk.choices:
+                                content = choice.logprobs.content if choice.logprobs else None
+                                out = tally.choice(
+                                    choice.delta.content,
+                                    [t.logprob for t in content or []],
+                                    choice.finish_reason,
+                                )
+                                if out:
+                                    yield out
+                    if tally.stopped:
+                        break  # closing the stream aborts the request in vLLM
+            finally:
+                await stream.aclose()
         result = tally.result().model_copy(update={"replica_seconds": charge.seconds})
         yield fitted.report(result)
 

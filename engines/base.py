@@ -52,6 +52,15 @@ class Engine(Protocol):
         ...
 
 
+async def collect(stream: AsyncIterator[str | GenerationResult]) -> GenerationResult:
+    """The result a stream (`Engine.stream`) ends with: `generate` for an engine that only
+    streams, or that must read its text as it comes."""
+    async for item in stream:
+        if isinstance(item, GenerationResult):
+            return item
+    raise RuntimeError("generation ended without a result")
+
+
 class EngineFailed(RuntimeError):
     """The engine cannot generate: raised by the warm-up so the replica never reports ready."""
 

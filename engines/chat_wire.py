@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybrid_serve.engines.text_stops import TextStops, text_stops
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 
@@ -34,6 +35,22 @@ def chat_params(
     return params
 
 
+def stream_options(req: GenerationRequest, vllm_extensions: bool) -> dict[str, Any]:
+    """Usage at the end; on a vLLM server whose text is read as it comes, in every chunk too
+    (vLLM's `continuous_usage_stats`), so that a stream ended early is still counted exactly."""
+    options: dict[str, Any] = {"include_usage": True}
+    if text_watched(req, vllm_extensions):
+        options["continuous_usage_stats"] = True
+    return options
+
+
+def text_watched(req: GenerationRequest, vllm_extensions: bool) -> bool:
+    """Whether a wire engine reads this request's text as it comes (`engines.text_stops`): on
+    vLLM only, where every chunk says what was used; another server's stream ended early would
+    leave the request's usage unknown, so there generation runs on."""
+    return vllm_extensions and text_stops(req) is not None
+
+
 def as_finish_reason(reason: str | None) -> FinishReason:
     """A server's finish reason as ours: vLLM says `repetition` for a repetition stop."""
     if reason == "length":
@@ -59,9 +76,12 @@ def completion_result(response: Any, model: str, start: float) -> GenerationResu
 
 @dataclass
 class StreamTally:
-    """What a streamed chat completion adds up to."""
+    """What a streamed chat completion adds up to; with `stops`, up to where one of them ended
+    the text (`stopped`: the caller ends the stream there)."""
 
     model: str
+    stops: TextStops | None = None
+    stopped: bool = False
     start: float = field(default_factory=time.perf_counter)
     parts: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -69,15 +89,27 @@ class StreamTally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+    @classmethod
+    def of(cls, model: str, req: GenerationRequest, vllm_extensions: bool) -> StreamTally:
+        return cls(model, text_stops(req) if vllm_extensions else None)
 
-    def choice(self, delta: str | None, logprobs: list[float], finish_reason: str | None) -> None:
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        if not self.stopped:
+            self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+
+    def choice(self, delta: str | None, logprobs: list[float], finish_reason: str | None) -> str:
+        """The text to pass on ("" once stopped: what a batch of chunks holds past the stop)."""
+        if self.stopped:
+            return ""
         self.logprobs.extend(logprobs)
         if finish_reason is not None:
             self.finish = as_finish_reason(finish_reason)
-        if delta:
-            self.parts.append(delta)
+        if not delta:
+            return ""
+        self.parts.append(delta)
+        if self.stops is not None and (reason := self.stops.push(delta)):
+            self.finish, self.stopped = reason, True
+        return delta
 
     def result(self) -> GenerationResult:
         return GenerationResult(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from hybrid_serve.config import ExtraBuffers, SLMConfig
+from hybrid_serve.engines.base import collect
 from hybrid_serve.engines.hardware import has_amx, usable_cpus
 from hybrid_serve.engines.llama_setup import (
     Setup,
@@ -35,7 +36,8 @@ from hybrid_serve.engines.llama_setup import (
     model_params,
 )
 from hybrid_serve.engines.prompt_fit import Fitted, PromptTooLong, fit_prompt
-from hybrid_serve.engines.repetition import repeats
+from hybrid_serve.engines.repetition import Repetition
+from hybrid_serve.engines.text_stops import text_stops
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 # OpenMP spin count for llama.cpp's threads (libgomp's default: 300,000 spins before a waiting
@@ -241,6 +243,9 @@ class LlamaCppEngine:
         sent = 0
         logprobs: list[float] = []
         written: list[int] = []
+        rule = req.repetition_detection
+        loop = Repetition(rule) if rule is not None else None
+        watch = text_stops(req)  # stops read from the text (recitation, a loop that counts)
         finish: FinishReason = "length"
         for token in llm.generate(
             prompt,
@@ -266,7 +271,8 @@ class LlamaCppEngine:
                 logprobs.append(
                     float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
                 )
-            text += decoder.decode(llm.detokenize([token], prev_tokens=None))
+            piece = decoder.decode(llm.detokenize([token], prev_tokens=None))
+            text += piece
             hit = min(
                 (i for s in stops if (i := text.find(s, max(0, sent - hold))) >= 0), default=-1
             )
@@ -280,8 +286,11 @@ class LlamaCppEngine:
             if len(written) >= max_tokens:
                 finish = "length"
                 break
-            if req.repetition_detection and repeats(written, req.repetition_detection):
+            if loop is not None and loop.push(token):
                 finish = "repetition"
+                break
+            if watch is not None and (reason := watch.push(piece)):
+                finish = reason
                 break
         text += decoder.decode(b"", final=True) if finish != "stop" else ""
         if emit is not None and len(text) > sent:
@@ -349,7 +358,4 @@ class LlamaCppEngine:
             cancelled.set()
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
-        async for item in self.stream(req):
-            if isinstance(item, GenerationResult):
-                return item
-        raise RuntimeError("generation ended without a result")
+        return await collect(self.stream(req))

@@ -14,7 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from hybrid_serve.config import SLMConfig
-from hybrid_serve.engines.chat_wire import StreamTally, chat_params, completion_result
+from hybrid_serve.engines.base import collect
+from hybrid_serve.engines.chat_wire import (
+    StreamTally,
+    chat_params,
+    completion_result,
+    stream_options,
+    text_watched,
+)
 from hybrid_serve.engines.replica_time import ReplicaClock
 from hybrid_serve.schemas import GenerationRequest, GenerationResult
 
@@ -94,10 +101,12 @@ class OpenAICompatEngine:
         stream, which a vLLM or llama.cpp server takes as the request's cancellation."""
         client, slots = self._ready()
         async with slots:
-            tally = StreamTally(self.model_name)
+            tally = StreamTally.of(self.model_name, req, self.vllm_extensions)
             with self.clock.charging() as charge:
                 stream = await client.chat.completions.create(
-                    **self._params(req), stream=True, stream_options={"include_usage": True}
+                    **self._params(req),
+                    stream=True,
+                    stream_options=stream_options(req, self.vllm_extensions),
                 )
                 try:
                     async for chunk in stream:
@@ -106,16 +115,20 @@ class OpenAICompatEngine:
                         for choice in chunk.choices:
                             content = choice.logprobs.content if choice.logprobs else None
                             delta = choice.delta.content if choice.delta else None
-                            tally.choice(
+                            out = tally.choice(
                                 delta, [t.logprob for t in content or []], choice.finish_reason
                             )
-                            if delta:
-                                yield delta
+                            if out:
+                                yield out
+                        if tally.stopped:
+                            break  # closing the stream cancels the request
                 finally:
                     await stream.close()
         yield tally.result().model_copy(update={"replica_seconds": charge.seconds})
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
+        if text_watched(req, self.vllm_extensions):
+            return await collect(self.stream(req))  # the text is read as it is written
         client, slots = self._ready()
         async with slots:
             start = time.perf_counter()

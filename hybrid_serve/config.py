@@ -26,6 +26,8 @@ from pydantic_settings import (
 
 from hybrid_serve.schemas import (
     DEFAULT_COLLECTION,
+    RECITED_WORDS_MAX,
+    RECITED_WORDS_MIN,
     CollectionName,
     Collections,
     PIIHandling,
@@ -73,7 +75,9 @@ class OpenAIEngineConfig(_Section):
     vllm_extensions: bool = Field(
         False,
         description="The server is vLLM: send its own sampling parameters too "
-        "(repetition_detection, so a looping answer stops early). Other servers may refuse them.",
+        "(repetition_detection, so a looping answer stops early) and ask for usage in every "
+        "streamed chunk (so a recitation is stopped, slm.max_recited_words). Other servers may "
+        "refuse them.",
     )
 
 
@@ -176,7 +180,7 @@ class AutoscalingConfig(_Section):
 
 class SLMConfig(_Section):
     # What each request sets anyway: the engines never read them.
-    TUNABLE = frozenset({"max_tokens", "temperature", "repetition_detection"})
+    TUNABLE = frozenset({"max_tokens", "temperature", "repetition_detection", "max_recited_words"})
     engine: str = Field(
         "llama_cpp",
         description="Engine behind the SLM deployment: llama_cpp (CPU, bundled model), openai "
@@ -209,8 +213,19 @@ class SLMConfig(_Section):
         description="An answer stops where the SLM starts looping: once its last n tokens "
         "(min_pattern_size <= n <= max_pattern_size) have come min_count times back to back "
         "(vLLM's repetition_detection; the openai engine sends it only with "
-        "slm.openai.vllm_extensions). null: answers run to max_tokens. Chat completions of "
-        "the `slm` model are not affected.",
+        "slm.openai.vllm_extensions), or its last n words with their numbers masked (a loop "
+        "that counts: '[1] (Question) … [2] (Question) …'). null: answers run to max_tokens. "
+        "Chat completions of the `slm` model are not affected.",
+    )
+    max_recited_words: int | None = Field(
+        24,
+        ge=RECITED_WORDS_MIN,
+        le=RECITED_WORDS_MAX,
+        description="An answer stops where the SLM starts reciting a passage: once its last "
+        "this-many words are copied word for word from one passage of its prompt (finish "
+        "reason `recitation`; the answer names `copied_passage` among its reasons). The openai "
+        "engine stops it only with slm.openai.vllm_extensions (usage in every chunk). null: "
+        "never. Chat completions of the `slm` model are not affected.",
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     num_cpus: float = Field(1.0, ge=0.0, description="Ray logical CPUs reserved per replica.")

@@ -40,7 +40,7 @@ PIIPolicy = Literal["block", "redact"]
 PIIHandling = Literal["block", "redact", "keep"]
 LLMTier = Literal["hosted", "on_premises"]
 SubtaskStatus = Literal["ok", "failed", "timeout", "cancelled"]
-FinishReason = Literal["stop", "length", "cancelled", "repetition"]
+FinishReason = Literal["stop", "length", "cancelled", "repetition", "recitation"]
 CacheResult = Literal["hit", "miss", "bypass"]
 # Batch work yields to interactive work in every queue, and is refused first (X-Priority).
 Priority = Literal["interactive", "batch"]
@@ -249,7 +249,10 @@ class RepetitionDetection(StrictModel):
     every built-in engine: generation ends, finish reason `repetition`, once the last n tokens,
     for some n from `min_pattern_size` to `max_pattern_size`, have come `min_count` times back to
     back. A small model that has lost the thread loops ("… and so on. The next document is … and
-    so on.") until max_tokens: the loop is text nobody reads, written at the decode rate."""
+    so on.") until max_tokens: the loop is text nobody reads, written at the decode rate. Engines
+    that read their text as it is written apply the same rule to its words with every number
+    masked too (`engines.text_stops`): a loop that counts ("[1] (Question) … [2] (Question) …")
+    never writes two equal turns of tokens."""
 
     # The defaults are what answers use (slm.repetition_detection): a run of 8 to 64 tokens
     # written twice back to back, as a looping SLM writes it (measured: README, "Repetition").
@@ -262,6 +265,12 @@ class RepetitionDetection(StrictModel):
         if self.min_pattern_size > self.max_pattern_size:
             raise ValueError("min_pattern_size must not exceed max_pattern_size")
         return self
+
+
+# Bounds of `GenerationRequest.max_recited_words`: a shorter run is a quote an answer may make
+# (a name, a phrase, a short definition); the check's work per word written grows with the run.
+RECITED_WORDS_MIN = 8
+RECITED_WORDS_MAX = 256
 
 
 class GenerationRequest(BaseModel):
@@ -286,6 +295,9 @@ class GenerationRequest(BaseModel):
     deadline: float | None = None
     priority: Priority = "interactive"
     repetition_detection: RepetitionDetection | None = None
+    # Generation ends, finish reason `recitation`, once the last this-many words written are
+    # copied word for word from one `evidence` passage (engines.text_stops; None: never).
+    max_recited_words: int | None = Field(None, ge=RECITED_WORDS_MIN, le=RECITED_WORDS_MAX)
 
     @property
     def deadline_s(self) -> float | None:

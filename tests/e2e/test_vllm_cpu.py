@@ -261,12 +261,41 @@ def test_vllm_stops_a_loop_by_the_same_rule_as_llama_cpp():
     rule = RepetitionDetection()
     hi = [{"role": "user", "content": "hi"}]
     asked = GenerationRequest(messages=hi, repetition_detection=rule)
-    for stream in (False, True):
+    for stream in (None, {"include_usage": True}):
         sent = _chat_request("m", asked, stream).repetition_detection
         assert sent is not None and sent == RepetitionDetectionParams(**rule.model_dump())
     for tokens, mine in random_cases(seed=3):
         theirs = RepetitionDetectionParams(**mine.model_dump())
         assert repeats(tokens, mine) == check_sequence_repetition(tokens, theirs), (tokens, mine)
+
+
+def test_a_recited_passage_is_stopped_in_vllms_stream_and_counted(vllm):
+    """The recitation stop on the `vllm` engine: the answer copying a passage ends where it has
+    copied `slm.max_recited_words` words, streamed or not, its usage read from vLLM's chunks."""
+    text = (
+        "The lighthouse keeper climbed the narrow stairs every evening at dusk, trimmed the wick "
+        "of the great lamp, polished the brass fittings until they shone, and wrote the weather "
+        "in a leather logbook that his grandfather had started sixty years before."
+    )
+    doc = {"id": "lighthouse", "title": "The lighthouse", "text": text}
+    r = httpx.post(f"{vllm.url}/v1/documents", json={"documents": [doc]}, timeout=120)
+    assert r.status_code == 201, r.text
+    ask = {"query": "Repeat the text about the lighthouse keeper exactly.", "mode": "slm"}
+    body = httpx.post(f"{vllm.url}/v1/answer", json=ask, timeout=300).json()
+    spans = vllm.otlp.wait_for(
+        lambda s: any(x.name == "SLM.generate" for x in s), trace_id=body["trace_id"], timeout=60
+    )
+    gen = next(s for s in spans if s.name == "SLM.generate").attributes
+    assert list(gen["gen_ai.response.finish_reasons"]) == ["recitation"], body["answer"]
+    assert gen["gen_ai.usage.input_tokens"] == body["usage"]["slm_prompt_tokens"] > 0
+    assert 24 <= body["usage"]["slm_completion_tokens"] < 48  # the passage is ~50 tokens
+    streamed = ""
+    url = f"{vllm.url}/v1/answer"
+    with httpx.stream("POST", url, json={**ask, "stream": True}, timeout=300) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {") and '"delta"' in line:
+                streamed += json.loads(line.removeprefix("data: "))["delta"]
+    assert streamed.strip() == body["answer"].strip()
 
 
 def test_killed_replica_is_replaced_and_counted(vllm):

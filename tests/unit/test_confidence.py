@@ -67,6 +67,8 @@ def test_each_failure_sign_names_its_reason():
     good = score_answer(Q, text, cites, [P()], GOOD_LP)
     looped = score_answer(Q, text, cites, [P()], GOOD_LP, looped=True)
     assert "repetition" in looped.reasons and looped.score < good.score
+    recited = score_answer(Q, text, cites, [P()], GOOD_LP, recited=True)
+    assert "copied_passage" in recited.reasons and recited.score < good.score
 
 
 def test_query_shape_reasons_lower_the_score():

@@ -110,7 +110,12 @@ def test_the_llm_section_is_read_under_its_earlier_name_too(tmp_path, monkeypatc
 
 def test_every_section_says_what_applies_in_place():
     cfg = HybridServeConfig.load()
-    assert set(cfg.slm.tunables()) == {"max_tokens", "temperature", "repetition_detection"}
+    assert set(cfg.slm.tunables()) == {
+        "max_tokens",
+        "temperature",
+        "repetition_detection",
+        "max_recited_words",
+    }
     assert "engine" in cfg.slm.fixed() and "max_tokens" not in cfg.slm.fixed()
     assert "daily_budget_usd" in cfg.llm.tunables() and "model" in cfg.llm.fixed()
     assert "threshold" in cfg.escalation.tunables() and cfg.escalation.fixed() == {}

@@ -95,22 +95,29 @@ def test_confident_answer_stays_on_the_slm(engine, server):
     assert r.usage.all_claude_cost_usd_estimate > 0
 
 
-def test_answers_ask_the_slm_to_stop_a_loop_and_a_looped_answer_says_so(engine, server):
-    """Every answer carries the configured repetition stop; one that the engine stopped looping
-    names `repetition` among the reasons it was escalated for."""
+@pytest.mark.parametrize(
+    ("finish", "reason"), [("repetition", "repetition"), ("recitation", "copied_passage")]
+)
+def test_answers_ask_the_slm_to_stop_loops_and_recitations_and_a_stopped_one_says_so(
+    engine, server, finish, reason
+):
+    """Every answer carries the configured repetition and recitation stops, with its passages
+    to check against; one the engine stopped names why among the reasons it was escalated for."""
     pipe = make_pipeline(engine, server, threshold=1.0, verify="never")
     asked = []
 
-    async def looping(req):
+    async def stopped(req):
         asked.append(req)
-        return (await engine.generate(req)).model_copy(update={"finish_reason": "repetition"})
+        return (await engine.generate(req)).model_copy(update={"finish_reason": finish})
 
     plain = ask(pipe, query="When was the Eiffel Tower completed?")
-    pipe.services.generate = looping
-    looped = ask(pipe, query="When was the Eiffel Tower completed?")
-    assert asked and asked[0].repetition_detection == pipe.services.cfg.slm.repetition_detection
-    assert "repetition" in looped.escalation.reasons
-    assert plain.escalation.escalated and "repetition" not in plain.escalation.reasons
+    pipe.services.generate = stopped
+    got = ask(pipe, query="When was the Eiffel Tower completed?")
+    slm = pipe.services.cfg.slm
+    assert asked and asked[0].repetition_detection == slm.repetition_detection
+    assert asked[0].max_recited_words == slm.max_recited_words and asked[0].evidence
+    assert reason in got.escalation.reasons
+    assert plain.escalation.escalated and reason not in plain.escalation.reasons
 
 
 def test_low_confidence_escalates_to_rewrite_then_claude(engine, server):
