@@ -109,7 +109,10 @@ def replicas(deployment: str, app_name: str = APP_NAME) -> list[Replica]:
         name = entry["name"]
         if not name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#"):
             continue
-        actor_id = ray.get_actor(name, namespace="serve")._actor_id.hex()
+        try:
+            actor_id = ray.get_actor(name, namespace="serve")._actor_id.hex()
+        except ValueError:
+            continue  # died between the listing and the lookup (a replica just killed)
         info = state.actor_table(actor_id)
         if info.get("State") == "ALIVE" and info.get("Pid"):
             out.append(Replica(name, int(info["Pid"])))
