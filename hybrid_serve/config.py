@@ -967,6 +967,9 @@ class HybridServeConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
+        # `null` unsets an optional setting from the environment as it does in the YAML file
+        # (HYBRID_SERVE_SLM__MAX_RECITED_WORDS=null); pydantic-settings reads it as a string.
+        env_parse_none_str="null",
         extra="forbid",
         validate_default=True,
     )

@@ -30,6 +30,20 @@ def test_yaml_env_and_override_precedence(tmp_path, monkeypatch):
     assert cfg.llm.model == "my-model"
 
 
+def test_null_in_the_environment_unsets_an_optional_setting(tmp_path, monkeypatch):
+    """As `null` does in the YAML file: scalars (max_recited_words, threads) and sections alike."""
+    f = tmp_path / "c.yaml"
+    f.write_text("slm:\n  threads: 1\n")
+    for key in ("MAX_RECITED_WORDS", "THREADS", "REPETITION_DETECTION"):
+        monkeypatch.setenv(f"HYBRID_SERVE_SLM__{key}", "null")
+    cfg = HybridServeConfig.load(f)
+    assert cfg.slm.max_recited_words is None and cfg.slm.threads is None
+    assert cfg.slm.repetition_detection is None
+    monkeypatch.setenv("HYBRID_SERVE_SLM__REPLICAS", "null")  # not optional: an error, named
+    with pytest.raises(ValidationError, match="replicas"):
+        HybridServeConfig.load(f)
+
+
 def test_unknown_key_is_an_error(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("slm:\n  replica: 3\n")
