@@ -41,11 +41,19 @@ def required_cpus(cfg: HybridServeConfig) -> float:
     )
 
 
+# The fixed ports Ray binds at start on a node (GCS, client server, dashboard, dashboard agent):
+# 52365 lies in Linux's ephemeral range, so a port picked before Ray starts can collide with it.
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now, on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on now, on loopback, and none Ray will take when it starts."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 def check_port_free(host: str, port: int) -> None:

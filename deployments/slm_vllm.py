@@ -133,18 +133,8 @@ class LLMServerEngine:
                         if isinstance(item, ErrorResponse):
                             raise VLLMEngineError(item.error.message)
                         for chunk in _chunks(item):
-                            if chunk.usage is not None:
-                                usage = chunk.usage
-                                tally.usage(usage.prompt_tokens, usage.completion_tokens)
-                            for choice in chunk.choices:
-                                content = choice.logprobs.content if choice.logprobs else None
-                                out = tally.choice(
-                                    choice.delta.content,
-                                    [t.logprob for t in content or []],
-                                    choice.finish_reason,
-                                )
-                                if out:
-                                    yield out
+                            if out := tally.chunk(chunk):
+                                yield out
                     if tally.stopped:
                         break  # closing the stream aborts the request in vLLM
             finally:

@@ -97,6 +97,19 @@ class StreamTally:
         if not self.stopped:
             self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
 
+    def chunk(self, chunk: Any) -> str:
+        """One chat-completion chunk (the openai SDK's `ChatCompletionChunk`, which both wire
+        engines read), its usage first; the text to pass on."""
+        if chunk.usage is not None:
+            self.usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        out = []
+        for choice in chunk.choices:
+            content = choice.logprobs.content if choice.logprobs else None
+            delta = choice.delta.content if choice.delta else None
+            logprobs = [t.logprob for t in content or []]
+            out.append(self.choice(delta, logprobs, choice.finish_reason))
+        return "".join(out)
+
     def choice(self, delta: str | None, logprobs: list[float], finish_reason: str | None) -> str:
         """The text to pass on ("" once stopped: what a batch of chunks holds past the stop)."""
         if self.stopped:

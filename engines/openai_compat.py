@@ -110,16 +110,8 @@ class OpenAICompatEngine:
                 )
                 try:
                     async for chunk in stream:
-                        if chunk.usage is not None:
-                            tally.usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                        for choice in chunk.choices:
-                            content = choice.logprobs.content if choice.logprobs else None
-                            delta = choice.delta.content if choice.delta else None
-                            out = tally.choice(
-                                delta, [t.logprob for t in content or []], choice.finish_reason
-                            )
-                            if out:
-                                yield out
+                        if out := tally.chunk(chunk):
+                            yield out
                         if tally.stopped:
                             break  # closing the stream cancels the request
                 finally:
