@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid_serve.engines.text_stops import TextStops, text_stops
+from hybrid_serve.engines.text_stops import TextStops, asks_text_stops, text_stops
 from hybrid_serve.schemas import FinishReason, GenerationRequest, GenerationResult
 
 
@@ -48,7 +48,7 @@ def text_watched(req: GenerationRequest, vllm_extensions: bool) -> bool:
     """Whether a wire engine reads this request's text as it comes (`engines.text_stops`): on
     vLLM only, where every chunk says what was used; another server's stream ended early would
     leave the request's usage unknown, so there generation runs on."""
-    return vllm_extensions and text_stops(req) is not None
+    return vllm_extensions and asks_text_stops(req)
 
 
 def as_finish_reason(reason: str | None) -> FinishReason:

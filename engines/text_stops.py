@@ -113,8 +113,12 @@ class TextStops:
         return reason
 
 
+def asks_text_stops(req: GenerationRequest) -> bool:
+    """Whether the request sets either stop (without building the check over its passages)."""
+    recite = req.max_recited_words is not None and bool(req.evidence)
+    return recite or req.repetition_detection is not None
+
+
 def text_stops(req: GenerationRequest) -> TextStops | None:
     """The check a request asks for: none when it sets neither stop."""
-    if req.repetition_detection is None and (req.max_recited_words is None or not req.evidence):
-        return None
-    return TextStops(req)
+    return TextStops(req) if asks_text_stops(req) else None
